@@ -1,0 +1,289 @@
+"""Train the embedded default model: a small CodeGen on this interpreter's standard library.
+
+One command, resumable, deterministic::
+
+    pip install -e '.[export]' torch==2.13.0
+    python models/recipe/train.py --out build/train
+
+Steps (each skipped when its output already exists, so a rerun resumes):
+
+1. corpus   -- the ``.py`` files of this interpreter's stdlib ``Lib/`` directory (tests included,
+               ``site-packages`` excluded); the modules in ``HELDOUT`` (and their tests) are kept out
+               for validation and evaluation.
+2. tokenizer -- byte-level BPE trained with ``tokenizers``; whitespace runs (indentation, with the
+               newline in front) become single tokens, as in CodeGen's own tokenizer.
+3. tokens   -- every file encoded and packed into one stream, files separated by ``<|endoftext|>``.
+4. train    -- ``CodeGenForCausalLM`` from scratch, bf16 autocast, AdamW, warmup + cosine; random
+               1024-token windows; a checkpoint every ``--ckpt-every`` steps (``ckpt.pt``, resumed
+               automatically) and the final model in Hugging Face format under ``OUT/final``.
+
+Export the result with ``codegen-ls model export OUT/final models/codegen-ls-small``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+EOS = "<|endoftext|>"
+
+# Held-out stdlib modules: never trained on, used for validation loss and the completion eval.
+HELDOUT = [
+    "argparse.py", "csv.py", "textwrap.py", "shlex.py", "fractions.py", "heapq.py",
+    "difflib.py", "calendar.py", "configparser.py", "dataclasses.py", "json",
+]
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_heldout(rel: Path) -> bool:
+    """True for a held-out module, a file inside a held-out package, or its test module."""
+    parts = rel.parts
+    for name in HELDOUT:
+        stem = name[:-3] if name.endswith(".py") else name
+        if parts[0] == name:  # top-level module or package
+            return True
+        if "test" in parts[:-1] or parts[0] == "test":
+            if any(p in (f"test_{stem}.py", f"test_{stem}") for p in parts):
+                return True
+    return False
+
+
+def list_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(train, heldout) .py files under the stdlib, sorted, site-packages and huge files excluded."""
+    train, held = [], []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("site-packages", "dist-packages") or "__pycache__" in rel.parts:
+            continue
+        if path.stat().st_size > 400_000:  # generated tables (pydoc_data/topics.py, ...)
+            continue
+        (held if is_heldout(rel) else train).append(path)
+    return train, held
+
+
+def read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def build_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok.save(str(out))
+
+
+def encode_all(tok_path: Path, texts: list[str]) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_path))
+    eos = tok.token_to_id(EOS)
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eos)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def prepare(out: Path, vocab_size: int) -> dict:
+    meta_path = out / "data.json"
+    if meta_path.exists():
+        return json.loads(meta_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    root = stdlib_dir()
+    train_files, held_files = list_files(root)
+    train_texts = [t for t in (read(p) for p in train_files) if t]
+    held_texts = [t for t in (read(p) for p in held_files) if t]
+    print(f"corpus: {len(train_texts)} train files, {len(held_texts)} held-out files from {root}")
+    tok_path = out / "tokenizer.json"
+    build_tokenizer(train_texts, vocab_size, tok_path)
+    train_ids = encode_all(tok_path, train_texts)
+    held_ids = encode_all(tok_path, held_texts)
+    np.save(out / "train.npy", train_ids)
+    np.save(out / "val.npy", held_ids)
+    meta = {
+        "stdlib": str(root),
+        "train_files": len(train_texts),
+        "heldout_files": [str(p.relative_to(root)) for p in held_files],
+        "train_bytes": sum(len(t.encode()) for t in train_texts),
+        "train_tokens": int(len(train_ids)),
+        "val_tokens": int(len(held_ids)),
+        "vocab_size": vocab_size,
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+    print(json.dumps({k: v for k, v in meta.items() if k != "heldout_files"}))
+    return meta
+
+
+def patch_fast_attention() -> None:
+    """Training-only speed-up: CodeGen's eager attention through SDPA (same math, causal)."""
+    import torch.nn.functional as F
+    from transformers.models.codegen import modeling_codegen as mc
+
+    def _attn(self, query, key, value, attention_mask=None, head_mask=None):  # type: ignore[no-untyped-def]
+        dt = value.dtype
+        out = F.scaled_dot_product_attention(query.to(dt), key.to(dt), value, is_causal=True)
+        return out, None
+
+    mc.CodeGenAttention._attn = _attn
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+    from transformers import CodeGenConfig, CodeGenForCausalLM, PreTrainedTokenizerFast
+
+    out: Path = args.out
+    meta = prepare(out, args.vocab)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    patch_fast_attention()
+
+    train_ids = torch.from_numpy(np.load(out / "train.npy").astype(np.int64))
+    val_ids = torch.from_numpy(np.load(out / "val.npy").astype(np.int64))
+    cfg = CodeGenConfig(
+        vocab_size=args.vocab, n_positions=2048, n_ctx=2048, n_embd=args.d_model, n_layer=args.layers,
+        n_head=args.heads, rotary_dim=args.rotary_dim, n_inner=None, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+    )
+    model = CodeGenForCausalLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), fused=True,
+    )
+    ckpt_path = out / "ckpt.pt"
+    step, log = 0, []
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, log = ck["step"], ck["log"]
+        print(f"resumed from step {step}")
+    rng = np.random.default_rng(args.seed)
+    for _ in range(step):  # replay the window sampler so a resumed run sees the same data
+        rng.integers(0, len(train_ids) - args.seq - 1, size=args.batch)
+
+    vrng = np.random.default_rng(1234)
+    val_starts = vrng.integers(0, len(val_ids) - args.seq - 1, size=args.val_windows)
+    fwd = torch.compile(model) if args.compile else model
+
+    def evaluate() -> float:
+        model.eval()
+        losses = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, len(val_starts), args.batch):
+                x = torch.stack([val_ids[s:s + args.seq] for s in val_starts[i:i + args.batch]])
+                losses.append(float(model(input_ids=x, labels=x).loss))
+        model.train()
+        return float(np.mean(losses))
+
+    def save(final: bool = False) -> None:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt_path)
+        if final or args.save_hf_every:
+            hf = out / ("final" if final else "latest")
+            model.save_pretrained(hf, safe_serialization=True)
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), bos_token=EOS,
+                                          eos_token=EOS, unk_token=EOS, model_max_length=2048)
+            tok.save_pretrained(hf)
+            (hf / "training.json").write_text(json.dumps(
+                {"step": step, "params": n_params, "tokens_seen": step * args.batch * args.seq,
+                 "args": {k: str(v) for k, v in vars(args).items()}, "data": {k: v for k, v in meta.items() if k != "heldout_files"},
+                 "heldout": meta["heldout_files"], "log": log}, indent=1))
+
+    print(f"model: {n_params/1e6:.2f}M params; {meta['train_tokens']} train tokens; "
+          f"{args.steps} steps x {args.batch}x{args.seq} tokens")
+    model.train()
+    t_start = time.time()
+    bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, mininterval=5)
+    while step < args.steps:
+        starts = rng.integers(0, len(train_ids) - args.seq - 1, size=args.batch)
+        x = torch.stack([train_ids[s:s + args.seq] for s in starts])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        t0 = time.time()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fwd(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.time() - t0
+        entry = {"step": step, "loss": round(float(loss), 4), "tok_s": round(x.numel() / dt), "elapsed_s": round(time.time() - t_start)}
+        if step % args.eval_every == 0 or step == args.steps:
+            entry["val_loss"] = round(evaluate(), 4)
+        log.append(entry)
+        bar.set_postfix(loss=entry["loss"], val=entry.get("val_loss", ""), tok_s=entry["tok_s"])
+        bar.update(1)
+        if step % args.ckpt_every == 0 and step < args.steps:
+            save()
+    bar.close()
+    save(final=True)
+    print(f"done: {step} steps, final val loss {log[-1].get('val_loss')}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("build/train"))
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--rotary-dim", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--val-windows", type=int, default=32)
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--save-hf-every", action="store_true", default=True, help="also refresh OUT/latest at checkpoints")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--prepare-only", action="store_true")
+    args = p.parse_args()
+    random.seed(args.seed)
+    if args.prepare_only:
+        prepare(args.out, args.vocab)
+        return
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
