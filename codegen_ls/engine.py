@@ -39,6 +39,7 @@ class Candidate:
     logprobs: list[float]
     finish_reason: str  # "eos" | "stop" | "length" | "deadline"
     sampled: bool = False
+    source: str = "model"  # "model" for greedy/samples; lookup drafts set their own
 
     @property
     def logprob_sum(self) -> float:
