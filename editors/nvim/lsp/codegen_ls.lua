@@ -1,0 +1,44 @@
+-- Neovim (>= 0.11) config for the codegen-ls language server: `vim.lsp.enable('codegen_ls')`.
+-- Override any field with `vim.lsp.config('codegen_ls', {...})` (tables are deep-merged).
+
+-- Server settings (the `codegenLs` namespace). Only keys the server knows may be sent: its
+-- parser rejects unknown keys.
+local settings = {
+  codegenLs = {
+    modelPath = vim.NIL, -- null: $CODEGEN_LS_MODEL, then the embedded default model
+    maxNewTokens = 48,
+    numCandidates = 3,
+    contextTokens = 1024,
+    temperature = 0.8,
+    multiline = 'auto', -- 'auto' | 'always' | 'never'
+    deadlineMs = 1000,
+    minConfidence = 0.0,
+    lookup = true,
+  },
+}
+
+---@type vim.lsp.Config
+return {
+  cmd = { 'codegen-ls', 'serve' },
+  filetypes = {
+    'python', 'lua', 'javascript', 'javascriptreact', 'typescript', 'typescriptreact',
+    'go', 'rust', 'c', 'cpp', 'java', 'sh', 'bash', 'zsh',
+  },
+  root_markers = {
+    '.git', 'pyproject.toml', 'setup.py', 'setup.cfg', 'requirements.txt',
+    'package.json', 'go.mod', 'Cargo.toml',
+  },
+  settings = settings,
+  init_options = vim.deepcopy(settings),
+  -- Neovim 0.11 does not announce inline completion itself; 0.12 does.
+  capabilities = { textDocument = { inlineCompletion = { dynamicRegistration = false } } },
+  handlers = {
+    -- {state = 'loading'|'ready'|'error', message, model, lastLatencyMs}
+    ['codegenLs/status'] = function(_, params)
+      vim.schedule(function()
+        vim.g.codegen_ls_status = params
+        vim.api.nvim_exec_autocmds('User', { pattern = 'CodegenLsStatus', modeline = false, data = params })
+      end)
+    end,
+  },
+}

@@ -1,0 +1,154 @@
+-- End-to-end test of the Neovim client (editors/nvim) against a codegen-ls server.
+-- Run by tests/test_nvim.py as:
+--   nvim --headless --clean -u NONE -c 'luafile tests/editors/nvim_e2e.lua'
+-- Inputs (environment):
+--   CODEGEN_LS_E2E_REPO    repository root (editors/nvim goes on 'runtimepath')
+--   CODEGEN_LS_E2E_FILE    Python file to edit; the text is typed at the end of its last line
+--   CODEGEN_LS_E2E_TYPE    text to type there
+--   CODEGEN_LS_E2E_CMD     JSON list: the server command
+--   CODEGEN_LS_E2E_RESULT  where to write the JSON result
+--   CODEGEN_LS_E2E_TIMEOUT_MS  per wait (default 60000)
+-- Exit status: 0 when every check passed, 1 otherwise (details in the result file).
+local api = vim.api
+local env = vim.env
+local H = dofile(assert(env.CODEGEN_LS_E2E_REPO) .. '/tests/editors/harness.lua')
+local result, wait_for, check = H.result, H.wait_for, H.check
+result.statuses = {}
+
+local function buffer_text()
+  return table.concat(api.nvim_buf_get_lines(0, 0, -1, true), '\n')
+end
+
+--- Byte offset into table.concat(lines, '\n') of an LSP position in `encoding`.
+local function offset_of(lines, pos, encoding)
+  local off = 0
+  for i = 1, pos.line do
+    off = off + #lines[i] + 1
+  end
+  return off + vim.str_byteindex(lines[pos.line + 1] or '', encoding, pos.character, false)
+end
+
+local function count(haystack, needle)
+  local n, init = 0, 1
+  while true do
+    local s = haystack:find(needle, init, true)
+    if not s then
+      return n
+    end
+    n, init = n + 1, s + 1
+  end
+end
+
+local function main()
+  vim.lsp.log.set_level('debug')
+  api.nvim_create_autocmd('User', {
+    pattern = 'CodegenLsStatus',
+    callback = function(args)
+      table.insert(result.statuses, args.data)
+    end,
+  })
+
+  local ghost = require('codegen_ls')
+  ghost.setup({ debounce_ms = 50, native = false }) -- this plugin's ghost text, also on 0.12+
+  vim.lsp.config('codegen_ls', {
+    cmd = vim.json.decode(assert(env.CODEGEN_LS_E2E_CMD)),
+    -- Slow shared CI machines: give the model time, keep suggestions short.
+    settings = { codegenLs = { deadlineMs = 30000, maxNewTokens = 16, numCandidates = 2 } },
+    init_options = { codegenLs = { deadlineMs = 30000, maxNewTokens = 16, numCandidates = 2 } },
+  })
+  vim.lsp.enable('codegen_ls')
+
+  vim.cmd.edit(vim.fn.fnameescape(assert(env.CODEGEN_LS_E2E_FILE)))
+  if vim.bo.filetype ~= 'python' then
+    vim.bo.filetype = 'python'
+  end
+  -- No indentation magic: the typed text lands as typed.
+  vim.bo.indentexpr, vim.bo.autoindent, vim.bo.smartindent, vim.bo.expandtab = '', false, false, true
+
+  local client = wait_for('the client to initialize', function()
+    local c = vim.lsp.get_clients({ bufnr = 0, name = 'codegen_ls' })[1]
+    return c and c.initialized and c
+  end)
+  result.offset_encoding = client.offset_encoding
+  check(client:supports_method('textDocument/inlineCompletion', 0), 'server does not offer textDocument/inlineCompletion')
+
+  -- The model may load in the background: wait for a `ready` (or `error`) status, but go on
+  -- without one (the server may load it on the first request).
+  pcall(wait_for, 'status ready', function()
+    local s = vim.g.codegen_ls_status
+    return s and (s.state == 'ready' or s.state == 'error')
+  end)
+  local s = vim.g.codegen_ls_status
+  check(not (s and s.state == 'error'), 'server status error: %s', s and s.message)
+
+  -- Type at the end of the last line, as a user would.
+  local typed = assert(env.CODEGEN_LS_E2E_TYPE)
+  api.nvim_win_set_cursor(0, { api.nvim_buf_line_count(0), 0 })
+  local line_before_typing = api.nvim_get_current_line()
+  H.feed('A' .. typed)
+  wait_for('the typed text', function()
+    return api.nvim_get_mode().mode == 'i' and api.nvim_get_current_line() == line_before_typing .. typed
+  end)
+
+  wait_for('ghost text', function()
+    return ghost.visible() and #api.nvim_buf_get_extmarks(0, api.nvim_create_namespace('codegen_ls_ghost'), 0, -1, {}) > 0
+  end)
+
+  local items = ghost.current()
+  local item = items[1]
+  local before = buffer_text()
+  local cur = api.nvim_win_get_cursor(0)
+  local marks = api.nvim_buf_get_extmarks(0, api.nvim_create_namespace('codegen_ls_ghost'), 0, -1, { details = true })
+  result.items = vim.tbl_map(function(i) return i.raw end, items)
+  result.suggestion = item.raw.insertText
+  result.ghost = item.ghost
+  result.before = before
+  result.cursor_before = cur
+  result.extmark = marks[1] and marks[1][4]
+
+  -- What was drawn is the rest of the suggestion, at the cursor.
+  check(marks[1][2] == cur[1] - 1 and marks[1][3] == cur[2], 'ghost text not at the cursor')
+  local first_line = vim.split(item.ghost, '\n', { plain = true })[1]
+  local drawn = table.concat(vim.tbl_map(function(chunk) return chunk[1] end, marks[1][4].virt_text or {}))
+  check(vim.startswith(drawn, first_line), 'drawn %q is not the ghost %q', drawn, first_line)
+
+  -- Accept with <Tab> (the default keymap).
+  local tick = api.nvim_buf_get_changedtick(0)
+  H.feed('<Tab>')
+  wait_for('the suggestion to be inserted', function()
+    return api.nvim_buf_get_changedtick(0) ~= tick and api.nvim_get_mode().mode == 'i'
+  end)
+  local after = buffer_text()
+  result.after = after
+  result.cursor_after = api.nvim_win_get_cursor(0)
+
+  -- Expected, from the server's item alone: its range replaced by its insertText.
+  local raw = item.raw
+  local text = type(raw.insertText) == 'table' and raw.insertText.value or raw.insertText
+  local lines = vim.split(before, '\n', { plain = true })
+  local enc = client.offset_encoding
+  local cursor_pos = { line = cur[1] - 1, character = vim.str_utfindex(lines[cur[1]], enc, cur[2], false) }
+  local range = raw.range or { start = cursor_pos, ['end'] = cursor_pos }
+  local s_off, e_off = offset_of(lines, range.start, enc), offset_of(lines, range['end'], enc)
+  local c_off = offset_of(lines, cursor_pos, enc)
+  local expected = before:sub(1, s_off) .. text .. before:sub(e_off + 1)
+  result.expected = expected
+  check(#text > 0, 'empty suggestion')
+  check(s_off <= c_off and c_off <= e_off, 'range does not contain the cursor')
+  -- The range covers the typed word, which the suggestion repeats: replaced, not doubled.
+  check(before:sub(s_off + 1, c_off) == text:sub(1, c_off - s_off), 'text before the cursor in the range is not a prefix of the suggestion')
+  check(after == expected, 'buffer after accepting differs from the expected text')
+  check(count(after, text) == count(before, text) + 1, 'suggestion not inserted exactly once')
+  -- Cursor at the end of the inserted text.
+  local end_off = s_off + #text
+  local prefix_lines = vim.split(after:sub(1, end_off), '\n', { plain = true })
+  result.cursor_expected = { #prefix_lines, #prefix_lines[#prefix_lines] }
+  check(result.cursor_after[1] == result.cursor_expected[1] and result.cursor_after[2] == result.cursor_expected[2],
+    'cursor not at the end of the inserted text')
+
+  vim.cmd('stopinsert')
+  result.final_status = vim.g.codegen_ls_status
+  H.finish(true)
+end
+
+H.run(main)

