@@ -7,15 +7,44 @@ document + cursor -> context (prefix/suffix within a token budget) -> decide mod
 Knows nothing of LSP: positions are (line, character) in Python code points; the server converts
 UTF-16 positions with pygls' document helpers.
 
-INTERFACE CONTRACT (stable; the server and CLI are written against it):
+Type-ahead cache (per document): typing (or erasing) characters along the last shown suggestion,
+on the same line, is answered from that suggestion with no model call (source "typeahead").
+
+Lookup: when ``codegen_ls.lookup`` is present and ``Settings.lookup`` is on, its model-verified
+drafts join the model's candidates before ranking; one score across sources.
+
+INTERFACE CONTRACT (stable; the server and CLI are written against it): CompletionRequest,
+Suggestion, CompletionResult, CancelFn, Completer.load / .engine / .complete.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import ModuleType
 
+from codegen_ls.context import Context, TokenCounter, build_context, decide_mode, sanitize, token_budget
+from codegen_ls.engine import Candidate, Engine, EngineOptions
+from codegen_ls.errors import CodegenLsError, ModelError
+from codegen_ls.modeldir import resolve_model_dir
+from codegen_ls.postprocess import clean, make_stop
+from codegen_ls.ranking import Item, rank
 from codegen_ls.settings import Settings
+
+_lookup: ModuleType | None
+try:
+    from codegen_ls import lookup as _lookup
+except ImportError:  # the lookup module is optional
+    _lookup = None
+
+LOOKUP_MIN_MS = 30.0  # time lookup verification always gets, even when the model used the deadline
+LOOKUP_FIND_MS = 10.0  # time for finding drafts in the text
+TYPEAHEAD_DOCUMENTS = 64  # documents whose last suggestions are kept
+HEAL_SEARCH_CHARS = 32  # how far into a candidate's decoded tokens its text may start (token healing)
 
 
 @dataclass
@@ -38,7 +67,7 @@ class Suggestion:
     end: tuple[int, int]  # range end (>= cursor; covers suffix text the suggestion re-types)
     score: float  # ranking score, higher is better
     confidence: float  # 0..1, compared with Settings.min_confidence
-    source: str  # "greedy" | "sample" | "lookup" | "lookup+model" | "typeahead"
+    source: str  # "greedy" | "sample" | "typeahead" | lookup's "lookup:line" | "lookup:doc" | "lookup:ngram" (+ "+model")
     logprob_mean: float = 0.0
     finish_reason: str = ""
 
@@ -48,8 +77,238 @@ class CompletionResult:
     suggestions: list[Suggestion]
     mode: str  # "none" | "single" | "multi"
     reason: str = ""  # why nothing / which cache answered
-    timings: dict[str, float] = field(default_factory=dict)  # ms: context, prefill, decode, total
-    stats: dict[str, float] = field(default_factory=dict)  # prompt/cached/new tokens, tokens/s
+    timings: dict[str, float] = field(default_factory=dict)  # ms: [load,] context, prefill, decode, [lookup,] rank, total
+    stats: dict[str, float] = field(default_factory=dict)  # prompt/cached/new tokens, tokens/s, candidates, lookup_candidates
 
 
 CancelFn = Callable[[], bool]
+
+
+@dataclass
+class _Shown:
+    """The last model answer for a document, for the type-ahead cache."""
+
+    line: int
+    line_prefix: str
+    line_suffix: str
+    before: str  # text before the cursor line (tail)
+    after: str  # text after the cursor line
+    suggestions: list[Suggestion]
+
+
+def _default_loader(model_path: str | None, threads: int = 0) -> Engine:
+    directory = resolve_model_dir(model_path)
+    try:
+        return Engine(directory, EngineOptions(threads=threads))
+    except CodegenLsError:
+        raise
+    except Exception as exc:  # onnxruntime / tokenizers / OS errors: one clear line
+        raise ModelError(f"cannot load model from {directory}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+class Completer:
+    """The pipeline with its state: the engine, a token-count cache, the type-ahead cache.
+
+    ``complete`` is meant to be called from one worker thread at a time; ``load`` may be called
+    from another (it swaps the engine under a lock).
+    """
+
+    def __init__(self, engine_loader: Callable[[str | None], Engine] | None = None) -> None:
+        self._loader = engine_loader
+        self._engine: Engine | None = None
+        self._model_path: str | None = None
+        self._counter: TokenCounter | None = None
+        self._shown: OrderedDict[str, _Shown] = OrderedDict()
+        self._lock = threading.RLock()
+
+    # -- model -----------------------------------------------------------------------------
+    def load(self, model_path: str | None = None, threads: int = 0) -> Engine:
+        """Load (or replace) the engine; raises :class:`ModelError` with a clear message."""
+        if self._loader is not None:
+            try:
+                engine = self._loader(model_path)
+            except CodegenLsError:
+                raise
+            except Exception as exc:
+                raise ModelError(f"cannot load model {model_path or '(default)'}: {exc}") from None
+        else:
+            engine = _default_loader(model_path, threads)
+        with self._lock:
+            self._engine, self._model_path = engine, model_path
+            self._counter = TokenCounter(engine.tokenizer)
+            self._shown.clear()
+        return engine
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine (the default model is loaded on first use)."""
+        with self._lock:
+            if self._engine is None:
+                self.load(self._model_path)
+            assert self._engine is not None
+            return self._engine
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def forget(self, uri: str) -> None:
+        """Drop a closed document's caches (type-ahead entry and KV snapshot)."""
+        with self._lock:
+            self._shown.pop(uri, None)
+            if self._engine is not None:
+                self._engine.cache.drop(uri)
+
+    def _engine_for(self, settings: Settings) -> tuple[Engine, TokenCounter, bool]:
+        """The engine for ``settings.model_path`` (loaded now if needed: the flag)."""
+        with self._lock:
+            loading = self._engine is None or settings.model_path != self._model_path
+            if loading:
+                self.load(settings.model_path, settings.threads)
+            assert self._engine is not None and self._counter is not None
+            return self._engine, self._counter, loading
+
+    # -- completion ------------------------------------------------------------------------
+    def complete(self, req: CompletionRequest, settings: Settings, cancel: CancelFn | None = None) -> CompletionResult:
+        """Suggestions for the cursor in ``req``; raises :class:`Cancelled` when ``cancel()``."""
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        engine, counter, loaded = self._engine_for(settings)
+        if loaded:  # the model was loaded for this request: not part of the completion's time
+            timings["load"] = _ms(t0)
+            t0 = time.perf_counter()
+        language = req.language_id or "python"  # the models are trained on Python
+        bos = engine.tokenizer.decode([engine.eos_id])
+        budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
+        ctx = build_context(req.text, req.line, req.character, counter, budget, bos_text=bos,
+                            tab_size=req.tab_size, insert_spaces=req.insert_spaces)
+        mode, reason = decide_mode(ctx, settings.multiline, language)
+        timings["context"] = _ms(t0)
+        if mode == "none":
+            return self._done(CompletionResult([], mode, reason), timings, t0)
+
+        hit = self._typeahead(req.uri, ctx, settings)
+        if hit:
+            return self._done(CompletionResult(hit, mode, "typeahead"), timings, t0)
+
+        gen = engine.generate(ctx.prompt, doc_key=req.uri, n=settings.num_candidates,
+                              max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                              stop=make_stop(ctx, mode, ctx.held), deadline_ms=settings.deadline_ms,
+                              cancel=cancel, heal=True)
+        timings["prefill"] = round(gen.stats.prefill_ms, 1)
+        timings["decode"] = round(gen.stats.decode_ms, 1)
+        items = [self._item(engine, c, ctx, mode, ctx.held, language,
+                            "sample" if c.sampled else "greedy") for c in gen.candidates]
+        n_lookup = 0
+        if settings.lookup and _lookup is not None:
+            t1 = time.perf_counter()
+            found = self._lookup(engine, req, ctx, mode, settings, cancel, t0)
+            n_lookup = len(found)
+            items += [self._item(engine, c, ctx, mode, "", language, c.source) for c in found]
+            timings["lookup"] = _ms(t1)
+
+        t2 = time.perf_counter()
+        ranked = rank([it for it in items if it is not None], ctx, mode, language)
+        suggestions = [
+            Suggestion(r.text, (ctx.line, ctx.character), (ctx.line, ctx.character), round(r.score, 4),
+                       round(r.confidence, 4), r.source, round(r.logprob_mean, 4), r.finish_reason)
+            for r in ranked
+        ]
+        shown = [s for s in suggestions if s.confidence >= settings.min_confidence]
+        timings["rank"] = _ms(t2)
+        if not shown:
+            reason = "below minConfidence" if suggestions else "no usable candidate"
+        self._remember(req.uri, ctx, shown)
+        st = gen.stats
+        stats = {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.cached_tokens, "new_tokens": st.new_tokens,
+                 "tokens_per_s": round(st.tokens_per_s, 1), "candidates": len(gen.candidates),
+                 "lookup_candidates": n_lookup}
+        return self._done(CompletionResult(shown, mode, reason if not shown else "", stats=stats), timings, t0)
+
+    def _done(self, result: CompletionResult, timings: dict[str, float], t0: float) -> CompletionResult:
+        timings["total"] = _ms(t0)
+        result.timings = timings
+        return result
+
+    def _item(self, engine: Engine, cand: Candidate, ctx: Context, mode: str, held_out: str, language_id: str,
+              source: str) -> Item | None:
+        cleaned = clean(cand.text, ctx, mode, held_out, cand.finish_reason, language_id)
+        if cleaned is None:
+            return None
+        logprobs = _kept_logprobs(engine, cand, cleaned.kept_chars)
+        return Item(cleaned.text, logprobs, source, cand.finish_reason, cleaned.truncated, cleaned.reindented)
+
+    def _lookup(self, engine: Engine, req: CompletionRequest, ctx: Context, mode: str, settings: Settings,
+                cancel: CancelFn | None, t0: float) -> list[Candidate]:
+        """Lookup candidates, continuing the cursor itself (not the prompt, which may end before ``held``)."""
+        assert _lookup is not None
+        prompt_ids = engine.tokenizer.encode(ctx.prompt + ctx.held) if ctx.held else ctx.prompt_ids
+        left = max(LOOKUP_MIN_MS, settings.deadline_ms - _ms(t0))
+        others = {u: sanitize(t) for u, t in req.other_documents.items() if u != req.uri}
+        prefix, suffix = sanitize(req.text[:ctx.cursor]), sanitize(req.text[ctx.cursor:])  # drafts get encoded
+        return _lookup.propose(engine, prompt_ids, prefix, suffix, others,
+                               doc_key=req.uri, multiline=mode == "multi", stop=make_stop(ctx, mode, ""),
+                               cancel=cancel, max_new_tokens=settings.max_new_tokens, budget_ms=LOOKUP_FIND_MS,
+                               include_other_documents=settings.lookup_other_documents, deadline_ms=left)
+
+    # -- type-ahead cache ------------------------------------------------------------------
+    def _remember(self, uri: str, ctx: Context, suggestions: list[Suggestion]) -> None:
+        with self._lock:
+            if not suggestions:
+                self._shown.pop(uri, None)
+                return
+            self._shown[uri] = _Shown(ctx.line, ctx.line_prefix, ctx.line_suffix, ctx.before_line, ctx.after_line,
+                                      suggestions)
+            self._shown.move_to_end(uri)
+            while len(self._shown) > TYPEAHEAD_DOCUMENTS:
+                self._shown.popitem(last=False)
+
+    def _typeahead(self, uri: str, ctx: Context, settings: Settings) -> list[Suggestion]:
+        """The rest of the last suggestions when the user typed (or erased) along them on the line."""
+        with self._lock:
+            shown = self._shown.get(uri)
+        if (shown is None or shown.line != ctx.line or shown.line_suffix != ctx.line_suffix
+                or not ctx.line_prefix.startswith(shown.line_prefix)
+                or shown.after != ctx.after_line or not _same_tail(shown.before, ctx.before_line)):
+            return []
+        typed = ctx.line_prefix[len(shown.line_prefix):]
+        out = []
+        for s in shown.suggestions:
+            if s.insert_text.startswith(typed) and len(s.insert_text) > len(typed) and s.confidence >= settings.min_confidence:
+                out.append(replace(s, insert_text=s.insert_text[len(typed):], start=(ctx.line, ctx.character),
+                                   end=(ctx.line, ctx.character), source="typeahead"))
+        return out
+
+
+def _same_tail(a: str, b: str) -> bool:
+    """Equal text before the cursor line (the window may have moved: compare the common tail)."""
+    n = min(len(a), len(b))
+    return a[len(a) - n:] == b[len(b) - n:]
+
+
+def _kept_logprobs(engine: Engine, cand: Candidate, kept_chars: int) -> list[float]:
+    """Log-probs of the tokens that produced the first ``kept_chars`` characters of ``cand.text``.
+
+    The token at the boundary is kept too (it carries the decision to stop there). Token healing
+    may make the first token cover prompt text that ``text`` leaves out; it is found by search.
+    """
+    lps, ids = cand.logprobs, cand.token_ids
+    if kept_chars >= len(cand.text) or not ids or len(lps) != len(ids):
+        return list(lps)
+    full = engine.tokenizer.decode(ids)
+    h = full.find(cand.text[:16]) if cand.text else 0
+    if h < 0 or h > HEAL_SEARCH_CHARS:  # cannot align: keep a proportional share
+        n = math.ceil(len(lps) * kept_chars / max(1, len(cand.text)))
+        return list(lps[: max(1, min(len(lps), n + 1))])
+    target = len(full[: h + kept_chars].encode("utf-8", "replace"))
+    table = engine.tokenizer.token_bytes()
+    total = 0
+    for i, t in enumerate(ids):
+        total += len(table[t]) if t < len(table) else 0
+        if total >= target:
+            return list(lps[: min(len(lps), i + 2)])
+    return list(lps)
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 1)

@@ -1,0 +1,398 @@
+"""The prompt for a cursor position, and the decision whether and how much to complete.
+
+:func:`build_context` turns document + cursor into a :class:`Context`: the text before the cursor
+within a token budget (CodeGen is left-to-right, so only the prefix is model input), the text after
+the cursor (for stopping and trimming only), the cursor line split at the cursor, and the
+document's indentation style.
+
+Cost is O(budget), not O(document): a character window of at most ``CHARS_PER_TOKEN_MAX`` per
+budget token is sliced before the cursor, and only lines inside it are tokenized (each distinct
+line once, via :class:`TokenCounter`'s cache), and the final prompt once, for an exact count.
+
+The prompt must start at the same place while the user types, so that the engine's KV cache is
+reused (it keeps the longest common token prefix). The window therefore starts at a line whose
+number is a multiple of ``LINE_STEP``: typing moves the start only in jumps of ``LINE_STEP``
+lines, when the budget overflows. A prompt that reaches the top of the file starts with the
+end-of-text token, as every file did in training.
+
+When the cursor line holds only whitespace before the cursor (a fresh, auto-indented line), that
+whitespace is *held* out of the prompt (:attr:`Context.held`), which then ends with the newline:
+byte-level BPE merges a newline with the following indentation (``"\\n   "`` + ``" return"``), so
+a prompt ending in ``"\\n    "`` is a tokenization the model never saw. The model writes the
+indentation itself and :mod:`codegen_ls.postprocess` aligns it with what the user typed.
+
+:func:`decide_mode` chooses ``none`` / ``single`` / ``multi`` before any model call (llm-ls'
+``should_complete``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+CHARS_PER_TOKEN_MAX = 8  # characters per token, generous upper bound: sizes the character window
+LINE_STEP = 16  # the prompt starts on a line number that is a multiple of this (KV-cache reuse)
+TOKENS_PER_STEP = 64  # ... or of budget / TOKENS_PER_STEP when smaller (small budgets, finer steps)
+SUFFIX_CHARS = 4000  # text after the cursor kept for stop rules and trimming
+NEXT_LINES = 8  # following lines kept (repetition checks)
+BEFORE_CHECK_CHARS = 2000  # text before the cursor line compared by the type-ahead cache
+DEFAULT_INDENT_WIDTH = 4
+BLOCK_OPENERS = (":", "{", "(", "[")  # a line ending with one of these opens an indented block
+PY_BLOCK_KEYWORDS = frozenset(("def", "class", "if", "elif", "else", "for", "while", "try", "except", "finally",
+                               "with", "async", "match", "case"))
+MAX_TOKEN_CACHE = 16384  # distinct lines whose token count is remembered
+
+_EOL = re.compile(r"\r\n|\r|\n")  # LSP line terminators
+
+
+class Encoder(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class TokenCounter:
+    """``len(tokenizer.encode(line))`` with an LRU cache: lines rarely change between keystrokes."""
+
+    def __init__(self, tokenizer: Encoder, max_entries: int = MAX_TOKEN_CACHE) -> None:
+        self.tokenizer = tokenizer
+        self.max_entries = max_entries
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    def count(self, text: str) -> int:
+        n = self._counts.get(text)
+        if n is None:
+            n = len(self.tokenizer.encode(text))
+            self._counts[text] = n
+            if len(self._counts) > self.max_entries:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(text)
+        return n
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+
+@dataclass(frozen=True)
+class Indent:
+    """The document's indentation style."""
+
+    use_tabs: bool = False
+    width: int = DEFAULT_INDENT_WIDTH  # columns per level (also the tab stop)
+
+    @property
+    def unit(self) -> str:
+        return "\t" if self.use_tabs else " " * self.width
+
+    def columns(self, ws: str) -> int:
+        """Visual width of leading whitespace (tabs advance to the next tab stop)."""
+        col = 0
+        for ch in ws:
+            col = (col // self.width + 1) * self.width if ch == "\t" else col + 1
+        return col
+
+    def render(self, columns: int) -> str:
+        """Leading whitespace of ``columns`` in this style."""
+        columns = max(0, columns)
+        if self.use_tabs:
+            return "\t" * (columns // self.width) + " " * (columns % self.width)
+        return " " * columns
+
+
+@dataclass
+class Context:
+    """Everything the pipeline needs about the cursor, computed in O(budget)."""
+
+    prompt: str  # model input text: [eot] + window before the cursor (or before ``held``), LF line ends
+    prompt_ids: list[int]  # ``encode(prompt)``, at most the budget
+    prefix: str  # document[start:cursor], verbatim
+    suffix: str  # document[cursor:cursor + SUFFIX_CHARS], verbatim
+    start: int  # offset of the window start (0 or just after a line terminator)
+    cursor: int  # offset of the cursor
+    start_line: int  # line number of ``start``
+    line: int  # cursor line (clamped to the document)
+    character: int  # cursor column in code points (clamped to the line)
+    line_prefix: str  # cursor line before the cursor
+    line_suffix: str  # cursor line after the cursor, without the line terminator
+    held: str  # whitespace-only line_prefix kept out of the prompt ("" when the prompt ends at the cursor)
+    prev_line: str  # nearest non-blank line above the cursor line inside the window ("" if none)
+    next_lines: list[str] = field(default_factory=list)  # lines after the cursor line (up to NEXT_LINES)
+    indent: Indent = field(default_factory=Indent)
+    eol: str = "\n"  # the document's line terminator
+    at_file_start: bool = False  # the window reaches the top of the file
+
+    @property
+    def before_line(self) -> str:
+        """Text before the cursor line (the tail the type-ahead cache compares)."""
+        end = max(0, len(self.prefix) - len(self.line_prefix))  # the prefix may start inside a long line
+        return self.prefix[max(0, end - BEFORE_CHECK_CHARS): end]
+
+    @property
+    def after_line(self) -> str:
+        """Text after the cursor line's rest (within the suffix window)."""
+        return self.suffix[len(self.line_suffix):]
+
+
+def sanitize(text: str) -> str:
+    """Replace lone surrogates (which cannot be encoded) with ``?``, one code point for one."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def normalize_eol(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def offset_of(text: str, line: int, character: int) -> tuple[int, int, int]:
+    """(offset, line, character) of an LSP position, clamped into the document.
+
+    Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (the LSP definition; ``str.splitlines`` also
+    splits at form feeds and the like). O(position) scanning in C, no copies.
+    """
+    line = max(0, line)
+    pos, n = 0, 0
+    simple = "\r" not in text
+    while n < line:
+        if simple:
+            nl = text.find("\n", pos)
+            if nl < 0:
+                break
+            pos = nl + 1
+        else:
+            m = _EOL.search(text, pos)
+            if m is None:
+                break
+            pos = m.end()
+        n += 1
+    m = _EOL.search(text, pos)
+    end = m.start() if m else len(text)
+    character = max(0, min(character, end - pos))
+    return pos + character, n, character
+
+
+def _line_start(text: str, offset: int) -> int:
+    """Start of the line containing ``offset`` (just after the previous terminator)."""
+    return max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
+
+
+def _first_line_start_at_or_after(text: str, lo: int, hi: int) -> int:
+    if lo == 0 or text[lo - 1] == "\n" or (text[lo - 1] == "\r" and text[lo:lo + 1] != "\n"):
+        return lo
+    m = _EOL.search(text, lo, hi)
+    return m.end() if m else hi
+
+
+def guess_indent(lines: Sequence[str], tab_size: int | None = None, insert_spaces: bool | None = None) -> Indent:
+    """Tabs vs spaces and the width, from the client's options, else from the lines given."""
+    tabs = spaces = 0
+    steps: Counter[int] = Counter()
+    prev = 0
+    for ln in lines:
+        body = ln.lstrip(" \t")
+        if not body or body.startswith("#"):
+            continue
+        ws = ln[: len(ln) - len(body)]
+        if ws.startswith("\t"):
+            tabs += 1
+            continue
+        if ws:
+            spaces += 1
+        if len(ws) > prev:  # an indentation step between two space-indented lines
+            steps[len(ws) - prev] += 1
+        prev = len(ws)
+    use_tabs = (not insert_spaces) if insert_spaces is not None else tabs > spaces
+    common = [w for w, _ in steps.most_common(3) if 2 <= w <= 8]
+    width = tab_size if tab_size and tab_size > 0 else (common[0] if common else DEFAULT_INDENT_WIDTH)
+    return Indent(use_tabs, width)
+
+
+def build_context(text: str, line: int, character: int, counter: TokenCounter, budget: int, *,
+                  bos_text: str = "", tab_size: int | None = None, insert_spaces: bool | None = None,
+                  line_step: int | None = None) -> Context:
+    """The context for the cursor at (line, character); see the module docstring.
+
+    ``budget`` counts every prompt token, ``bos_text`` (the end-of-text token's text, prepended
+    when the window reaches the top of the file) included.
+    """
+    budget = max(1, budget)
+    step = line_step if line_step else max(1, min(LINE_STEP, budget // TOKENS_PER_STEP))
+    cursor, line, character = offset_of(text, line, character)
+    ls = cursor - character  # cursor line start
+    line_prefix = sanitize(text[ls:cursor])
+    suffix = text[cursor:cursor + SUFFIX_CHARS]
+    m = _EOL.search(suffix)
+    line_suffix = sanitize(suffix[: m.start()] if m else suffix)
+    after = suffix[m.end():] if m else ""
+    next_lines = [sanitize(s) for s in _EOL.split(after)[:NEXT_LINES]] if m else []
+    held = line_prefix if not line_prefix.strip(" \t") else ""
+    head = line_prefix[: len(line_prefix) - len(held)]  # the part of the cursor line in the prompt
+
+    # Lines above the cursor line inside the character window (the first, partial one dropped).
+    lo = _first_line_start_at_or_after(text, max(0, ls - budget * CHARS_PER_TOKEN_MAX), ls)
+    above = [sanitize(s) for s in _EOL.split(text[lo:ls])[:-1]] if ls > lo else []
+    first_line = line - len(above)  # line number of above[0]
+    bos_cost = 1 if bos_text else 0
+
+    # Walk up from the cursor while the (over-)estimated token count fits.
+    used = counter.count(normalize_eol(head)) if head else 0
+    s = len(above)
+    while s > 0:
+        cost = counter.count(above[s - 1] + "\n") + (bos_cost if first_line + s - 1 == 0 else 0)
+        if used + cost > budget:
+            break
+        used += cost
+        s -= 1
+    # Align the start to a multiple of the step (line 0 is one), never below the cursor line.
+    start_line = first_line + s
+    if start_line > 0:
+        start_line = min(line, -(-start_line // step) * step)
+    while True:
+        k = start_line - first_line  # index into ``above``
+        window = "\n".join(above[k:]) + ("\n" if k < len(above) else "") + head
+        at_file_start = start_line == 0
+        prompt = (bos_text if at_file_start else "") + _escape(window, bos_text)
+        ids = counter.encode(prompt)
+        if len(ids) <= budget or start_line >= line:
+            break
+        start_line = min(line, start_line + step)  # estimate was low: jump one step
+    start = _skip_terminators(text, lo, start_line - first_line)
+    if len(ids) > budget:  # one enormous cursor line: keep its end
+        prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls, budget)
+    prefix = sanitize(text[start:cursor])
+    prev_line = next((a for a in reversed(above) if a.strip()), "")
+    typed = line_prefix + (line_suffix if line_suffix.strip() else "x")  # the indentation typed counts too
+    window_lines = above[start_line - first_line:] + [typed] + next_lines
+    eol = "\r\n" if "\r\n" in text[start:cursor + len(suffix)] else "\n"
+    return Context(
+        prompt=prompt, prompt_ids=ids, prefix=prefix, suffix=sanitize(suffix), start=start, cursor=cursor,
+        start_line=start_line, line=line, character=character,
+        line_prefix=line_prefix, line_suffix=line_suffix, held=held, prev_line=prev_line,
+        next_lines=next_lines, indent=guess_indent(window_lines, tab_size, insert_spaces), eol=eol,
+        at_file_start=at_file_start,
+    )
+
+
+def _escape(window: str, bos_text: str) -> str:
+    """LF line ends; the document's own copies of the end-of-text text must not become the token."""
+    window = normalize_eol(window)
+    if bos_text and bos_text in window:
+        window = window.replace(bos_text, bos_text[:-1] + " " + bos_text[-1:])
+    return window
+
+
+def _skip_terminators(text: str, lo: int, n: int) -> int:
+    """Offset of the start of the n-th line after ``lo`` (``lo`` is a line start)."""
+    pos = lo
+    for _ in range(n):
+        m = _EOL.search(text, pos)
+        if m is None:
+            return len(text)
+        pos = m.end()
+    return pos
+
+
+def _cut_long_line(counter: TokenCounter, head: str, ls: int, budget: int) -> tuple[str, list[int], int, bool]:
+    """The last part of an over-long cursor line that fits the budget (starts mid-line)."""
+    keep = len(head)
+    while True:
+        ids = counter.encode(normalize_eol(head[len(head) - keep:]))
+        if len(ids) <= budget or keep == 0:
+            break
+        keep = min(keep - 1, int(keep * budget / len(ids) * 0.9))
+        keep = max(keep, 0)
+    piece = normalize_eol(head[len(head) - keep:])
+    return piece, ids, ls + len(head) - keep, False
+
+
+# -- mode ---------------------------------------------------------------------------------------
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+def strip_comment(line: str, language_id: str = "python") -> str:
+    """The line without a trailing ``#`` / ``//`` comment (quotes respected, roughly)."""
+    quote = ""
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and language_id == "python":
+            return line[:i]
+        elif ch == "/" and line[i + 1:i + 2] == "/" and language_id != "python":
+            return line[:i]
+        i += 1
+    return line
+
+
+def is_block_opener(line: str, language_id: str = "python") -> bool:
+    """The line ends with something that opens an indented block or a bracketed list."""
+    code = strip_comment(line, language_id).rstrip()
+    return code.endswith(BLOCK_OPENERS)
+
+
+def is_block_header(line: str, language_id: str = "python") -> bool:
+    """A finished block header whose body goes on the next lines (``if x:``, ``function f() {``).
+
+    Stricter than :func:`is_block_opener`: after ``foo(`` or ``{'a':`` the user usually goes on
+    on the same line.
+    """
+    code = strip_comment(line, language_id).strip()
+    if language_id != "python":
+        return code.endswith("{")
+    first = re.split(r"[\s(:]", code, maxsplit=1)[0]
+    return code.endswith(":") and first in PY_BLOCK_KEYWORDS
+
+
+def decide_mode(ctx: Context, multiline: str = "auto", language_id: str = "python") -> tuple[str, str]:
+    """("none" | "single" | "multi", reason) before any model call.
+
+    none:   the cursor is directly before a word character (inside or in front of an
+            identifier), or in the indentation in front of code.
+    multi:  ``multiline="always"`` with nothing after the cursor; with ``"auto"``: a blank line
+            after a block opener (``:``, ``{``, ``(``, ``[`` at the end of the line above) or
+            inside an indented body, or the end of a block header line (``if x:``). Never with
+            ``"never"``.
+    single: everything else (the rest of the line, also in front of closing brackets/code).
+    """
+    after = ctx.line_suffix
+    if after[:1] and _is_word(after[0]):
+        return "none", "cursor before a word character"
+    rest_blank = not after.strip()
+    head_blank = not ctx.line_prefix.strip()
+    if head_blank and not rest_blank:
+        return "none", "cursor in the indentation before code"
+    if multiline == "never" or not rest_blank:
+        return "single", ""
+    if multiline == "always":
+        return "multi", "multiline always"
+    if head_blank:
+        if ctx.prev_line and is_block_opener(ctx.prev_line, language_id):
+            return "multi", "blank line after a block opener"
+        prev_indent = len(ctx.prev_line) - len(ctx.prev_line.lstrip(" \t"))
+        if ctx.held or prev_indent > 0:
+            return "multi", "blank line inside an indented body"
+        return "single", ""
+    if is_block_header(ctx.line_prefix, language_id):
+        return "multi", "end of a block header line"
+    return "single", ""
+
+
+def token_budget(context_tokens: int, context_length: int, max_new_tokens: int) -> int:
+    """The prompt budget: the setting, leaving room for the new tokens in the model's context."""
+    return max(1, min(context_tokens, context_length - max_new_tokens - 1))
+
+
+__all__ = ["Context", "Indent", "TokenCounter", "build_context", "decide_mode", "guess_indent", "offset_of",
+           "sanitize", "normalize_eol", "is_block_opener", "is_block_header", "strip_comment", "token_budget"]

@@ -1,0 +1,129 @@
+"""Ranking: mean log-prob adjusted by structure, duplicates merged, confidence in 0..1."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from codegen_ls.context import Context, TokenCounter, build_context
+from codegen_ls.engine import Tokenizer
+from codegen_ls.ranking import (
+    AGREEMENT_BONUS,
+    MAX_CONFIDENCE,
+    SYNTAX_ERROR_PENALTY,
+    Item,
+    SyntaxCheck,
+    classify,
+    normalize,
+    rank,
+    repeated_lines,
+    structure_penalty,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+COUNTER = TokenCounter(Tokenizer(REPO / "models" / "codegen-ls-small" / "tokenizer.json"))
+
+CLASS = '''import os
+
+
+class Store:
+    def __init__(self, root):
+        self.root = root
+        self.items = {}
+
+    def get(self, key, default=None):
+        |
+        return value
+'''
+
+
+def ctx_of(marked: str) -> Context:
+    i = marked.index("|")
+    before = marked[:i]
+    return build_context(marked[:i] + marked[i + 1:], before.count("\n"), len(before) - before.rfind("\n") - 1,
+                         COUNTER, 512, bos_text="<|endoftext|>")
+
+
+def test_classify() -> None:
+    assert classify("x = 1\n") == "ok"
+    assert classify("x = foo(a,\n") == "incomplete"
+    assert classify("def f():\n") == "incomplete"
+    assert classify('s = """doc\n') == "incomplete"
+    assert classify("x = )\n") == "error"
+    assert classify("for x in y\n") == "error"
+    assert classify("x = 1\nreturn x\n") == "ok"  # parsing only: a body out of its function is fine
+    assert classify("a\x00b") == "unknown"
+
+
+def test_syntax_errors_are_penalised_valid_prefixes_are_not() -> None:
+    ctx = ctx_of("def f(items):\n    total = sum(|\n")
+    check = SyntaxCheck(ctx)
+    assert not check.is_error("items)")
+    assert not check.is_error("x for x in items")  # still open: an incomplete prefix
+    assert check.is_error("items))")
+    assert check.is_error("items) +")
+
+
+def test_syntax_check_inside_an_indented_body() -> None:
+    ctx = ctx_of(CLASS)
+    check = SyntaxCheck(ctx)
+    assert check.usable
+    assert not check.is_error("value = self.items.get(key, default)")
+    assert not check.is_error("if key in self.items:\n            value = self.items[key]\n        else:\n            value = default")
+    assert check.is_error("value = = 1")
+    assert check.is_error("if key in self.items")  # a finished line without its colon
+
+
+def test_unfinished_line_is_judged_only_before_its_end() -> None:
+    ctx = ctx_of("x = 1\n|\n")
+    check = SyntaxCheck(ctx)
+    assert check.is_error("for i in range(3)") and not check.is_error("for i in range(3)", partial=True)
+
+
+def test_window_starting_inside_a_string_is_not_judged() -> None:
+    ctx = ctx_of('    is the rest of a docstring\n    """\n|\n')
+    assert not SyntaxCheck(ctx).is_error("x = = 1") or not SyntaxCheck(ctx).usable
+
+
+def test_structure_penalties() -> None:
+    ctx = ctx_of("x = compute(|)\n")
+    assert structure_penalty("1, 2", ctx, "single") == 0
+    assert structure_penalty("1, 2))", ctx, "single") >= SYNTAX_ERROR_PENALTY  # unmatched closer
+    assert repeated_lines("a = f(1)\nb = 2\na = f(1)\n") == 1
+    loop = ctx_of("x = |\n")
+    assert structure_penalty("self.check(self.check(self.check(self.check(", loop, "single", partial=True) > 0
+    dup = ctx_of("print(|, sep='')\n")
+    assert structure_penalty("value, sep=''", dup, "single") > 0  # re-types what follows the cursor
+
+
+def test_merge_duplicates_and_order() -> None:
+    ctx = ctx_of("x = compute(|)\n")
+    items = [
+        Item("1, 2", [-0.5, -0.7], "greedy"),
+        Item("1,  2", [-0.9, -0.9], "sample"),  # the same up to whitespace
+        Item("1, 2))", [-0.1, -0.1], "sample"),  # likelier but breaks the code
+        Item("3", [-1.0], "lookup:line"),
+    ]
+    ranked = rank(items, ctx, "single")
+    assert [r.text for r in ranked][0] == "1, 2"
+    assert len(ranked) == 3 and ranked[0].votes == 2 and ranked[0].sources == ["greedy", "sample"]
+    assert ranked[0].logprob_mean == -0.6  # the better duplicate represents the group
+    assert math.isclose(ranked[0].confidence, math.exp(-0.6 + AGREEMENT_BONUS))
+    assert ranked[-1].text == "1, 2))"
+    assert all(0 < r.confidence <= MAX_CONFIDENCE for r in ranked)
+
+
+def test_confidence_never_reaches_one() -> None:
+    ctx = ctx_of("x = |\n")
+    ranked = rank([Item("1", [0.0], "greedy"), Item("1", [0.0], "sample")], ctx, "single")
+    assert ranked[0].confidence == MAX_CONFIDENCE < 1.0
+
+
+def test_normalize() -> None:
+    assert normalize("a  =  1\n\n   b\t= 2  ") == normalize("a = 1\n    b = 2")
+
+
+def test_other_languages_skip_the_python_check() -> None:
+    ctx = ctx_of("let x = compute(|);\n")
+    ranked = rank([Item("1, 2", [-1.0], "greedy"), Item("1, 2))", [-1.0], "sample")], ctx, "single", "javascript")
+    assert ranked[0].text == "1, 2" and ranked[1].penalty > 0
