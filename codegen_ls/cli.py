@@ -1,0 +1,280 @@
+"""Command line: ``codegen-ls serve | complete | doctor | model export | model info``.
+
+User mistakes (missing file, bad position, missing model) end with one clear line on stderr
+and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from codegen_ls import __version__
+from codegen_ls.errors import CodegenLsError
+
+log = logging.getLogger("codegen_ls")
+
+EPILOG = """\
+examples:
+  codegen-ls complete examples/demo.py:12:20        ranked suggestions at line 12, column 20
+  codegen-ls serve                                  LSP over stdio (what editors run)
+  codegen-ls doctor                                 versions, model, one timed completion
+  codegen-ls model export ~/ckpt/codegen-350M-mono out/350m   convert a real CodeGen checkpoint
+model resolution: --model DIR, else $CODEGEN_LS_MODEL, else the embedded default model.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="codegen-ls", description="Local, offline inline code completion with CodeGen on onnxruntime.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"codegen-ls {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the language server (LSP over stdio, or --tcp)",
+                       description="Run the language server. stdout carries only the protocol; logs go to stderr or --log-file.")
+    s.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
+    s.add_argument("--stdio", action="store_true", help="LSP over stdio (the default)")
+    _model_arg(s)
+    _log_args(s)
+
+    c = sub.add_parser("complete", help="print ranked suggestions for FILE:LINE:COL (1-based)",
+                       description="Run the completion pipeline once and print ranked suggestions with scores and timings.")
+    c.add_argument("location", metavar="FILE:LINE:COL", help="file and 1-based line and column of the cursor")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("-n", "--num-candidates", type=int, help="model candidates (default 3)")
+    c.add_argument("--max-new-tokens", type=int)
+    c.add_argument("--multiline", choices=["auto", "always", "never"])
+    c.add_argument("--temperature", type=float)
+    c.add_argument("--no-lookup", action="store_true", help="no candidates copied from the document")
+    _model_arg(c)
+    _log_args(c)
+
+    d = sub.add_parser("doctor", help="versions, providers, model manifest and one timed completion (for bug reports)")
+    _model_arg(d)
+    _log_args(d)
+
+    m = sub.add_parser("model", help="export and inspect model directories")
+    msub = m.add_subparsers(dest="model_command", metavar="ACTION")
+    e = msub.add_parser("export", help="convert a Hugging Face CodeGen checkpoint into an int8 ONNX model directory",
+                        description="SRC: a local checkpoint directory (config.json + safetensors/bin + tokenizer) or, "
+                                    "when online, a hub id such as Salesforce/codegen-350M-mono. Needs the export extra.")
+    e.add_argument("src", metavar="SRC")
+    e.add_argument("out", metavar="OUT", type=Path)
+    e.add_argument("--no-quantize", action="store_true", help="keep fp32 weights")
+    e.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
+    _log_args(e)
+    i = msub.add_parser("info", help="print a model directory's manifest and verify its files")
+    i.add_argument("dir", metavar="DIR", nargs="?", help="model directory (default: the model in use)")
+    _log_args(i)
+    return p
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="model directory (default: $CODEGEN_LS_MODEL, else the embedded model)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: all cores)")
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("--log-file", metavar="FILE", help="log to FILE instead of stderr")
+
+
+def setup_logging(verbose: int, log_file: str | None) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def parse_location(location: str) -> tuple[Path, int, int]:
+    path_s, sep1, rest = location.rpartition(":")
+    path_s2, sep2, line_s = path_s.rpartition(":")
+    if not (sep1 and sep2):
+        raise CodegenLsError(f"expected FILE:LINE:COL, got '{location}'")
+    try:
+        line, col = int(line_s), int(rest)
+    except ValueError:
+        raise CodegenLsError(f"LINE and COL must be numbers in '{location}'") from None
+    path = Path(path_s2)
+    if not path.is_file():
+        raise CodegenLsError(f"file not found: {path}")
+    return path, line, col
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    path, line, col = parse_location(args.location)
+    from codegen_ls.completer import Completer, CompletionRequest
+    from codegen_ls.settings import Settings
+
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise CodegenLsError(f"cannot read {path}: {exc.strerror}") from None
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        raise CodegenLsError(f"line {line} is out of range: {path} has {len(lines)} lines")
+    width = len(lines[line - 1].rstrip("\r"))
+    if not 1 <= col <= width + 1:
+        raise CodegenLsError(f"column {col} is out of range: line {line} has {width} characters (columns 1..{width + 1})")
+    settings = Settings(model_path=args.model, threads=args.threads)
+    for name in ("num_candidates", "max_new_tokens", "multiline", "temperature"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.no_lookup:
+        settings.lookup = False
+    problems = settings.validate()
+    if problems:
+        raise CodegenLsError("; ".join(problems))
+    t0 = time.perf_counter()
+    completer = Completer()
+    completer.load(settings.model_path, threads=settings.threads) if _accepts_threads(completer) else completer.load(settings.model_path)
+    load_ms = (time.perf_counter() - t0) * 1000
+    req = CompletionRequest(text=text, line=line - 1, character=col - 1, uri=path.resolve().as_uri(),
+                            language_id="python" if path.suffix == ".py" else path.suffix.lstrip("."), explicit=True)
+    result = completer.complete(req, settings)
+    result.timings.setdefault("load", round(load_ms, 1))
+    if args.json:
+        print(json.dumps(_result_json(result, path, line, col), indent=2))
+        return 0
+    cur = lines[line - 1][: col - 1]
+    print(f"{path}:{line}:{col}  mode={result.mode}  {('(' + result.reason + ')') if result.reason else ''}")
+    print(f"  before cursor: {cur[-60:]!r}")
+    if not result.suggestions:
+        print("  no suggestion")
+    for rank, s in enumerate(result.suggestions, 1):
+        print(f"  #{rank} score={s.score:+.3f} conf={s.confidence:.2f} src={s.source:<12} {s.insert_text!r}")
+    t = result.timings
+    st = result.stats
+    print("  timings ms: " + "  ".join(f"{k}={v:.1f}" for k, v in t.items()))
+    if st:
+        print("  stats: " + "  ".join(f"{k}={v:g}" for k, v in st.items()))
+    return 0
+
+
+def _accepts_threads(completer: Any) -> bool:
+    import inspect
+
+    return "threads" in inspect.signature(completer.load).parameters
+
+
+def _result_json(result: Any, path: Path, line: int, col: int) -> dict[str, Any]:
+    return {
+        "file": str(path), "line": line, "column": col, "mode": result.mode, "reason": result.reason,
+        "suggestions": [
+            {"rank": i + 1, "text": s.insert_text, "score": round(s.score, 4), "confidence": round(s.confidence, 4),
+             "source": s.source, "logprob_mean": round(s.logprob_mean, 4), "finish_reason": s.finish_reason,
+             "range": {"start": {"line": s.start[0] + 1, "column": s.start[1] + 1},
+                       "end": {"line": s.end[0] + 1, "column": s.end[1] + 1}}}
+            for i, s in enumerate(result.suggestions)
+        ],
+        "timings_ms": result.timings, "stats": result.stats,
+    }
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import onnxruntime as ort
+
+    from codegen_ls.completer import Completer, CompletionRequest
+    from codegen_ls.modeldir import read_manifest, resolve_model_dir, verify_files
+    from codegen_ls.settings import Settings
+
+    print(f"codegen-ls {__version__} on Python {platform.python_version()} ({platform.platform()})")
+    for name in ("onnxruntime", "tokenizers", "numpy", "pygls", "lsprotocol", "cattrs"):
+        try:
+            print(f"  {name:<12} {version(name)}")
+        except PackageNotFoundError:
+            print(f"  {name:<12} not installed")
+    print(f"onnxruntime providers: {', '.join(ort.get_available_providers())}")
+    print(f"cpu cores: {os.cpu_count()}  threads used: {args.threads or os.cpu_count()}")
+    model_dir = resolve_model_dir(args.model)
+    source = "--model" if args.model else ("$CODEGEN_LS_MODEL" if os.environ.get("CODEGEN_LS_MODEL") else "embedded default")
+    print(f"model: {model_dir} ({source})")
+    manifest = read_manifest(model_dir)
+    for k, v in manifest.to_json().items():
+        if k not in ("files", "extra"):
+            print(f"  {k}: {v}")
+    problems = verify_files(model_dir, manifest)
+    print(f"  files: {len(manifest.files)} checked, " + ("all checksums match" if not problems else "; ".join(problems)))
+    snippet = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        if name.endswith('.py'):\n            result."
+    t0 = time.perf_counter()
+    completer = Completer()
+    completer.load(args.model)
+    load_ms = (time.perf_counter() - t0) * 1000
+    lines = snippet.split("\n")
+    settings = Settings(model_path=args.model)
+    req = CompletionRequest(text=snippet, line=len(lines) - 1, character=len(lines[-1]), uri="doctor:snippet", explicit=True)
+    t1 = time.perf_counter()
+    result = completer.complete(req, settings)
+    total = (time.perf_counter() - t1) * 1000
+    best = result.suggestions[0].insert_text if result.suggestions else "(none)"
+    print(f"timed completion: load {load_ms:.0f} ms, completion {total:.0f} ms, mode {result.mode}, best {best!r}")
+    print("  " + "  ".join(f"{k}={v:.1f}" for k, v in result.timings.items()))
+    return 1 if problems else 0
+
+
+def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from codegen_ls.modeldir import read_manifest, resolve_model_dir, verify_files
+
+    if args.model_command == "export":
+        from codegen_ls.export import export
+
+        export(args.src, args.out, quantize_int8=not args.no_quantize, force=args.force)
+        return 0
+    if args.model_command == "info":
+        directory = resolve_model_dir(args.dir)
+        manifest = read_manifest(directory)
+        print(json.dumps(manifest.to_json(), indent=2))
+        problems = verify_files(directory, manifest)
+        size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+        print(f"{directory}: {size / 1e6:.1f} MB, " + ("all files verified" if not problems else "PROBLEMS: " + "; ".join(problems)))
+        return 1 if problems else 0
+    parser.parse_args(["model", "--help"])
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from codegen_ls import server
+
+    tcp = None
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        if not host or not port.isdigit():
+            raise CodegenLsError(f"--tcp expects HOST:PORT, got '{args.tcp}'")
+        tcp = (host, int(port))
+    server.serve(tcp=tcp, model=args.model)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose, args.log_file)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "complete":
+            return cmd_complete(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
+        return cmd_model(args, parser)
+    except CodegenLsError as exc:
+        print(f"codegen-ls: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
