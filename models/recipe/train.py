@@ -265,7 +265,7 @@ def main() -> None:
     p.add_argument("--rotary-dim", type=int, default=16)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=950)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
