@@ -254,8 +254,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not host or not port.isdigit():
             raise CodegenLsError(f"--tcp expects HOST:PORT, got '{args.tcp}'")
         tcp = (host, int(port))
-    server.serve(tcp=tcp, model=args.model)
-    return 0
+    return server.serve(tcp=tcp, model=args.model, threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,454 @@
+"""The language server: ``textDocument/inlineCompletion`` (LSP 3.18), ``textDocument/completion``.
+
+``codegen-ls serve`` speaks LSP over stdio (or ``--tcp HOST:PORT``); stdout carries nothing but
+the protocol. State lives on :class:`CodegenLanguageServer`; handlers are thin: read the
+document and settings, delegate to the :class:`~codegen_ls.completer.Completer` on the one
+inference thread (:mod:`codegen_ls.server_worker`), convert the result. This module and its
+``server_*`` helpers are the only places that speak lsprotocol; positions cross the border
+(UTF-16 by default, UTF-8/UTF-32 when negotiated <-> code points) only through pygls' document
+helpers.
+
+Custom messages: the ``codegenLs/status`` notification (``state``: loading | ready | error,
+``message``, ``model``, ``lastLatencyMs``) on every state change and after each completion, and
+the ``codegenLs/debugDocument`` request (``{"uri"}`` -> ``{"text", "version"}``) for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import unquote
+
+from lsprotocol import types
+from pygls.io_ import StdoutWriter, run_async
+from pygls.lsp.server import LanguageServer
+from pygls.workspace import ServerTextPosition, ServerTextRange, TextDocument
+
+from codegen_ls import __version__
+from codegen_ls.completer import Completer, CompletionRequest, CompletionResult, Suggestion
+from codegen_ls.errors import CodegenLsError
+from codegen_ls.modeldir import resolve_model_dir
+from codegen_ls.server_protocol import CodegenLsProtocol, DaemonStdinReader, LspWorkspace
+from codegen_ls.server_worker import InferenceWorker
+from codegen_ls.settings import NAMESPACE, Settings, parse_settings
+
+log = logging.getLogger(__name__)
+
+STATUS = "codegenLs/status"
+DEBUG_DOCUMENT = "codegenLs/debugDocument"
+CLIENT_TIMEOUT_S = 5.0  # for our requests to the client (progress create, configuration)
+OTHER_DOCUMENTS = 8  # most recently edited open buffers handed to the pipeline ...
+OTHER_DOCUMENT_CHARS = 1_000_000  # ... each at most this long
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class CodegenLanguageServer(LanguageServer):
+    """codegen-ls: settings, model state and the inference worker of one LSP session."""
+
+    protocol: CodegenLsProtocol
+
+    def __init__(self, model: str | None = None, completer: Completer | None = None, threads: int = 0) -> None:
+        super().__init__("codegen-ls", __version__, protocol_cls=CodegenLsProtocol,
+                         text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        self.cli_model, self.cli_threads = model, threads
+        self.completer = completer or Completer()
+        self.worker = InferenceWorker()
+        self.settings = Settings()
+        self.settings_problems: list[str] = []
+        self.model_state = "loading"  # loading | ready | error
+        self.model_message = "starting"
+        self.model_dir: Path | None = None  # the directory loaded (or tried) last
+        self.loaded_key: tuple[str, int] | None = None  # (model directory, threads) of that load
+        self.last_latency_ms: float | None = None
+        self.exit_code = 0
+        self.initialized = False  # ``initialized`` received: the first model load has started
+        self.recent: OrderedDict[str, None] = OrderedDict()  # open URIs, most recently edited last
+        self._shown_error: str | None = None
+        self._loads = itertools.count(1)
+        self._load_seq = 0
+        self._tickets: dict[str, int] = {}  # per document: number of the newest request
+        self._load_task: asyncio.Task[None] | None = None
+
+    # -- settings ------------------------------------------------------------------------------
+    def apply_settings(self, raw: Any) -> bool:
+        """Take a ``codegenLs`` object; show ONE warning for invalid settings and use the defaults.
+
+        Returns True when the model must be (re)loaded.
+        """
+        self.settings, problems = parse_settings(raw)
+        if problems:
+            log.warning("invalid settings: %s", "; ".join(problems))
+            self.show(types.MessageType.Warning, f"codegen-ls: {'; '.join(problems)}. Using the default settings.")
+        return self.model_key() != self.loaded_key or self.model_state == "error"
+
+    def model_key(self) -> tuple[str, int]:
+        """(model directory, onnxruntime threads) the settings and ``--model`` ask for."""
+        return str(resolve_model_dir(self.settings.model_path or self.cli_model)), self.settings.threads or self.cli_threads
+
+    def effective_settings(self) -> Settings:
+        """The settings, naming the model that was loaded, so the Completer never reloads by itself."""
+        path, threads = self.loaded_key or self.model_key()
+        return replace(self.settings, model_path=path, threads=threads)
+
+    # -- model ---------------------------------------------------------------------------------
+    async def load_model(self) -> None:
+        """Load the wanted model on the worker thread, with ``$/progress`` and status updates."""
+        seq = self._load_seq = next(self._loads)
+        path, threads = self.loaded_key = self.model_key()
+        target = self.model_dir = Path(path)
+        self.set_state("loading", f"loading model {target}")
+        loaded = self.worker.submit(None, lambda cancel: self.completer.load(path, threads=threads))
+        token = await self._progress_begin(f"Loading {target.name}")  # while the worker loads
+        try:
+            await loaded
+            state, message = "ready", f"model {target.name} ready"
+        except CodegenLsError as exc:
+            state, message = "error", str(exc)
+        except Exception as exc:  # onnxruntime/tokenizers surprises: still one clear line
+            log.exception("loading %s failed", target)
+            state, message = "error", f"cannot load model {target}: {exc}"
+        self._progress_end(token, message)
+        if seq != self._load_seq:  # a newer load was started meanwhile; it reports
+            return
+        if state == "error":
+            log.error("%s", message)
+            if message != self._shown_error:  # once per distinct fault
+                self._shown_error = message
+                self.show(types.MessageType.Error, f"codegen-ls: {message}")
+        else:
+            self._shown_error = None
+        self.set_state(state, message)
+
+    def start_load(self) -> None:
+        self._load_task = asyncio.get_running_loop().create_task(self.load_model())  # keep a reference
+
+    async def _progress_begin(self, title: str) -> str | None:
+        if not get_capability(self.client_capabilities, "window", "work_done_progress"):
+            return None
+        token = f"codegen-ls/load/{self._load_seq}"
+        try:
+            await asyncio.wait_for(self.work_done_progress.create_async(token), CLIENT_TIMEOUT_S)
+        except Exception as exc:
+            log.info("no progress: %r", exc)
+            return None
+        self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title=title, cancellable=False))
+        return token
+
+    def _progress_end(self, token: str | None, message: str) -> None:
+        if token is not None:
+            self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
+            self.work_done_progress.tokens.pop(token, None)
+
+    def set_state(self, state: str, message: str) -> None:
+        self.model_state, self.model_message = state, message
+        self.send_status()
+
+    def send_status(self) -> None:
+        self.protocol.notify(STATUS, {"state": self.model_state, "message": self.model_message,
+                                      "model": str(self.model_dir or ""), "lastLatencyMs": self.last_latency_ms})
+
+    def show(self, kind: types.MessageType, message: str) -> None:
+        self.window_show_message(types.ShowMessageParams(type=kind, message=message))
+
+    # -- completions ---------------------------------------------------------------------------
+    def document(self, uri: str) -> TextDocument | None:
+        """An open document, or None (pygls' ``get_text_document`` would read unknown URIs from disk)."""
+        return self.workspace.text_documents.get(unquote(uri))
+
+    async def complete(self, uri: str, position: types.Position, explicit: bool) -> tuple[TextDocument, CompletionResult] | None:
+        """Run the pipeline for a cursor; None when there is nothing to do or it was superseded."""
+        doc = self.document(uri)
+        cursor = cursor_position(doc, position) if doc is not None else None
+        if doc is None or cursor is None or self.model_state != "ready":
+            return None
+        ticket = self._tickets[uri] = self._tickets.get(uri, 0) + 1
+        if self.settings.debounce_ms > 0:
+            await asyncio.sleep(self.settings.debounce_ms / 1000)
+            if self._tickets.get(uri) != ticket:  # a newer request for this document arrived
+                return None
+        source, settings, t0 = doc.source, self.effective_settings(), time.perf_counter()
+        request = CompletionRequest(text=_clean(source), line=cursor.line, character=cursor.character, uri=uri,
+                                    language_id=doc.language_id or "", explicit=explicit,
+                                    other_documents=self.other_documents(uri))
+        try:
+            result = await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel))
+        except Exception:  # a pipeline failure: logged, answered empty, the server keeps serving
+            log.exception("completion failed at %s:%d:%d", uri, cursor.line, cursor.character)
+            return None
+        if result is None or doc.source is not source or self.document(uri) is not doc:
+            return None  # superseded, or the document changed meanwhile
+        del result.suggestions[settings.num_candidates:]  # lookup drafts join the model's: cap the total
+        self.last_latency_ms = round((time.perf_counter() - t0) * 1000, 1)
+        self.model_message = f"{len(result.suggestions)} suggestion(s) in {self.last_latency_ms:.0f} ms"
+        self.send_status()
+        return doc, result
+
+    def other_documents(self, uri: str) -> dict[str, str]:
+        others: dict[str, str] = {}
+        for other in reversed(self.recent):
+            doc = self.document(other)
+            if other != uri and doc is not None and len(doc.source) <= OTHER_DOCUMENT_CHARS:
+                others[other] = _clean(doc.source)
+                if len(others) == OTHER_DOCUMENTS:
+                    break
+        return others
+
+    def touch(self, uri: str) -> None:
+        self.recent.pop(uri, None)
+        self.recent[uri] = None
+
+    # -- transport -----------------------------------------------------------------------------
+    def start_io(self, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
+        """pygls' ``start_io``, reading stdin on a daemon thread and answering bad JSON."""
+        stop = self._stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        self._run(self._read_loop(DaemonStdinReader(stdin or sys.stdin.buffer), stop))
+
+    def start_tcp(self, host: str, port: int) -> None:
+        """pygls' ``start_tcp`` (one client, then exit), answering bad JSON like ``start_io``."""
+        stop = self._stop_event = threading.Event()
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.protocol.set_writer(writer)  # type: ignore[arg-type]
+            await self._read_loop(reader, stop)
+            stop.set()
+            assert self._server is not None
+            self._server.close()
+
+        async def listen() -> None:
+            self._server = await asyncio.start_server(connection, host, port)
+            log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
+            with contextlib.suppress(asyncio.CancelledError):
+                async with self._server:
+                    await self._server.serve_forever()
+        self._run(listen())
+
+    async def _read_loop(self, reader: Any, stop: threading.Event) -> None:
+        await run_async(stop_event=stop, reader=reader, protocol=self.protocol, logger=log,
+                        error_handler=self.protocol.on_transport_error)
+
+    def _run(self, main: Any) -> None:
+        try:
+            asyncio.run(main)
+        except BrokenPipeError:
+            log.info("the client closed the connection")
+        except SystemExit as exc:  # the exit notification
+            self.exit_code = exc.code if isinstance(exc.code, int) else 1
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """Log only: a notification that failed (bad params, unknown document) is ignored."""
+        log.error("%s: %r", getattr(source, "__name__", source), error)
+
+    def shutdown(self) -> None:
+        self.worker.close(timeout=2.0)
+        super().shutdown()
+
+
+# -------------------------------------------------------------------------------------------------
+# Conversions (code points <-> client units only through pygls' document helpers)
+# -------------------------------------------------------------------------------------------------
+
+
+def cursor_position(doc: TextDocument, position: types.Position) -> ServerTextPosition | None:
+    """The cursor in code points; a column past the line end means the end (LSP); None if no line."""
+    lines = doc.lines
+    if position.line >= len(lines):
+        at_end = position.line == len(lines) and (not lines or lines[-1].endswith(("\n", "\r")))
+        return ServerTextPosition(position.line, 0) if at_end else None
+    width = doc.position_codec.client_num_units(lines[position.line].rstrip("\r\n"))
+    return doc.position_from_client_units(types.Position(position.line, min(position.character, width)))
+
+
+def suggestion_range(doc: TextDocument, s: Suggestion) -> types.Range | None:
+    if s.start[0] != s.end[0]:  # inline items and completion edits must stay on one line
+        return None
+    return doc.range_to_client_units(ServerTextRange(ServerTextPosition(*s.start), ServerTextPosition(*s.end)))
+
+
+def inline_items(doc: TextDocument, result: CompletionResult) -> list[types.InlineCompletionItem]:
+    items = []
+    for s in result.suggestions:
+        rng = suggestion_range(doc, s)
+        if rng is not None:
+            items.append(types.InlineCompletionItem(insert_text=s.insert_text, range=rng))
+    return items
+
+
+def completion_items(doc: TextDocument, result: CompletionResult) -> list[types.CompletionItem]:
+    items = []
+    for rank, s in enumerate(result.suggestions):
+        rng = suggestion_range(doc, s)
+        if rng is None:
+            continue
+        first = next((line.strip() for line in s.insert_text.splitlines() if line.strip()), s.insert_text)
+        items.append(types.CompletionItem(
+            label=first[:80] or "(whitespace)", kind=types.CompletionItemKind.Text, preselect=rank == 0,
+            sort_text=f"{rank:03d}", filter_text=s.insert_text, detail=f"codegen-ls · {s.confidence:.0%} · {s.source}",
+            documentation=s.insert_text if "\n" in s.insert_text else None,
+            insert_text_format=types.InsertTextFormat.PlainText,
+            text_edit=types.TextEdit(range=rng, new_text=s.insert_text)))
+    return items
+
+
+def get_capability(caps: Any, *path: str) -> Any:
+    for name in path:
+        caps = getattr(caps, name, None)
+    return caps
+
+
+def _clean(text: str) -> str:
+    """Lone surrogates (JSON ``"\\ud800"``) become U+FFFD: one code point for one, so positions hold."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def _settings_in(raw: Any) -> tuple[bool, Any]:
+    """Find the ``codegenLs`` object in ``{"settings": {"codegenLs": ..}}`` or ``{"codegenLs": ..}``."""
+    if isinstance(raw, dict) and isinstance(raw.get("settings"), dict) and NAMESPACE in raw["settings"]:
+        return True, raw["settings"][NAMESPACE]
+    if isinstance(raw, dict) and NAMESPACE in raw:
+        return True, raw[NAMESPACE]
+    return False, None
+
+
+# -------------------------------------------------------------------------------------------------
+# Handlers
+# -------------------------------------------------------------------------------------------------
+
+
+def on_initialize(ls: CodegenLanguageServer, params: types.InitializeParams) -> None:
+    ls.protocol._workspace = LspWorkspace.like(ls.workspace)  # LSP line breaks (server_protocol)
+    found, raw = _settings_in(params.initialization_options)
+    ls.settings, ls.settings_problems = parse_settings(raw if found else params.initialization_options)
+
+
+def on_initialized(ls: CodegenLanguageServer, params: types.InitializedParams) -> None:
+    if ls.initialized:  # a second ``initialized``: the model is already (being) loaded
+        return
+    ls.initialized = True
+    if ls.settings_problems:  # shown now: the client is ready for messages
+        ls.show(types.MessageType.Warning, f"codegen-ls: {'; '.join(ls.settings_problems)}. Using the default settings.")
+    ls.start_load()
+
+
+async def on_did_change_configuration(ls: CodegenLanguageServer, params: types.DidChangeConfigurationParams) -> None:
+    found, raw = _settings_in(params.settings)
+    if not found and get_capability(ls.client_capabilities, "workspace", "configuration"):
+        try:  # pull model: the client sends an empty notification and answers workspace/configuration
+            items = types.ConfigurationParams(items=[types.ConfigurationItem(section=NAMESPACE)])
+            raw = (await asyncio.wait_for(ls.workspace_configuration_async(items), CLIENT_TIMEOUT_S) or [None])[0]
+        except Exception as exc:
+            log.warning("workspace/configuration failed: %r", exc)
+            return
+    if ls.apply_settings(raw) and ls.initialized:
+        ls.start_load()
+
+
+def on_did_open(ls: CodegenLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
+    ls.touch(params.text_document.uri)
+
+
+def on_did_change(ls: CodegenLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
+    ls.touch(params.text_document.uri)
+    ls.worker.supersede(params.text_document.uri)  # work for the old text is stale
+
+
+def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
+    uri = params.text_document.uri
+    ls.recent.pop(uri, None)
+    ls.worker.supersede(uri)
+    ls.worker.submit(None, lambda cancel: ls.completer.forget(uri))  # its caches, on the worker thread
+
+
+async def on_inline_completion(ls: CodegenLanguageServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
+    explicit = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+    found = await ls.complete(params.text_document.uri, params.position, explicit)
+    return types.InlineCompletionList(items=inline_items(*found) if found else [])
+
+
+async def on_completion(ls: CodegenLanguageServer, params: types.CompletionParams) -> types.CompletionList:
+    explicit = params.context is None or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
+    found = await ls.complete(params.text_document.uri, params.position, explicit)
+    return types.CompletionList(is_incomplete=True, items=completion_items(*found) if found else [])
+
+
+def on_shutdown(ls: CodegenLanguageServer, params: None) -> None:
+    ls.worker.close()
+
+
+def on_exit(ls: CodegenLanguageServer, params: None) -> None:
+    log.info("exit (%s shutdown)", "after" if ls.protocol._shutdown else "without")
+
+
+def on_debug_document(ls: CodegenLanguageServer, params: Any) -> dict[str, Any] | None:
+    uri = params.get("uri") if isinstance(params, dict) else getattr(params, "uri", None)
+    doc = ls.document(uri) if isinstance(uri, str) else None
+    return None if doc is None else {"text": doc.source, "version": doc.version}
+
+
+def create_server(model: str | None = None, completer: Completer | None = None, threads: int = 0) -> CodegenLanguageServer:
+    """A server with every feature registered (one per session)."""
+    ls = CodegenLanguageServer(model, completer, threads)
+    ls.feature(types.INITIALIZE)(on_initialize)
+    ls.feature(types.INITIALIZED)(on_initialized)
+    ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)(on_did_change_configuration)
+    ls.feature(types.TEXT_DOCUMENT_DID_OPEN)(on_did_open)
+    ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)(on_did_change)
+    ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)(on_did_close)
+    ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(on_inline_completion)
+    ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
+        trigger_characters=[".", "(", "[", ",", "=", ":"]))(on_completion)
+    ls.feature(types.SHUTDOWN)(on_shutdown)
+    ls.feature(types.EXIT)(on_exit)
+    ls.feature(DEBUG_DOCUMENT)(on_debug_document)
+    return ls
+
+
+# -------------------------------------------------------------------------------------------------
+# Entry point
+# -------------------------------------------------------------------------------------------------
+
+
+def serve(tcp: tuple[str, int] | None = None, model: str | None = None, threads: int = 0) -> int:
+    """Run the server until the client exits or goes away; return the process exit code.
+
+    ``model`` and ``threads`` (``--model``, ``--threads``) apply while the client's settings
+    leave ``modelPath`` / ``threads`` unset.
+
+    Over stdio the protocol gets a private copy of the stdout descriptor and descriptor 1 is
+    pointed at stderr, so a stray ``print`` or a native library's chatter cannot corrupt it.
+    """
+    ls = create_server(model, threads=threads)
+    if tcp is not None:
+        ls.start_tcp(*tcp)
+        return ls.exit_code
+    protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    ls.start_io(sys.stdin.buffer, protocol_out)
+    if not ls.worker.close(timeout=0.0):  # still inside onnxruntime (a model load): finalizing
+        log.warning("exiting while the model is still loading")  # the interpreter now would abort
+        logging.shutdown()
+        os._exit(ls.exit_code)
+    return ls.exit_code
+
+
+if __name__ == "__main__":  # ``python -m codegen_ls.server [--tcp HOST:PORT] [--model DIR] ...``
+    from codegen_ls.cli import main
+
+    raise SystemExit(main(["serve", *sys.argv[1:]]))

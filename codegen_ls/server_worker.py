@@ -1,0 +1,157 @@
+"""The language server's ONE inference thread: model loads and completions, newest work first.
+
+Handlers on the event loop submit jobs and await an asyncio future; the worker thread runs one
+job at a time. A job carries a ``key`` (the document URI for completions, ``None`` for model
+loads). Submitting a job for a key answers every not-yet-started job with the same key at once
+(result ``None``) and asks the running one to stop: its cancel callable turns true and the
+engine raises :class:`~codegen_ls.errors.Cancelled` at its next decode step. So stale work is
+never queued behind fresh work, and the newest request's latency does not grow with the backlog.
+
+Knows nothing of LSP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from codegen_ls.errors import Cancelled
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CancelFn = Callable[[], bool]
+
+
+@dataclass(eq=False)
+class _Job(Generic[T]):
+    key: str | None
+    fn: Callable[[CancelFn], T]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[T | None]
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def cancelled(self) -> bool:
+        return self.stop.is_set()
+
+    def resolve(self, value: T | None = None, error: BaseException | None = None) -> None:
+        """Hand the outcome to the event loop (from any thread); a closed loop is ignored."""
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, value, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class InferenceWorker:
+    """One daemon thread running submitted jobs in order, superseding stale ones per key."""
+
+    def __init__(self, name: str = "codegen-ls-inference") -> None:
+        self._cond = threading.Condition()
+        self._queue: list[_Job[Any]] = []
+        self._running: _Job[Any] | None = None
+        self._closed = False
+        self.superseded = 0  # jobs answered without running (figures for logs and tests)
+        self.cancelled = 0  # jobs stopped while running
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str | None, fn: Callable[[CancelFn], T]) -> asyncio.Future[T | None]:
+        """Queue ``fn(cancel)``; the future resolves to its result, or ``None`` if superseded.
+
+        Call from the event loop. Cancelling the returned future (``$/cancelRequest`` cancels the
+        handler task awaiting it) stops the job between decode steps.
+        """
+        loop = asyncio.get_running_loop()
+        job: _Job[T] = _Job(key, fn, loop, loop.create_future())
+        job.future.add_done_callback(lambda f: job.stop.set() if f.cancelled() else None)
+        with self._cond:
+            if self._closed:
+                job.resolve(None)
+                return job.future
+            if key is not None:
+                self._supersede_locked(key)
+            self._queue.append(job)
+            self._cond.notify()
+        return job.future
+
+    def supersede(self, key: str) -> None:
+        """Answer queued jobs for ``key`` with ``None`` and stop the running one (document edited)."""
+        with self._cond:
+            self._supersede_locked(key)
+
+    def _supersede_locked(self, key: str) -> None:
+        stale = [j for j in self._queue if j.key == key]
+        for job in stale:
+            self._queue.remove(job)
+            job.stop.set()
+            job.resolve(None)
+            self.superseded += 1
+        if self._running is not None and self._running.key == key:
+            self._running.stop.set()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self, timeout: float = 0.0) -> bool:
+        """Stop taking work, answer what is queued, stop the running job; wait up to ``timeout``.
+
+        Returns True when the thread has finished (a model load is not interruptible).
+        """
+        with self._cond:
+            self._closed = True
+            for job in self._queue:
+                job.stop.set()
+                job.resolve(None)
+            self._queue.clear()
+            if self._running is not None:
+                self._running.stop.set()
+            self._cond.notify_all()
+        if timeout > 0 and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._queue.pop(0)
+                self._running = job
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _run(self, job: _Job[Any]) -> None:
+        if job.cancelled():  # cancelled after it was queued
+            job.resolve(None)
+            return
+        try:
+            value = job.fn(job.cancelled)
+        except Cancelled:
+            self.cancelled += 1
+            job.resolve(None)
+        except Exception as exc:  # handed to the awaiting handler, which maps it
+            job.resolve(error=exc)
+        except BaseException as exc:  # never leave a handler waiting forever
+            job.resolve(error=RuntimeError(f"inference thread interrupted: {exc!r}"))
+        else:
+            job.resolve(value)
