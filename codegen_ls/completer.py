@@ -45,6 +45,7 @@ LOOKUP_MIN_MS = 30.0  # time lookup verification always gets, even when the mode
 LOOKUP_FIND_MS = 10.0  # time for finding drafts in the text
 TYPEAHEAD_DOCUMENTS = 64  # documents whose last suggestions are kept
 HEAL_SEARCH_CHARS = 32  # how far into a candidate's decoded tokens its text may start (token healing)
+LOOKUP_MARGIN_CHARS = 65_536  # > what lookup reads beyond its windows (a line start before, a draft after)
 
 
 @dataclass
@@ -244,8 +245,7 @@ class Completer:
         assert _lookup is not None
         prompt_ids = engine.tokenizer.encode(ctx.prompt + ctx.held) if ctx.held else ctx.prompt_ids
         left = max(LOOKUP_MIN_MS, settings.deadline_ms - _ms(t0))
-        others = {u: sanitize(t) for u, t in req.other_documents.items() if u != req.uri}
-        prefix, suffix = sanitize(req.text[:ctx.cursor]), sanitize(req.text[ctx.cursor:])  # drafts get encoded
+        prefix, suffix, others = _lookup_texts(req, ctx.cursor, _lookup)
         return _lookup.propose(engine, prompt_ids, prefix, suffix, others,
                                doc_key=req.uri, multiline=mode == "multi", stop=make_stop(ctx, mode, ""),
                                cancel=cancel, max_new_tokens=settings.max_new_tokens, budget_ms=LOOKUP_FIND_MS,
@@ -278,6 +278,22 @@ class Completer:
                 out.append(replace(s, insert_text=s.insert_text[len(typed):], start=(ctx.line, ctx.character),
                                    end=(ctx.line, ctx.character), source="typeahead"))
         return out
+
+
+def _lookup_texts(req: CompletionRequest, cursor: int, lookup: ModuleType) -> tuple[str, str, dict[str, str]]:
+    """What lookup looks at, sliced before it is copied and sanitized (drafts get encoded).
+
+    Lookup only reads ``WINDOW_CHARS`` either side of the cursor (the suffix window may start at
+    the next line, so twice that after it) and the first ``OTHER_DOC_CHARS`` of other documents;
+    with the margin, the slices give it exactly the text it would read in the whole documents.
+    A lookup without these constants gets the whole texts.
+    """
+    window = getattr(lookup, "WINDOW_CHARS", len(req.text))
+    first = getattr(lookup, "OTHER_DOC_CHARS", max(map(len, req.other_documents.values()), default=0))
+    prefix = sanitize(req.text[max(0, cursor - window - LOOKUP_MARGIN_CHARS):cursor])
+    suffix = sanitize(req.text[cursor:cursor + 2 * window + LOOKUP_MARGIN_CHARS])
+    others = {u: sanitize(t[:first + LOOKUP_MARGIN_CHARS]) for u, t in req.other_documents.items() if u != req.uri}
+    return prefix, suffix, others
 
 
 def _same_tail(a: str, b: str) -> bool:

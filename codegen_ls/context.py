@@ -5,9 +5,13 @@ within a token budget (CodeGen is left-to-right, so only the prefix is model inp
 the cursor (for stopping and trimming only), the cursor line split at the cursor, and the
 document's indentation style.
 
-Cost is O(budget), not O(document): a character window of at most ``CHARS_PER_TOKEN_MAX`` per
-budget token is sliced before the cursor, and only lines inside it are tokenized (each distinct
-line once, via :class:`TokenCounter`'s cache), and the final prompt once, for an exact count.
+Cost is O(budget), not O(document) or O(line length): a character window of at most
+``CHARS_PER_TOKEN_MAX`` per budget token is sliced before the cursor, and only lines inside it are
+tokenized (each distinct line once, via :class:`TokenCounter`'s cache), and the final prompt once,
+for an exact count; after the cursor, ``SUFFIX_CHARS`` are kept. A cursor line longer than its
+window (``line_window``) is cut: only its last part is looked at (:attr:`Context.line_cut`), from a
+column that moves in steps while the user types. The one pass that depends on the position is
+finding the cursor's offset (:func:`offset_of`): newlines are counted in C, a chunk at a time.
 
 The prompt must start at the same place while the user types, so that the engine's KV cache is
 reused (it keeps the longest common token prefix). The window therefore starts at a line whose
@@ -44,6 +48,11 @@ BLOCK_OPENERS = (":", "{", "(", "[")  # a line ending with one of these opens an
 PY_BLOCK_KEYWORDS = frozenset(("def", "class", "if", "elif", "else", "for", "while", "try", "except", "finally",
                                "with", "async", "match", "case"))
 MAX_TOKEN_CACHE = 16384  # distinct lines whose token count is remembered
+LINE_WINDOW_MIN = 4096  # the cursor line is cut only when longer than this (and than the character window)
+LINE_CUT_STEPS = 4  # ... at a multiple of window / LINE_CUT_STEPS, so the cut stays put while typing
+INDENT_PEEK_CHARS = 256  # start of a cut cursor line read for its indentation
+CUT_ALIGN_PER_TOKENS = 4  # on a cut line the prompt starts at a column that is a multiple of budget / this
+OFFSET_CHUNK = 1 << 16  # offset_of skips whole chunks of this many characters by counting terminators
 
 _EOL = re.compile(r"\r\n|\r|\n")  # LSP line terminators
 
@@ -114,7 +123,7 @@ class Context:
     start_line: int  # line number of ``start``
     line: int  # cursor line (clamped to the document)
     character: int  # cursor column in code points (clamped to the line)
-    line_prefix: str  # cursor line before the cursor
+    line_prefix: str  # cursor line before the cursor (its last part when the line is cut: ``line_cut``)
     line_suffix: str  # cursor line after the cursor, without the line terminator
     held: str  # whitespace-only line_prefix kept out of the prompt ("" when the prompt ends at the cursor)
     prev_line: str  # nearest non-blank line above the cursor line inside the window ("" if none)
@@ -122,6 +131,12 @@ class Context:
     indent: Indent = field(default_factory=Indent)
     eol: str = "\n"  # the document's line terminator
     at_file_start: bool = False  # the window reaches the top of the file
+    line_cut: int = 0  # characters at the start of the cursor line left out of line_prefix (a very long line)
+
+    @property
+    def only_whitespace_before(self) -> bool:
+        """The cursor line holds only whitespace before the cursor (a cut line never does)."""
+        return not self.line_cut and not self.line_prefix.strip()
 
     @property
     def before_line(self) -> str:
@@ -152,27 +167,45 @@ def offset_of(text: str, line: int, character: int) -> tuple[int, int, int]:
     """(offset, line, character) of an LSP position, clamped into the document.
 
     Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (the LSP definition; ``str.splitlines`` also
-    splits at form feeds and the like). O(position) scanning in C, no copies.
+    splits at form feeds and the like). O(position), but in C: whole chunks of ``OFFSET_CHUNK``
+    characters are skipped by counting their terminators (``str.count``, no copies), and only the
+    chunk holding the line start is walked line by line.
     """
     line = max(0, line)
-    pos, n = 0, 0
-    simple = "\r" not in text
+    pos, n, size = 0, 0, len(text)  # pos: start of line n
+    scan, hi = 0, size  # chunks are counted from ``scan``; the line-by-line walk stays before ``hi``
+    while n < line and scan + OFFSET_CHUNK < size:
+        end = scan + OFFSET_CHUNK
+        if text[end - 1] == "\r" and text[end] == "\n":  # never split a CRLF
+            end += 1
+        k = text.count("\n", scan, end)
+        if text.find("\r", scan, end) >= 0:  # (memchr: much cheaper than a count)
+            k += text.count("\r", scan, end) - text.count("\r\n", scan, end)
+        if n + k >= line:  # the line starts in this chunk
+            hi = end
+            break
+        if k:
+            n, pos = n + k, max(text.rfind("\n", scan, end), text.rfind("\r", scan, end)) + 1
+        scan = end
+    simple = n < line and text.find("\r", pos, hi) < 0
     while n < line:
         if simple:
-            nl = text.find("\n", pos)
+            nl = text.find("\n", pos, hi)
             if nl < 0:
                 break
             pos = nl + 1
         else:
-            m = _EOL.search(text, pos)
+            m = _EOL.search(text, pos, hi)
             if m is None:
                 break
             pos = m.end()
         n += 1
-    m = _EOL.search(text, pos)
-    end = m.start() if m else len(text)
-    character = max(0, min(character, end - pos))
-    return pos + character, n, character
+    # The character must lie on the line: a terminator before it (none searched beyond it) clamps it.
+    lim = min(size, pos + max(0, character))
+    nl = text.find("\n", pos, lim)
+    cr = text.find("\r", pos, nl if nl >= 0 else lim)
+    end = cr if cr >= 0 else nl if nl >= 0 else lim
+    return end, n, end - pos
 
 
 def _line_start(text: str, offset: int) -> int:
@@ -223,49 +256,57 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
     step = line_step if line_step else max(1, min(LINE_STEP, budget // TOKENS_PER_STEP))
     cursor, line, character = offset_of(text, line, character)
     ls = cursor - character  # cursor line start
-    line_prefix = sanitize(text[ls:cursor])
+    cut = line_cut(character, budget)  # > 0: a very long cursor line, only its end is looked at
+    line_prefix = sanitize(text[ls + cut:cursor])
     suffix = text[cursor:cursor + SUFFIX_CHARS]
     m = _EOL.search(suffix)
     line_suffix = sanitize(suffix[: m.start()] if m else suffix)
     after = suffix[m.end():] if m else ""
     next_lines = [sanitize(s) for s in _EOL.split(after)[:NEXT_LINES]] if m else []
-    held = line_prefix if not line_prefix.strip(" \t") else ""
+    held = line_prefix if not cut and not line_prefix.strip(" \t") else ""
     head = line_prefix[: len(line_prefix) - len(held)]  # the part of the cursor line in the prompt
 
-    # Lines above the cursor line inside the character window (the first, partial one dropped).
-    lo = _first_line_start_at_or_after(text, max(0, ls - budget * CHARS_PER_TOKEN_MAX), ls)
-    above = [sanitize(s) for s in _EOL.split(text[lo:ls])[:-1]] if ls > lo else []
-    first_line = line - len(above)  # line number of above[0]
-    bos_cost = 1 if bos_text else 0
+    if cut:  # only the end of the cursor line, from a column that stays put while typing
+        above, first_line, start_line = [], line, line
+        prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls + cut, budget, bos_text, cut,
+                                                           max(1, budget // CUT_ALIGN_PER_TOKENS))
+    else:
+        # Lines above the cursor line inside the character window (the first, partial one dropped).
+        lo = _first_line_start_at_or_after(text, max(0, ls - budget * CHARS_PER_TOKEN_MAX), ls)
+        above = [sanitize(s) for s in _EOL.split(text[lo:ls])[:-1]] if ls > lo else []
+        first_line = line - len(above)  # line number of above[0]
+        bos_cost = 1 if bos_text else 0
 
-    # Walk up from the cursor while the (over-)estimated token count fits.
-    used = counter.count(normalize_eol(head)) if head else 0
-    s = len(above)
-    while s > 0:
-        cost = counter.count(above[s - 1] + "\n") + (bos_cost if first_line + s - 1 == 0 else 0)
-        if used + cost > budget:
-            break
-        used += cost
-        s -= 1
-    # Align the start to a multiple of the step (line 0 is one), never below the cursor line.
-    start_line = first_line + s
-    if start_line > 0:
-        start_line = min(line, -(-start_line // step) * step)
-    while True:
-        k = start_line - first_line  # index into ``above``
-        window = "\n".join(above[k:]) + ("\n" if k < len(above) else "") + head
-        at_file_start = start_line == 0
-        prompt = (bos_text if at_file_start else "") + _escape(window, bos_text)
-        ids = counter.encode(prompt)
-        if len(ids) <= budget or start_line >= line:
-            break
-        start_line = min(line, start_line + step)  # estimate was low: jump one step
-    start = _skip_terminators(text, lo, start_line - first_line)
-    if len(ids) > budget:  # one enormous cursor line: keep its end
-        prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls, budget)
+        # Walk up from the cursor while the (over-)estimated token count fits. The cursor line
+        # changes with every keystroke: counted, not cached.
+        used = len(counter.encode(head)) if head and above else 0
+        s = len(above)
+        while s > 0:
+            cost = counter.count(above[s - 1] + "\n") + (bos_cost if first_line + s - 1 == 0 else 0)
+            if used + cost > budget:
+                break
+            used += cost
+            s -= 1
+        # Align the start to a multiple of the step (line 0 is one), never below the cursor line.
+        start_line = first_line + s
+        if start_line > 0:
+            start_line = min(line, -(-start_line // step) * step)
+        while True:
+            k = start_line - first_line  # index into ``above``
+            window = "\n".join(above[k:]) + ("\n" if k < len(above) else "") + head
+            at_file_start = start_line == 0
+            prompt = (bos_text if at_file_start else "") + _escape(window, bos_text)
+            ids = counter.encode(prompt)
+            if len(ids) <= budget or start_line >= line:
+                break
+            start_line = min(line, start_line + step)  # estimate was low: jump one step
+        start = _skip_terminators(text, lo, start_line - first_line)
+        if len(ids) > budget:  # one enormous cursor line: keep its end
+            prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls, budget, bos_text)
     prefix = sanitize(text[start:cursor])
     prev_line = next((a for a in reversed(above) if a.strip()), "")
-    typed = line_prefix + (line_suffix if line_suffix.strip() else "x")  # the indentation typed counts too
+    typed = sanitize(text[ls:ls + INDENT_PEEK_CHARS]) if cut else line_prefix  # (a cut line: its own start)
+    typed += line_suffix if line_suffix.strip() else "x"  # the indentation typed counts too
     window_lines = above[start_line - first_line:] + [typed] + next_lines
     eol = "\r\n" if "\r\n" in text[start:cursor + len(suffix)] else "\n"
     return Context(
@@ -273,8 +314,26 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
         start_line=start_line, line=line, character=character,
         line_prefix=line_prefix, line_suffix=line_suffix, held=held, prev_line=prev_line,
         next_lines=next_lines, indent=guess_indent(window_lines, tab_size, insert_spaces), eol=eol,
-        at_file_start=at_file_start,
+        at_file_start=at_file_start, line_cut=cut,
     )
+
+
+def line_window(budget: int) -> int:
+    """Characters of the cursor line before the cursor that are looked at, at most."""
+    return max(LINE_WINDOW_MIN, max(1, budget) * CHARS_PER_TOKEN_MAX)
+
+
+def line_cut(character: int, budget: int) -> int:
+    """Characters at the start of the cursor line left out: 0 unless the column is beyond the window.
+
+    A multiple of a quarter window, so that it stays put while the user types (type-ahead cache,
+    KV cache); what is left is between 3/4 of the window and the whole window.
+    """
+    window = line_window(budget)
+    if character <= window:
+        return 0
+    step = max(1, window // LINE_CUT_STEPS)
+    return -(-(character - window) // step) * step
 
 
 def _escape(window: str, bos_text: str) -> str:
@@ -296,17 +355,33 @@ def _skip_terminators(text: str, lo: int, n: int) -> int:
     return pos
 
 
-def _cut_long_line(counter: TokenCounter, head: str, ls: int, budget: int) -> tuple[str, list[int], int, bool]:
-    """The last part of an over-long cursor line that fits the budget (starts mid-line)."""
-    keep = len(head)
+def _cut_long_line(counter: TokenCounter, head: str, ls: int, budget: int, bos_text: str = "",
+                   column: int = 0, align: int = 1) -> tuple[str, list[int], int, bool]:
+    """The last part of an over-long cursor line that fits the budget (starts mid-line).
+
+    ``head`` starts at offset ``ls``, column ``column``; all of it when it fits. Otherwise the part
+    starts at a column that is a multiple of ``align`` (so that it stays put while the user types:
+    KV-cache reuse), never inside a copy of ``bos_text``, which is escaped as everywhere else.
+    """
+    cut = 0
     while True:
-        ids = counter.encode(normalize_eol(head[len(head) - keep:]))
-        if len(ids) <= budget or keep == 0:
+        piece = _escape(head[cut:], bos_text)
+        ids = counter.encode(piece)
+        if len(ids) <= budget or cut == len(head):
             break
-        keep = min(keep - 1, int(keep * budget / len(ids) * 0.9))
-        keep = max(keep, 0)
-    piece = normalize_eol(head[len(head) - keep:])
-    return piece, ids, ls + len(head) - keep, False
+        keep = len(head) - cut
+        keep = max(0, min(keep - 1, int(keep * budget / len(ids) * 0.9)))
+        cut = min(len(head), -(-(column + len(head) - keep) // align) * align - column)
+        cut = _not_inside(head, cut, bos_text)
+    return piece, ids, ls + cut, False
+
+
+def _not_inside(text: str, i: int, needle: str) -> int:
+    """``i``, or the end of the copy of ``needle`` that ``i`` falls inside."""
+    if not needle:
+        return i
+    j = text.rfind(needle, max(0, i - len(needle) + 1), i + len(needle) - 1)
+    return j + len(needle) if 0 <= j < i else i
 
 
 # -- mode ---------------------------------------------------------------------------------------
@@ -370,7 +445,7 @@ def decide_mode(ctx: Context, multiline: str = "auto", language_id: str = "pytho
     if after[:1] and _is_word(after[0]):
         return "none", "cursor before a word character"
     rest_blank = not after.strip()
-    head_blank = not ctx.line_prefix.strip()
+    head_blank = ctx.only_whitespace_before
     if head_blank and not rest_blank:
         return "none", "cursor in the indentation before code"
     if multiline == "never" or not rest_blank:
@@ -384,7 +459,7 @@ def decide_mode(ctx: Context, multiline: str = "auto", language_id: str = "pytho
         if ctx.held or prev_indent > 0:
             return "multi", "blank line inside an indented body"
         return "single", ""
-    if is_block_header(ctx.line_prefix, language_id):
+    if not ctx.line_cut and is_block_header(ctx.line_prefix, language_id):  # (a cut line is no header)
         return "multi", "end of a block header line"
     return "single", ""
 
@@ -395,4 +470,5 @@ def token_budget(context_tokens: int, context_length: int, max_new_tokens: int) 
 
 
 __all__ = ["Context", "Indent", "TokenCounter", "build_context", "decide_mode", "guess_indent", "offset_of",
-           "sanitize", "normalize_eol", "is_block_opener", "is_block_header", "strip_comment", "token_budget"]
+           "sanitize", "normalize_eol", "is_block_opener", "is_block_header", "strip_comment", "token_budget",
+           "line_window", "line_cut"]

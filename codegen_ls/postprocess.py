@@ -261,7 +261,7 @@ def clean(raw: str, ctx: Context, mode: str, held_out: str = "", finish_reason: 
     kept = len(text) + overlap
     text = text.rstrip()
     reindented = False
-    if not ctx.line_prefix.strip():  # cursor after whitespace only: align with what was typed
+    if ctx.only_whitespace_before:  # cursor after whitespace only: align with what was typed
         text, reindented = _align_blank_line(text, ctx.line_prefix, head, ctx.indent)
     text = _restyle(text, ctx.indent)
     if not text.strip():

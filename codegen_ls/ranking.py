@@ -7,7 +7,8 @@ confidence = exp(mean log-prob - penalties + agreement bonus), at most ``MAX_CON
 Structure (Python): the code before the cursor + the completed line (+ the following lines when
 they parsed before) must parse or be a valid *incomplete* prefix (``codeop``'s
 ``PyCF_ALLOW_INCOMPLETE_INPUT``: unclosed brackets, a block without its body, an open string
-are fine; ``x = )`` or ``for x in y`` without ``:`` are not). Any language: closing brackets that
+are fine; ``x = )`` or ``for x in y`` without ``:`` are not); a cursor line too long to be read
+whole (:attr:`Context.line_cut`) is not parsed. Any language: closing brackets that
 match nothing, lines repeated inside the suggestion, decoding loops, and text that only repeats
 what follows the cursor are penalised. Candidates equal up to whitespace are merged; each extra
 vote raises the score and the confidence a little (samples agreeing with greedy is evidence).
@@ -227,7 +228,9 @@ class SyntaxCheck:
         self.ctx = ctx
         before, self.margin = _window_before(ctx)
         self.before = _dedent(before, self.margin) if before else ""
-        self.usable = self.before is not None and classify(self.before) in ("ok", "incomplete")
+        # A cut cursor line (see context.line_cut) starts mid-line: nothing to parse.
+        self.usable = (not ctx.line_cut and self.before is not None
+                       and classify(self.before) in ("ok", "incomplete"))
         self.following = self._following()
         self.with_following = False
         if self.usable and self.following:

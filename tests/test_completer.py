@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from codegen_ls.completer import Completer, CompletionRequest, CompletionResult, Suggestion
-from codegen_ls.context import offset_of
+from codegen_ls import postprocess, ranking
+from codegen_ls.completer import Completer, CompletionRequest, CompletionResult, Suggestion, _lookup_texts
+from codegen_ls.context import line_window, offset_of
 from codegen_ls.engine import Candidate, Engine, Generation, GenerationStats
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.settings import Settings
@@ -273,3 +276,90 @@ def test_lookup_candidates_are_merged_and_keep_their_source(engine: Engine, monk
     assert accept(req.text, best).splitlines()[2] == "        return str(self.name.title())"
     assert result.stats["lookup_candidates"] == 1
     assert not c.complete(request("x = |\n", uri="file:///off.py"), replace(FAST, lookup=False)).stats["lookup_candidates"]
+
+
+# -- huge documents (issue 7): per-request work bounded by the budget ------------------------------
+
+HUGE_LINE = "x = [" + ", ".join(str(i) for i in range(180_000))  # 1.3 MB, no line break
+
+
+def count_work(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Characters handed to the tokenizer and to the bracket scan from now on."""
+    work = {"encode": 0, "scan": 0}
+    encode, scan = engine.tokenizer.encode, postprocess.scan_brackets
+
+    def counting_encode(text: str) -> list[int]:
+        work["encode"] += len(text)
+        return encode(text)
+
+    def counting_scan(text: str, *args: Any, **kw: Any) -> postprocess.Brackets:
+        work["scan"] += len(text)
+        return scan(text, *args, **kw)
+
+    monkeypatch.setattr(engine.tokenizer, "encode", counting_encode)
+    monkeypatch.setattr(postprocess, "scan_brackets", counting_scan)
+    monkeypatch.setattr(ranking, "scan_brackets", counting_scan)
+    return work
+
+
+def test_end_of_a_huge_line_is_answered(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = replace(FAST, lookup=True)
+    c = Completer(engine_loader=lambda path: engine)
+    req = CompletionRequest(HUGE_LINE, 0, len(HUGE_LINE), uri="file:///huge-line.py")
+    work = count_work(engine, monkeypatch)
+    t0 = time.perf_counter()
+    result = c.complete(req, settings)
+    elapsed = time.perf_counter() - t0
+    print(f"\ncompletion at the end of a {len(HUGE_LINE) / 1e6:.1f} MB line: {elapsed * 1000:.0f} ms, "
+          f"{result.timings}, {work}")
+    assert result.mode == "single"
+    window = line_window(settings.context_tokens)
+    assert work["encode"] <= 5 * window and work["scan"] <= 40 * window  # measured: 2.1 and 3.8 windows
+    for s in result.suggestions:
+        assert s.start == s.end == (0, len(HUGE_LINE)) and "\n" not in s.insert_text
+    if result.suggestions and len(result.suggestions[0].insert_text) >= 2:  # typing along: the type-ahead cache
+        best = result.suggestions[0].insert_text
+        typed = replace(req, text=HUGE_LINE + best[0], character=len(HUGE_LINE) + 1)
+        assert c.complete(typed, settings).reason == "typeahead"
+
+
+def test_end_of_a_ten_megabyte_file_is_answered(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "".join(f"def f_{i}(x):\n    return x * {i} + len('{'é' * (i % 7)}')\n\n" for i in range(200_000))
+    assert len(text) > 10_000_000
+    settings = replace(FAST, lookup=True)
+    c = Completer(engine_loader=lambda path: engine)
+    req = CompletionRequest(text, 600_000, 0, uri="file:///big.py", other_documents={"file:///copy.py": text})
+    work = count_work(engine, monkeypatch)
+    t0 = time.perf_counter()
+    result = c.complete(req, settings)
+    elapsed = time.perf_counter() - t0
+    print(f"\ncompletion at the end of a {len(text) / 1e6:.1f} MB file: {elapsed * 1000:.0f} ms, "
+          f"{result.timings}, {work}")
+    assert result.mode == "multi"
+    window = line_window(settings.context_tokens)
+    assert work["encode"] <= 5 * window and work["scan"] <= 40 * window
+    for s in result.suggestions:
+        assert s.start == s.end == (600_000, 0)
+
+
+def test_lookup_is_given_exactly_the_text_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The completer slices the documents to lookup's windows: the drafts are the same as with the whole texts."""
+    from codegen_ls import lookup
+
+    monkeypatch.setattr(lookup, "WINDOW_CHARS", 20_000)  # small windows: a 300 kB document is sliced
+    monkeypatch.setattr(lookup, "OTHER_DOC_CHARS", 30_000)
+    rng = random.Random(4)
+    words = ["self", "value", "compute", "x", "(", ")", ".", "items", "return", "for", "in", ":", "=", "+", "'a'"]
+    text = "\n".join("    " * rng.randint(0, 3) + " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+                     for _ in range(12_000))
+    others = {"file:///b.py": text}
+    found = 0
+    for cursor in rng.sample(range(len(text)), 20):
+        req = CompletionRequest(text, 0, 0, uri="file:///a.py", other_documents=others)
+        prefix, suffix, sliced = _lookup_texts(req, cursor, lookup)
+        assert len(prefix) + len(suffix) < len(text) and len(sliced["file:///b.py"]) < len(text)
+        for multiline in (False, True):
+            whole = lookup.find_drafts(text[:cursor], text[cursor:], others, multiline=multiline, budget_ms=1e6)
+            assert lookup.find_drafts(prefix, suffix, sliced, multiline=multiline, budget_ms=1e6) == whole
+            found += len(whole)
+    assert found > 20

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from codegen_ls import context as context_module
 from codegen_ls.context import (
     Context,
     Indent,
@@ -15,6 +17,7 @@ from codegen_ls.context import (
     build_context,
     decide_mode,
     guess_indent,
+    line_window,
     normalize_eol,
     offset_of,
     sanitize,
@@ -168,6 +171,92 @@ def test_one_enormous_line(counter: TokenCounter) -> None:
     ctx = at(text, 0, len(text) - 1, counter, 100)
     assert len(ctx.prompt_ids) <= 100 and ctx.prompt
     assert text[: ctx.cursor].endswith(ctx.prompt) and ctx.prefix == text[ctx.start: ctx.cursor]
+
+
+HUGE_LINE = "x = [" + ", ".join(str(i) for i in range(180_000))  # 1.3 MB, no line break
+
+
+@pytest.fixture(scope="module")
+def big_file() -> str:
+    """10 MB of Python, 600,000 lines."""
+    return "".join(f"def f_{i}(x):\n    return x * {i} + len('{'é' * (i % 7)}')\n\n" for i in range(200_000))
+
+
+@pytest.mark.parametrize(("doc", "line", "character"), [
+    ("huge line", 0, len(HUGE_LINE)),  # the end of a 1.3 MB line
+    ("huge line", 0, 600_000),  # inside it
+    ("big file", 600_000, 0),  # the end of a 10 MB file
+    ("big file", 300_000, 4),  # its middle
+])
+@pytest.mark.parametrize("budget", [16, 256, 1024])
+def test_work_is_bounded_on_huge_lines_and_files(doc: str, line: int, character: int, budget: int,
+                                                 tokenizer: Tokenizer, big_file: str) -> None:
+    """What is tokenized is bounded by the budget, wherever the cursor is (issue 7)."""
+    text = HUGE_LINE if doc == "huge line" else big_file
+    assert len(text) > (1_300_000 if doc == "huge line" else 10_000_000)
+    counting = CountingTokenizer(tokenizer)
+    ctx = build_context(text, line, character, TokenCounter(counting), budget, bos_text=BOS)
+    window = line_window(budget)
+    assert window <= 4096 + 8 * budget
+    assert counting.chars <= 3 * window  # measured: at most 2.2 windows
+    assert len(ctx.prompt_ids) <= budget and ctx.prompt and text[: ctx.cursor].endswith(ctx.prompt)
+    assert len(ctx.line_prefix) <= window and len(ctx.prefix) <= len(ctx.line_prefix) + window
+    assert len(ctx.suffix) <= 4000 and ctx.cursor == offset_of(text, line, character)[0]
+    assert ctx.line_prefix == text[ctx.cursor - len(ctx.line_prefix): ctx.cursor]
+    assert ctx.line_cut + len(ctx.line_prefix) == ctx.character
+    if doc == "huge line":
+        assert ctx.line_cut > 0 and not ctx.at_file_start and not ctx.held and ctx.prev_line == ""
+
+
+def test_a_cut_line_keeps_its_start_while_typing(counter: TokenCounter) -> None:
+    """Typing at the end of a huge line: line_cut and the prompt start move in steps (KV cache reuse)."""
+    typed = ", 180000, 180001, 180002, 180003"
+    starts, cuts = set(), set()
+    for n in range(len(typed) + 1):
+        text = HUGE_LINE + typed[:n]
+        ctx = at(text, 0, len(text), counter, 256)
+        starts.add(ctx.start)
+        cuts.add(ctx.line_cut)
+        assert ctx.line_cut % (line_window(256) // 4) == 0 and len(ctx.prompt_ids) <= 256
+    assert len(cuts) <= 2 and len(starts) <= 3
+
+
+def test_a_cut_line_is_never_blank_nor_a_header(counter: TokenCounter) -> None:
+    """Only the end of a cut line is known: it is not an empty line nor a block header."""
+    spaces = "y = f(" + " " * 20_000
+    ctx = at(spaces, 0, len(spaces), counter, 256)
+    assert ctx.line_cut and not ctx.held and not ctx.only_whitespace_before
+    assert decide_mode(ctx)[0] == "single"
+    for terms, mode in ((3000, "single"), (20, "multi")):  # (a short header is one)
+        header = "if " + " and ".join(f"a{i}" for i in range(terms)) + ":"
+        assert decide_mode(at(header, 0, len(header), counter, 256))[0] == mode
+
+
+_line_pieces = st.one_of(
+    st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=12),
+    st.sampled_from(["\n", "\r\n", "\t", "    ", "def f(x):", "é", "\U0001f600", "(", "'", BOS]),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(_line_pieces, max_size=40), line=st.integers(0, 5), character=st.integers(0, 400),
+       budget=st.integers(1, 40))
+def test_context_invariants_on_cut_lines(parts: list[str], line: int, character: int, budget: int,
+                                         counter: TokenCounter) -> None:
+    """The invariants hold when the cursor line is cut (a window shrunk to make cuts common)."""
+    text = "".join(parts)
+    with mock.patch.object(context_module, "LINE_WINDOW_MIN", 1):
+        ctx = at(text, line, character, counter, budget)
+        window = line_window(budget)
+    assert 0 <= ctx.start <= ctx.cursor <= len(text) and ctx.prefix == sanitize(text[ctx.start: ctx.cursor])
+    assert ctx.line_prefix == sanitize(text[ctx.cursor - len(ctx.line_prefix): ctx.cursor])
+    assert ctx.line_cut + len(ctx.line_prefix) == ctx.character and len(ctx.line_prefix) <= window
+    assert ctx.line_prefix.endswith(ctx.prefix) if ctx.line_cut else True
+    assert len(ctx.prompt_ids) <= budget and ctx.prompt_ids == counter.encode(ctx.prompt)
+    body = ctx.prompt[len(BOS):] if ctx.at_file_start else ctx.prompt
+    expected = normalize_eol(ctx.prefix[: len(ctx.prefix) - len(ctx.held)]).replace(BOS, BOS[:-1] + " " + BOS[-1])
+    assert expected.endswith(body)
+    assert decide_mode(ctx)[0] in ("none", "single", "multi")
 
 
 def test_token_budget_leaves_room_for_new_tokens() -> None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
-from codegen_ls.context import Context, TokenCounter, build_context
+import pytest
+
+from codegen_ls import postprocess, ranking
+from codegen_ls.context import Context, TokenCounter, build_context, decide_mode, line_window
 from codegen_ls.engine import Tokenizer
+from codegen_ls.postprocess import clean
 from codegen_ls.ranking import (
     AGREEMENT_BONUS,
     MAX_CONFIDENCE,
@@ -127,3 +132,38 @@ def test_other_languages_skip_the_python_check() -> None:
     ctx = ctx_of("let x = compute(|);\n")
     ranked = rank([Item("1, 2", [-1.0], "greedy"), Item("1, 2))", [-1.0], "sample")], ctx, "single", "javascript")
     assert ranked[0].text == "1, 2" and ranked[1].penalty > 0
+
+
+def test_a_huge_line_is_scanned_and_parsed_in_a_bounded_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cleaning and ranking look at the cut cursor line only, not the whole 1.3 MB line (issue 7)."""
+    counted = {"scan": 0, "parse": 0}
+    scan, parse = postprocess.scan_brackets, ranking._parse
+
+    def counting_scan(text: str, *args: Any, **kw: Any) -> postprocess.Brackets:
+        counted["scan"] += len(text)
+        return scan(text, *args, **kw)
+
+    def counting_parse(source: str) -> tuple[str, int]:
+        counted["parse"] += len(source)
+        return parse(source)
+
+    monkeypatch.setattr(postprocess, "scan_brackets", counting_scan)
+    monkeypatch.setattr(ranking, "scan_brackets", counting_scan)
+    monkeypatch.setattr(ranking, "_parse", counting_parse)
+    line = "total = compute(" + ", ".join(f"a{i}" for i in range(160_000))  # 1.3 MB
+    text = line + ", )\n"
+    budget = 512
+    ctx = build_context(text, 0, len(line) + 2, COUNTER, budget, bos_text="<|endoftext|>")
+    assert ctx.line_cut > 0 and ctx.line_suffix == ")"
+    mode = decide_mode(ctx)[0]
+    raws = ["a160000)", "a160000, b)", "a160000))", "a160000) + 1"]
+    cleaned = [clean(raw, ctx, mode) for raw in raws]
+    assert [c.text if c else None for c in cleaned] == ["a160000", "a160000, b", "a160000", "a160000"]
+    items = [Item(c.text, [-0.5], "greedy") for c in cleaned if c] + [Item("a160000))", [-0.1], "sample")]
+    ranked = rank(items, ctx, mode)
+    assert not SyntaxCheck(ctx).usable  # a cut line starts mid-line: not parsed
+    assert ranked[0].text == "a160000" and ranked[0].votes == 3
+    assert ranked[-1].text == "a160000))" and ranked[-1].penalty > 0  # the unmatched closers still count
+    window = line_window(budget)
+    assert counted["scan"] <= 10 * len(raws) * window and counted["parse"] <= 2 * window
+    assert counted["scan"] < len(line) // 10
