@@ -73,7 +73,7 @@ RERANK = 16  # nearest matches of a source re-ranked by context agreement
 MATCHES_PER_DOC = 64  # matches counted per other document before picking its best continuations
 NGRAM_SIZES = (8, 4, 2)  # non-space lexemes at the end of the prefix, longest match first
 MIN_NGRAM_CHARS = 3  # non-space characters an n-gram needs to be worth searching
-MIN_ACCEPT_P = 0.1  # see the module docstring
+MIN_ACCEPT_P = 0.0  # keep the whole draft, score it; see the module docstring
 HEAL_TOKENS = 8  # prompt tokens re-tokenized together with the draft
 
 SOURCES = ("lookup:line", "lookup:doc", "lookup:ngram")  # Draft.source values, in rank order

@@ -36,3 +36,6 @@ class Inventory:
         with open(self.path) as f:
             for name, price in json.load(f).items():
                 self.add(Item(name, price))
+
+    def expensive(self, limit):
+        return [item for item in self.items.values() if item.

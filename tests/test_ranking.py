@@ -107,7 +107,7 @@ def test_merge_duplicates_and_order() -> None:
         Item("1, 2", [-0.5, -0.7], "greedy"),
         Item("1,  2", [-0.9, -0.9], "sample"),  # the same up to whitespace
         Item("1, 2))", [-0.1, -0.1], "sample"),  # likelier but breaks the code
-        Item("3", [-1.0], "lookup:line"),
+        Item("3", [-1.0], "sample"),
     ]
     ranked = rank(items, ctx, "single")
     assert [r.text for r in ranked][0] == "1, 2"
@@ -116,6 +116,19 @@ def test_merge_duplicates_and_order() -> None:
     assert math.isclose(ranked[0].confidence, math.exp(-0.6 + AGREEMENT_BONUS))
     assert ranked[-1].text == "1, 2))"
     assert all(0 < r.confidence <= MAX_CONFIDENCE for r in ranked)
+
+
+def test_lookup_drafts_outrank_model_guesses_and_model_orders_drafts() -> None:
+    ctx = ctx_of("x = compute(|)\n")
+    items = [
+        Item("1, 2", [-0.2, -0.2], "greedy"),
+        Item("a, b", [-3.0, -3.0], "lookup:line"),
+        Item("c, d", [-1.0, -1.0], "lookup:doc"),
+    ]
+    ranked = rank(items, ctx, "single")
+    assert [r.text for r in ranked] == ["c, d", "a, b", "1, 2"]
+    # the prior moves the ranking, but confidence stays tied to the model's log-prob
+    assert ranked[1].confidence < ranked[2].confidence
 
 
 def test_confidence_never_reaches_one() -> None:
