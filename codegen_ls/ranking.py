@@ -100,7 +100,7 @@ def rank(items: list[Item], ctx: Context, mode: str, language_id: str = "python"
         partial = mode == "single" and it.finish_reason in ("length", "deadline")
         pen = structure_penalty(text, ctx, mode, python, partial, check, before) + DEDENT_PENALTY * it.reindented
         mean = it.logprob_mean
-        prior = it.source.startswith("lookup")
+        prior = it.source.startswith("lookup") and pen == 0  # a draft that breaks the code loses it
         score = mean - pen + LENGTH_BONUS * math.log1p(len(it.logprobs)) + LOOKUP_PRIOR * prior
         groups.setdefault(normalize(text), []).append(
             Ranked(it.text, it.source, score, 0.0, mean, it.finish_reason, pen, 1, [it.source]))
