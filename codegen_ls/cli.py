@@ -23,7 +23,7 @@ log = logging.getLogger("codegen_ls")
 
 EPILOG = """\
 examples:
-  codegen-ls complete examples/demo.py:12:20        ranked suggestions at line 12, column 20
+  codegen-ls complete examples/demo.py:41:22        ranked suggestions at line 41, column 22
   codegen-ls serve                                  LSP over stdio (what editors run)
   codegen-ls doctor                                 versions, model, one timed completion
   codegen-ls model export ~/ckpt/codegen-350M-mono out/350m   convert a real CodeGen checkpoint

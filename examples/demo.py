@@ -37,5 +37,5 @@ class Inventory:
             for name, price in json.load(f).items():
                 self.add(Item(name, price))
 
-    def expensive(self, limit):
-        return [item for item in self.items.values() if item.
+    def clear(self):
+        self.items = 

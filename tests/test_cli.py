@@ -49,7 +49,7 @@ def test_user_mistakes_are_one_clear_line(args: list[str], message: str) -> None
 
 
 def test_complete_prints_ranked_suggestions_with_timings() -> None:
-    out = run("complete", "examples/demo.py:36:24")
+    out = run("complete", "examples/demo.py:41:22")
     assert out.returncode == 0, out.stderr
     assert "mode=" in out.stdout and "timings ms:" in out.stdout
 
@@ -57,10 +57,11 @@ def test_complete_prints_ranked_suggestions_with_timings() -> None:
 def test_complete_json_is_machine_readable() -> None:
     import json
 
-    out = run("complete", "--json", "examples/demo.py:36:24")
+    out = run("complete", "--json", "examples/demo.py:41:22")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert data["line"] == 36 and data["column"] == 24
+    assert data["line"] == 41 and data["column"] == 22 and data["mode"] == "single"
+    assert data["suggestions"], "the demo position gets suggestions"
     ranks = [s["rank"] for s in data["suggestions"]]
     assert ranks == list(range(1, len(ranks) + 1))
     scores = [s["score"] for s in data["suggestions"]]
@@ -95,3 +96,17 @@ def test_wheel_contains_the_embedded_model(tmp_path: Path) -> None:
     for name in ("manifest.json", "model.onnx", "tokenizer.json"):
         assert f"codegen_ls/default_model/{name}" in names
     assert not any("torch" in n or "transformers" in n for n in names)
+
+
+def test_serving_path_never_imports_torch_or_transformers() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "from codegen_ls import cli, server\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert cli.main(['complete', 'examples/demo.py:41:22']) == 0\n"
+        "bad = sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules)\n"
+        "print('imported:', bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
