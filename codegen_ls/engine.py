@@ -3,13 +3,14 @@
 The engine knows nothing about LSP. It loads a model directory (see :mod:`codegen_ls.modeldir`),
 keeps one KV-cache snapshot per document (LRU, bounded in bytes), reuses the longest common token
 prefix of each new prompt (llama.cpp's ``cache_prompt``), and generates candidates: the greedy one
-plus samples, all from ONE shared prefill whose past is expanded to the batch.
+plus samples, all from ONE shared prefill. How the ONNX graph is run (and what a KV snapshot
+is) belongs to the backend the manifest's graph kind selects (:mod:`codegen_ls.backends`).
 
 Input and output names are read from the session; no layer count or shape is hard-coded.
 """
-
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
@@ -18,9 +19,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from codegen_ls.backends import Backend, FlatBackend, OptimumBackend
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.modeldir import Manifest, read_manifest
 
@@ -58,6 +61,7 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    decode_session_ms: float = 0.0  # the part of decode_ms spent inside session.run
     steps: int = 0
 
     @property
@@ -74,12 +78,14 @@ class Generation:
 
 @dataclass
 class _Snapshot:
+    """A document's prompt ids and the backend state (KV) that covers exactly them."""
+
     ids: list[int]
-    past: list[np.ndarray]
+    past: Any  # the backend's state: PastState | FlatState (anything with ``nbytes``)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.past)
+        return int(self.past.nbytes)
 
 
 @dataclass
@@ -87,7 +93,7 @@ class ForwardResult:
     """Result of running a prompt through the model with the cache."""
 
     logits: np.ndarray  # [k, vocab] for positions logits_from .. len(ids)-1
-    past: list[np.ndarray]
+    past: Any  # the backend state covering all of ids
     cached_tokens: int
     fed_tokens: int
 
@@ -133,9 +139,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    """Log-probabilities along the last axis (float32: ~1e-6 from float64, at a fraction of the cost)."""
+    x = np.asarray(x, dtype=np.float32)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def sample_token(logp: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int, top_p: float) -> int:
@@ -148,7 +155,7 @@ def sample_token(logp: np.ndarray, rng: np.random.Generator, temperature: float,
     idx = idx[np.argsort(-scaled[idx])]
     p = np.exp(scaled[idx] - scaled[idx].max())
     p /= p.sum()
-    keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)  # smallest set with mass >= top_p
+    keep = min(k, int(np.searchsorted(np.cumsum(p), top_p)) + 1)  # smallest set with mass >= top_p
     p = p[:keep] / p[:keep].sum()
     return int(idx[rng.choice(keep, p=p)])
 
@@ -203,6 +210,9 @@ class Tokenizer:
         return self._token_bytes
 
 
+BACKENDS: dict[str, type[Backend]] = {"optimum": OptimumBackend, "flat": FlatBackend}
+
+
 @dataclass
 class EngineOptions:
     threads: int = 0  # 0: all cores
@@ -211,7 +221,12 @@ class EngineOptions:
 
 
 class Engine:
-    """A loaded model: ONNX session + tokenizer + prompt cache. Thread-safe (one call at a time)."""
+    """A loaded model: ONNX session + tokenizer + prompt cache. Thread-safe (one call at a time).
+
+    The graph kind in the manifest (``extra.graph``: ``optimum``, the default, or ``flat``)
+    selects the backend (:mod:`codegen_ls.backends`); generation, sampling, stop rules and the
+    prompt cache are the same for both.
+    """
 
     def __init__(self, model_dir: str | os.PathLike[str], options: EngineOptions | None = None) -> None:
         import onnxruntime as ort
@@ -220,6 +235,10 @@ class Engine:
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = read_manifest(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir / self.manifest.tokenizer)
+        self.graph = str(self.manifest.extra.get("graph", "optimum"))
+        if self.graph not in BACKENDS:
+            raise ModelError(f"{self.model_dir}: unknown graph kind '{self.graph}' (this version knows "
+                             f"{', '.join(sorted(BACKENDS))})")
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.options.threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
@@ -228,45 +247,28 @@ class Engine:
             self.session = ort.InferenceSession(str(self.model_dir / self.manifest.onnx), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelError(f"cannot load ONNX model {self.model_dir / self.manifest.onnx}: {str(exc).splitlines()[0]}") from None
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_key)
-        self.present_names = sorted((o.name for o in self.session.get_outputs() if o.name.startswith("present.")), key=_layer_key)
-        if "input_ids" not in inputs or not self.past_names or len(self.past_names) != len(self.present_names):
-            raise ModelError(f"{self.model_dir}: ONNX model has no input_ids/past_key_values inputs (export with past)")
-        shape = inputs[self.past_names[0]].shape
-        self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-        self.kv_dtype = np.float16 if "float16" in inputs[self.past_names[0]].type else np.float32
-        self.has_mask = "attention_mask" in inputs
-        self.has_positions = "position_ids" in inputs
-        if self.n_kv_heads != self.manifest.n_head or len(self.past_names) != 2 * self.manifest.n_layer:
-            raise ModelError(f"{self.model_dir}: manifest does not match the ONNX model (layers/heads)")
+        try:
+            self.backend: Backend = BACKENDS[self.graph](self.session, self.options.prefill_chunk,
+                                                         self.manifest.n_head, self.manifest.n_layer)
+        except ModelError as exc:
+            raise ModelError(f"{self.model_dir}: {exc}") from None
         if self.tokenizer.vocab_size > self.manifest.vocab_size:
             raise ModelError(f"{self.model_dir}: tokenizer has more tokens than the model's vocabulary")
         self.cache = PromptCache(self.options.cache_bytes)
         self.eos_id = self.manifest.eos_token_id
         self.context_length = self.manifest.context_length
-        self.tokens_fed = 0  # total tokens run through the session (cache reuse skips work)
-        self.session_ms = 0.0  # time inside session.run, to compare with end-to-end time
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._by_bytes: tuple[list[bytes], np.ndarray] | None = None  # token healing lookup
 
-    # -- low level -------------------------------------------------------------------------
-    def _empty_past(self, batch: int = 1) -> list[np.ndarray]:
-        return [np.zeros((batch, self.n_kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past_names]
+    @property
+    def tokens_fed(self) -> int:
+        """Total tokens run through the session (cache reuse skips work)."""
+        return self.backend.tokens_fed
 
-    def _run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        batch, n = ids.shape
-        past_len = past[0].shape[2]
-        feed: dict[str, np.ndarray] = {"input_ids": ids.astype(np.int64)}
-        if self.has_mask:
-            feed["attention_mask"] = np.ones((batch, past_len + n), np.int64)
-        if self.has_positions:
-            feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + n, dtype=np.int64), (batch, n)).copy()
-        feed.update(zip(self.past_names, past))
-        t = time.perf_counter()
-        out = self.session.run(None, feed)
-        self.session_ms += (time.perf_counter() - t) * 1000
-        self.tokens_fed += batch * n
-        return out[0], list(out[1:])
+    @property
+    def session_ms(self) -> float:
+        """Time inside ``session.run``, to compare with end-to-end time."""
+        return self.backend.session_ms
 
     def forward(self, ids: Sequence[int], doc_key: str, logits_from: int | None = None,
                 cancel: Callable[[], bool] | None = None) -> ForwardResult:
@@ -274,26 +276,25 @@ class Engine:
 
         Always feeds at least one token (fresh logits). Stores the new snapshot for ``doc_key``.
         """
+        with self._lock:
+            return self._forward(ids, doc_key, logits_from, cancel)
+
+    def _forward(self, ids: Sequence[int], doc_key: str, logits_from: int | None,
+                 cancel: Callable[[], bool] | None) -> ForwardResult:
         if not ids:
             raise ValueError("empty prompt")
         ids = list(ids)
         logits_from = len(ids) - 1 if logits_from is None else max(0, min(logits_from, len(ids) - 1))
         snap = self.cache.get(doc_key)
-        p = common_prefix(snap.ids, ids) if snap else 0
-        p = min(p, logits_from)
-        past = [a[:, :, :p, :] for a in snap.past] if snap and p > 0 else self._empty_past()
-        chunks: list[np.ndarray] = []
-        pos = p
-        while pos < len(ids):
-            if cancel is not None and cancel():
-                raise Cancelled("cancelled")
-            end = min(len(ids), pos + self.options.prefill_chunk)
-            logits, past = self._run(np.asarray([ids[pos:end]]), past)
-            chunks.append(logits[0])
-            pos = end
-        all_logits = np.concatenate(chunks, axis=0)
-        self.cache.put(doc_key, _Snapshot(ids, past))
-        return ForwardResult(all_logits[logits_from - p:], past, p, len(ids) - p)
+        p = min(common_prefix(snap.ids, ids), logits_from) if snap else 0  # >= 1 token is fed
+        try:
+            logits, state = self.backend.prefill(snap.past if snap else None, p, ids, logits_from, cancel)
+        except BaseException:
+            if snap is not None and self.backend.in_place:  # the buffer now holds ids[:length]
+                self.cache.put(doc_key, _Snapshot(ids[: snap.past.length], snap.past))
+            raise
+        self.cache.put(doc_key, _Snapshot(ids, state))
+        return ForwardResult(logits, state, p, len(ids) - p)
 
     # -- generation ------------------------------------------------------------------------
     def generate(
@@ -335,11 +336,12 @@ class Engine:
             ids = ids[:-1]
         if not ids:
             ids = [self.eos_id]
-        room = self.context_length - max_new_tokens
+        room = max(1, self.context_length - max_new_tokens)
         if len(ids) > room:  # keep the end of an over-long prompt
             ids = ids[-room:]
+        max_new_tokens = max(1, min(max_new_tokens, self.context_length - len(ids)))
         stats = GenerationStats(prompt_tokens=len(ids))
-        fwd = self.forward(ids, doc_key, cancel=cancel)
+        fwd = self._forward(ids, doc_key, None, cancel)
         stats.cached_tokens, stats.fed_tokens = fwd.cached_tokens, fwd.fed_tokens
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
         rng = np.random.default_rng(seed)
@@ -349,12 +351,12 @@ class Engine:
         n = max(1, n)
         first = [int(np.argmax(logp))] + [sample_token(logp, rng, temperature, top_k, top_p) for _ in range(n - 1)]
         rows = [_Row(i > 0) for i in range(n)]
-        past = [np.repeat(a, n, axis=0) for a in fwd.past] if n > 1 else fwd.past
+        dec = self.backend.begin(fwd.past, len(ids), n)
         active = list(range(n))
         next_tokens = first
         step_logp = [logp] * n
         healed_text = healed.decode("utf-8", "replace")
-        t_dec = time.perf_counter()
+        t_dec, sess0 = time.perf_counter(), self.session_ms
         for step in range(max_new_tokens):
             still: list[int] = []
             for slot, r in enumerate(active):
@@ -383,27 +385,35 @@ class Engine:
                 still = []
                 break
             if len(still) < len(active):  # drop finished rows from the batch
-                sel = np.asarray(still)
-                past = [a[sel] for a in past]
+                self.backend.keep_rows(dec, np.asarray(still))
             active = [active[s] for s in still]
-            toks = np.asarray([[rows[r].ids[-1]] for r in active])
-            logits, past = self._run(toks, past)
+            logits = self.backend.step(dec, [rows[r].ids[-1] for r in active])
             stats.steps += 1
-            step_logp = [log_softmax(logits[i, -1]) for i in range(len(active))]
+            step_logp = list(log_softmax(logits))  # one row per active candidate
             next_tokens = [int(np.argmax(lp)) if not rows[r].sampled else sample_token(lp, rng, temperature, top_k, top_p)
                            for lp, r in zip(step_logp, active)]
         stats.decode_ms = (time.perf_counter() - t_dec) * 1000
+        stats.decode_session_ms = self.session_ms - sess0
         stats.new_tokens = sum(len(r.ids) for r in rows)
         cands = [Candidate(r.text, r.ids, r.logprobs, r.finish or "length", r.sampled) for r in rows]
         return Generation(cands, stats, healed_text)
 
     def _heal_mask(self, healed: bytes) -> np.ndarray:
-        """0 for tokens whose bytes start with ``healed``, -inf for the rest."""
-        table = self.tokenizer.token_bytes()
+        """0 for tokens whose bytes start with ``healed``, -inf for the rest.
+
+        Tokens sorted by their bytes once; those starting with ``healed`` are one contiguous
+        range of that order, found by bisection (this runs on every healed request).
+        """
+        if self._by_bytes is None:
+            table = self.tokenizer.token_bytes()[: self.manifest.vocab_size]
+            order = sorted(range(len(table)), key=table.__getitem__)
+            self._by_bytes = ([table[i] for i in order], np.asarray(order, dtype=np.int64))
+        keys, ids = self._by_bytes
+        lo = bisect.bisect_left(keys, healed)
+        upper = healed.rstrip(b"\xff")  # smallest byte string above every one starting with healed
+        hi = bisect.bisect_left(keys, upper[:-1] + bytes([upper[-1] + 1])) if upper else len(keys)
         mask = np.full(self.manifest.vocab_size, -np.inf)
-        for i, b in enumerate(table[: self.manifest.vocab_size]):
-            if b.startswith(healed):
-                mask[i] = 0.0
+        mask[ids[lo:hi]] = 0.0
         return mask
 
     def score(self, prompt_ids: Sequence[int], draft_ids: Sequence[int], doc_key: str = "default",
@@ -415,7 +425,7 @@ class Engine:
         """
         with self._lock:
             ids = list(prompt_ids) + list(draft_ids)
-            fwd = self.forward(ids, doc_key, logits_from=len(prompt_ids) - 1, cancel=cancel)
+            fwd = self._forward(ids, doc_key, len(prompt_ids) - 1, cancel)
             lp = log_softmax(fwd.logits)
             draft_lp = [float(lp[i, t]) for i, t in enumerate(draft_ids)]
             greedy = [int(np.argmax(lp[i])) for i in range(len(draft_ids))]
@@ -430,7 +440,3 @@ class _Row:
     text: str = ""
     finish: str = ""
 
-
-def _layer_key(name: str) -> tuple[int, int]:
-    parts = name.split(".")
-    return int(parts[1]), 0 if parts[2] == "key" else 1

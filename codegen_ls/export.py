@@ -3,9 +3,12 @@
 Pipeline (needs the ``export`` extra: torch, transformers, optimum-onnx; serving never imports it):
 
 1. resolve SRC: a local checkpoint directory, or a hub id downloaded when online;
-2. export with past key/values through optimum-onnx (``text-generation-with-past``);
-3. int8 dynamic quantization with ``onnxruntime.quantization`` (``--no-quantize`` keeps fp32);
-   models over 2 GB use ONNX external data;
+2. export with past key/values through optimum-onnx (``text-generation-with-past``), or, with
+   ``--fast-graph`` (``graph="flat"``), build our own flat-decode graph from the transformers
+   model (:mod:`codegen_ls.graph_builder`);
+3. int8 dynamic quantization with ``onnxruntime.quantization`` (``--no-quantize`` keeps fp32;
+   the flat graph also stores its token embedding as int8 rows, and ``--int4`` makes its layer
+   weights 4-bit ``MatMulNBits`` blocks); models over 2 GB use ONNX external data;
 4. write ``tokenizer.json`` and ``manifest.json`` (shapes, special ids, checksums).
 
 Only safe weight formats are loaded: safetensors, or ``torch.load(weights_only=True)`` which
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -25,6 +29,7 @@ from pathlib import Path
 from codegen_ls.errors import CodegenLsError, ModelError
 from codegen_ls.modeldir import Manifest, read_manifest, sha256, write_manifest
 
+INT4_BLOCK = 32  # MatMulNBits block size of --int4
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
 
 
@@ -42,16 +47,21 @@ def _resolve_source(src: str) -> Path:
         raise CodegenLsError(f"checkpoint directory not found: {src}")
     try:
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
         _step(f"downloading {src} from the Hugging Face hub ...")
-        local = snapshot_download(src, allow_patterns=list(WEIGHT_PATTERNS) + ["*.bin"])
-    except Exception as exc:  # offline, unknown repo, auth: one clear line
-        reason = type(exc).__name__
+        local = Path(snapshot_download(src, allow_patterns=list(WEIGHT_PATTERNS)))
+        if not any(local.glob("*.safetensors")):  # no safetensors: PyTorch .bin (loaded weights_only)
+            local = Path(snapshot_download(src, allow_patterns=[*WEIGHT_PATTERNS, "*.bin"]))
+    except LocalEntryNotFoundError:
         raise CodegenLsError(
-            f"cannot download '{src}' ({reason}): no network or unknown model id; "
-            "download the checkpoint elsewhere and pass its local directory"
+            f"cannot download '{src}': the Hugging Face hub is not reachable (offline?) and it is not "
+            "in the local cache; download the checkpoint elsewhere and pass its local directory"
         ) from None
-    return Path(local)
+    except Exception as exc:  # unknown repo, gated, auth, HTTP errors: one clear line
+        raise CodegenLsError(f"cannot download '{src}' ({type(exc).__name__}): unknown, private or gated "
+                             "model id; pass a local checkpoint directory instead") from None
+    return local
 
 
 def _check_config(src: Path) -> dict:
@@ -62,7 +72,28 @@ def _check_config(src: Path) -> dict:
     has_bin = any(src.glob("*.bin"))
     if not (has_safe or has_bin):
         raise ModelError(f"{src} has no weights (*.safetensors or *.bin)")
+    if not has_safe:
+        _check_pickled_weights(src)
     return config
+
+
+def _check_pickled_weights(src: Path) -> None:
+    """Open every ``*.bin`` with ``torch.load(weights_only=True)`` (tensors only, no code runs).
+
+    transformers loads them the same way; checking first turns a refused pickle into one clear
+    line instead of its fallback errors.
+    """
+    import torch
+
+    for path in sorted(src.glob("*.bin")):
+        try:
+            torch.load(str(path), map_location="meta", weights_only=True)
+        except Exception as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+            why = next((ln for ln in lines if "Unsupported" in ln), lines[0])
+            why = re.sub(r"\x1b\[[0-9;]*m", "", why).removeprefix("WeightsUnpickler error: ").split(". Please")[0]
+            raise ModelError(f"{path} is not a plain PyTorch weights file (refused by "
+                             f"torch.load(weights_only=True): {why}); use safetensors") from None
 
 
 def _save_tokenizer(src: Path, out: Path) -> None:
@@ -75,19 +106,96 @@ def _save_tokenizer(src: Path, out: Path) -> None:
     tok.backend_tokenizer.save(str(out / "tokenizer.json"))
 
 
-def quantize(src_onnx: Path, dst_onnx: Path, external_data: bool) -> None:
-    """Weight-only int8 dynamic quantization of every MatMul/Gemm (per-tensor, signed)."""
+def quantize(src_onnx: Path, dst_onnx: Path, external: bool, exclude: list[str] | None = None) -> None:
+    """Weight-only int8 dynamic quantization of every MatMul/Gemm (per-tensor, signed).
+
+    ``external``: write the weights as ONNX external data (``model.onnx.data``), required past
+    the 2 GB protobuf limit. ``exclude``: node names left in fp32 (activation x activation).
+    """
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
         str(src_onnx), str(dst_onnx), weight_type=QuantType.QInt8, per_channel=False,
-        op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external_data,
+        op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external,
+        nodes_to_exclude=exclude or [],
+        # ONNX shape inference stops at com.microsoft ops (flat graph): everything is float
+        extra_options={"DefaultTensorType": TensorProto.FLOAT},
     )
 
 
-def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False) -> Manifest:
-    """Export ``src`` into ``out`` and return the manifest written there."""
+def _copy_fp32(tmp_dir: Path, out: Path, external: bool) -> None:
+    """Copy the exported fp32 model, converting it to external data when asked and not already."""
+    already = any(p.name != "model.onnx" for p in tmp_dir.glob("model.onnx*"))
+    if external and not already:
+        import onnx
+
+        model = onnx.load(str(tmp_dir / "model.onnx"))
+        onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="model.onnx.data", size_threshold=1024)
+        return
+    for p in tmp_dir.glob("model.onnx*"):  # model.onnx (+ model.onnx_data written by optimum past 2 GB)
+        shutil.copyfile(p, out / p.name)
+
+
+def _export_optimum(source: Path, tmp_dir: Path) -> None:
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError:
+        raise CodegenLsError("export needs the export extra: pip install 'codegen-ls[export]' torch==2.13.0") from None
+    try:
+        # trust_remote_code stays False; transformers loads *.safetensors, or *.bin with
+        # torch.load(weights_only=True), so no pickled code ever runs.
+        main_export(str(source), output=tmp_dir, task="text-generation-with-past",
+                    do_validation=False, no_post_process=False, device="cpu")
+    except Exception as exc:  # unreadable or unsafe weights, unsupported config: one line
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise ModelError(f"cannot export {source}: {lines[0]}") from None
+
+
+def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
+                 int4: bool) -> tuple[list[str], bool]:
+    """Build the flat graph (:mod:`codegen_ls.graph_builder`) from the transformers model.
+
+    Returns (attention MatMul names to keep in fp32, whether external data was used).
+    """
+    import torch
+    from transformers import CodeGenForCausalLM
+
+    from codegen_ls.graph_builder import build_flat_model, save
+
+    try:
+        model = CodeGenForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+        proto, attention = build_flat_model(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0)
+    except Exception as exc:  # unreadable weights, unexpected shapes: one line
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise ModelError(f"cannot export {source}: {lines[0]}") from None
+    del model
+    if external is None:
+        external = sum(len(t.raw_data) for t in proto.graph.initializer) > 1_800_000_000
+    save(proto, tmp_dir / "model.onnx", external)
+    return attention, external
+
+
+def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
+           external_data: bool | None = None, graph: str = "optimum", int4: bool = False) -> Manifest:
+    """Export ``src`` into ``out`` and return the manifest written there.
+
+    ``graph``: ``optimum`` (optimum-onnx's export, the reference) or ``flat`` (our own graph
+    with in-place prompt KV buffers and flat decode, :mod:`codegen_ls.graph_builder`); the
+    manifest records it as ``extra.graph`` and the engine picks its backend from it. The flat
+    graph's int8 export also stores the token embedding as int8 rows; ``int4`` (flat only) makes
+    the layers' weights 4-bit ``MatMulNBits`` blocks (lm_head stays int8).
+
+    ``external_data``: None decides by size (ONNX external data when the fp32 export is past
+    ~1.8 GB, as 2 GB is the protobuf limit); True/False force it (tests use True to cover the
+    big-model path).
+    """
     t0 = time.time()
+    if graph not in ("optimum", "flat"):
+        raise CodegenLsError(f"unknown graph kind '{graph}' (optimum or flat)")
+    if int4 and (graph != "flat" or not quantize_int8):
+        raise CodegenLsError("int4 weights need the flat graph (--fast-graph) and quantization")
     source = _resolve_source(src)
     config = _check_config(source)
     if out.exists() and any(out.iterdir()):
@@ -95,28 +203,33 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False)
             raise CodegenLsError(f"output directory is not empty: {out} (use --force to overwrite)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        from optimum.exporters.onnx import main_export
-    except ImportError:
-        raise CodegenLsError("export needs the export extra: pip install 'codegen-ls[export]' torch==2.13.0") from None
 
     with tempfile.TemporaryDirectory(prefix="codegen-ls-export-") as tmp:
         tmp_dir = Path(tmp)
-        _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
-        main_export(str(source), output=tmp_dir, task="text-generation-with-past",
-                    do_validation=False, no_post_process=False, device="cpu")
+        exclude: list[str] = []
+        if graph == "flat":
+            _step(f"[1/3] building the flat ONNX graph of {source} (codegen_ls.graph_builder) ...")
+            exclude, external_data = _export_flat(source, tmp_dir, external_data, quantize_int8, int4)
+        else:
+            _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
+            _export_optimum(source, tmp_dir)
         exported = tmp_dir / "model.onnx"
-        external = any(p.name != "model.onnx" and p.name.startswith("model.onnx") for p in tmp_dir.iterdir()) \
-            or sum(p.stat().st_size for p in tmp_dir.glob("model.onnx*")) > 1_800_000_000
+        size = sum(p.stat().st_size for p in tmp_dir.glob("model.onnx*"))
+        if external_data is None:  # optimum already wrote external data past 2 GB
+            external_data = size > 1_800_000_000 or any(p.name != "model.onnx" for p in tmp_dir.glob("model.onnx*"))
         if quantize_int8:
             _step("[2/3] int8 dynamic quantization (onnxruntime.quantization) ...")
-            quantize(exported, out / "model.onnx", external)
+            quantize(exported, out / "model.onnx", external_data, exclude)
         else:
             _step("[2/3] keeping fp32 weights (--no-quantize)")
-            for p in tmp_dir.glob("model.onnx*"):
-                shutil.copyfile(p, out / p.name)
+            _copy_fp32(tmp_dir, out, external_data)
     _step("[3/3] writing tokenizer.json and manifest.json ...")
     _save_tokenizer(source, out)
+    quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
+    return _write_manifest(src, out, config, quantization, graph, t0)
+
+
+def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph: str, t0: float) -> Manifest:
     n_head = int(config["n_head"])
     files = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
     manifest = Manifest(
@@ -128,17 +241,45 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False)
         head_dim=int(config["n_embd"]) // n_head,
         bos_token_id=int(config.get("bos_token_id") or 0),
         eos_token_id=int(config.get("eos_token_id") or 0),
-        quantization="int8-dynamic" if quantize_int8 else "none",
+        quantization=quantization,
         source=str(src),
         files=files,
         name=Path(str(src).rstrip("/")).name,
-        extra={"rotary_dim": config.get("rotary_dim"), "n_embd": config.get("n_embd"),
+        extra={"graph": graph, "rotary_dim": config.get("rotary_dim"), "n_embd": config.get("n_embd"),
                "exported_with": _versions(), "export_seconds": round(time.time() - t0, 1)},
     )
     write_manifest(out, manifest)
     read_manifest(out)
     _step(f"done in {time.time() - t0:.1f}s: {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")
     return manifest
+
+
+def random_checkpoint(out: Path, *, vocab_size: int = 8192, n_positions: int = 2048, n_embd: int = 64,
+                      n_layer: int = 2, n_head: int = 4, rotary_dim: int = 8, tokenizer: Path | None = None,
+                      eos_token_id: int = 0, suppress_eos: bool = True, seed: int = 0,
+                      safetensors: bool = True) -> Path:
+    """Save a random-weight ``CodeGenForCausalLM`` of the given shape (tests and benchmarks).
+
+    ``tokenizer``: a ``tokenizer.json`` copied next to the weights (its vocabulary must fit
+    ``vocab_size``). ``suppress_eos``: a -1e4 bias on the EOS logit, so decoding always runs to
+    its length (stable benchmarks and token-for-token comparisons).
+    """
+    import torch
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    config = CodeGenConfig(vocab_size=vocab_size, n_positions=n_positions, n_ctx=n_positions, n_embd=n_embd,
+                           n_layer=n_layer, n_head=n_head, rotary_dim=rotary_dim, bos_token_id=eos_token_id,
+                           eos_token_id=eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = CodeGenForCausalLM(config).eval()
+    if suppress_eos:
+        with torch.no_grad():
+            model.lm_head.bias[eos_token_id] = -1e4
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=safetensors)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+    return out
 
 
 def _versions() -> dict[str, str]:

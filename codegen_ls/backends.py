@@ -1,0 +1,281 @@
+"""The engine's two ways of running a CodeGen ONNX graph, chosen by the manifest's graph kind.
+
+* :class:`OptimumBackend` (``graph: optimum``, the reference): optimum's export, the whole past
+  in and ``past + new`` out every run. A state is that list of arrays; a prefix is a slice.
+* :class:`FlatBackend` (``graph: flat``, see :mod:`codegen_ls.graph_builder`): the prompt's keys
+  and values live in preallocated per-document buffers the engine writes in place; a decode
+  step reads them and carries only the tokens generated in this request. N candidate rows share
+  one prefix buffer, never copied.
+
+Both expose the same four calls to the engine: ``prefill`` (feed prompt tokens on top of the
+first ``keep`` tokens of a state), ``begin`` / ``step`` / ``keep_rows`` (batched decode), and
+count ``tokens_fed`` and ``session_ms``. Input and output names are read from the session.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from codegen_ls.errors import Cancelled, ModelError
+
+CancelFn = Callable[[], bool] | None
+
+
+def _check_cancel(cancel: CancelFn) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled")
+
+
+def _layer_key(name: str) -> tuple[int, int]:
+    parts = name.split(".")  # past_key_values.<layer>.key|value
+    return int(parts[1]), 0 if parts[2] == "key" else 1
+
+
+class Backend:
+    """What the engine needs from a graph; subclasses hold the session."""
+
+    in_place = False  # True: prefill writes into the state it was given
+
+    def __init__(self, session: Any, chunk: int) -> None:
+        self.session = session
+        self.chunk = chunk
+        self.tokens_fed = 0
+        self.session_ms = 0.0
+
+    def _session_run(self, feed: dict[str, np.ndarray], n_tokens: int) -> list[np.ndarray]:
+        t = time.perf_counter()
+        out = self.session.run(None, feed)
+        self.session_ms += (time.perf_counter() - t) * 1000
+        self.tokens_fed += n_tokens
+        return list(out)
+
+    def prefill(self, state: Any, keep: int, ids: Sequence[int], logits_from: int,
+                cancel: CancelFn) -> tuple[np.ndarray, Any]:
+        """Feed ``ids[keep:]`` after the first ``keep`` tokens of ``state`` (None: empty).
+
+        Returns (logits ``[len(ids) - logits_from, vocab]``, state covering all of ``ids``).
+        ``keep <= logits_from`` is the caller's promise.
+        """
+        raise NotImplementedError
+
+    def begin(self, state: Any, length: int, n: int) -> Any:
+        """A decode of ``n`` rows continuing the ``length`` tokens of ``state``."""
+        raise NotImplementedError
+
+    def step(self, dec: Any, tokens: Sequence[int]) -> np.ndarray:
+        """Feed one token per row; return the next-token logits ``[rows, vocab]``."""
+        raise NotImplementedError
+
+    def keep_rows(self, dec: Any, rows: np.ndarray) -> None:
+        """Drop the decode rows not in ``rows`` (finished candidates)."""
+        raise NotImplementedError
+
+
+# -- optimum: past in, past + new out ---------------------------------------------------------------
+@dataclass
+class PastState:
+    past: list[np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.past)
+
+
+class OptimumBackend(Backend):
+    def __init__(self, session: Any, chunk: int, n_head: int, n_layer: int) -> None:
+        super().__init__(session, chunk)
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_key)
+        present = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
+        if "input_ids" not in inputs or not self.past_names or len(self.past_names) != len(present):
+            raise ModelError("ONNX model has no input_ids/past_key_values inputs (export with past)")
+        shape = inputs[self.past_names[0]].shape
+        self.n_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.kv_dtype = np.float16 if "float16" in inputs[self.past_names[0]].type else np.float32
+        self.has_mask = "attention_mask" in inputs
+        self.has_positions = "position_ids" in inputs
+        if self.n_kv_heads != n_head or len(self.past_names) != 2 * n_layer:
+            raise ModelError("manifest does not match the ONNX model (layers/heads)")
+
+    def _empty(self, batch: int = 1) -> list[np.ndarray]:
+        return [np.zeros((batch, self.n_kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past_names]
+
+    def _run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        batch, n = ids.shape
+        past_len = past[0].shape[2]
+        feed: dict[str, np.ndarray] = {"input_ids": ids.astype(np.int64)}
+        if self.has_mask:
+            feed["attention_mask"] = np.ones((batch, past_len + n), np.int64)
+        if self.has_positions:
+            feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + n, dtype=np.int64), (batch, n)).copy()
+        feed.update(zip(self.past_names, past))
+        out = self._session_run(feed, batch * n)
+        return out[0], out[1:]
+
+    def prefill(self, state: PastState | None, keep: int, ids: Sequence[int], logits_from: int,
+                cancel: CancelFn) -> tuple[np.ndarray, PastState]:
+        past = [a[:, :, :keep, :] for a in state.past] if state is not None and keep > 0 else self._empty()
+        chunks = []
+        pos = keep
+        while pos < len(ids):
+            _check_cancel(cancel)
+            end = min(len(ids), pos + self.chunk)
+            logits, past = self._run(np.asarray([ids[pos:end]]), past)
+            chunks.append(logits[0])
+            pos = end
+        return np.concatenate(chunks, axis=0)[logits_from - keep:], PastState(past)
+
+    def begin(self, state: PastState, length: int, n: int) -> PastState:
+        return PastState([np.repeat(a, n, axis=0) for a in state.past] if n > 1 else state.past)
+
+    def step(self, dec: PastState, tokens: Sequence[int]) -> np.ndarray:
+        logits, dec.past = self._run(np.asarray(tokens, dtype=np.int64)[:, None], dec.past)
+        return logits[:, -1]
+
+    def keep_rows(self, dec: PastState, rows: np.ndarray) -> None:
+        dec.past = [a[rows] for a in dec.past]
+
+
+# -- flat: shared prefix buffers written in place, per-request tails -------------------------------
+ROUND = 128  # prefix buffers grow in steps of this many positions
+MASKED = np.float32(-1e9)
+
+
+def _round_up(n: int) -> int:
+    return max(ROUND, -(-n // ROUND) * ROUND)
+
+
+@dataclass
+class FlatState:
+    """A document's prompt KV: keys ``[1, H, D, cap]`` (transposed), values ``[1, H, cap, D]``."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    length: int = 0  # valid positions
+
+    @property
+    def cap(self) -> int:
+        return int(self.keys[0].shape[3])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+
+@dataclass
+class FlatDecode:
+    state: FlatState
+    length: int
+    bias: np.ndarray
+    tails: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    steps: int = 0
+
+
+class FlatBackend(Backend):
+    in_place = True
+
+    def __init__(self, session: Any, chunk: int, n_head: int, n_layer: int) -> None:
+        super().__init__(session, chunk)
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.prefix = [(f"prefix_key.{i}", f"prefix_value.{i}") for i in range(n_layer)]
+        self.tail = [(f"tail_key.{i}", f"tail_value.{i}") for i in range(n_layer)]
+        needed = {"input_ids", "position_ids", "prefix_bias", "tail_bias", "logits_start"}
+        needed |= {n for pair in self.prefix + self.tail for n in pair}
+        if not needed <= set(inputs) or len([n for n in inputs if n.startswith("prefix_key.")]) != n_layer:
+            raise ModelError("ONNX model is not a flat graph of this manifest (inputs/layers differ)")
+        shape = inputs["prefix_key.0"].shape
+        self.n_head, self.head_dim = int(shape[1]), int(shape[2])
+        if self.n_head != n_head:
+            raise ModelError("manifest does not match the ONNX model (heads)")
+        self.out_index = {o.name: i for i, o in enumerate(session.get_outputs())}
+        self.tail_out = [(self.out_index[f"tail_key_out.{i}"], self.out_index[f"tail_value_out.{i}"])
+                         for i in range(n_layer)]
+
+    def _alloc(self, cap: int) -> FlatState:
+        h, d = self.n_head, self.head_dim
+        return FlatState([np.zeros((1, h, d, cap), np.float32) for _ in self.prefix],
+                         [np.zeros((1, h, cap, d), np.float32) for _ in self.prefix])
+
+    def _fit(self, state: FlatState, end: int) -> None:
+        """Make room for ``end`` positions: grow (or shrink a much larger buffer), keeping ``length``.
+
+        Nothing before the first token: an empty prefix is one masked column.
+        """
+        want = _round_up(end) if end > 0 else 1
+        if want <= state.cap <= want + 4 * ROUND:
+            return
+        new = self._alloc(want)
+        n = state.length
+        for old, dst in zip(state.keys, new.keys):
+            dst[:, :, :, :n] = old[:, :, :, :n]
+        for old, dst in zip(state.values, new.values):
+            dst[:, :, :n, :] = old[:, :, :n, :]
+        state.keys, state.values = new.keys, new.values
+
+    def _empty_tails(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        h, d = self.n_head, self.head_dim
+        return [(np.zeros((h, n, d, 0), np.float32), np.zeros((h, n, 0, d), np.float32)) for _ in self.tail]
+
+    def _run(self, state: FlatState, valid: int, bias: np.ndarray | None, ids: np.ndarray, pos: int,
+             tails: list[tuple[np.ndarray, np.ndarray]], logits_start: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        rows, s = ids.shape
+        t = tails[0][0].shape[3]
+        if bias is None:
+            bias = np.zeros(state.cap, np.float32)
+            bias[valid:] = MASKED
+        tail_bias = np.zeros((s, t + s), np.float32)
+        if s > 1:
+            tail_bias[:, t:] = np.triu(np.full((s, s), MASKED, np.float32), 1)
+        feed: dict[str, np.ndarray] = {
+            "input_ids": ids.astype(np.int64),
+            "position_ids": np.broadcast_to(np.arange(pos, pos + s, dtype=np.int64), (rows, s)).copy(),
+            "prefix_bias": bias,
+            "tail_bias": tail_bias,
+            "logits_start": np.array([logits_start], np.int64),
+        }
+        for (pk, pv), (tk, tv), k, v, (tk_arr, tv_arr) in zip(self.prefix, self.tail, state.keys, state.values, tails):
+            feed[pk], feed[pv], feed[tk], feed[tv] = k, v, tk_arr, tv_arr
+        out = self._session_run(feed, rows * s)
+        return out[0], [(out[i], out[j]) for i, j in self.tail_out]
+
+    def prefill(self, state: FlatState | None, keep: int, ids: Sequence[int], logits_from: int,
+                cancel: CancelFn) -> tuple[np.ndarray, FlatState]:
+        if state is None:
+            state, keep = self._alloc(1), 0
+        state.length = keep
+        chunks = []
+        pos = keep
+        while pos < len(ids):
+            _check_cancel(cancel)
+            end = min(len(ids), pos + self.chunk)
+            self._fit(state, pos)  # the run reads only the valid prefix (+ < ROUND masked columns)
+            start = max(0, min(end - pos - 1, logits_from - pos))  # logits only where asked
+            logits, tails = self._run(state, pos, None, np.asarray([ids[pos:end]]), pos, self._empty_tails(1), start)
+            self._fit(state, end)
+            for k, v, (tk, tv) in zip(state.keys, state.values, tails):
+                k[0, :, :, pos:end] = tk[:, 0]
+                v[0, :, pos:end, :] = tv[:, 0]
+            state.length = end
+            if end > logits_from:
+                chunks.append(logits[0, max(0, logits_from - pos) - start:])
+            pos = end
+        return np.concatenate(chunks, axis=0), state
+
+    def begin(self, state: FlatState, length: int, n: int) -> FlatDecode:
+        bias = np.zeros(state.cap, np.float32)
+        bias[length:] = MASKED
+        return FlatDecode(state, length, bias, self._empty_tails(n))
+
+    def step(self, dec: FlatDecode, tokens: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64)[:, None]
+        logits, dec.tails = self._run(dec.state, dec.length, dec.bias, ids, dec.length + dec.steps, dec.tails, 0)
+        dec.steps += 1
+        return logits[:, -1]
+
+    def keep_rows(self, dec: FlatDecode, rows: np.ndarray) -> None:
+        dec.tails = [(np.ascontiguousarray(k[:, rows]), np.ascontiguousarray(v[:, rows])) for k, v in dec.tails]

@@ -1,0 +1,247 @@
+"""The ``flat`` ONNX graph: CodeGen written out op by op, with a shared-prefix KV layout.
+
+The optimum export takes the whole past as input and concatenates it with the new token's keys
+and values every step: decode time grows with the context even where attention itself is cheap.
+This graph is built for the engine's access pattern instead:
+
+* the **prefix** (the prompt, cached per document) is a preallocated buffer per layer, an input
+  the graph only reads: ``prefix_key.L`` ``[1, H, D, cap]`` (keys stored transposed, so the score
+  MatMul needs no transpose) and ``prefix_value.L`` ``[1, H, cap, D]``. ``prefix_bias`` ``[cap]``
+  (0 or -1e9) masks the unused tail of the buffer. The engine writes new prompt tokens into it
+  in place, so prefill and decode never copy the context;
+* the **tail** (tokens generated in this request) is small and per row: ``tail_key.L``
+  ``[H, n, D, T]`` and ``tail_value.L`` ``[H, n, T, D]``; the graph returns them grown by the new
+  tokens (``tail_key_out.L``, ``tail_value_out.L``), masked by ``tail_bias`` ``[S, T+S]``;
+* the n candidate rows all attend to the one prefix: their queries are stacked into a single
+  MatMul against it, so N candidates share one prefill and one copy of the context.
+
+Per layer: LayerNorm -> fused qkv MatMul (CodeGen's ``mp_num=4`` interleaved q/v/k layout is
+reordered to plain q|k|v at build time) -> ``com.microsoft.RotaryEmbedding`` (interleaved,
+partial ``rotary_dim``) on q and k -> attention over prefix + tail -> out_proj; the MLP (fc_in,
+``FastGelu`` = gelu_new, fc_out) reads the same LayerNorm output, and both are added to the
+residual (CodeGen's parallel block). ``logits_start`` slices the positions whose logits are
+computed (prefill needs only the last one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GRAPH_KIND = "flat"
+OPSET = 17
+IR_VERSION = 9
+MASKED = -1e9  # additive bias for masked positions (finite: a fully masked row never makes NaN)
+
+
+def prefix_names(n_layer: int) -> list[tuple[str, str]]:
+    return [(f"prefix_key.{i}", f"prefix_value.{i}") for i in range(n_layer)]
+
+
+def tail_names(n_layer: int) -> list[tuple[str, str]]:
+    return [(f"tail_key.{i}", f"tail_value.{i}") for i in range(n_layer)]
+
+
+def tail_out_names(n_layer: int) -> list[tuple[str, str]]:
+    return [(f"tail_key_out.{i}", f"tail_value_out.{i}") for i in range(n_layer)]
+
+
+def qkv_weight(w: np.ndarray, n_head: int, mp_num: int = 4) -> np.ndarray:
+    """CodeGen's qkv_proj weight ``[3E, E]`` -> ``[3E, E]`` with rows q | k | v in head order.
+
+    transformers reshapes the qkv output to ``[mp_num, 3E/mp_num]``, splits each block into
+    query, value, key (that order) of ``E/mp_num`` each, and heads run ``mp block, then head``.
+    """
+    e = w.shape[1]
+    if n_head % mp_num or w.shape[0] != 3 * e:
+        raise ValueError(f"unexpected qkv_proj shape {w.shape} for {n_head} heads")
+    blocks = w.reshape(mp_num, 3, e // mp_num, e)  # [mp, (q, v, k), local, in]
+    q, v, k = (blocks[:, j].reshape(e, e) for j in range(3))
+    return np.concatenate([q, k, v], axis=0)
+
+
+def pack_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` ``[K, N]`` -> ``MatMulNBits`` operands: 4-bit blocks along K, symmetric (zero point 8).
+
+    Returns (B ``uint8 [N, K/block, block/2]``, two values a byte, low nibble first; scales
+    ``float32 [N * K/block]``).
+    """
+    k, n = w.shape
+    blocks = w.T.reshape(n, k // block, block)
+    scale = np.abs(blocks).max(axis=-1) / 7.0
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(blocks / scale[..., None]), -8, 7) + 8).astype(np.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), scale.astype(np.float32).reshape(-1)
+
+
+class _Graph:
+    """A tiny builder over onnx.helper: unique names, initializers, nodes."""
+
+    def __init__(self) -> None:
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._n = 0
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "",
+           name: str | None = None, **attrs: Any) -> Any:
+        self._n += 1
+        node_name = name or f"{op_type}_{self._n}"
+        outs = outputs if isinstance(outputs, list) else [f"{node_name}_out{i}" for i in range(outputs)]
+        self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=node_name, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: int = 0) -> tuple[Any, list[str]]:
+    """An ONNX ModelProto of ``model`` (a transformers ``CodeGenForCausalLM``, fp32, eval).
+
+    ``int8_embedding``: the token embedding as int8 rows with one scale each (a quarter of the
+    memory; the fp32 table is most of an int8 model's RSS otherwise). ``int4_block``: the layers'
+    linear weights (not lm_head) as 4-bit ``MatMulNBits`` blocks of that size (int8 compute).
+    Returns (model proto, names of the nodes that must stay fp32 when the rest is int8-quantized:
+    the attention MatMuls, which are activation x activation).
+    """
+    from onnx import TensorProto, helper
+
+    cfg = model.config
+    e, n_head, n_layer = int(cfg.n_embd), int(cfg.n_head), int(cfg.n_layer)
+    d = e // n_head
+    rd = int(cfg.rotary_dim or d)
+    eps = float(cfg.layer_norm_epsilon)
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    g = _Graph()
+    attention_matmuls: list[str] = []
+
+    # rotary tables exactly as transformers computes them: embed_positions = [sin | cos]
+    sincos = model.transformer.h[0].attn.embed_positions.detach().float().cpu().numpy()
+    g.const("rope_sin", sincos[:, : rd // 2])
+    g.const("rope_cos", sincos[:, rd // 2:])
+    wte = sd["transformer.wte.weight"]
+    if int8_embedding:
+        row_scale = np.maximum(np.abs(wte).max(axis=1, keepdims=True), 1e-12) / 127.0
+        g.const("wte_int8", np.rint(wte / row_scale).astype(np.int8))
+        g.const("wte_scale", row_scale.astype(np.float32))
+    else:
+        g.const("wte", wte)
+    g.const("shape_nshd", np.array([0, 0, n_head, d], np.int64))
+    g.const("shape_nse", np.array([0, 0, e], np.int64))
+    g.const("shape_1h_d", np.array([1, n_head, -1, d], np.int64))
+    g.const("shape_1h_0", np.array([1, n_head, -1, 0], np.int64))
+    g.const("const_h", np.array([n_head], np.int64))
+    g.const("const_d", np.array([d], np.int64))
+    g.const("const_m1", np.array([-1], np.int64))
+    g.const("scale", np.array(1.0 / np.sqrt(d), np.float32))
+    g.const("axis1", np.array([1], np.int64))
+    g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64))
+
+    n_s = g.op("Shape", ["input_ids"], name="shape_ns")  # [n, S]
+    shape_hns_m1 = g.op("Concat", ["const_h", n_s, "const_m1"], axis=0, name="shape_hns_m1")
+    shape_hnsd = g.op("Concat", ["const_h", n_s, "const_d"], axis=0, name="shape_hnsd")
+    split_sizes = g.op("Concat", [g.op("Shape", ["prefix_bias"]), g.op("Shape", ["tail_bias"], start=1)],
+                       axis=0, name="split_sizes")
+    if int8_embedding:
+        rows = g.op("Cast", [g.op("Gather", ["wte_int8", "input_ids"], axis=0, name="embed")], to=TensorProto.FLOAT)
+        h = g.op("Mul", [rows, g.op("Gather", ["wte_scale", "input_ids"], axis=0, name="embed_scale")])
+    else:
+        h = g.op("Gather", ["wte", "input_ids"], axis=0, name="embed")
+
+    def linear(x: str, w: np.ndarray, name: str) -> str:
+        """x @ w (``w`` is ``[in, out]``), as MatMulNBits when asked and the shape allows."""
+        k, n = w.shape
+        if int4_block and k % int4_block == 0 and int4_block % 2 == 0:
+            packed, scales = pack_int4(w, int4_block)
+            return g.op("MatMulNBits", [x, g.const(f"{name}.q4", packed), g.const(f"{name}.scales", scales)],
+                        domain="com.microsoft", name=name, K=k, N=n, bits=4, block_size=int4_block, accuracy_level=4)
+        return g.op("MatMul", [x, g.const(f"{name}.w", np.ascontiguousarray(w))], name=name)
+
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        ln_w = g.const(f"ln1_w.{i}", sd[p + "ln_1.weight"])
+        ln_b = g.const(f"ln1_b.{i}", sd[p + "ln_1.bias"])
+        b_in = g.const(f"b_fc_in.{i}", sd[p + "mlp.fc_in.bias"])
+        b_fo = g.const(f"b_fc_out.{i}", sd[p + "mlp.fc_out.bias"])
+
+        x = g.op("LayerNormalization", [h, ln_w, ln_b], axis=-1, epsilon=eps, name=f"ln1.{i}")
+        qkv = linear(x, qkv_weight(sd[p + "attn.qkv_proj.weight"], n_head).T, f"qkv.{i}")
+        q, k, v = g.op("Split", [qkv, g.const(f"qkv_split.{i}", np.array([e, e, e], np.int64))], 3, axis=-1,
+                       name=f"split_qkv.{i}")
+        rope = dict(domain="com.microsoft", interleaved=1, rotary_embedding_dim=rd, num_heads=n_head)
+        q = g.op("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], name=f"rope_q.{i}", **rope)
+        k = g.op("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], name=f"rope_k.{i}", **rope)
+
+        qh = g.op("Transpose", [g.op("Reshape", [q, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
+        qh = g.op("Mul", [qh, "scale"])
+        kt = g.op("Transpose", [g.op("Reshape", [k, "shape_nshd"])], perm=[2, 0, 3, 1])  # [H, n, D, S]
+        vh = g.op("Transpose", [g.op("Reshape", [v, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
+        tk_out, tv_out = tail_out_names(n_layer)[i]
+        tk_in, tv_in = tail_names(n_layer)[i]
+        pk_in, pv_in = prefix_names(n_layer)[i]
+        kt_all = g.op("Concat", [tk_in, kt], [tk_out], axis=3, name=f"tail_k.{i}")  # [H, n, D, T+S]
+        vh_all = g.op("Concat", [tv_in, vh], [tv_out], axis=2, name=f"tail_v.{i}")  # [H, n, T+S, D]
+
+        # prefix: all rows' queries in one MatMul against the shared buffer
+        qp = g.op("Reshape", [qh, "shape_1h_d"])  # [1, H, n*S, D]
+        sp = g.op("MatMul", [qp, pk_in], name=f"attn_qk_prefix.{i}")  # [1, H, n*S, cap]
+        sp = g.op("Add", [g.op("Reshape", [sp, shape_hns_m1]), "prefix_bias"])  # [H, n, S, cap]
+        st = g.op("MatMul", [qh, kt_all], name=f"attn_qk_tail.{i}")  # [H, n, S, T+S]
+        st = g.op("Add", [st, "tail_bias"])
+        probs = g.op("Softmax", [g.op("Concat", [sp, st], axis=-1)], axis=-1)
+        pp, pt = g.op("Split", [probs, split_sizes], 2, axis=-1)
+        op_ = g.op("MatMul", [g.op("Reshape", [pp, "shape_1h_0"]), pv_in], name=f"attn_pv_prefix.{i}")
+        ot = g.op("MatMul", [pt, vh_all], name=f"attn_pv_tail.{i}")  # [H, n, S, D]
+        o = g.op("Add", [g.op("Reshape", [op_, shape_hnsd]), ot])
+        o = g.op("Reshape", [g.op("Transpose", [o], perm=[1, 2, 0, 3]), "shape_nse"])  # [n, S, E]
+        attention_matmuls += [f"attn_qk_prefix.{i}", f"attn_qk_tail.{i}", f"attn_pv_prefix.{i}", f"attn_pv_tail.{i}"]
+        attn = linear(o, sd[p + "attn.out_proj.weight"].T, f"out_proj.{i}")
+
+        m = linear(x, sd[p + "mlp.fc_in.weight"].T, f"fc_in.{i}")
+        m = g.op("FastGelu", [m, b_in], domain="com.microsoft", name=f"gelu.{i}")
+        m = g.op("Add", [linear(m, sd[p + "mlp.fc_out.weight"].T, f"fc_out.{i}"), b_fo])
+        h = g.op("Add", [g.op("Add", [h, attn]), m], name=f"residual.{i}")
+
+    h = g.op("Slice", [h, "logits_start", "int64_max", "axis1"], name="logits_positions")
+    h = g.op("LayerNormalization", [h, g.const("lnf_w", sd["transformer.ln_f.weight"]),
+                                     g.const("lnf_b", sd["transformer.ln_f.bias"])], axis=-1, epsilon=eps, name="ln_f")
+    logits = g.op("MatMul", [h, g.const("w_lm", sd["lm_head.weight"].T)], name="lm_head")
+    g.op("Add", [logits, g.const("b_lm", sd["lm_head.bias"])], ["logits"], name="lm_head_bias")
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+        helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
+        helper.make_tensor_value_info("prefix_bias", f32, ["cap"]),
+        helper.make_tensor_value_info("tail_bias", f32, ["seq", "tail_seq"]),
+        helper.make_tensor_value_info("logits_start", i64, [1]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "logits_seq", int(cfg.vocab_size)])]
+    for (pk, pv), (tk, tv), (ok, ov) in zip(prefix_names(n_layer), tail_names(n_layer), tail_out_names(n_layer)):
+        inputs += [helper.make_tensor_value_info(pk, f32, [1, n_head, d, "cap"]),
+                   helper.make_tensor_value_info(pv, f32, [1, n_head, "cap", d])]
+        inputs += [helper.make_tensor_value_info(tk, f32, [n_head, "batch", d, "past_tail"]),
+                   helper.make_tensor_value_info(tv, f32, [n_head, "batch", "past_tail", d])]
+        outputs += [helper.make_tensor_value_info(ok, f32, [n_head, "batch", d, "tail_seq"]),
+                    helper.make_tensor_value_info(ov, f32, [n_head, "batch", "tail_seq", d])]
+    graph = helper.make_graph(g.nodes, "codegen_flat", inputs, outputs, initializer=g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=IR_VERSION, producer_name="codegen-ls")
+    proto.metadata_props.add(key="codegen_ls.graph", value=GRAPH_KIND)
+    return proto, attention_matmuls
+
+
+def save(proto: Any, path: Path, external: bool) -> None:
+    """Save ``proto``; ``external`` puts the weights in ``<name>.data`` (needed past 2 GB)."""
+    import onnx
+
+    if external:
+        onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(proto, str(path))

@@ -1,0 +1,146 @@
+"""``codegen-ls model export`` through :func:`codegen_ls.export.export`: errors, safety, manifest.
+
+Behaviours of the CLI command, tested on the function it calls: one clear error line for an
+offline hub id, :class:`ModelError` for non-CodeGen checkpoints, pickled ``.bin`` weights loaded
+only with ``weights_only=True`` (a malicious pickle runs nothing), external data for big models,
+and manifest checksums checked with :func:`codegen_ls.modeldir.verify_files`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("optimum.exporters.onnx")
+
+from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
+from codegen_ls.export import export, random_checkpoint  # noqa: E402
+from codegen_ls.modeldir import read_manifest, verify_files  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
+SHAPE = dict(vocab_size=8192, n_positions=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "src", tokenizer=TOKENIZER, **SHAPE)
+
+
+def hf_greedy(src: Path, ids: list[int], n: int) -> list[int]:
+    from transformers import CodeGenForCausalLM
+
+    model = CodeGenForCausalLM.from_pretrained(str(src)).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return [int(t) for t in out[0, len(ids):]]
+
+
+def test_unknown_graph_kind_and_bad_int4(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(CodegenLsError, match="graph kind"):
+        export(str(checkpoint), tmp_path / "out", graph="fastest")
+    with pytest.raises(CodegenLsError, match="int4"):
+        export(str(checkpoint), tmp_path / "out", graph="optimum", int4=True)
+
+
+def test_offline_hub_id_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(CodegenLsError) as info:
+        export("Salesforce/codegen-350M-mono", tmp_path / "out")
+    message = str(info.value)
+    assert "Salesforce/codegen-350M-mono" in message and "offline" in message
+    assert "\n" not in message and not isinstance(info.value, ModelError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(CodegenLsError, match="not found"):
+        export(str(tmp_path / "nope"), tmp_path / "out")
+
+
+def test_non_codegen_checkpoint_is_a_model_error(tmp_path: Path) -> None:
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelError, match="only CodeGen"):
+        export(str(src), tmp_path / "out")
+    (src / "config.json").write_text(json.dumps({"model_type": "codegen"}))
+    with pytest.raises(ModelError, match="no weights"):
+        export(str(src), tmp_path / "out")
+    with pytest.raises(ModelError, match="no config.json"):
+        export(str(tmp_path), tmp_path / "out2")
+
+
+def test_refuses_a_non_empty_output_directory(checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(CodegenLsError, match="not empty"):
+        export(str(checkpoint), tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").exists()
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that pickled code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_bin_weights_never_run_code(tmp_path: Path) -> None:
+    src = random_checkpoint(tmp_path / "src", safetensors=False, tokenizer=TOKENIZER, **SHAPE)
+    assert (src / "pytorch_model.bin").is_file() and not list(src.glob("*.safetensors"))
+    # a legitimate .bin loads (torch.load weights_only=True) and exports
+    export(str(src), tmp_path / "ok", quantize_int8=False)
+    assert verify_files(tmp_path / "ok", read_manifest(tmp_path / "ok")) == []
+    # a malicious one is refused with one line, and its code never runs
+    marker = tmp_path / "pwned"
+    torch.save({"transformer.wte.weight": _Payload(marker)}, src / "pytorch_model.bin")
+    with pytest.raises(ModelError) as info:
+        export(str(src), tmp_path / "bad", quantize_int8=False)
+    assert "\n" not in str(info.value) and "weights_only=True" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("graph", ["optimum", "flat"])
+@pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "int8"])
+def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, quantize: bool, graph: str) -> None:
+    """The >2 GB path (forced here on a tiny model): weights in ``model.onnx.data``, all files listed."""
+    out = tmp_path / "model"
+    manifest = export(str(checkpoint), out, quantize_int8=quantize, external_data=True, graph=graph)
+    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert (out / "model.onnx").stat().st_size < 200_000 < (out / "model.onnx.data").stat().st_size
+    assert manifest.quantization == ("int8-dynamic" if quantize else "none")
+    assert manifest.extra["graph"] == graph
+    assert (manifest.n_layer, manifest.n_head, manifest.head_dim, manifest.vocab_size) == (2, 4, 16, 8192)
+    assert verify_files(out, read_manifest(out)) == []
+
+    ids = [int(t) for t in np.random.default_rng(0).integers(1, 8192, size=20)]
+    got = Engine(out, EngineOptions(threads=1)).generate(ids, max_new_tokens=6).candidates[0].token_ids
+    if not quantize:
+        assert got == hf_greedy(checkpoint, ids, 6)
+
+    if quantize and graph == "flat":  # weights int8, attention (activation x activation) fp32
+        import onnx
+
+        ops = {n.name: n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+        assert ops["attn_qk_prefix.0"] == ops["attn_pv_tail.1"] == "MatMul"
+        assert sum(op == "MatMulInteger" for op in ops.values()) == 2 * 4 + 1  # qkv, out, fc_in, fc_out; lm_head
+
+    data = bytearray((out / "model.onnx.data").read_bytes())
+    data[100] ^= 0xFF
+    (out / "model.onnx.data").write_bytes(bytes(data))
+    (out / "tokenizer.json").unlink()
+    assert sorted(verify_files(out, manifest)) == ["checksum mismatch for model.onnx.data", "missing tokenizer.json"]
