@@ -2,23 +2,24 @@
 
 A random-weight CodeGen of a chosen shape (``--shape 350m`` is codegen-350M-mono's exact shape:
 n_embd 1024, 20 layers, 16 heads, rotary_dim 32, vocab 51200, 2048 positions; ``--shape small``
-is the embedded model's) is built, exported and int8-quantized with our own export, then, in one
-run, with the same prompts (Python source, tokenized with the embedded tokenizer) and the same
-number of new tokens (EOS is suppressed, so every run decodes exactly ``--new-tokens``):
+is the embedded model's) is built and exported with our own export (int8; once per graph kind:
+``optimum``, ``flat``, and ``flat-int4``), then, in one run, with the same prompts (Python source,
+tokenized with the embedded tokenizer) and the same number of new tokens (EOS is suppressed, so
+every run decodes exactly ``--new-tokens``):
 
 (a) transformers PyTorch ``generate``, fp32, the full prompt every request;
-(b) optimum ``ORTModelForCausalLM.generate`` on our int8 ONNX;
-(c) our engine, cold (empty prompt cache);
+(b) optimum ``ORTModelForCausalLM.generate`` on our int8 ONNX (the optimum export);
+(c) our engine, cold (empty prompt cache), per graph kind, with its greedy agreement with (a);
 (d) our engine on a keystroke replay: the prompt grows by one character per request.
 
 Then decode ms/token at growing context (and the part of it inside ``session.run``), and the
 peak RSS of a fresh process that only loads the engine and generates 3 candidates at 2048 tokens
-of context. Prints markdown tables (the numbers in the README come from here)::
+of context. Prints markdown tables (the numbers in the README come from here). On a shared
+machine, ``--wait-quiet`` waits for other processes to leave the CPUs before each measurement::
 
-    python benchmarks/bench_engine.py --shape 350m
+    python benchmarks/bench_engine.py --shape 350m --graphs optimum,flat,flat-int4 --wait-quiet 900
     python benchmarks/bench_engine.py --shape small --new-tokens 8 --requests 2
 """
-
 from __future__ import annotations
 
 import argparse

@@ -8,8 +8,9 @@
   one prefix buffer, never copied.
 
 Both expose the same four calls to the engine: ``prefill`` (feed prompt tokens on top of the
-first ``keep`` tokens of a state), ``begin`` / ``step`` / ``keep_rows`` (batched decode), and
-count ``tokens_fed`` and ``session_ms``. Input and output names are read from the session.
+first ``keep`` tokens of a state; cancelled between chunks it raises :class:`PrefillCancelled`
+with the state fed so far), ``begin`` / ``step`` / ``keep_rows`` (batched decode), and count
+``tokens_fed`` and ``session_ms``. Input and output names are read from the session.
 """
 
 from __future__ import annotations
@@ -26,9 +27,18 @@ from codegen_ls.errors import Cancelled, ModelError
 CancelFn = Callable[[], bool] | None
 
 
-def _check_cancel(cancel: CancelFn) -> None:
+class PrefillCancelled(Cancelled):
+    """Cancelled between prefill chunks; ``state`` covers the first ``length`` tokens fed so far,
+    so the engine can cache them (the next request of the document continues from there)."""
+
+    def __init__(self, state: Any, length: int) -> None:
+        super().__init__("cancelled")
+        self.state, self.length = state, length
+
+
+def _check_cancel(cancel: CancelFn, state: Any, length: int) -> None:
     if cancel is not None and cancel():
-        raise Cancelled("cancelled")
+        raise PrefillCancelled(state, length)
 
 
 def _layer_key(name: str) -> tuple[int, int]:
@@ -123,7 +133,7 @@ class OptimumBackend(Backend):
         chunks = []
         pos = keep
         while pos < len(ids):
-            _check_cancel(cancel)
+            _check_cancel(cancel, PastState(past), pos)
             end = min(len(ids), pos + self.chunk)
             logits, past = self._run(np.asarray([ids[pos:end]]), past)
             chunks.append(logits[0])
@@ -251,7 +261,7 @@ class FlatBackend(Backend):
         chunks = []
         pos = keep
         while pos < len(ids):
-            _check_cancel(cancel)
+            _check_cancel(cancel, state, pos)
             end = min(len(ids), pos + self.chunk)
             self._fit(state, pos)  # the run reads only the valid prefix (+ < ROUND masked columns)
             start = max(0, min(end - pos - 1, logits_from - pos))  # logits only where asked

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.backends import Backend, FlatBackend, OptimumBackend
+from codegen_ls.backends import Backend, FlatBackend, OptimumBackend, PrefillCancelled
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.modeldir import Manifest, read_manifest
 
@@ -289,6 +289,12 @@ class Engine:
         p = min(common_prefix(snap.ids, ids), logits_from) if snap else 0  # >= 1 token is fed
         try:
             logits, state = self.backend.prefill(snap.past if snap else None, p, ids, logits_from, cancel)
+        except PrefillCancelled as exc:  # keep what was fed: a later request continues from there
+            if exc.length > 0:
+                self.cache.put(doc_key, _Snapshot(ids[: exc.length], exc.state))
+            elif snap is not None and self.backend.in_place:
+                self.cache.drop(doc_key)
+            raise
         except BaseException:
             if snap is not None and self.backend.in_place:  # the buffer now holds ids[:length]
                 self.cache.put(doc_key, _Snapshot(ids[: snap.past.length], snap.past))

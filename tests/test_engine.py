@@ -208,6 +208,7 @@ def test_prompt_cache_unit() -> None:
 def test_cancel_raises(engine: Engine) -> None:
     with pytest.raises(Cancelled):
         engine.generate(random_ids(8, 20), doc_key="c", cancel=lambda: True)
+    assert engine.cache.get("c") is None  # nothing was fed, nothing is cached
     calls = iter(range(1000))
     with pytest.raises(Cancelled):  # cancelled between decode steps
         engine.generate(random_ids(9, 20), doc_key="c", max_new_tokens=MAX_NEW, cancel=lambda: next(calls) >= 3)
@@ -223,8 +224,13 @@ def test_cancelled_prefill_leaves_a_consistent_cache(fp32_dir: Path, hf_model) -
         engine.generate(new, doc_key="k", max_new_tokens=2, cancel=lambda: next(checks) >= 2)
     gen = engine.generate(new, doc_key="k", max_new_tokens=MAX_NEW)
     assert gen.candidates[0].token_ids == hf_greedy(hf_model, new)
-    # optimum keeps the old snapshot (20 tokens in common); flat keeps what it wrote in place
-    assert gen.stats.cached_tokens == (20 + 32 if engine.backend.in_place else 20)
+    # the 20 common tokens and the two chunks fed before the cancel are kept: the next request
+    # of the document continues from there
+    assert gen.stats.cached_tokens == 20 + 32
+    with pytest.raises(Cancelled):  # nothing in common, cancelled before the first chunk
+        engine.generate(random_ids(15, 40), doc_key="k", cancel=lambda: True)
+    gen = engine.generate(new, doc_key="k", max_new_tokens=MAX_NEW)
+    assert gen.candidates[0].token_ids == hf_greedy(hf_model, new)  # the cache stayed consistent
 
 
 def test_deadline_stops_decoding(engine: Engine) -> None:
