@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", metavar="SRC")
     e.add_argument("out", metavar="OUT", type=Path)
     e.add_argument("--no-quantize", action="store_true", help="keep fp32 weights")
+    e.add_argument("--graph", choices=["flat", "optimum"], default="flat",
+                   help="flat (default): our graph with in-place KV buffers, flat decode as the context grows; "
+                        "optimum: optimum-onnx's text-generation-with-past export (the reference path)")
+    e.add_argument("--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; flat graph)")
+    e.add_argument("--name", help="model name in the manifest (default: SRC's last path component)")
     e.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     _log_args(e)
     i = msub.add_parser("info", help="print a model directory's manifest and verify its files")
@@ -231,7 +236,8 @@ def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.model_command == "export":
         from codegen_ls.export import export
 
-        export(args.src, args.out, quantize_int8=not args.no_quantize, force=args.force)
+        export(args.src, args.out, quantize_int8=not args.no_quantize, force=args.force, graph=args.graph,
+               int4=args.int4, name=args.name)
         return 0
     if args.model_command == "info":
         directory = resolve_model_dir(args.dir)

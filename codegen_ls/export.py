@@ -4,7 +4,7 @@ Pipeline (needs the ``export`` extra: torch, transformers, optimum-onnx; serving
 
 1. resolve SRC: a local checkpoint directory, or a hub id downloaded when online;
 2. export with past key/values through optimum-onnx (``text-generation-with-past``), or, with
-   ``--fast-graph`` (``graph="flat"``), build our own flat-decode graph from the transformers
+   ``--graph flat`` (the default), build our own flat-decode graph from the transformers
    model (:mod:`codegen_ls.graph_builder`);
 3. int8 dynamic quantization with ``onnxruntime.quantization`` (``--no-quantize`` keeps fp32;
    the flat graph also stores its token embedding as int8 rows, and ``--int4`` makes its layer
@@ -18,6 +18,7 @@ transformers uses for ``.bin`` files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -115,13 +116,19 @@ def quantize(src_onnx: Path, dst_onnx: Path, external: bool, exclude: list[str] 
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(src_onnx), str(dst_onnx), weight_type=QuantType.QInt8, per_channel=False,
-        op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external,
-        nodes_to_exclude=exclude or [],
-        # ONNX shape inference stops at com.microsoft ops (flat graph): everything is float
-        extra_options={"DefaultTensorType": TensorProto.FLOAT},
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # its "consider pre-processing" advice is for CNNs
+    try:
+        quantize_dynamic(
+            str(src_onnx), str(dst_onnx), weight_type=QuantType.QInt8, per_channel=False,
+            op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external,
+            nodes_to_exclude=exclude or [],
+            # ONNX shape inference stops at com.microsoft ops (flat graph): everything is float
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    finally:
+        root.setLevel(level)
 
 
 def _copy_fp32(tmp_dir: Path, out: Path, external: bool) -> None:
@@ -178,7 +185,8 @@ def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: 
 
 
 def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
-           external_data: bool | None = None, graph: str = "optimum", int4: bool = False) -> Manifest:
+           external_data: bool | None = None, graph: str = "flat", int4: bool = False,
+           name: str | None = None) -> Manifest:
     """Export ``src`` into ``out`` and return the manifest written there.
 
     ``graph``: ``optimum`` (optimum-onnx's export, the reference) or ``flat`` (our own graph
@@ -195,7 +203,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     if graph not in ("optimum", "flat"):
         raise CodegenLsError(f"unknown graph kind '{graph}' (optimum or flat)")
     if int4 and (graph != "flat" or not quantize_int8):
-        raise CodegenLsError("int4 weights need the flat graph (--fast-graph) and quantization")
+        raise CodegenLsError("int4 weights need the flat graph (--graph flat) and quantization (no --no-quantize)")
     source = _resolve_source(src)
     config = _check_config(source)
     if out.exists() and any(out.iterdir()):
@@ -226,10 +234,11 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     _step("[3/3] writing tokenizer.json and manifest.json ...")
     _save_tokenizer(source, out)
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
-    return _write_manifest(src, out, config, quantization, graph, t0)
+    return _write_manifest(src, out, config, quantization, graph, t0, name)
 
 
-def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph: str, t0: float) -> Manifest:
+def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph: str, t0: float,
+                    name: str | None = None) -> Manifest:
     n_head = int(config["n_head"])
     files = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
     manifest = Manifest(
@@ -244,7 +253,7 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
         quantization=quantization,
         source=str(src),
         files=files,
-        name=Path(str(src).rstrip("/")).name,
+        name=name or Path(str(src).rstrip("/")).name,
         extra={"graph": graph, "rotary_dim": config.get("rotary_dim"), "n_embd": config.get("n_embd"),
                "exported_with": _versions(), "export_seconds": round(time.time() - t0, 1)},
     )

@@ -74,6 +74,7 @@ class CodegenLanguageServer(LanguageServer):
         self.exit_code = 0
         self.initialized = False  # ``initialized`` received: the first model load has started
         self.recent: OrderedDict[str, None] = OrderedDict()  # open URIs, most recently edited last
+        self.surrogates: set[str] = set()  # URIs whose text received a lone surrogate (checked per edit)
         self._shown_error: str | None = None
         self._loads = itertools.count(1)
         self._load_seq = 0
@@ -178,7 +179,7 @@ class CodegenLanguageServer(LanguageServer):
             if self._tickets.get(uri) != ticket:  # a newer request for this document arrived
                 return None
         source, settings, t0 = doc.source, self.effective_settings(), time.perf_counter()
-        request = CompletionRequest(text=_clean(source), line=cursor.line, character=cursor.character, uri=uri,
+        request = CompletionRequest(text=self.clean(uri, source), line=cursor.line, character=cursor.character, uri=uri,
                                     language_id=doc.language_id or "", explicit=explicit,
                                     other_documents=self.other_documents(uri))
         try:
@@ -199,10 +200,19 @@ class CodegenLanguageServer(LanguageServer):
         for other in reversed(self.recent):
             doc = self.document(other)
             if other != uri and doc is not None and len(doc.source) <= OTHER_DOCUMENT_CHARS:
-                others[other] = _clean(doc.source)
+                others[other] = self.clean(other, doc.source)
                 if len(others) == OTHER_DOCUMENTS:
                     break
         return others
+
+    def clean(self, uri: str, source: str) -> str:
+        """The text for the pipeline: lone surrogates replaced, scanned only for documents whose
+        edits brought one (each edit is checked on arrival: O(edit), not O(document) per request)."""
+        return _clean(source) if uri in self.surrogates else source
+
+    def note_text(self, uri: str, text: str) -> None:
+        if _SURROGATE.search(text):
+            self.surrogates.add(uri)
 
     def touch(self, uri: str) -> None:
         self.recent.pop(uri, None)
@@ -360,16 +370,21 @@ async def on_did_change_configuration(ls: CodegenLanguageServer, params: types.D
 
 def on_did_open(ls: CodegenLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
     ls.touch(params.text_document.uri)
+    ls.surrogates.discard(params.text_document.uri)
+    ls.note_text(params.text_document.uri, params.text_document.text)
 
 
 def on_did_change(ls: CodegenLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
     ls.touch(params.text_document.uri)
     ls.worker.supersede(params.text_document.uri)  # work for the old text is stale
+    for change in params.content_changes:
+        ls.note_text(params.text_document.uri, change.text)
 
 
 def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
     ls.recent.pop(uri, None)
+    ls.surrogates.discard(uri)
     ls.worker.supersede(uri)
     ls.worker.submit(None, lambda cancel: ls.completer.forget(uri))  # its caches, on the worker thread
 

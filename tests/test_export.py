@@ -144,3 +144,22 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
     (out / "model.onnx.data").write_bytes(bytes(data))
     (out / "tokenizer.json").unlink()
     assert sorted(verify_files(out, manifest)) == ["checksum mismatch for model.onnx.data", "missing tokenizer.json"]
+
+
+def test_cli_export_defaults_to_the_flat_graph_and_info_reports_it(checkpoint: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``codegen-ls model export SRC OUT --int4 --name N`` then ``model info OUT``: the flat graph
+    (the default), 4-bit layer weights, the given name, every file verified."""
+    from codegen_ls.cli import main
+
+    out = tmp_path / "m"
+    assert main(["model", "export", str(checkpoint), str(out), "--int4", "--name", "tiny-test"]) == 0
+    manifest = read_manifest(out)
+    assert (manifest.name, manifest.extra["graph"]) == ("tiny-test", "flat")
+    assert manifest.quantization.startswith("int4")
+    capsys.readouterr()
+    assert main(["model", "info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert '"graph": "flat"' in printed and "all files verified" in printed
+    assert main(["model", "export", str(checkpoint), str(tmp_path / "o"), "--graph", "optimum", "--int4"]) == 1
+    assert "int4 weights need the flat graph" in capsys.readouterr().err

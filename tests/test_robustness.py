@@ -235,7 +235,8 @@ async def test_hostile_documents_are_answered():
         for uri, (start, end, new) in (("file:///control.py", ((2, 0), (2, 1), "C")),
                                        ("file:///crlf.py", ((1, 1), (1, 7), "yield")),
                                        ("file:///astral.py", ((0, 7), (0, 7), "?")),
-                                       ("file:///big.py", ((599_990, 0), (599_990, 0), "# edit\n"))):
+                                       ("file:///big.py", ((599_990, 0), (599_990, 0), "# edit\n")),
+                                       ("file:///empty.py", ((0, 0), (0, 0), "s = '\udc00'\nt = s"))):
             text = docs[uri]
             await c.notify("textDocument/didChange", {
                 "textDocument": {"uri": uri, "version": 2},
@@ -244,6 +245,8 @@ async def test_hostile_documents_are_answered():
             expected = apply_edit(text, start, end, new)
             reply = await c.request("codegenLs/debugDocument", {"uri": uri}, timeout=60)
             assert reply["result"]["text"] == expected, uri
+            reply = await c.request("textDocument/inlineCompletion", inline_params(uri, *end_position(expected)), timeout=60)
+            assert "result" in reply, (uri, reply)  # a lone surrogate brought by an edit is answered too
         assert c.proc.returncode is None
     finally:
         await c.close()
