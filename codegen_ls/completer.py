@@ -215,7 +215,8 @@ class Completer:
                        round(r.confidence, 4), r.source, round(r.logprob_mean, 4), r.finish_reason)
             for r in ranked
         ]
-        shown = [s for s in suggestions if s.confidence >= settings.min_confidence]
+        # lookup drafts join the model's candidates: numCandidates caps the total shown
+        shown = [s for s in suggestions if s.confidence >= settings.min_confidence][: settings.num_candidates]
         timings["rank"] = _ms(t2)
         if not shown:
             reason = "below minConfidence" if suggestions else "no usable candidate"

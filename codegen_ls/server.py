@@ -189,7 +189,6 @@ class CodegenLanguageServer(LanguageServer):
             return None
         if result is None or doc.source is not source or self.document(uri) is not doc:
             return None  # superseded, or the document changed meanwhile
-        del result.suggestions[settings.num_candidates:]  # lookup drafts join the model's: cap the total
         self.last_latency_ms = round((time.perf_counter() - t0) * 1000, 1)
         self.model_message = f"{len(result.suggestions)} suggestion(s) in {self.last_latency_ms:.0f} ms"
         self.send_status()
