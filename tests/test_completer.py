@@ -16,30 +16,8 @@ from codegen_ls.context import line_window, offset_of
 from codegen_ls.engine import Candidate, Engine, Generation, GenerationStats
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.settings import Settings
+from samples import CODE, MODEL
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "codegen-ls-small"
-
-CODE = '''import os
-
-
-class Greeter:
-    """Says hello."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def greet(self, loud=False):
-        message = "Hello, " + self.name
-        if loud:
-            message = message.upper()
-        return message
-
-
-def main():
-    g = Greeter("world")
-    print(g.greet())
-'''
 FAST = Settings(max_new_tokens=8, num_candidates=2, context_tokens=256, deadline_ms=20_000, lookup=False)
 
 

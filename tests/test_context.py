@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -24,30 +23,7 @@ from codegen_ls.context import (
     token_budget,
 )
 from codegen_ls.engine import Tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-BOS = "<|endoftext|>"
-
-CODE = '''import os
-
-
-class Greeter:
-    """Says hello."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def greet(self, loud=False):
-        message = "Hello, " + self.name
-        if loud:
-            message = message.upper()
-        return message
-
-
-def main():
-    g = Greeter("world")
-    print(g.greet())
-'''
+from samples import BOS, CODE, REPO
 
 
 @pytest.fixture(scope="module")

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codegen_ls.context import Context, Indent, TokenCounter, build_context, decide_mode
-from codegen_ls.engine import Tokenizer
-from codegen_ls.postprocess import (
-    MAX_LINES,
-    clean,
-    fit_suffix,
-    make_stop,
-    scan_brackets,
-    stop_multi,
-    stop_single,
-)
+from codegen_ls.context import Indent, decide_mode
+from codegen_ls.postprocess import MAX_LINES, clean, fit_suffix, make_stop, scan_brackets, stop_multi, stop_single
+from samples import ctx_of
 
-REPO = Path(__file__).resolve().parents[1]
-COUNTER = TokenCounter(Tokenizer(REPO / "models" / "codegen-ls-small" / "tokenizer.json"))
 SPACES = Indent(False, 4)
-
-
-def ctx_of(marked: str, **kw: object) -> Context:
-    """Context for a document with ``|`` marking the cursor."""
-    i = marked.index("|")
-    before = marked[:i]
-    return build_context(marked[:i] + marked[i + 1:], before.count("\n"), len(before) - before.rfind("\n") - 1,
-                         COUNTER, 512, bos_text="<|endoftext|>", **kw)  # type: ignore[arg-type]
 
 
 def run(marked: str, raw: str, finish: str = "stop", model_frame: bool = True, mode: str | None = None) -> str | None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from codegen_ls import postprocess, ranking
-from codegen_ls.context import Context, TokenCounter, build_context, decide_mode, line_window
-from codegen_ls.engine import Tokenizer
+from codegen_ls.context import build_context, decide_mode, line_window
 from codegen_ls.postprocess import clean
 from codegen_ls.ranking import (
     AGREEMENT_BONUS,
@@ -24,9 +22,7 @@ from codegen_ls.ranking import (
     repeated_lines,
     structure_penalty,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-COUNTER = TokenCounter(Tokenizer(REPO / "models" / "codegen-ls-small" / "tokenizer.json"))
+from samples import COUNTER, ctx_of
 
 CLASS = '''import os
 
@@ -40,13 +36,6 @@ class Store:
         |
         return value
 '''
-
-
-def ctx_of(marked: str) -> Context:
-    i = marked.index("|")
-    before = marked[:i]
-    return build_context(marked[:i] + marked[i + 1:], before.count("\n"), len(before) - before.rfind("\n") - 1,
-                         COUNTER, 512, bos_text="<|endoftext|>")
 
 
 def test_classify() -> None:
