@@ -15,7 +15,7 @@ const SECTION = 'codegenLs';
 // the server's.
 const SERVER_KEYS = [
   'modelPath', 'maxNewTokens', 'numCandidates', 'contextTokens', 'temperature',
-  'multiline', 'deadlineMs', 'minConfidence', 'lookup',
+  'multiline', 'deadlineMs', 'minConfidence', 'lookup', 'lookupOtherDocuments', 'threads', 'debounceMs',
 ] as const;
 const LANGUAGES = ['python', 'javascript', 'typescript', 'go', 'rust', 'c', 'cpp', 'java', 'shellscript'];
 
