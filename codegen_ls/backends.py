@@ -162,11 +162,17 @@ def _round_up(n: int) -> int:
 
 @dataclass
 class FlatState:
-    """A document's prompt KV: keys ``[1, H, D, cap]`` (transposed), values ``[1, H, cap, D]``."""
+    """A document's prompt KV: keys ``[1, H, D, cap]`` (transposed), values ``[1, H, cap, D]``.
+
+    Each is a view of the first positions' worth of a flat per-layer buffer (``buffers``, keys
+    then values, ``room`` positions each), so ``cap`` can grow up to ``room`` in place.
+    """
 
     keys: list[np.ndarray]
     values: list[np.ndarray]
     length: int = 0  # valid positions
+    buffers: list[np.ndarray] = field(default_factory=list)
+    room: int = 0
 
     @property
     def cap(self) -> int:
@@ -174,7 +180,7 @@ class FlatState:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+        return sum(a.nbytes for a in self.buffers)
 
 
 @dataclass
@@ -206,26 +212,48 @@ class FlatBackend(Backend):
         self.tail_out = [(self.out_index[f"tail_key_out.{i}"], self.out_index[f"tail_value_out.{i}"])
                          for i in range(n_layer)]
 
-    def _alloc(self, cap: int) -> FlatState:
-        h, d = self.n_head, self.head_dim
-        return FlatState([np.zeros((1, h, d, cap), np.float32) for _ in self.prefix],
-                         [np.zeros((1, h, cap, d), np.float32) for _ in self.prefix])
+    def _views(self, state: FlatState, cap: int) -> None:
+        h, d, n = self.n_head, self.head_dim, len(self.prefix)
+        state.keys = [b[: h * d * cap].reshape(1, h, d, cap) for b in state.buffers[:n]]
+        state.values = [b[: h * d * cap].reshape(1, h, cap, d) for b in state.buffers[n:]]
 
-    def _fit(self, state: FlatState, end: int) -> None:
-        """Make room for ``end`` positions: grow (or shrink a much larger buffer), keeping ``length``.
+    def _alloc(self, room: int, cap: int = 1) -> FlatState:
+        size = self.n_head * self.head_dim * room
+        state = FlatState([], [], buffers=[np.zeros(size, np.float32) for _ in range(2 * len(self.prefix))], room=room)
+        self._views(state, cap)
+        return state
 
-        Nothing before the first token: an empty prefix is one masked column.
-        """
-        want = _round_up(end) if end > 0 else 1
-        if want <= state.cap <= want + 4 * ROUND:
-            return
-        new = self._alloc(want)
+    def _reserve(self, state: FlatState, end: int) -> FlatState:
+        """A state with room for ``end`` positions holding ``state``'s first ``length``: ``state``
+        itself, or (room short, or much larger than needed) a new one that replaces it."""
+        want = _round_up(end)
+        if want <= state.room <= want + 4 * ROUND:
+            return state
         n = state.length
+        new = self._alloc(want, _round_up(n) if n > 0 else 1)
         for old, dst in zip(state.keys, new.keys):
             dst[:, :, :, :n] = old[:, :, :, :n]
         for old, dst in zip(state.values, new.values):
             dst[:, :, :n, :] = old[:, :, :n, :]
-        state.keys, state.values = new.keys, new.values
+        new.length = n
+        return new
+
+    def _fit(self, state: FlatState, end: int) -> None:
+        """Make the views ``end`` positions wide (rounded up), keeping ``length``: the valid
+        positions move in place within the buffers. Nothing before the first token: an empty
+        prefix is one masked column."""
+        want = _round_up(end) if end > 0 else 1
+        cap, n = state.cap, state.length
+        if want == cap:
+            return
+        assert want <= state.room
+        hd, h, d = self.n_head * self.head_dim, self.n_head, self.head_dim
+        half = len(self.prefix)
+        for b in state.buffers[:half]:  # keys: H*D rows of cap positions
+            b[: hd * want].reshape(hd, want)[:, :n] = b[: hd * cap].reshape(hd, cap)[:, :n]
+        for b in state.buffers[half:]:  # values: H rows of cap*D
+            b[: hd * want].reshape(h, want * d)[:, : n * d] = b[: hd * cap].reshape(h, cap * d)[:, : n * d]
+        self._views(state, want)
 
     def _empty_tails(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
         h, d = self.n_head, self.head_dim
@@ -256,8 +284,9 @@ class FlatBackend(Backend):
     def prefill(self, state: FlatState | None, keep: int, ids: Sequence[int], logits_from: int,
                 cancel: CancelFn) -> tuple[np.ndarray, FlatState]:
         if state is None:
-            state, keep = self._alloc(1), 0
+            state, keep = self._alloc(_round_up(len(ids))), 0
         state.length = keep
+        state = self._reserve(state, len(ids))  # the whole prompt's room at once: no regrowth
         chunks = []
         pos = keep
         while pos < len(ids):

@@ -118,6 +118,26 @@ def test_greedy_matches_transformers_with_cache_reuse(engine: Engine, hf_model) 
         assert engine.cache.get("a").past.cap == 256
 
 
+def test_flat_prefill_allocates_the_prompt_once(fp32_dir: Path, hf_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A multi-chunk prefill reserves the whole prompt's buffers once and widens its views in place
+    (no old + new buffer alive at once: the peak RSS of a long prompt)."""
+    engine = Engine(fp32_dir, EngineOptions(threads=1, prefill_chunk=64))
+    if not engine.backend.in_place:
+        pytest.skip("flat graph only")
+    allocs: list[int] = []
+    alloc = engine.backend._alloc  # type: ignore[attr-defined]
+    monkeypatch.setattr(engine.backend, "_alloc", lambda room, cap=1: allocs.append(room) or alloc(room, cap))
+    ids = random_ids(21, 300)
+    assert engine.generate(ids, doc_key="p", max_new_tokens=MAX_NEW).candidates[0].token_ids == hf_greedy(hf_model, ids)
+    state = engine.cache.get("p").past
+    assert allocs == [384] and state.room == 384 and state.cap == 384
+    assert engine.cache.nbytes == state.nbytes == sum(b.nbytes for b in state.buffers)
+    longer = ids + random_ids(22, 50)  # fits the room: the same buffers, views widened in place
+    gen = engine.generate(longer, doc_key="p", max_new_tokens=MAX_NEW)
+    assert gen.candidates[0].token_ids == hf_greedy(hf_model, longer) and gen.stats.cached_tokens == len(ids)
+    assert allocs == [384] and engine.cache.get("p").past is state
+
+
 def test_text_prompt_and_real_logprobs(engine: Engine, hf_model) -> None:  # type: ignore[no-untyped-def]
     prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n"
     ids = engine.tokenizer.encode(prompt)
