@@ -1,4 +1,5 @@
-"""Every server setting reaches users: README table, VS Code contributions (same default), forwarded keys."""
+"""Every server setting reaches users: README table, VS Code contributions (same default), forwarded
+keys, and the Neovim config's settings table."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def test_every_setting_is_documented_declared_and_forwarded() -> None:
     extension = (REPO / "editors" / "vscode" / "src" / "extension.ts").read_text(encoding="utf-8")
     forwarded = set(re.findall(r"'(\w+)'", extension[extension.index("SERVER_KEYS") : extension.index("] as const")]))
     names = {name for name, _, _ in describe()}
+    lua = (REPO / "editors" / "nvim" / "lsp" / "codegen_ls.lua").read_text(encoding="utf-8")
+    lua_keys = set(re.findall(r"^    (\w+) = ", lua[lua.index("codegenLs = {") : lua.index("\n  },")], re.M))
+    assert lua_keys == names, (lua_keys ^ names)
     for name, _, default in describe():
         assert f"| `{name}` |" in readme, f"{name} missing from the README settings table"
         entry = declared.get(f"{NAMESPACE}.{name}")

@@ -13,7 +13,10 @@ local settings = {
     multiline = 'auto', -- 'auto' | 'always' | 'never'
     deadlineMs = 1000,
     minConfidence = 0.0,
+    threads = 0, -- onnxruntime threads, 0: all cores
     lookup = true,
+    lookupOtherDocuments = true,
+    debounceMs = 0, -- the Lua client debounces already
   },
 }
 
