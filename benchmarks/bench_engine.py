@@ -85,19 +85,21 @@ def corpus() -> str:
 
 
 def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
-    """(checkpoint dir, exported model dir) for ``variant`` (optimum, flat, flat-int4), reused when built."""
+    """(checkpoint dir, exported model dir) for ``variant`` (optimum, flat, flat-int4, flat-kv16,
+    flat-int4-kv16), reused when built."""
     from codegen_ls.export import export, random_checkpoint
 
     base = workdir / shape
-    graph, int4 = variant.split("-")[0], variant.endswith("-int4")
-    src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}"
+    parts = variant.split("-")
+    graph, int4, kv16 = parts[0], "int4" in parts, "kv16" in parts
+    src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{'-kv16' if kv16 else ''}"
     if not (src / "config.json").is_file():
         log(f"building a random {shape} checkpoint in {src} ...")
         shutil.rmtree(src, ignore_errors=True)
         random_checkpoint(src, tokenizer=TOKENIZER, **SHAPES[shape])
     if not (out / "manifest.json").is_file():
         log(f"exporting {src} -> {out} ({variant}) ...")
-        export(str(src), out, quantize_int8=True, force=True, graph=graph, int4=int4)
+        export(str(src), out, quantize_int8=True, force=True, graph=graph, int4=int4, kv_fp16=kv16)
     return src, out
 
 
@@ -245,7 +247,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="350m")
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench")
-    ap.add_argument("--graphs", default="optimum,flat", help="our engine's exports to run: optimum, flat, flat-int4")
+    ap.add_argument("--graphs", default="optimum,flat",
+                    help="our engine's exports to run: optimum, flat, flat-int4, flat-kv16, flat-int4-kv16")
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens of (a)-(d)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=3, help="requests for (a), (b), (c)")

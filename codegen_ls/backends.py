@@ -206,6 +206,7 @@ class FlatBackend(Backend):
             raise ModelError("ONNX model is not a flat graph of this manifest (inputs/layers differ)")
         shape = inputs["prefix_key.0"].shape
         self.n_head, self.head_dim = int(shape[1]), int(shape[2])
+        self.kv_dtype = np.float16 if "float16" in inputs["prefix_key.0"].type else np.float32
         if self.n_head != n_head:
             raise ModelError("manifest does not match the ONNX model (heads)")
         self.out_index = {o.name: i for i, o in enumerate(session.get_outputs())}
@@ -219,7 +220,7 @@ class FlatBackend(Backend):
 
     def _alloc(self, room: int, cap: int = 1) -> FlatState:
         size = self.n_head * self.head_dim * room
-        state = FlatState([], [], buffers=[np.zeros(size, np.float32) for _ in range(2 * len(self.prefix))], room=room)
+        state = FlatState([], [], buffers=[np.zeros(size, self.kv_dtype) for _ in range(2 * len(self.prefix))], room=room)
         self._views(state, cap)
         return state
 
@@ -257,7 +258,7 @@ class FlatBackend(Backend):
 
     def _empty_tails(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
         h, d = self.n_head, self.head_dim
-        return [(np.zeros((h, n, d, 0), np.float32), np.zeros((h, n, 0, d), np.float32)) for _ in self.tail]
+        return [(np.zeros((h, n, d, 0), self.kv_dtype), np.zeros((h, n, 0, d), self.kv_dtype)) for _ in self.tail]
 
     def _run(self, state: FlatState, valid: int, bias: np.ndarray | None, ids: np.ndarray, pos: int,
              tails: list[tuple[np.ndarray, np.ndarray]], logits_start: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:

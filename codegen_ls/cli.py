@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flat (default): our graph with in-place KV buffers, flat decode as the context grows; "
                         "optimum: optimum-onnx's text-generation-with-past export (the reference path)")
     e.add_argument("--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; flat graph)")
+    e.add_argument("--kv-fp16", action="store_true",
+                   help="float16 KV cache (flat graph): half its memory and bandwidth at long context, slightly less exact")
     e.add_argument("--name", help="model name in the manifest (default: SRC's last path component)")
     e.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     _log_args(e)
@@ -237,7 +239,7 @@ def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from codegen_ls.export import export
 
         export(args.src, args.out, quantize_int8=not args.no_quantize, force=args.force, graph=args.graph,
-               int4=args.int4, name=args.name)
+               int4=args.int4, name=args.name, kv_fp16=args.kv_fp16)
         return 0
     if args.model_command == "info":
         directory = resolve_model_dir(args.dir)

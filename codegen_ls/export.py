@@ -161,7 +161,7 @@ def _export_optimum(source: Path, tmp_dir: Path) -> None:
 
 
 def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
-                 int4: bool) -> tuple[list[str], bool]:
+                 int4: bool, kv_fp16: bool = False) -> tuple[list[str], bool]:
     """Build the flat graph (:mod:`codegen_ls.graph_builder`) from the transformers model.
 
     Returns (attention MatMul names to keep in fp32, whether external data was used).
@@ -173,7 +173,8 @@ def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: 
 
     try:
         model = CodeGenForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
-        proto, attention = build_flat_model(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0)
+        proto, attention = build_flat_model(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0,
+                                            kv_fp16=kv_fp16)
     except Exception as exc:  # unreadable weights, unexpected shapes: one line
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ModelError(f"cannot export {source}: {lines[0]}") from None
@@ -186,14 +187,15 @@ def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: 
 
 def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
            external_data: bool | None = None, graph: str = "flat", int4: bool = False,
-           name: str | None = None) -> Manifest:
+           name: str | None = None, kv_fp16: bool = False) -> Manifest:
     """Export ``src`` into ``out`` and return the manifest written there.
 
     ``graph``: ``optimum`` (optimum-onnx's export, the reference) or ``flat`` (our own graph
     with in-place prompt KV buffers and flat decode, :mod:`codegen_ls.graph_builder`); the
     manifest records it as ``extra.graph`` and the engine picks its backend from it. The flat
     graph's int8 export also stores the token embedding as int8 rows; ``int4`` (flat only) makes
-    the layers' weights 4-bit ``MatMulNBits`` blocks (lm_head stays int8).
+    the layers' weights 4-bit ``MatMulNBits`` blocks (lm_head stays int8); ``kv_fp16`` (flat
+    only) stores the KV cache in float16 (manifest ``extra.kv_dtype``).
 
     ``external_data``: None decides by size (ONNX external data when the fp32 export is past
     ~1.8 GB, as 2 GB is the protobuf limit); True/False force it (tests use True to cover the
@@ -204,6 +206,8 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         raise CodegenLsError(f"unknown graph kind '{graph}' (optimum or flat)")
     if int4 and (graph != "flat" or not quantize_int8):
         raise CodegenLsError("int4 weights need the flat graph (--graph flat) and quantization (no --no-quantize)")
+    if kv_fp16 and graph != "flat":
+        raise CodegenLsError("a float16 KV cache needs the flat graph (--graph flat)")
     source = _resolve_source(src)
     config = _check_config(source)
     if out.exists() and any(out.iterdir()):
@@ -217,7 +221,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         exclude: list[str] = []
         if graph == "flat":
             _step(f"[1/3] building the flat ONNX graph of {source} (codegen_ls.graph_builder) ...")
-            exclude, external_data = _export_flat(source, tmp_dir, external_data, quantize_int8, int4)
+            exclude, external_data = _export_flat(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16)
         else:
             _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
             _export_optimum(source, tmp_dir)
@@ -234,11 +238,11 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     _step("[3/3] writing tokenizer.json and manifest.json ...")
     _save_tokenizer(source, out)
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
-    return _write_manifest(src, out, config, quantization, graph, t0, name)
+    return _write_manifest(src, out, config, quantization, graph, t0, name, "float16" if kv_fp16 else "float32")
 
 
 def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph: str, t0: float,
-                    name: str | None = None) -> Manifest:
+                    name: str | None = None, kv_dtype: str = "float32") -> Manifest:
     n_head = int(config["n_head"])
     files = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
     manifest = Manifest(
@@ -254,7 +258,7 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
         source=str(src),
         files=files,
         name=name or Path(str(src).rstrip("/")).name,
-        extra={"graph": graph, "rotary_dim": config.get("rotary_dim"), "n_embd": config.get("n_embd"),
+        extra={"graph": graph, "kv_dtype": kv_dtype, "rotary_dim": config.get("rotary_dim"), "n_embd": config.get("n_embd"),
                "exported_with": _versions(), "export_seconds": round(time.time() - t0, 1)},
     )
     write_manifest(out, manifest)

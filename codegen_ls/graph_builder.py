@@ -21,6 +21,10 @@ partial ``rotary_dim``) on q and k -> attention over prefix + tail -> out_proj; 
 ``FastGelu`` = gelu_new, fc_out) reads the same LayerNorm output, and both are added to the
 residual (CodeGen's parallel block). ``logits_start`` slices the positions whose logits are
 computed (prefill needs only the last one).
+
+With ``kv_fp16`` the prefix buffers and tails are float16 (half the memory and bandwidth of the
+KV cache, which at 2048 tokens of a 350M model is as large as its int8 weights) and the
+attention MatMuls run in float16; masking and softmax stay float32.
 """
 
 from __future__ import annotations
@@ -100,12 +104,16 @@ class _Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
-def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: int = 0) -> tuple[Any, list[str]]:
+def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: int = 0,
+                     kv_fp16: bool = False) -> tuple[Any, list[str]]:
     """An ONNX ModelProto of ``model`` (a transformers ``CodeGenForCausalLM``, fp32, eval).
 
     ``int8_embedding``: the token embedding as int8 rows with one scale each (a quarter of the
     memory; the fp32 table is most of an int8 model's RSS otherwise). ``int4_block``: the layers'
     linear weights (not lm_head) as 4-bit ``MatMulNBits`` blocks of that size (int8 compute).
+    ``kv_fp16``: keys and values (prefix buffers and tails) stored as float16 and the four
+    attention MatMuls run in float16 (half the KV cache's memory and bandwidth); the scores are
+    masked and soft-maxed in float32.
     Returns (model proto, names of the nodes that must stay fp32 when the rest is int8-quantized:
     the attention MatMuls, which are activation x activation).
     """
@@ -153,6 +161,15 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
     else:
         h = g.op("Gather", ["wte", "input_ids"], axis=0, name="embed")
 
+    kv_type = TensorProto.FLOAT16 if kv_fp16 else TensorProto.FLOAT
+
+    def kv(x: str) -> str:
+        """``x`` in the KV cache's type (a Cast only for fp16)."""
+        return g.op("Cast", [x], to=kv_type) if kv_fp16 else x
+
+    def f32(x: str) -> str:
+        return g.op("Cast", [x], to=TensorProto.FLOAT) if kv_fp16 else x
+
     def linear(x: str, w: np.ndarray, name: str) -> str:
         """x @ w (``w`` is ``[in, out]``), as MatMulNBits when asked and the shape allows."""
         k, n = w.shape
@@ -178,9 +195,9 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
         k = g.op("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], name=f"rope_k.{i}", **rope)
 
         qh = g.op("Transpose", [g.op("Reshape", [q, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
-        qh = g.op("Mul", [qh, "scale"])
-        kt = g.op("Transpose", [g.op("Reshape", [k, "shape_nshd"])], perm=[2, 0, 3, 1])  # [H, n, D, S]
-        vh = g.op("Transpose", [g.op("Reshape", [v, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
+        qh = kv(g.op("Mul", [qh, "scale"]))
+        kt = kv(g.op("Transpose", [g.op("Reshape", [k, "shape_nshd"])], perm=[2, 0, 3, 1]))  # [H, n, D, S]
+        vh = kv(g.op("Transpose", [g.op("Reshape", [v, "shape_nshd"])], perm=[2, 0, 1, 3]))  # [H, n, S, D]
         tk_out, tv_out = tail_out_names(n_layer)[i]
         tk_in, tv_in = tail_names(n_layer)[i]
         pk_in, pv_in = prefix_names(n_layer)[i]
@@ -190,14 +207,14 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
         # prefix: all rows' queries in one MatMul against the shared buffer
         qp = g.op("Reshape", [qh, "shape_1h_d"])  # [1, H, n*S, D]
         sp = g.op("MatMul", [qp, pk_in], name=f"attn_qk_prefix.{i}")  # [1, H, n*S, cap]
-        sp = g.op("Add", [g.op("Reshape", [sp, shape_hns_m1]), "prefix_bias"])  # [H, n, S, cap]
+        sp = g.op("Add", [g.op("Reshape", [f32(sp), shape_hns_m1]), "prefix_bias"])  # [H, n, S, cap]
         st = g.op("MatMul", [qh, kt_all], name=f"attn_qk_tail.{i}")  # [H, n, S, T+S]
-        st = g.op("Add", [st, "tail_bias"])
+        st = g.op("Add", [f32(st), "tail_bias"])
         probs = g.op("Softmax", [g.op("Concat", [sp, st], axis=-1)], axis=-1)
         pp, pt = g.op("Split", [probs, split_sizes], 2, axis=-1)
-        op_ = g.op("MatMul", [g.op("Reshape", [pp, "shape_1h_0"]), pv_in], name=f"attn_pv_prefix.{i}")
-        ot = g.op("MatMul", [pt, vh_all], name=f"attn_pv_tail.{i}")  # [H, n, S, D]
-        o = g.op("Add", [g.op("Reshape", [op_, shape_hnsd]), ot])
+        op_ = g.op("MatMul", [kv(g.op("Reshape", [pp, "shape_1h_0"])), pv_in], name=f"attn_pv_prefix.{i}")
+        ot = g.op("MatMul", [kv(pt), vh_all], name=f"attn_pv_tail.{i}")  # [H, n, S, D]
+        o = f32(g.op("Add", [g.op("Reshape", [op_, shape_hnsd]), ot]))
         o = g.op("Reshape", [g.op("Transpose", [o], perm=[1, 2, 0, 3]), "shape_nse"])  # [n, S, E]
         attention_matmuls += [f"attn_qk_prefix.{i}", f"attn_qk_tail.{i}", f"attn_pv_prefix.{i}", f"attn_pv_tail.{i}"]
         attn = linear(o, sd[p + "attn.out_proj.weight"].T, f"out_proj.{i}")
@@ -213,22 +230,22 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
     logits = g.op("MatMul", [h, g.const("w_lm", sd["lm_head.weight"].T)], name="lm_head")
     g.op("Add", [logits, g.const("b_lm", sd["lm_head.bias"])], ["logits"], name="lm_head_bias")
 
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    i64 = TensorProto.INT64
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
         helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
-        helper.make_tensor_value_info("prefix_bias", f32, ["cap"]),
-        helper.make_tensor_value_info("tail_bias", f32, ["seq", "tail_seq"]),
+        helper.make_tensor_value_info("prefix_bias", TensorProto.FLOAT, ["cap"]),
+        helper.make_tensor_value_info("tail_bias", TensorProto.FLOAT, ["seq", "tail_seq"]),
         helper.make_tensor_value_info("logits_start", i64, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "logits_seq", int(cfg.vocab_size)])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_seq", int(cfg.vocab_size)])]
     for (pk, pv), (tk, tv), (ok, ov) in zip(prefix_names(n_layer), tail_names(n_layer), tail_out_names(n_layer)):
-        inputs += [helper.make_tensor_value_info(pk, f32, [1, n_head, d, "cap"]),
-                   helper.make_tensor_value_info(pv, f32, [1, n_head, "cap", d])]
-        inputs += [helper.make_tensor_value_info(tk, f32, [n_head, "batch", d, "past_tail"]),
-                   helper.make_tensor_value_info(tv, f32, [n_head, "batch", "past_tail", d])]
-        outputs += [helper.make_tensor_value_info(ok, f32, [n_head, "batch", d, "tail_seq"]),
-                    helper.make_tensor_value_info(ov, f32, [n_head, "batch", "tail_seq", d])]
+        inputs += [helper.make_tensor_value_info(pk, kv_type, [1, n_head, d, "cap"]),
+                   helper.make_tensor_value_info(pv, kv_type, [1, n_head, "cap", d])]
+        inputs += [helper.make_tensor_value_info(tk, kv_type, [n_head, "batch", d, "past_tail"]),
+                   helper.make_tensor_value_info(tv, kv_type, [n_head, "batch", "past_tail", d])]
+        outputs += [helper.make_tensor_value_info(ok, kv_type, [n_head, "batch", d, "tail_seq"]),
+                    helper.make_tensor_value_info(ov, kv_type, [n_head, "batch", "tail_seq", d])]
     graph = helper.make_graph(g.nodes, "codegen_flat", inputs, outputs, initializer=g.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=IR_VERSION, producer_name="codegen-ls")

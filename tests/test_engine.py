@@ -58,10 +58,11 @@ def fp32_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory:
     return out
 
 
-@pytest.fixture(scope="module", params=["optimum", "flat", "flat-int4"])
+@pytest.fixture(scope="module", params=["optimum", "flat", "flat-int4", "flat-kv16"])
 def int8_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp(f"int8-{request.param}") / "model"
-    export(str(checkpoint), out, quantize_int8=True, graph=request.param.split("-")[0], int4="int4" in request.param)
+    export(str(checkpoint), out, quantize_int8=True, graph=request.param.split("-")[0], int4="int4" in request.param,
+           kv_fp16="kv16" in request.param)
     return out
 
 
@@ -308,7 +309,11 @@ def test_int8_agreement_with_transformers(int8_dir: Path, hf_model) -> None:  # 
         same_prefix += common_prefix(got, ref)
         forced += sum(a == r for a, r in zip(argmax, ref))
         total += len(ref)
-    print(f"{engine.manifest.quantization} ({engine.graph} graph) vs transformers fp32: teacher-forced "
+    print(f"{engine.manifest.quantization} ({engine.graph} graph, KV {engine.manifest.extra.get('kv_dtype', 'float32')}) vs transformers fp32: teacher-forced "
           f"{forced}/{total} tokens, first token {same_next}/{len(prompts)}, greedy prefix {same_prefix}/{total}")
     floor = 0.35 if engine.manifest.quantization.startswith("int4") else 0.8  # 4-bit is coarser
     assert forced >= floor * total
+    if engine.manifest.extra.get("kv_dtype") == "float16":  # the cache really is half size
+        state = engine.cache.get("0").past
+        assert {b.dtype for b in state.buffers} == {np.dtype(np.float16)}
+        assert state.nbytes == 2 * engine.manifest.n_layer * engine.manifest.n_head * engine.manifest.head_dim * state.room * 2

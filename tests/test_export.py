@@ -163,3 +163,7 @@ def test_cli_export_defaults_to_the_flat_graph_and_info_reports_it(checkpoint: P
     assert '"graph": "flat"' in printed and "all files verified" in printed
     assert main(["model", "export", str(checkpoint), str(tmp_path / "o"), "--graph", "optimum", "--int4"]) == 1
     assert "int4 weights need the flat graph" in capsys.readouterr().err
+    assert main(["model", "export", str(checkpoint), str(tmp_path / "o"), "--graph", "optimum", "--kv-fp16"]) == 1
+    assert "float16 KV cache needs the flat graph" in capsys.readouterr().err
+    assert main(["model", "export", str(checkpoint), str(tmp_path / "kv16"), "--kv-fp16"]) == 0
+    assert read_manifest(tmp_path / "kv16").extra["kv_dtype"] == "float16"
