@@ -25,6 +25,7 @@ import numpy as np
 from codegen_ls.errors import Cancelled, ModelError
 
 CancelFn = Callable[[], bool] | None
+LONG_PREFILL = 512  # tokens: the last run of a prefill this long shrinks onnxruntime's arena
 
 
 class PrefillCancelled(Cancelled):
@@ -56,10 +57,20 @@ class Backend:
         self.chunk = chunk
         self.tokens_fed = 0
         self.session_ms = 0.0
+        self.shrink_next = False  # the next run hands its arena growth back (end of a long prefill)
+        self._shrink: Any = None
 
     def _session_run(self, feed: dict[str, np.ndarray], n_tokens: int) -> list[np.ndarray]:
+        run_options = None
+        if self.shrink_next:
+            if self._shrink is None:
+                import onnxruntime as ort
+
+                self._shrink = ort.RunOptions()
+                self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            run_options, self.shrink_next = self._shrink, False
         t = time.perf_counter()
-        out = self.session.run(None, feed)
+        out = self.session.run(None, feed, run_options)
         self.session_ms += (time.perf_counter() - t) * 1000
         self.tokens_fed += n_tokens
         return list(out)
@@ -135,6 +146,7 @@ class OptimumBackend(Backend):
         while pos < len(ids):
             _check_cancel(cancel, PastState(past), pos)
             end = min(len(ids), pos + self.chunk)
+            self.shrink_next = end == len(ids) and end - keep > LONG_PREFILL
             logits, past = self._run(np.asarray([ids[pos:end]]), past)
             chunks.append(logits[0])
             pos = end
@@ -295,6 +307,7 @@ class FlatBackend(Backend):
             end = min(len(ids), pos + self.chunk)
             self._fit(state, pos)  # the run reads only the valid prefix (+ < ROUND masked columns)
             start = max(0, min(end - pos - 1, logits_from - pos))  # logits only where asked
+            self.shrink_next = end == len(ids) and end - keep > LONG_PREFILL
             logits, tails = self._run(state, pos, None, np.asarray([ids[pos:end]]), pos, self._empty_tails(1), start)
             self._fit(state, end)
             for k, v, (tk, tv) in zip(state.keys, state.values, tails):
