@@ -141,6 +141,9 @@ def scan_brackets(text: str, state: Brackets | None = None, python: bool = True)
     return st
 
 
+MODEL_STEP = 4  # columns of one indentation level in what the models were trained on (PEP 8)
+
+
 # -- trimming -----------------------------------------------------------------------------------
 
 @dataclass
@@ -224,6 +227,51 @@ def _align_blank_line(text: str, typed: str, head_frame: str, indent: Indent) ->
     return "\n".join([first, *shifted]), indent.columns(ws) < indent.columns(typed)
 
 
+def _rescale_block(lines: list[str], parent: int, indent: Indent) -> list[str]:
+    """``lines`` (from the line start: a block body after an opener indented ``parent``) with the
+    model's indentation step turned into the document's width.
+
+    The step is the first body line's indentation beyond ``parent``. When it is one level as the
+    models learned it (PEP 8's 4 columns: the stdlib, and most code CodeGen saw), the document's
+    width is another, and every deeper line is a whole number of steps in, each line gets as many
+    of the document's levels. Any other step is the model's own choice and stays.
+    """
+    body = [(i, indent.columns(leading_ws(ln))) for i, ln in enumerate(lines) if ln.strip()]
+    if not body or body[0][1] <= parent:
+        return lines
+    step = body[0][1] - parent
+    if step != MODEL_STEP or step == indent.width or any(c > parent and (c - parent) % step for _, c in body):
+        return lines
+    out = list(lines)
+    for i, c in body:
+        if c > parent:
+            out[i] = indent.render(parent + (c - parent) // step * indent.width) + lines[i].lstrip(" \t")
+    return out
+
+
+def _is_opener(line: str) -> bool:
+    return line.rstrip().endswith((":", "{"))
+
+
+def _match_width(text: str, ctx: Context, head: str) -> tuple[str, str]:
+    """A block suggestion after an opener line, re-indented to the document's width (see
+    :func:`_rescale_block`): on the blank line below the opener, or at the opener's end.
+
+    Returns (text, head) as :func:`clean` holds them: ``head + text`` is written from the line's
+    start on a blank line (``head`` becomes "" when the first line moved).
+    """
+    if ctx.only_whitespace_before:  # the body starts on this line
+        if not _is_opener(ctx.prev_line):
+            return text, head
+        lines = _rescale_block((head + text).split("\n"), ctx.indent.columns(leading_ws(ctx.prev_line)), ctx.indent)
+        full = "\n".join(lines)
+        return (full[len(head):], head) if full.startswith(head) else (full, "")
+    if "\n" not in text or not _is_opener(ctx.line_prefix + text.split("\n", 1)[0]):
+        return text, head
+    first, *rest = text.split("\n")  # the cursor line is the opener
+    return "\n".join([first, *_rescale_block(rest, ctx.indent.columns(leading_ws(ctx.line_prefix)), ctx.indent)]), head
+
+
 def _restyle(text: str, indent: Indent) -> str:
     """Trailing whitespace off every line; indentation of lines 2.. in the document's style."""
     lines = [ln.rstrip() for ln in text.split("\n")]
@@ -261,6 +309,8 @@ def clean(raw: str, ctx: Context, mode: str, held_out: str = "", finish_reason: 
     kept = len(text) + overlap
     text = text.rstrip()
     reindented = False
+    if mode == "multi":  # the model's indentation step -> the document's width
+        text, head = _match_width(text, ctx, head)
     if ctx.only_whitespace_before:  # cursor after whitespace only: align with what was typed
         text, reindented = _align_blank_line(text, ctx.line_prefix, head, ctx.indent)
     text = _restyle(text, ctx.indent)

@@ -75,6 +75,7 @@ class CodegenLanguageServer(LanguageServer):
         self.initialized = False  # ``initialized`` received: the first model load has started
         self.recent: OrderedDict[str, None] = OrderedDict()  # open URIs, most recently edited last
         self.surrogates: set[str] = set()  # URIs whose text received a lone surrogate (checked per edit)
+        self.indentation: dict[str, tuple[int, bool]] = {}  # URI -> (tab size, insert spaces) the client fixed
         self._shown_error: str | None = None
         self._loads = itertools.count(1)
         self._load_seq = 0
@@ -179,9 +180,11 @@ class CodegenLanguageServer(LanguageServer):
             if self._tickets.get(uri) != ticket:  # a newer request for this document arrived
                 return None
         source, settings, t0 = doc.source, self.effective_settings(), time.perf_counter()
+        tab_size, insert_spaces = self.indentation.get(uri, (None, None))
         request = CompletionRequest(text=self.clean(uri, source), line=cursor.line, character=cursor.character, uri=uri,
                                     language_id=doc.language_id or "", explicit=explicit,
-                                    other_documents=self.other_documents(uri))
+                                    other_documents=self.other_documents(uri), tab_size=tab_size,
+                                    insert_spaces=insert_spaces)
         try:
             result = await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel))
         except Exception:  # a pipeline failure: logged, answered empty, the server keeps serving
@@ -193,6 +196,21 @@ class CodegenLanguageServer(LanguageServer):
         self.model_message = f"{len(result.suggestions)} suggestion(s) in {self.last_latency_ms:.0f} ms"
         self.send_status()
         return doc, result
+
+    async def fetch_indentation(self, uri: str) -> None:
+        """Ask the client for the ``editor`` settings of ``uri`` (``workspace/configuration``);
+        keep its tab size and spaces/tabs when it has fixed them, else the file's own are guessed."""
+        if not get_capability(self.client_capabilities, "workspace", "configuration"):
+            return
+        try:
+            items = types.ConfigurationParams(items=[types.ConfigurationItem(scope_uri=uri, section="editor")])
+            raw = (await asyncio.wait_for(self.workspace_configuration_async(items), CLIENT_TIMEOUT_S) or [None])[0]
+        except Exception as exc:  # a client that cannot answer: the file decides
+            log.debug("workspace/configuration (editor) failed: %r", exc)
+            return
+        fixed = editor_indentation(raw)
+        if fixed is not None and self.document(uri) is not None:
+            self.indentation[uri] = fixed
 
     def other_documents(self, uri: str) -> dict[str, str]:
         others: dict[str, str] = {}
@@ -314,6 +332,19 @@ def completion_items(doc: TextDocument, result: CompletionResult) -> list[types.
     return items
 
 
+def editor_indentation(raw: Any) -> tuple[int, bool] | None:
+    """(tab size, insert spaces) from a client's ``editor`` settings (VS Code's names), or None
+    when they are missing, invalid, or left to detection (``detectIndentation`` not false)."""
+    if hasattr(raw, "_asdict"):  # pygls hands JSON objects over as namedtuples
+        raw = raw._asdict()
+    if not isinstance(raw, dict) or raw.get("detectIndentation", True) is not False:
+        return None
+    size, spaces = raw.get("tabSize"), raw.get("insertSpaces")
+    if type(size) is not int or not 1 <= size <= 16 or not isinstance(spaces, bool):
+        return None
+    return size, spaces
+
+
 def get_capability(caps: Any, *path: str) -> Any:
     for name in path:
         caps = getattr(caps, name, None)
@@ -367,10 +398,11 @@ async def on_did_change_configuration(ls: CodegenLanguageServer, params: types.D
         ls.start_load()
 
 
-def on_did_open(ls: CodegenLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
+async def on_did_open(ls: CodegenLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
     ls.touch(params.text_document.uri)
     ls.surrogates.discard(params.text_document.uri)
     ls.note_text(params.text_document.uri, params.text_document.text)
+    await ls.fetch_indentation(params.text_document.uri)
 
 
 def on_did_change(ls: CodegenLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
@@ -384,6 +416,7 @@ def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentPa
     uri = params.text_document.uri
     ls.recent.pop(uri, None)
     ls.surrogates.discard(uri)
+    ls.indentation.pop(uri, None)
     ls.worker.supersede(uri)
     ls.worker.submit(None, lambda cancel: ls.completer.forget(uri))  # its caches, on the worker thread
 
@@ -411,7 +444,9 @@ def on_exit(ls: CodegenLanguageServer, params: None) -> None:
 def on_debug_document(ls: CodegenLanguageServer, params: Any) -> dict[str, Any] | None:
     uri = params.get("uri") if isinstance(params, dict) else getattr(params, "uri", None)
     doc = ls.document(uri) if isinstance(uri, str) else None
-    return None if doc is None else {"text": doc.source, "version": doc.version}
+    if doc is None:
+        return None
+    return {"text": doc.source, "version": doc.version, "indentation": ls.indentation.get(doc.uri)}
 
 
 def create_server(model: str | None = None, completer: Completer | None = None, threads: int = 0) -> CodegenLanguageServer:

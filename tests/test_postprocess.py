@@ -208,3 +208,25 @@ def test_clean_never_crashes_and_keeps_its_promises(doc: str, raw: str, finish: 
         assert "\n" not in ln and "\r" not in ln and ln == ln.rstrip()
     ranked = rank([Item(text, [-1.0], "greedy", finish)], ctx, mode)
     assert len(ranked) == 1 and 0 < ranked[0].confidence < 1
+
+
+# -- the model's indentation step vs the document's width ----------------------------------------
+
+TWO_SPACES = "class A:\n  def f(self):\n    pass\n"
+
+
+def test_block_body_takes_the_document_width() -> None:
+    """The model learned 4-space steps; a 2-space file gets 2-space levels, depth for depth."""
+    marked = TWO_SPACES + "  def g(self):\n|\n"
+    assert run(marked, "      x = 1\n      if x:\n          return x") == "    x = 1\n    if x:\n      return x"
+    assert run(marked, "    x = 1\n    return x") == "    x = 1\n    return x"  # already the file's
+
+
+def test_typed_indentation_and_opener_end_take_the_document_width() -> None:
+    assert run("def a():\n  return 1\ndef g():\n  |\n", "    x = 1\n    if x:\n        return x") == "x = 1\n  if x:\n    return x"
+    assert run("def a():\n  return 1\ndef f(x):|\n", "\n    if x:\n        return 1") == "\n  if x:\n    return 1"
+
+
+def test_steps_that_do_not_divide_are_left_alone() -> None:
+    marked = TWO_SPACES + "  def g(self):\n|\n"
+    assert run(marked, "      x = (1,\n         2)") == "      x = (1,\n         2)"

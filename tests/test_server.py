@@ -16,6 +16,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcMethodNotFound
 from pytest_lsp import ClientServerConfig, LanguageClient
 
+from codegen_ls.server import editor_indentation
 from conftest import SERVER_CMD, RawClient, server_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -273,6 +274,49 @@ async def test_settings_take_effect(client: LanguageClient):
         await asyncio.sleep(0.05)
     assert await inline(client, uri, *pos) == []
     configure({"codegenLs": {}})
+
+
+async def test_editor_indentation_is_taken_only_when_fixed() -> None:
+    assert editor_indentation({"tabSize": 2, "insertSpaces": True, "detectIndentation": False}) == (2, True)
+    assert editor_indentation({"tabSize": 8, "insertSpaces": False, "detectIndentation": False}) == (8, False)
+    assert editor_indentation({"tabSize": 2, "insertSpaces": True}) is None  # detection on (the default)
+    assert editor_indentation({"tabSize": "auto", "insertSpaces": True, "detectIndentation": False}) is None
+    assert editor_indentation({"tabSize": 0, "insertSpaces": True, "detectIndentation": False}) is None
+    assert editor_indentation(None) is None and editor_indentation([2]) is None
+
+
+async def test_client_indentation_shapes_block_suggestions(client: LanguageClient):
+    """The server asks for each opened document's ``editor`` settings (workspace/configuration);
+    where the editor fixed 2-space indentation, a block suggestion is indented by 2, elsewhere by
+    the file's own (here: none yet, so 4)."""
+    text = "import os\n\n\ndef list_files(path):\n\n"
+    fixed, guessed = "file:///indent_fixed.py", "file:///indent_guessed.py"
+    client.set_configuration({"tabSize": 2, "insertSpaces": True, "detectIndentation": False},
+                             section="editor", scope_uri=fixed)
+    open_doc(client, fixed, text)
+    open_doc(client, guessed, text)
+    await wait_for_async(lambda: debug_field(client, fixed, "indentation"), "the client's indentation")
+    assert await debug_field(client, guessed, "indentation") is None
+    firsts = {}
+    for uri in (fixed, guessed):
+        items = await inline(client, uri, 4, 0)
+        assert items, f"no block suggestion for {uri}"
+        firsts[uri] = str(items[0].insert_text).split("\n")[0]
+    assert firsts[fixed].startswith("  ") and not firsts[fixed].startswith("   "), firsts
+    assert firsts[guessed].startswith("    ") and not firsts[guessed].startswith("     "), firsts
+
+
+async def debug_field(client: LanguageClient, uri: str, name: str) -> Any:
+    reply = await client.protocol.send_request_async("codegenLs/debugDocument", {"uri": uri})
+    return None if reply is None else getattr(reply, name)
+
+
+async def wait_for_async(probe: Any, what: str, timeout: float = 30) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if await probe():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_bad_requests_are_answered(client: LanguageClient):
