@@ -58,6 +58,8 @@ local function main()
   })
   vim.lsp.enable('codegen_ls')
 
+  vim.g.python_recommended_style = 0 -- keep ftplugin/python.vim from setting shiftwidth 4
+  vim.o.shiftwidth, vim.o.expandtab = 3, true -- what the buffer inherits: the server must learn it
   vim.cmd.edit(vim.fn.fnameescape(assert(env.CODEGEN_LS_E2E_FILE)))
   if vim.bo.filetype ~= 'python' then
     vim.bo.filetype = 'python'
@@ -145,6 +147,12 @@ local function main()
   result.cursor_expected = { #prefix_lines, #prefix_lines[#prefix_lines] }
   check(result.cursor_after[1] == result.cursor_expected[1] and result.cursor_after[2] == result.cursor_expected[2],
     'cursor not at the end of the inserted text')
+
+  -- The config answered workspace/configuration ('editor') with this buffer's indentation.
+  local reply = client:request_sync('codegenLs/debugDocument', { uri = vim.uri_from_bufnr(0) }, 10000, 0)
+  result.server_indentation = reply and reply.result and reply.result.indentation
+  check(vim.deep_equal(result.server_indentation, { 3, true }), 'server indentation %s, expected {3, true}',
+    vim.inspect(result.server_indentation))
 
   vim.cmd('stopinsert')
   result.final_status = vim.g.codegen_ls_status

@@ -36,6 +36,22 @@ return {
   -- Neovim 0.11 does not announce inline completion itself; 0.12 does.
   capabilities = { textDocument = { inlineCompletion = { dynamicRegistration = false } } },
   handlers = {
+    -- The buffer's own indentation for `editor` (VS Code's names: the server asks each opened
+    -- document's); every other section as Neovim answers it, from `settings`.
+    ['workspace/configuration'] = function(err, params, ctx)
+      local result = vim.lsp.handlers['workspace/configuration'](err, params, ctx) or {}
+      for i, item in ipairs(params and params.items or {}) do
+        if item.section == 'editor' and item.scopeUri then
+          local ok, buf = pcall(vim.uri_to_bufnr, item.scopeUri)
+          if ok and vim.api.nvim_buf_is_loaded(buf) then
+            local bo = vim.bo[buf]
+            local width = bo.shiftwidth > 0 and bo.shiftwidth or bo.tabstop
+            result[i] = { tabSize = width, insertSpaces = bo.expandtab, detectIndentation = false }
+          end
+        end
+      end
+      return result
+    end,
     -- {state = 'loading'|'ready'|'error', message, model, lastLatencyMs}
     ['codegenLs/status'] = function(_, params)
       vim.schedule(function()
