@@ -44,7 +44,7 @@ from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
 SHAPES: dict[str, dict[str, int]] = {
     "350m": dict(n_embd=1024, n_layer=20, n_head=16, rotary_dim=32, vocab_size=51200, n_positions=2048),
-    "small": dict(n_embd=256, n_layer=6, n_head=8, rotary_dim=16, vocab_size=8192, n_positions=2048),
+    "small": dict(n_embd=384, n_layer=6, n_head=8, rotary_dim=24, vocab_size=8192, n_positions=2048),
 }
 SOURCES = ["inspect.py", "dataclasses.py", "argparse.py", "typing.py", "functools.py"]
 
