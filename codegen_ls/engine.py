@@ -227,7 +227,7 @@ def release_free_heap() -> None:
         pass
 
 
-BACKENDS: dict[str, type[Backend]] = {"optimum": OptimumBackend, "flat": FlatBackend}
+BACKENDS: dict[str, Callable[[Any, int, int, int], Backend]] = {"optimum": OptimumBackend, "flat": FlatBackend}
 
 
 @dataclass

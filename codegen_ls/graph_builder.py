@@ -190,7 +190,7 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
         qkv = linear(x, qkv_weight(sd[p + "attn.qkv_proj.weight"], n_head).T, f"qkv.{i}")
         q, k, v = g.op("Split", [qkv, g.const(f"qkv_split.{i}", np.array([e, e, e], np.int64))], 3, axis=-1,
                        name=f"split_qkv.{i}")
-        rope = dict(domain="com.microsoft", interleaved=1, rotary_embedding_dim=rd, num_heads=n_head)
+        rope: dict[str, Any] = dict(domain="com.microsoft", interleaved=1, rotary_embedding_dim=rd, num_heads=n_head)
         q = g.op("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], name=f"rope_q.{i}", **rope)
         k = g.op("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], name=f"rope_k.{i}", **rope)
 

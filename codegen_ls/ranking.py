@@ -111,8 +111,8 @@ def rank(items: list[Item], ctx: Context, mode: str, language_id: str = "python"
         best.sources = sorted({s for r in group for s in r.sources})
         bonus = AGREEMENT_BONUS * min(MAX_VOTES, best.votes - 1)
         best.score += bonus
-        prior = LOOKUP_CONFIDENCE_PRIOR * any(src.startswith("lookup") for src in best.sources)
-        best.confidence = min(MAX_CONFIDENCE, math.exp(min(0.0, best.logprob_mean - best.penalty + bonus + prior)))
+        lift = LOOKUP_CONFIDENCE_PRIOR if any(src.startswith("lookup") for src in best.sources) else 0.0
+        best.confidence = min(MAX_CONFIDENCE, math.exp(min(0.0, best.logprob_mean - best.penalty + bonus + lift)))
         out.append(best)
     out.sort(key=lambda r: r.score, reverse=True)
     return out

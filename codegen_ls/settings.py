@@ -61,7 +61,7 @@ def _camel(name: str) -> str:
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
-_overrides = {f.name: override(rename=_camel(f.name)) for f in fields(Settings)}
+_overrides: dict[str, Any] = {f.name: override(rename=_camel(f.name)) for f in fields(Settings)}
 _converter.register_structure_hook(Settings, make_dict_structure_fn(Settings, _converter, _cattrs_forbid_extra_keys=True, **_overrides))
 _converter.register_unstructure_hook(Settings, make_dict_unstructure_fn(Settings, _converter, **_overrides))
 
