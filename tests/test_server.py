@@ -1,6 +1,6 @@
 """End-to-end tests of the language server over stdio (pytest-lsp), real engine, embedded model.
 
-The embedded model is small and still training: these tests assert behaviour (ranges, ranking,
+The embedded model is small: these tests assert behaviour (ranges, ranking,
 cancellation, settings, answers to bad requests), never the quality of a suggestion.
 """
 
