@@ -254,10 +254,12 @@ class FlatBackend(Backend):
     def _fit(self, state: FlatState, end: int) -> None:
         """Make the views ``end`` positions wide (rounded up), keeping ``length``: the valid
         positions move in place within the buffers. Nothing before the first token: an empty
-        prefix is one masked column."""
+        prefix is one masked column. Views up to one ``ROUND`` wider than needed stay as they
+        are: a draft that crossed a boundary and the next keystroke's shorter prompt would
+        otherwise move the whole cache twice (for a 350M model at 2048 tokens, 335 MB each)."""
         want = _round_up(end) if end > 0 else 1
         cap, n = state.cap, state.length
-        if want == cap:
+        if want == cap or (end > 0 and want < cap <= want + ROUND):
             return
         assert want <= state.room
         hd, h, d = self.n_head * self.head_dim, self.n_head, self.head_dim
