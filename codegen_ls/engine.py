@@ -11,10 +11,8 @@ Input and output names are read from the session; no layer count or shape is har
 from __future__ import annotations
 
 import bisect
-import ctypes
 import logging
 import os
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -25,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.backends import LONG_PREFILL, Backend, FlatBackend, OptimumBackend, PrefillCancelled
+from codegen_ls.backends import Backend, FlatBackend, OptimumBackend, PrefillCancelled, release_free_heap
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.modeldir import Manifest, read_manifest
 
@@ -212,21 +210,6 @@ class Tokenizer:
         return self._token_bytes
 
 
-def release_free_heap() -> None:
-    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; elsewhere nothing).
-
-    Loading a session frees about a third of the model's size in scattered blocks that glibc
-    otherwise keeps resident for the life of the process; a long prefill's activations too.
-    About a millisecond.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 BACKENDS: dict[str, Callable[[Any, int, int, int], Backend]] = {"optimum": OptimumBackend, "flat": FlatBackend}
 
 
@@ -319,8 +302,6 @@ class Engine:
                 self.cache.put(doc_key, _Snapshot(ids[: snap.past.length], snap.past))
             raise
         self.cache.put(doc_key, _Snapshot(ids, state))
-        if len(ids) - p > LONG_PREFILL:  # its activations came and went: give the pages back
-            release_free_heap()
         return ForwardResult(logits, state, p, len(ids) - p)
 
     # -- generation ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from codegen_ls.context import Context, Indent
+from codegen_ls.context import Context, Indent, is_block_header
 
 StopFn = Callable[[str], "int | None"]
 
@@ -249,11 +249,7 @@ def _rescale_block(lines: list[str], parent: int, indent: Indent) -> list[str]:
     return out
 
 
-def _is_opener(line: str) -> bool:
-    return line.rstrip().endswith((":", "{"))
-
-
-def _match_width(text: str, ctx: Context, head: str) -> tuple[str, str]:
+def _match_width(text: str, ctx: Context, head: str, language_id: str) -> tuple[str, str]:
     """A block suggestion after an opener line, re-indented to the document's width (see
     :func:`_rescale_block`): on the blank line below the opener, or at the opener's end.
 
@@ -261,12 +257,12 @@ def _match_width(text: str, ctx: Context, head: str) -> tuple[str, str]:
     start on a blank line (``head`` becomes "" when the first line moved).
     """
     if ctx.only_whitespace_before:  # the body starts on this line
-        if not _is_opener(ctx.prev_line):
+        if not is_block_header(ctx.prev_line, language_id):
             return text, head
         lines = _rescale_block((head + text).split("\n"), ctx.indent.columns(leading_ws(ctx.prev_line)), ctx.indent)
         full = "\n".join(lines)
         return (full[len(head):], head) if full.startswith(head) else (full, "")
-    if "\n" not in text or not _is_opener(ctx.line_prefix + text.split("\n", 1)[0]):
+    if "\n" not in text or not is_block_header(ctx.line_prefix + text.split("\n", 1)[0], language_id):
         return text, head
     first, *rest = text.split("\n")  # the cursor line is the opener
     return "\n".join([first, *_rescale_block(rest, ctx.indent.columns(leading_ws(ctx.line_prefix)), ctx.indent)]), head
@@ -310,7 +306,7 @@ def clean(raw: str, ctx: Context, mode: str, held_out: str = "", finish_reason: 
     text = text.rstrip()
     reindented = False
     if mode == "multi":  # the model's indentation step -> the document's width
-        text, head = _match_width(text, ctx, head)
+        text, head = _match_width(text, ctx, head, language_id)
     if ctx.only_whitespace_before:  # cursor after whitespace only: align with what was typed
         text, reindented = _align_blank_line(text, ctx.line_prefix, head, ctx.indent)
     text = _restyle(text, ctx.indent)

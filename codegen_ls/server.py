@@ -197,18 +197,24 @@ class CodegenLanguageServer(LanguageServer):
         self.send_status()
         return doc, result
 
-    async def fetch_indentation(self, uri: str) -> None:
-        """Ask the client for the ``editor`` settings of ``uri`` (``workspace/configuration``);
-        keep its tab size and spaces/tabs when it has fixed them, else the file's own are guessed."""
+    async def pull_configuration(self, section: str, scope_uri: str | None = None,
+                                 level: int = logging.WARNING) -> tuple[bool, Any]:
+        """(answered, value) of one ``workspace/configuration`` item; (False, None) when the client
+        has no such capability or cannot answer in time (logged at ``level``)."""
         if not get_capability(self.client_capabilities, "workspace", "configuration"):
-            return
+            return False, None
         try:
-            items = types.ConfigurationParams(items=[types.ConfigurationItem(scope_uri=uri, section="editor")])
-            raw = (await asyncio.wait_for(self.workspace_configuration_async(items), CLIENT_TIMEOUT_S) or [None])[0]
-        except Exception as exc:  # a client that cannot answer: the file decides
-            log.debug("workspace/configuration (editor) failed: %r", exc)
-            return
-        fixed = editor_indentation(raw)
+            items = types.ConfigurationParams(items=[types.ConfigurationItem(scope_uri=scope_uri, section=section)])
+            return True, (await asyncio.wait_for(self.workspace_configuration_async(items), CLIENT_TIMEOUT_S) or [None])[0]
+        except Exception as exc:
+            log.log(level, "workspace/configuration (%s) failed: %r", section, exc)
+            return False, None
+
+    async def fetch_indentation(self, uri: str) -> None:
+        """Ask the client for the ``editor`` settings of ``uri``; keep its tab size and spaces/tabs
+        when it has fixed them, else the file's own are guessed."""
+        answered, raw = await self.pull_configuration("editor", uri, logging.DEBUG)  # the file decides
+        fixed = editor_indentation(raw) if answered else None
         if fixed is not None and self.document(uri) is not None:
             self.indentation[uri] = fixed
 
@@ -388,11 +394,9 @@ def on_initialized(ls: CodegenLanguageServer, params: types.InitializedParams) -
 async def on_did_change_configuration(ls: CodegenLanguageServer, params: types.DidChangeConfigurationParams) -> None:
     found, raw = _settings_in(params.settings)
     if not found and get_capability(ls.client_capabilities, "workspace", "configuration"):
-        try:  # pull model: the client sends an empty notification and answers workspace/configuration
-            items = types.ConfigurationParams(items=[types.ConfigurationItem(section=NAMESPACE)])
-            raw = (await asyncio.wait_for(ls.workspace_configuration_async(items), CLIENT_TIMEOUT_S) or [None])[0]
-        except Exception as exc:
-            log.warning("workspace/configuration failed: %r", exc)
+        # pull model: the client sends an empty notification and answers workspace/configuration
+        answered, raw = await ls.pull_configuration(NAMESPACE)
+        if not answered:
             return
     if ls.apply_settings(raw) and ls.initialized:
         ls.start_load()
