@@ -77,7 +77,8 @@ class Backend:
         self.shrink_next = False  # the next run hands its memory back (the end of a long prefill)
         self._shrink: Any = None
 
-    def _session_run(self, feed: dict[str, np.ndarray], n_tokens: int) -> list[np.ndarray]:
+    def _session_run(self, feed: dict[str, np.ndarray] | Any, n_tokens: int) -> list[np.ndarray]:
+        """Run the session on ``feed`` (a dict, or an ``IOBinding``: then its first output)."""
         run_options = None
         if self.shrink_next:
             if self._shrink is None:
@@ -87,12 +88,16 @@ class Backend:
                 self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
             run_options, self.shrink_next = self._shrink, False
         t = time.perf_counter()
-        out = self.session.run(None, feed, run_options)
+        if isinstance(feed, dict):
+            out = list(self.session.run(None, feed, run_options))
+        else:
+            self.session.run_with_iobinding(feed, run_options)
+            out = [feed.get_outputs()[0].numpy()]
         self.session_ms += (time.perf_counter() - t) * 1000
         self.tokens_fed += n_tokens
         if run_options is not None:  # the arena shrank: return the freed pages to the OS too
             release_free_heap()
-        return list(out)
+        return out
 
     def prefill(self, state: Any, keep: int, ids: Sequence[int], logits_from: int,
                 cancel: CancelFn) -> tuple[np.ndarray, Any]:
@@ -103,8 +108,9 @@ class Backend:
         """
         raise NotImplementedError
 
-    def begin(self, state: Any, length: int, n: int) -> Any:
-        """A decode of ``n`` rows continuing the ``length`` tokens of ``state``."""
+    def begin(self, state: Any, length: int, n: int, max_new: int = 0) -> Any:
+        """A decode of ``n`` rows continuing the ``length`` tokens of ``state`` (for up to
+        ``max_new`` steps: a hint for the room to reserve)."""
         raise NotImplementedError
 
     def step(self, dec: Any, tokens: Sequence[int]) -> np.ndarray:
@@ -171,7 +177,7 @@ class OptimumBackend(Backend):
             pos = end
         return np.concatenate(chunks, axis=0)[logits_from - keep:], PastState(past)
 
-    def begin(self, state: PastState, length: int, n: int) -> PastState:
+    def begin(self, state: PastState, length: int, n: int, max_new: int = 0) -> PastState:
         return PastState([np.repeat(a, n, axis=0) for a in state.past] if n > 1 else state.past)
 
     def step(self, dec: PastState, tokens: Sequence[int]) -> np.ndarray:
@@ -340,7 +346,7 @@ class FlatBackend(Backend):
             pos = end
         return np.concatenate(chunks, axis=0), state
 
-    def begin(self, state: FlatState, length: int, n: int) -> FlatDecode:
+    def begin(self, state: FlatState, length: int, n: int, max_new: int = 0) -> FlatDecode:
         bias = np.zeros(state.cap, np.float32)
         bias[length:] = MASKED
         return FlatDecode(state, length, bias, self._empty_tails(n))
@@ -353,3 +359,149 @@ class FlatBackend(Backend):
 
     def keep_rows(self, dec: FlatDecode, rows: np.ndarray) -> None:
         dec.tails = [(np.ascontiguousarray(k[:, rows]), np.ascontiguousarray(v[:, rows])) for k, v in dec.tails]
+
+
+# -- gqa: one in-place cache per layer (GroupQueryAttention), candidate rows interleaved --------------
+@dataclass
+class GqaState:
+    """A document's KV cache: per layer keys and values ``[1, H, room, D]`` (int8 or fp32), the
+    buffers GroupQueryAttention reads and writes in place. Positions ``[0, length)`` hold the
+    prompt; a decode writes its rows' tokens after them (scratch, overwritten by the next prompt).
+    """
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    length: int = 0
+    binding: Any = field(default=None, repr=False)  # the session's IO binding of these buffers
+
+    @property
+    def room(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+
+@dataclass
+class GqaDecode:
+    state: GqaState
+    length: int  # prompt positions every row attends to
+    end: int  # buffer positions written: the prompt, then every row's tokens, interleaved
+    bias: np.ndarray  # [rows, room]: 0 where a row may attend (prompt, its own tokens), MASKED elsewhere
+    steps: int = 0
+
+
+class GqaBackend(Backend):
+    """``graph: gqa``: batch 1 always. N candidate rows are N query positions of one run: each
+    step writes their tokens side by side after the prompt, and an attention bias lets each row
+    see the prompt and its own earlier tokens only, so the rows share the one prompt cache
+    (never copied) and a decode step is one ``S = rows`` run. The caches are bound to the
+    session by pointer (IO binding) as both input and output: nothing is copied per step."""
+
+    in_place = True
+
+    def __init__(self, session: Any, chunk: int, n_head: int, n_layer: int) -> None:
+        super().__init__(session, chunk)
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.past = [(f"past_key.{i}", f"past_value.{i}") for i in range(n_layer)]
+        self.present = [(f"present_key.{i}", f"present_value.{i}") for i in range(n_layer)]
+        needed = {"input_ids", "position_ids", "seqlens_k", "total_sequence_length", "attention_bias", "logits_start"}
+        needed |= {n for pair in self.past for n in pair}
+        outputs = {o.name for o in session.get_outputs()}
+        if (not needed <= set(inputs) or len([n for n in inputs if n.startswith("past_key.")]) != n_layer
+                or not {n for pair in self.present for n in pair} <= outputs):
+            raise ModelError("ONNX model is not a gqa graph of this manifest (inputs/layers differ)")
+        shape = inputs["past_key.0"].shape
+        self.n_head, self.head_dim = int(shape[1]), int(shape[3])
+        kv_type = inputs["past_key.0"].type
+        self.kv_dtype = np.int8 if "int8" in kv_type else np.float16 if "float16" in kv_type else np.float32
+        if self.n_head != n_head:
+            raise ModelError("manifest does not match the ONNX model (heads)")
+        self.logits_name = session.get_outputs()[0].name
+
+    def _alloc(self, room: int) -> GqaState:
+        shape = (1, self.n_head, room, self.head_dim)
+        return GqaState([np.zeros(shape, self.kv_dtype) for _ in self.past], [np.zeros(shape, self.kv_dtype) for _ in self.past])
+
+    def _fit(self, state: GqaState, end: int, keep: int, shrink: bool = True) -> None:
+        """Give ``state`` room for ``end`` positions (rounded up; ``shrink``: also much less room
+        when far more was left), keeping its first ``keep`` positions. In place: the engine's
+        snapshot holds this same object."""
+        want = _round_up(end)
+        if want <= state.room and (not shrink or state.room <= want + 4 * ROUND):
+            return
+        new = self._alloc(want)
+        for old, dst in zip(state.keys + state.values, new.keys + new.values):
+            dst[:, :, :keep, :] = old[:, :, :keep, :]
+        state.keys, state.values, state.binding = new.keys, new.values, None
+
+    def _run(self, state: GqaState, ids: np.ndarray, positions: np.ndarray, past: int, bias: np.ndarray,
+             logits_start: int) -> np.ndarray:
+        """Feed ``ids`` (one run, S tokens) written at buffer positions ``past .. past+S-1``;
+        ``bias`` ``[S, past + S]``. Returns logits ``[S - logits_start, vocab]``."""
+        s = ids.shape[0]
+        io = state.binding
+        if io is None:  # bound once per buffer set: the caches as both input and output, by pointer
+            io = state.binding = self.session.io_binding()
+            io.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0]
+            shape = [1, self.n_head, state.room, self.head_dim]
+            for (pk, pv), (ok, ov), k, v in zip(self.past, self.present, state.keys, state.values):
+                for name, out, buf in ((pk, ok, k), (pv, ov, v)):
+                    io.bind_input(name, "cpu", 0, self.kv_dtype, shape, buf.ctypes.data)
+                    io.bind_output(out, "cpu", 0, self.kv_dtype, shape, buf.ctypes.data)
+        feed = {
+            "input_ids": ids.astype(np.int64)[None],
+            "position_ids": positions.astype(np.int64)[None],
+            "seqlens_k": np.array([past + s - 1], np.int32),
+            "total_sequence_length": np.array(past + s, np.int32),
+            "attention_bias": np.ascontiguousarray(bias, np.float32)[None, None],
+            "logits_start": np.array([logits_start], np.int64),
+        }
+        for name, value in feed.items():
+            io.bind_cpu_input(name, value)
+        io.bind_output(self.logits_name, "cpu")  # a fresh output each run: its shape varies
+        return self._session_run(io, s)[0][0]
+
+    def prefill(self, state: GqaState | None, keep: int, ids: Sequence[int], logits_from: int,
+                cancel: CancelFn) -> tuple[np.ndarray, GqaState]:
+        if state is None:
+            state, keep = self._alloc(_round_up(len(ids) + ROUND)), 0
+        self._fit(state, len(ids) + ROUND, keep)  # the whole prompt's room (and a decode's) at once
+        state.length = keep
+        chunks = []
+        pos = keep
+        while pos < len(ids):
+            _check_cancel(cancel, state, pos)
+            end = min(len(ids), pos + self.chunk)
+            start = max(0, min(end - pos - 1, logits_from - pos))  # logits only where asked
+            self.shrink_next = end == len(ids) and end - keep > LONG_PREFILL
+            logits = self._run(state, np.asarray(ids[pos:end]), np.arange(pos, end), pos,
+                               np.zeros((end - pos, end), np.float32), start)
+            state.length = end
+            if end > logits_from:
+                chunks.append(logits[max(0, logits_from - pos) - start:])
+            pos = end
+        return np.concatenate(chunks, axis=0), state
+
+    def begin(self, state: GqaState, length: int, n: int, max_new: int = 0) -> GqaDecode:
+        self._fit(state, length + n * max(1, max_new), length, shrink=False)
+        bias = np.full((n, state.room), MASKED, np.float32)
+        bias[:, :length] = 0
+        return GqaDecode(state, length, length, bias)
+
+    def step(self, dec: GqaDecode, tokens: Sequence[int]) -> np.ndarray:
+        s, state = len(tokens), dec.state
+        if dec.end + s > state.room:  # more steps than begin reserved for
+            self._fit(state, dec.end + s + ROUND, dec.end, shrink=False)
+            dec.bias = np.concatenate([dec.bias, np.full((s, state.room - dec.bias.shape[1]), MASKED, np.float32)], axis=1)
+        rows = np.arange(s)
+        dec.bias[rows, dec.end + rows] = 0  # each row sees its own new token
+        logits = self._run(state, np.asarray(tokens), np.full(s, dec.length + dec.steps), dec.end,
+                           dec.bias[:, : dec.end + s], 0)
+        dec.end += s
+        dec.steps += 1
+        return logits
+
+    def keep_rows(self, dec: GqaDecode, rows: np.ndarray) -> None:
+        dec.bias = dec.bias[rows]

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.backends import Backend, FlatBackend, OptimumBackend, PrefillCancelled, release_free_heap
+from codegen_ls.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.modeldir import Manifest, read_manifest
 
@@ -210,7 +210,8 @@ class Tokenizer:
         return self._token_bytes
 
 
-BACKENDS: dict[str, Callable[[Any, int, int, int], Backend]] = {"optimum": OptimumBackend, "flat": FlatBackend}
+BACKENDS: dict[str, Callable[[Any, int, int, int], Backend]] = {"optimum": OptimumBackend, "flat": FlatBackend,
+                                                                 "gqa": GqaBackend}
 
 
 @dataclass
@@ -359,7 +360,7 @@ class Engine:
         n = max(1, n)
         first = [int(np.argmax(logp))] + [sample_token(logp, rng, temperature, top_k, top_p) for _ in range(n - 1)]
         rows = [_Row(i > 0) for i in range(n)]
-        dec = self.backend.begin(fwd.past, len(ids), n)
+        dec = self.backend.begin(fwd.past, len(ids), n, max_new_tokens)
         active = list(range(n))
         next_tokens = first
         step_logp = [logp] * n

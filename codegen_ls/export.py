@@ -160,21 +160,54 @@ def _export_optimum(source: Path, tmp_dir: Path) -> None:
         raise ModelError(f"cannot export {source}: {lines[0]}") from None
 
 
+CALIBRATION_MODULES = ("functools.py", "typing.py", "collections/__init__.py", "enum.py")
+CALIBRATION_TOKENS = 4096  # int8 KV scales: the largest keys/values over this much Python
+
+
+def calibration_batches(tokenizer: Path, n_positions: int, vocab_size: int) -> list[list[int]]:
+    """Token windows to calibrate the int8 KV cache on: a few standard-library modules of the
+    running Python (always on disk, offline), tokenized with the checkpoint's tokenizer; random
+    ids where that is impossible (no tokenizer.json)."""
+    window = min(1024, n_positions)
+    ids: list[int] = []
+    if tokenizer.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer))
+        stdlib = Path(os.__file__).parent
+        for name in CALIBRATION_MODULES:
+            if (stdlib / name).is_file() and len(ids) < CALIBRATION_TOKENS:
+                ids += [i for i in tok.encode((stdlib / name).read_text(errors="replace")).ids if i < vocab_size]
+    if len(ids) < window:
+        import numpy as np
+
+        ids += [int(i) for i in np.random.default_rng(0).integers(0, vocab_size, CALIBRATION_TOKENS)]
+    ids = ids[:CALIBRATION_TOKENS]
+    return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+
+
 def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
-                 int4: bool, kv_fp16: bool = False) -> tuple[list[str], bool]:
-    """Build the flat graph (:mod:`codegen_ls.graph_builder`) from the transformers model.
+                 int4: bool, kv_fp16: bool = False, graph: str = "flat") -> tuple[list[str], bool]:
+    """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.graph_builder`) from the
+    transformers model; a quantized ``gqa`` graph gets an int8 KV cache, calibrated here.
 
     Returns (attention MatMul names to keep in fp32, whether external data was used).
     """
     import torch
     from transformers import CodeGenForCausalLM
 
-    from codegen_ls.graph_builder import build_flat_model, save
+    from codegen_ls.graph_builder import build_flat_model, kv_scales, save
 
     try:
         model = CodeGenForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+        scales = None
+        if graph == "gqa" and quantized:
+            _step("      calibrating the int8 KV cache ...")
+            _save_tokenizer(source, tmp_dir)
+            cfg = model.config
+            scales = kv_scales(model, calibration_batches(tmp_dir / "tokenizer.json", int(cfg.n_positions), int(cfg.vocab_size)))
         proto, attention = build_flat_model(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0,
-                                            kv_fp16=kv_fp16)
+                                            kv_fp16=kv_fp16, graph=graph, kv_int8=scales)
     except Exception as exc:  # unreadable weights, unexpected shapes: one line
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ModelError(f"cannot export {source}: {lines[0]}") from None
@@ -202,10 +235,10 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     big-model path).
     """
     t0 = time.time()
-    if graph not in ("optimum", "flat"):
-        raise CodegenLsError(f"unknown graph kind '{graph}' (optimum or flat)")
-    if int4 and (graph != "flat" or not quantize_int8):
-        raise CodegenLsError("int4 weights need the flat graph (--graph flat) and quantization (no --no-quantize)")
+    if graph not in ("optimum", "flat", "gqa"):
+        raise CodegenLsError(f"unknown graph kind '{graph}' (gqa, flat or optimum)")
+    if int4 and (graph == "optimum" or not quantize_int8):
+        raise CodegenLsError("int4 weights need our graph (--graph gqa or flat) and quantization (no --no-quantize)")
     if kv_fp16 and graph != "flat":
         raise CodegenLsError("a float16 KV cache needs the flat graph (--graph flat)")
     source = _resolve_source(src)
@@ -219,9 +252,9 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     with tempfile.TemporaryDirectory(prefix="codegen-ls-export-") as tmp:
         tmp_dir = Path(tmp)
         exclude: list[str] = []
-        if graph == "flat":
-            _step(f"[1/3] building the flat ONNX graph of {source} (codegen_ls.graph_builder) ...")
-            exclude, external_data = _export_flat(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16)
+        if graph in ("flat", "gqa"):
+            _step(f"[1/3] building the {graph} ONNX graph of {source} (codegen_ls.graph_builder) ...")
+            exclude, external_data = _export_flat(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph)
         else:
             _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
             _export_optimum(source, tmp_dir)
@@ -238,7 +271,8 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     _step("[3/3] writing tokenizer.json and manifest.json ...")
     _save_tokenizer(source, out)
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
-    return _write_manifest(src, out, config, quantization, graph, t0, name, "float16" if kv_fp16 else "float32")
+    kv_dtype = "float16" if kv_fp16 else "int8" if graph == "gqa" and quantize_int8 else "float32"
+    return _write_manifest(src, out, config, quantization, graph, t0, name, kv_dtype)
 
 
 def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph: str, t0: float,

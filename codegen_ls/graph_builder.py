@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-GRAPH_KIND = "flat"
 OPSET = 17
 IR_VERSION = 9
 MASKED = -1e9  # additive bias for masked positions (finite: a fully masked row never makes NaN)
+KV_HEADROOM = 1.25  # int8 KV scales: the calibration's largest magnitude times this maps to 127
 
 
 def prefix_names(n_layer: int) -> list[tuple[str, str]]:
@@ -104,9 +104,46 @@ class _Graph:
         return outs[0] if len(outs) == 1 else outs
 
 
+def gqa_names(n_layer: int) -> list[tuple[str, str]]:
+    return [(f"past_key.{i}", f"past_value.{i}") for i in range(n_layer)]
+
+
+def gqa_out_names(n_layer: int) -> list[tuple[str, str]]:
+    return [(f"present_key.{i}", f"present_value.{i}") for i in range(n_layer)]
+
+
+def kv_scales(model: Any, batches: list[list[int]], headroom: float = KV_HEADROOM) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-layer int8 scales ``[1, H, 1, D]`` of the rotated keys and of the values (the ``gqa``
+    graph's static ``PER_CHANNEL`` cache quantization): each channel's largest magnitude over
+    the calibration token ``batches``, times ``headroom``, maps to 127. Runs the torch model."""
+    import torch
+
+    peak: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for ids in batches:
+            cache = model(torch.tensor([ids]), use_cache=True).past_key_values
+            for i in range(model.config.n_layer):
+                k, v = cache[i][0], cache[i][1]  # [1, H, T, D], keys after rotary
+                amax = [t.abs().amax(dim=(0, 2)).float().numpy() for t in (k, v)]
+                if len(peak) <= i:
+                    peak.append(amax)
+                else:
+                    peak[i] = [np.maximum(a, b) for a, b in zip(peak[i], amax)]
+    scales = []
+    for k_max, v_max in peak:
+        pair = [np.maximum(m * headroom, 1e-6) / 127.0 for m in (k_max, v_max)]
+        scales.append((pair[0][None, :, None, :].astype(np.float32), pair[1][None, :, None, :].astype(np.float32)))
+    return scales
+
+
 def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: int = 0,
-                     kv_fp16: bool = False) -> tuple[Any, list[str]]:
+                     kv_fp16: bool = False, graph: str = "flat",
+                     kv_int8: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[Any, list[str]]:
     """An ONNX ModelProto of ``model`` (a transformers ``CodeGenForCausalLM``, fp32, eval).
+
+    ``graph``: ``flat`` (the shared-prefix layout above) or ``gqa`` (one BNSH cache per layer
+    written in place by ``com.microsoft.GroupQueryAttention``; ``kv_int8``: the per-layer
+    scales of :func:`kv_scales` make that cache int8).
 
     ``int8_embedding``: the token embedding as int8 rows with one scale each (a quarter of the
     memory; the fp32 table is most of an int8 model's RSS otherwise). ``int4_block``: the layers'
@@ -139,22 +176,25 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
         g.const("wte_scale", row_scale.astype(np.float32))
     else:
         g.const("wte", wte)
-    g.const("shape_nshd", np.array([0, 0, n_head, d], np.int64))
-    g.const("shape_nse", np.array([0, 0, e], np.int64))
-    g.const("shape_1h_d", np.array([1, n_head, -1, d], np.int64))
-    g.const("shape_1h_0", np.array([1, n_head, -1, 0], np.int64))
-    g.const("const_h", np.array([n_head], np.int64))
-    g.const("const_d", np.array([d], np.int64))
-    g.const("const_m1", np.array([-1], np.int64))
-    g.const("scale", np.array(1.0 / np.sqrt(d), np.float32))
     g.const("axis1", np.array([1], np.int64))
     g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64))
 
-    n_s = g.op("Shape", ["input_ids"], name="shape_ns")  # [n, S]
-    shape_hns_m1 = g.op("Concat", ["const_h", n_s, "const_m1"], axis=0, name="shape_hns_m1")
-    shape_hnsd = g.op("Concat", ["const_h", n_s, "const_d"], axis=0, name="shape_hnsd")
-    split_sizes = g.op("Concat", [g.op("Shape", ["prefix_bias"]), g.op("Shape", ["tail_bias"], start=1)],
-                       axis=0, name="split_sizes")
+    if graph not in ("flat", "gqa") or (graph == "gqa" and kv_fp16) or (graph == "flat" and kv_int8 is not None):
+        raise ValueError(f"unsupported graph options: {graph}, kv_fp16={kv_fp16}, kv_int8={kv_int8 is not None}")
+    if graph == "flat":
+        g.const("shape_nshd", np.array([0, 0, n_head, d], np.int64))
+        g.const("shape_nse", np.array([0, 0, e], np.int64))
+        g.const("shape_1h_d", np.array([1, n_head, -1, d], np.int64))
+        g.const("shape_1h_0", np.array([1, n_head, -1, 0], np.int64))
+        g.const("const_h", np.array([n_head], np.int64))
+        g.const("const_d", np.array([d], np.int64))
+        g.const("const_m1", np.array([-1], np.int64))
+        g.const("scale", np.array(1.0 / np.sqrt(d), np.float32))
+        n_s = g.op("Shape", ["input_ids"], name="shape_ns")  # [n, S]
+        shape_hns_m1 = g.op("Concat", ["const_h", n_s, "const_m1"], axis=0, name="shape_hns_m1")
+        shape_hnsd = g.op("Concat", ["const_h", n_s, "const_d"], axis=0, name="shape_hnsd")
+        split_sizes = g.op("Concat", [g.op("Shape", ["prefix_bias"]), g.op("Shape", ["tail_bias"], start=1)],
+                           axis=0, name="split_sizes")
     if int8_embedding:
         rows = g.op("Cast", [g.op("Gather", ["wte_int8", "input_ids"], axis=0, name="embed")], to=TensorProto.FLOAT)
         h = g.op("Mul", [rows, g.op("Gather", ["wte_scale", "input_ids"], axis=0, name="embed_scale")])
@@ -194,29 +234,40 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
         q = g.op("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], name=f"rope_q.{i}", **rope)
         k = g.op("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], name=f"rope_k.{i}", **rope)
 
-        qh = g.op("Transpose", [g.op("Reshape", [q, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
-        qh = kv(g.op("Mul", [qh, "scale"]))
-        kt = kv(g.op("Transpose", [g.op("Reshape", [k, "shape_nshd"])], perm=[2, 0, 3, 1]))  # [H, n, D, S]
-        vh = kv(g.op("Transpose", [g.op("Reshape", [v, "shape_nshd"])], perm=[2, 0, 1, 3]))  # [H, n, S, D]
-        tk_out, tv_out = tail_out_names(n_layer)[i]
-        tk_in, tv_in = tail_names(n_layer)[i]
-        pk_in, pv_in = prefix_names(n_layer)[i]
-        kt_all = g.op("Concat", [tk_in, kt], [tk_out], axis=3, name=f"tail_k.{i}")  # [H, n, D, T+S]
-        vh_all = g.op("Concat", [tv_in, vh], [tv_out], axis=2, name=f"tail_v.{i}")  # [H, n, T+S, D]
+        if graph == "gqa":  # one cache per layer, written in place at seqlens_k - S + 1 .. seqlens_k
+            (pk_in, pv_in), (pk_out, pv_out) = gqa_names(n_layer)[i], gqa_out_names(n_layer)[i]
+            quant: dict[str, Any] = {}
+            scale_in = ["", ""]
+            if kv_int8 is not None:
+                quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+                scale_in = [g.const(f"k_scale.{i}", kv_int8[i][0]), g.const(f"v_scale.{i}", kv_int8[i][1])]
+            o = g.op("GroupQueryAttention", [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "", "", "",
+                                             "attention_bias", "", *scale_in], [f"attn.{i}", pk_out, pv_out],
+                     domain="com.microsoft", name=f"gqa.{i}", num_heads=n_head, kv_num_heads=n_head, **quant)[0]
+        else:
+            qh = g.op("Transpose", [g.op("Reshape", [q, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
+            qh = kv(g.op("Mul", [qh, "scale"]))
+            kt = kv(g.op("Transpose", [g.op("Reshape", [k, "shape_nshd"])], perm=[2, 0, 3, 1]))  # [H, n, D, S]
+            vh = kv(g.op("Transpose", [g.op("Reshape", [v, "shape_nshd"])], perm=[2, 0, 1, 3]))  # [H, n, S, D]
+            tk_out, tv_out = tail_out_names(n_layer)[i]
+            tk_in, tv_in = tail_names(n_layer)[i]
+            pk_in, pv_in = prefix_names(n_layer)[i]
+            kt_all = g.op("Concat", [tk_in, kt], [tk_out], axis=3, name=f"tail_k.{i}")  # [H, n, D, T+S]
+            vh_all = g.op("Concat", [tv_in, vh], [tv_out], axis=2, name=f"tail_v.{i}")  # [H, n, T+S, D]
 
-        # prefix: all rows' queries in one MatMul against the shared buffer
-        qp = g.op("Reshape", [qh, "shape_1h_d"])  # [1, H, n*S, D]
-        sp = g.op("MatMul", [qp, pk_in], name=f"attn_qk_prefix.{i}")  # [1, H, n*S, cap]
-        sp = g.op("Add", [g.op("Reshape", [f32(sp), shape_hns_m1]), "prefix_bias"])  # [H, n, S, cap]
-        st = g.op("MatMul", [qh, kt_all], name=f"attn_qk_tail.{i}")  # [H, n, S, T+S]
-        st = g.op("Add", [f32(st), "tail_bias"])
-        probs = g.op("Softmax", [g.op("Concat", [sp, st], axis=-1)], axis=-1)
-        pp, pt = g.op("Split", [probs, split_sizes], 2, axis=-1)
-        op_ = g.op("MatMul", [kv(g.op("Reshape", [pp, "shape_1h_0"])), pv_in], name=f"attn_pv_prefix.{i}")
-        ot = g.op("MatMul", [kv(pt), vh_all], name=f"attn_pv_tail.{i}")  # [H, n, S, D]
-        o = f32(g.op("Add", [g.op("Reshape", [op_, shape_hnsd]), ot]))
-        o = g.op("Reshape", [g.op("Transpose", [o], perm=[1, 2, 0, 3]), "shape_nse"])  # [n, S, E]
-        attention_matmuls += [f"attn_qk_prefix.{i}", f"attn_qk_tail.{i}", f"attn_pv_prefix.{i}", f"attn_pv_tail.{i}"]
+            # prefix: all rows' queries in one MatMul against the shared buffer
+            qp = g.op("Reshape", [qh, "shape_1h_d"])  # [1, H, n*S, D]
+            sp = g.op("MatMul", [qp, pk_in], name=f"attn_qk_prefix.{i}")  # [1, H, n*S, cap]
+            sp = g.op("Add", [g.op("Reshape", [f32(sp), shape_hns_m1]), "prefix_bias"])  # [H, n, S, cap]
+            st = g.op("MatMul", [qh, kt_all], name=f"attn_qk_tail.{i}")  # [H, n, S, T+S]
+            st = g.op("Add", [f32(st), "tail_bias"])
+            probs = g.op("Softmax", [g.op("Concat", [sp, st], axis=-1)], axis=-1)
+            pp, pt = g.op("Split", [probs, split_sizes], 2, axis=-1)
+            op_ = g.op("MatMul", [kv(g.op("Reshape", [pp, "shape_1h_0"])), pv_in], name=f"attn_pv_prefix.{i}")
+            ot = g.op("MatMul", [kv(pt), vh_all], name=f"attn_pv_tail.{i}")  # [H, n, S, D]
+            o = f32(g.op("Add", [g.op("Reshape", [op_, shape_hnsd]), ot]))
+            o = g.op("Reshape", [g.op("Transpose", [o], perm=[1, 2, 0, 3]), "shape_nse"])  # [n, S, E]
+            attention_matmuls += [f"attn_qk_prefix.{i}", f"attn_qk_tail.{i}", f"attn_pv_prefix.{i}", f"attn_pv_tail.{i}"]
         attn = linear(o, sd[p + "attn.out_proj.weight"].T, f"out_proj.{i}")
 
         m = linear(x, sd[p + "mlp.fc_in.weight"].T, f"fc_in.{i}")
@@ -231,6 +282,21 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
     g.op("Add", [logits, g.const("b_lm", sd["lm_head.bias"])], ["logits"], name="lm_head_bias")
 
     i64 = TensorProto.INT64
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_seq", int(cfg.vocab_size)])]
+    if graph == "gqa":
+        cache_type = TensorProto.INT8 if kv_int8 is not None else TensorProto.FLOAT
+        inputs = [
+            helper.make_tensor_value_info("input_ids", i64, [1, "seq"]),
+            helper.make_tensor_value_info("position_ids", i64, [1, "seq"]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+            helper.make_tensor_value_info("attention_bias", TensorProto.FLOAT, [1, 1, "seq", "total"]),
+            helper.make_tensor_value_info("logits_start", i64, [1]),
+        ]
+        for (pk, pv), (ok, ov) in zip(gqa_names(n_layer), gqa_out_names(n_layer)):
+            inputs += [helper.make_tensor_value_info(x, cache_type, [1, n_head, "cap", d]) for x in (pk, pv)]
+            outputs += [helper.make_tensor_value_info(x, cache_type, [1, n_head, "cap", d]) for x in (ok, ov)]
+        return _finish(helper, g, inputs, outputs, graph), attention_matmuls
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
         helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
@@ -238,7 +304,6 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
         helper.make_tensor_value_info("tail_bias", TensorProto.FLOAT, ["seq", "tail_seq"]),
         helper.make_tensor_value_info("logits_start", i64, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_seq", int(cfg.vocab_size)])]
     for (pk, pv), (tk, tv), (ok, ov) in zip(prefix_names(n_layer), tail_names(n_layer), tail_out_names(n_layer)):
         inputs += [helper.make_tensor_value_info(pk, kv_type, [1, n_head, d, "cap"]),
                    helper.make_tensor_value_info(pv, kv_type, [1, n_head, "cap", d])]
@@ -246,11 +311,15 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
                    helper.make_tensor_value_info(tv, kv_type, [n_head, "batch", "past_tail", d])]
         outputs += [helper.make_tensor_value_info(ok, kv_type, [n_head, "batch", d, "tail_seq"]),
                     helper.make_tensor_value_info(ov, kv_type, [n_head, "batch", "tail_seq", d])]
-    graph = helper.make_graph(g.nodes, "codegen_flat", inputs, outputs, initializer=g.inits)
+    return _finish(helper, g, inputs, outputs, graph), attention_matmuls
+
+
+def _finish(helper: Any, g: _Graph, inputs: list[Any], outputs: list[Any], kind: str) -> Any:
+    graph = helper.make_graph(g.nodes, f"codegen_{kind}", inputs, outputs, initializer=g.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=IR_VERSION, producer_name="codegen-ls")
-    proto.metadata_props.add(key="codegen_ls.graph", value=GRAPH_KIND)
-    return proto, attention_matmuls
+    proto.metadata_props.add(key="codegen_ls.graph", value=kind)
+    return proto
 
 
 def save(proto: Any, path: Path, external: bool) -> None:

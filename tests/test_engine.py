@@ -3,7 +3,8 @@
 The model (n_embd 128, 2 layers, 8 heads: two per block of CodeGen's ``mp_num=4`` qkv layout,
 rotary_dim 8 of head_dim 16: partial rotary) is built
 here with transformers, saved, and exported with our own export code (fp32 and int8), in both
-graph kinds: ``optimum`` (the reference export) and ``flat`` (our graph, in-place prompt KV).
+graph kinds: ``optimum`` (the reference export), ``flat`` (our graph, in-place prompt KV) and
+``gqa`` (our graph on GroupQueryAttention: one in-place cache per layer, int8 when quantized).
 Greedy tokens must equal ``CodeGenForCausalLM.generate(do_sample=False)`` exactly, also when
 the prompt cache is reused across overlapping prompts; ``Engine.tokens_fed`` proves the reuse.
 """
@@ -18,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
-from codegen_ls.backends import PastState  # noqa: E402
+from codegen_ls.backends import FlatState, GqaState, PastState  # noqa: E402
 from codegen_ls.engine import (  # noqa: E402
     Engine,
     EngineOptions,
@@ -51,14 +52,14 @@ def hf_model(checkpoint: Path):  # type: ignore[no-untyped-def]
     return CodeGenForCausalLM.from_pretrained(str(checkpoint)).eval()
 
 
-@pytest.fixture(scope="module", params=["optimum", "flat"])
+@pytest.fixture(scope="module", params=["optimum", "flat", "gqa"])
 def fp32_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp(f"fp32-{request.param}") / "model"
     export(str(checkpoint), out, quantize_int8=False, graph=request.param)
     return out
 
 
-@pytest.fixture(scope="module", params=["optimum", "flat", "flat-int4", "flat-kv16"])
+@pytest.fixture(scope="module", params=["optimum", "flat", "flat-int4", "flat-kv16", "gqa", "gqa-int4"])
 def int8_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp(f"int8-{request.param}") / "model"
     export(str(checkpoint), out, quantize_int8=True, graph=request.param.split("-")[0], int4="int4" in request.param,
@@ -115,15 +116,18 @@ def test_greedy_matches_transformers_with_cache_reuse(engine: Engine, hf_model) 
         # the work really done: the uncached part of the prompt, then one token per decode step
         assert engine.tokens_fed - before == len(ids) - cached + (MAX_NEW - 1)
         assert cand.finish_reason == "length"
-    if engine.backend.in_place:  # flat: the 825-token buffer was shrunk back for 175 tokens
-        assert engine.cache.get("a").past.cap == 256
+    past = engine.cache.get("a").past  # the 825-token buffer was shrunk back for 175 tokens
+    if isinstance(past, FlatState):
+        assert past.cap == 256
+    elif isinstance(past, GqaState):  # room for the prompt and a decode's rows
+        assert past.room == 384 and past.length == 175
 
 
 def test_flat_prefill_allocates_the_prompt_once(fp32_dir: Path, hf_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A multi-chunk prefill reserves the whole prompt's buffers once and widens its views in place
     (no old + new buffer alive at once: the peak RSS of a long prompt)."""
     engine = Engine(fp32_dir, EngineOptions(threads=1, prefill_chunk=64))
-    if not engine.backend.in_place:
+    if engine.graph != "flat":
         pytest.skip("flat graph only")
     allocs: list[int] = []
     alloc = engine.backend._alloc  # type: ignore[attr-defined]
@@ -161,11 +165,30 @@ def test_n_candidates_share_one_prefill(engine: Engine, hf_model) -> None:  # ty
     assert gen.stats.fed_tokens == len(ids)
     # the prompt was fed once, then each of the 3 rows one token per decode step
     assert engine.tokens_fed - before == len(ids) + 3 * (MAX_NEW - 1)
-    ref = hf_logprobs(hf_model, ids + gen.candidates[1].token_ids)
-    sampled = gen.candidates[1]
-    np.testing.assert_allclose(sampled.logprobs, [ref[len(ids) - 1 + i, t] for i, t in enumerate(sampled.token_ids)],
-                               atol=1e-4)
+    for sampled in gen.candidates[1:]:  # each row attended to the prompt and its own tokens only
+        ref = hf_logprobs(hf_model, ids + sampled.token_ids)
+        np.testing.assert_allclose(sampled.logprobs, [ref[len(ids) - 1 + i, t] for i, t in enumerate(sampled.token_ids)],
+                                   atol=1e-4)
     assert len({tuple(c.token_ids) for c in gen.candidates}) > 1  # samples at T=1.5 differ
+
+
+def test_rows_that_finish_early_leave_the_others_exact(engine: Engine, hf_model) -> None:  # type: ignore[no-untyped-def]
+    """A candidate stopped mid-decode is dropped from the batch; the rows after it stay exact."""
+    ids = random_ids(5, 30)
+    calls = 0
+
+    def stop(text: str) -> int | None:  # called per row per step: the 5th call is row 1 at step 1
+        nonlocal calls
+        calls += 1
+        return len(text) if calls == 5 else None
+
+    gen = engine.generate(ids, doc_key="early", n=3, max_new_tokens=MAX_NEW, temperature=1.5, top_k=50, seed=2, stop=stop)
+    assert [len(c.token_ids) for c in gen.candidates] == [MAX_NEW, 2, MAX_NEW]
+    assert gen.candidates[1].finish_reason == "stop"
+    assert gen.candidates[0].token_ids == hf_greedy(hf_model, ids)
+    last = gen.candidates[2]
+    ref = hf_logprobs(hf_model, ids + last.token_ids)
+    np.testing.assert_allclose(last.logprobs, [ref[len(ids) - 1 + i, t] for i, t in enumerate(last.token_ids)], atol=1e-4)
 
 
 def test_score_verifies_a_draft_in_one_pass(engine: Engine, hf_model) -> None:  # type: ignore[no-untyped-def]
@@ -313,6 +336,10 @@ def test_int8_agreement_with_transformers(int8_dir: Path, hf_model) -> None:  # 
           f"{forced}/{total} tokens, first token {same_next}/{len(prompts)}, greedy prefix {same_prefix}/{total}")
     floor = 0.35 if engine.manifest.quantization.startswith("int4") else 0.8  # 4-bit is coarser
     assert forced >= floor * total
+    if engine.manifest.extra.get("kv_dtype") == "int8":  # the gqa cache really is int8: a quarter
+        state = engine.cache.get("0").past
+        assert {b.dtype for b in state.keys + state.values} == {np.dtype(np.int8)}
+        assert state.nbytes == 2 * engine.manifest.n_layer * engine.manifest.n_head * engine.manifest.head_dim * state.room
     if engine.manifest.extra.get("kv_dtype") == "float16":  # the cache really is half size
         state = engine.cache.get("0").past
         assert {b.dtype for b in state.buffers} == {np.dtype(np.float16)}
