@@ -1,13 +1,15 @@
-"""The engine's two ways of running a CodeGen ONNX graph, chosen by the manifest's graph kind.
+"""The engine's ways of running a CodeGen ONNX graph, chosen by the manifest's graph kind.
 
+* :class:`GqaBackend` (``graph: gqa``, the default export, see :mod:`codegen_ls.graph_builder`):
+  one KV cache per layer (int8 when quantized) that GroupQueryAttention reads and writes in
+  place; N candidates are N query positions of one run, sharing the prompt's cache.
+* :class:`FlatBackend` (``graph: flat``): the prompt's keys and values live in preallocated
+  per-document buffers the engine writes in place; a decode step reads them and carries only
+  the tokens generated in this request. N candidate rows share one prefix buffer, never copied.
 * :class:`OptimumBackend` (``graph: optimum``, the reference): optimum's export, the whole past
   in and ``past + new`` out every run. A state is that list of arrays; a prefix is a slice.
-* :class:`FlatBackend` (``graph: flat``, see :mod:`codegen_ls.graph_builder`): the prompt's keys
-  and values live in preallocated per-document buffers the engine writes in place; a decode
-  step reads them and carries only the tokens generated in this request. N candidate rows share
-  one prefix buffer, never copied.
 
-Both expose the same four calls to the engine: ``prefill`` (feed prompt tokens on top of the
+All expose the same four calls to the engine: ``prefill`` (feed prompt tokens on top of the
 first ``keep`` tokens of a state; cancelled between chunks it raises :class:`PrefillCancelled`
 with the state fed so far), ``begin`` / ``step`` / ``keep_rows`` (batched decode), and count
 ``tokens_fed`` and ``session_ms``. Input and output names are read from the session.

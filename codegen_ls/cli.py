@@ -70,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", metavar="SRC")
     e.add_argument("out", metavar="OUT", type=Path)
     e.add_argument("--no-quantize", action="store_true", help="keep fp32 weights")
-    e.add_argument("--graph", choices=["flat", "optimum"], default="flat",
-                   help="flat (default): our graph with in-place KV buffers, flat decode as the context grows; "
+    e.add_argument("--graph", choices=["gqa", "flat", "optimum"], default="gqa",
+                   help="gqa (default): our graph on GroupQueryAttention, one in-place KV cache per layer, int8 "
+                        "unless --no-quantize; flat: our graph with fp32 (or --kv-fp16) shared-prefix KV buffers; "
                         "optimum: optimum-onnx's text-generation-with-past export (the reference path)")
-    e.add_argument("--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; flat graph)")
+    e.add_argument("--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa or flat graph)")
     e.add_argument("--kv-fp16", action="store_true",
-                   help="float16 KV cache (flat graph): half its memory and bandwidth at long context, slightly less exact")
+                   help="float16 KV cache (flat graph only): half its memory at long context, slightly less exact")
     e.add_argument("--name", help="model name in the manifest (default: SRC's last path component)")
     e.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     _log_args(e)

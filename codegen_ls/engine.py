@@ -225,9 +225,9 @@ class EngineOptions:
 class Engine:
     """A loaded model: ONNX session + tokenizer + prompt cache. Thread-safe (one call at a time).
 
-    The graph kind in the manifest (``extra.graph``: ``optimum``, the default, or ``flat``)
+    The graph kind in the manifest (``extra.graph``: ``optimum`` when absent, ``flat`` or ``gqa``)
     selects the backend (:mod:`codegen_ls.backends`); generation, sampling, stop rules and the
-    prompt cache are the same for both.
+    prompt cache are the same for all.
     """
 
     def __init__(self, model_dir: str | os.PathLike[str], options: EngineOptions | None = None) -> None:

@@ -3,11 +3,13 @@
 Pipeline (needs the ``export`` extra: torch, transformers, optimum-onnx; serving never imports it):
 
 1. resolve SRC: a local checkpoint directory, or a hub id downloaded when online;
-2. export with past key/values through optimum-onnx (``text-generation-with-past``), or, with
-   ``--graph flat`` (the default), build our own flat-decode graph from the transformers
-   model (:mod:`codegen_ls.graph_builder`);
+2. build our own graph from the transformers model (:mod:`codegen_ls.graph_builder`):
+   ``--graph gqa`` (the default; GroupQueryAttention over one in-place cache per layer, an int8
+   cache when quantized, its scales calibrated here on standard-library source) or ``--graph
+   flat``; or export with past key/values through optimum-onnx (``--graph optimum``,
+   ``text-generation-with-past``, the reference);
 3. int8 dynamic quantization with ``onnxruntime.quantization`` (``--no-quantize`` keeps fp32;
-   the flat graph also stores its token embedding as int8 rows, and ``--int4`` makes its layer
+   our graphs also store the token embedding as int8 rows, and ``--int4`` makes their layer
    weights 4-bit ``MatMulNBits`` blocks); models over 2 GB use ONNX external data;
 4. write ``tokenizer.json`` and ``manifest.json`` (shapes, special ids, checksums).
 
@@ -124,7 +126,7 @@ def quantize(src_onnx: Path, dst_onnx: Path, external: bool, exclude: list[str] 
             str(src_onnx), str(dst_onnx), weight_type=QuantType.QInt8, per_channel=False,
             op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external,
             nodes_to_exclude=exclude or [],
-            # ONNX shape inference stops at com.microsoft ops (flat graph): everything is float
+            # ONNX shape inference stops at com.microsoft ops (our graphs): everything is float
             extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )
     finally:
@@ -219,16 +221,17 @@ def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: 
 
 
 def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
-           external_data: bool | None = None, graph: str = "flat", int4: bool = False,
+           external_data: bool | None = None, graph: str = "gqa", int4: bool = False,
            name: str | None = None, kv_fp16: bool = False) -> Manifest:
     """Export ``src`` into ``out`` and return the manifest written there.
 
-    ``graph``: ``optimum`` (optimum-onnx's export, the reference) or ``flat`` (our own graph
-    with in-place prompt KV buffers and flat decode, :mod:`codegen_ls.graph_builder`); the
-    manifest records it as ``extra.graph`` and the engine picks its backend from it. The flat
-    graph's int8 export also stores the token embedding as int8 rows; ``int4`` (flat only) makes
-    the layers' weights 4-bit ``MatMulNBits`` blocks (lm_head stays int8); ``kv_fp16`` (flat
-    only) stores the KV cache in float16 (manifest ``extra.kv_dtype``).
+    ``graph``: ``gqa`` (our graph on GroupQueryAttention, :mod:`codegen_ls.graph_builder`; with
+    ``quantize_int8`` its KV cache is int8 too), ``flat`` (our graph with shared-prefix fp32 KV
+    buffers) or ``optimum`` (optimum-onnx's export, the reference); the manifest records it as
+    ``extra.graph`` (and the cache's type as ``extra.kv_dtype``) and the engine picks its
+    backend from it. Our graphs' int8 export also stores the token embedding as int8 rows;
+    ``int4`` makes the layers' weights 4-bit ``MatMulNBits`` blocks (lm_head stays int8);
+    ``kv_fp16`` (flat only) stores the KV cache in float16.
 
     ``external_data``: None decides by size (ONNX external data when the fp32 export is past
     ~1.8 GB, as 2 GB is the protobuf limit); True/False force it (tests use True to cover the

@@ -1,30 +1,36 @@
-"""The ``flat`` ONNX graph: CodeGen written out op by op, with a shared-prefix KV layout.
+"""Our ONNX graphs of CodeGen, written out op by op for the engine's access pattern.
 
 The optimum export takes the whole past as input and concatenates it with the new token's keys
 and values every step: decode time grows with the context even where attention itself is cheap.
-This graph is built for the engine's access pattern instead:
-
-* the **prefix** (the prompt, cached per document) is a preallocated buffer per layer, an input
-  the graph only reads: ``prefix_key.L`` ``[1, H, D, cap]`` (keys stored transposed, so the score
-  MatMul needs no transpose) and ``prefix_value.L`` ``[1, H, cap, D]``. ``prefix_bias`` ``[cap]``
-  (0 or -1e9) masks the unused tail of the buffer. The engine writes new prompt tokens into it
-  in place, so prefill and decode never copy the context;
-* the **tail** (tokens generated in this request) is small and per row: ``tail_key.L``
-  ``[H, n, D, T]`` and ``tail_value.L`` ``[H, n, T, D]``; the graph returns them grown by the new
-  tokens (``tail_key_out.L``, ``tail_value_out.L``), masked by ``tail_bias`` ``[S, T+S]``;
-* the n candidate rows all attend to the one prefix: their queries are stacked into a single
-  MatMul against it, so N candidates share one prefill and one copy of the context.
+Both graphs here keep the prompt's KV in place instead. They share everything but attention:
 
 Per layer: LayerNorm -> fused qkv MatMul (CodeGen's ``mp_num=4`` interleaved q/v/k layout is
 reordered to plain q|k|v at build time) -> ``com.microsoft.RotaryEmbedding`` (interleaved,
-partial ``rotary_dim``) on q and k -> attention over prefix + tail -> out_proj; the MLP (fc_in,
-``FastGelu`` = gelu_new, fc_out) reads the same LayerNorm output, and both are added to the
-residual (CodeGen's parallel block). ``logits_start`` slices the positions whose logits are
-computed (prefill needs only the last one).
+partial ``rotary_dim``) on q and k -> attention -> out_proj; the MLP (fc_in, ``FastGelu`` =
+gelu_new, fc_out) reads the same LayerNorm output, and both are added to the residual
+(CodeGen's parallel block). ``logits_start`` slices the positions whose logits are computed
+(prefill needs only the last one).
 
-With ``kv_fp16`` the prefix buffers and tails are float16 (half the memory and bandwidth of the
-KV cache, which at 2048 tokens of a 350M model is as large as its int8 weights) and the
-attention MatMuls run in float16; masking and softmax stay float32.
+``gqa`` (the default): ``com.microsoft.GroupQueryAttention`` (kv_num_heads = num_heads) over one
+cache per layer, ``past_key.L`` / ``past_value.L`` ``[1, H, cap, D]``, which the engine binds as
+both input and output (``present_*``): the op writes the new tokens' keys and values at
+``seqlens_k - S + 1 .. seqlens_k`` and attends causally over ``0 .. seqlens_k``, plus an additive
+``attention_bias`` ``[1, 1, S, total]``. Batch is always 1: N candidates are N query positions
+of a step, and the bias lets each see only the prompt and its own tokens (see
+:class:`codegen_ls.backends.GqaBackend`). Quantized, the cache is **int8** with static
+per-channel scales (``k_scale.L`` / ``v_scale.L`` ``[1, H, 1, D]``, from :func:`kv_scales`): a
+quarter of the fp32 cache's memory and bandwidth, which at 2048 tokens of a 350M model is as
+large as its int8 weights.
+
+``flat``: the **prefix** (the prompt) is a preallocated buffer per layer the graph only reads:
+``prefix_key.L`` ``[1, H, D, cap]`` (keys stored transposed) and ``prefix_value.L`` ``[1, H, cap,
+D]``, ``prefix_bias`` ``[cap]`` (0 or -1e9) masking the unused tail; the engine writes new prompt
+tokens into it. The **tail** (tokens generated in this request) is small and per row:
+``tail_key.L`` ``[H, n, D, T]`` and ``tail_value.L`` ``[H, n, T, D]``, returned grown by the new
+tokens (``tail_key_out.L``, ``tail_value_out.L``), masked by ``tail_bias`` ``[S, T+S]``; the n
+candidate rows' queries are stacked into one MatMul against the shared prefix. With
+``kv_fp16`` the prefix buffers and tails are float16 and the attention MatMuls run in float16;
+masking and softmax stay float32.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_pickled_bin_weights_never_run_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("graph", ["optimum", "flat"])
+@pytest.mark.parametrize("graph", ["optimum", "flat", "gqa"])
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "int8"])
 def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, quantize: bool, graph: str) -> None:
     """The >2 GB path (forced here on a tiny model): weights in ``model.onnx.data``, all files listed."""
@@ -138,6 +138,14 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
         ops = {n.name: n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
         assert ops["attn_qk_prefix.0"] == ops["attn_pv_tail.1"] == "MatMul"
         assert sum(op == "MatMulInteger" for op in ops.values()) == 2 * 4 + 1  # qkv, out, fc_in, fc_out; lm_head
+    if graph == "gqa":  # attention is GroupQueryAttention over an int8 cache when quantized, fp32 otherwise
+        import onnx
+
+        proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        assert [n.op_type for n in proto.graph.node].count("GroupQueryAttention") == 2
+        cache = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}["past_key.0"]
+        assert cache == (onnx.TensorProto.INT8 if quantize else onnx.TensorProto.FLOAT)
+        assert manifest.extra["kv_dtype"] == ("int8" if quantize else "float32")
 
     data = bytearray((out / "model.onnx.data").read_bytes())
     data[100] ^= 0xFF
@@ -146,24 +154,24 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
     assert sorted(verify_files(out, manifest)) == ["checksum mismatch for model.onnx.data", "missing tokenizer.json"]
 
 
-def test_cli_export_defaults_to_the_flat_graph_and_info_reports_it(checkpoint: Path, tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """``codegen-ls model export SRC OUT --int4 --name N`` then ``model info OUT``: the flat graph
-    (the default), 4-bit layer weights, the given name, every file verified."""
+def test_cli_export_defaults_to_the_gqa_graph_and_info_reports_it(checkpoint: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """``codegen-ls model export SRC OUT --int4 --name N`` then ``model info OUT``: the gqa graph
+    (the default) with its int8 KV cache, 4-bit layer weights, the given name, every file verified."""
     from codegen_ls.cli import main
 
     out = tmp_path / "m"
     assert main(["model", "export", str(checkpoint), str(out), "--int4", "--name", "tiny-test"]) == 0
     manifest = read_manifest(out)
-    assert (manifest.name, manifest.extra["graph"]) == ("tiny-test", "flat")
+    assert (manifest.name, manifest.extra["graph"], manifest.extra["kv_dtype"]) == ("tiny-test", "gqa", "int8")
     assert manifest.quantization.startswith("int4")
     capsys.readouterr()
     assert main(["model", "info", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert '"graph": "flat"' in printed and "all files verified" in printed
+    assert '"graph": "gqa"' in printed and "all files verified" in printed
     assert main(["model", "export", str(checkpoint), str(tmp_path / "o"), "--graph", "optimum", "--int4"]) == 1
-    assert "int4 weights need the flat graph" in capsys.readouterr().err
-    assert main(["model", "export", str(checkpoint), str(tmp_path / "o"), "--graph", "optimum", "--kv-fp16"]) == 1
+    assert "int4 weights need our graph" in capsys.readouterr().err
+    assert main(["model", "export", str(checkpoint), str(tmp_path / "o"), "--kv-fp16"]) == 1
     assert "float16 KV cache needs the flat graph" in capsys.readouterr().err
-    assert main(["model", "export", str(checkpoint), str(tmp_path / "kv16"), "--kv-fp16"]) == 0
+    assert main(["model", "export", str(checkpoint), str(tmp_path / "kv16"), "--graph", "flat", "--kv-fp16"]) == 0
     assert read_manifest(tmp_path / "kv16").extra["kv_dtype"] == "float16"
