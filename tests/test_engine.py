@@ -143,6 +143,28 @@ def test_flat_prefill_allocates_the_prompt_once(fp32_dir: Path, hf_model, monkey
     assert allocs == [384] and engine.cache.get("p").past is state
 
 
+def test_gqa_cache_is_allocated_once_and_shared_by_the_candidates(fp32_dir: Path, hf_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """gqa: a multi-chunk prefill allocates the prompt's cache (plus a decode's room) once; the
+    next keystroke and a 3-candidate decode run in those same buffers, never copying them."""
+    engine = Engine(fp32_dir, EngineOptions(threads=1, prefill_chunk=64))
+    if engine.graph != "gqa":
+        pytest.skip("gqa graph only")
+    allocs: list[int] = []
+    alloc = engine.backend._alloc  # type: ignore[attr-defined]
+    monkeypatch.setattr(engine.backend, "_alloc", lambda room: allocs.append(room) or alloc(room))
+    ids = random_ids(21, 300)
+    assert engine.generate(ids, doc_key="p", max_new_tokens=MAX_NEW).candidates[0].token_ids == hf_greedy(hf_model, ids)
+    state = engine.cache.get("p").past
+    buffers = [b.ctypes.data for b in state.keys + state.values]
+    assert allocs == [512] and state.room == 512 and state.length == 300
+    assert engine.cache.nbytes == state.nbytes == 2 * 2 * 8 * 16 * 512 * 4  # layers, k+v, heads, dim, room, fp32
+    longer = ids + random_ids(22, 50)
+    gen = engine.generate(longer, doc_key="p", n=3, max_new_tokens=MAX_NEW, temperature=1.5, seed=3)
+    assert gen.candidates[0].token_ids == hf_greedy(hf_model, longer) and gen.stats.cached_tokens == len(ids)
+    assert allocs == [512] and engine.cache.get("p").past is state
+    assert [b.ctypes.data for b in state.keys + state.values] == buffers and state.length == len(longer)
+
+
 def test_text_prompt_and_real_logprobs(engine: Engine, hf_model) -> None:  # type: ignore[no-untyped-def]
     prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n"
     ids = engine.tokenizer.encode(prompt)
