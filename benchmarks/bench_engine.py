@@ -3,7 +3,7 @@
 A random-weight CodeGen of a chosen shape (``--shape 350m`` is codegen-350M-mono's exact shape:
 n_embd 1024, 20 layers, 16 heads, rotary_dim 32, vocab 51200, 2048 positions; ``--shape small``
 is the embedded model's) is built and exported with our own export (int8; once per graph kind:
-``optimum``, ``flat``, and ``flat-int4``), then, in one run, with the same prompts (Python source,
+``optimum``, ``flat``, ``gqa`` and their ``-int4`` / ``-kv16`` variants), then, in one run, with the same prompts (Python source,
 tokenized with the embedded tokenizer) and the same number of new tokens (EOS is suppressed, so
 every run decodes exactly ``--new-tokens``):
 
@@ -17,7 +17,7 @@ peak RSS of a fresh process that only loads the engine and generates 3 candidate
 of context. Prints markdown tables (the numbers in the README come from here). On a shared
 machine, ``--wait-quiet`` waits for other processes to leave the CPUs before each measurement::
 
-    python benchmarks/bench_engine.py --shape 350m --graphs optimum,flat,flat-int4 --wait-quiet 900
+    python benchmarks/bench_engine.py --shape 350m --graphs optimum,flat,gqa,gqa-int4 --wait-quiet 600
     python benchmarks/bench_engine.py --shape small --new-tokens 8 --requests 2
 """
 from __future__ import annotations
@@ -85,8 +85,8 @@ def corpus() -> str:
 
 
 def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
-    """(checkpoint dir, exported model dir) for ``variant`` (optimum, flat, flat-int4, flat-kv16,
-    flat-int4-kv16), reused when built."""
+    """(checkpoint dir, exported model dir) for ``variant`` (optimum, gqa, gqa-int4, flat, flat-int4,
+    flat-kv16, flat-int4-kv16), reused when built."""
     from codegen_ls.export import export, random_checkpoint
 
     base = workdir / shape
@@ -247,8 +247,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="350m")
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench")
-    ap.add_argument("--graphs", default="optimum,flat",
-                    help="our engine's exports to run: optimum, flat, flat-int4, flat-kv16, flat-int4-kv16")
+    ap.add_argument("--graphs", default="optimum,gqa",
+                    help="our engine's exports to run: optimum, gqa, gqa-int4, flat, flat-int4, flat-kv16, flat-int4-kv16")
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens of (a)-(d)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=3, help="requests for (a), (b), (c)")
