@@ -214,6 +214,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for k, v in manifest.to_json().items():
         if k not in ("files", "extra"):
             print(f"  {k}: {v}")
+    print(f"  graph: {manifest.extra.get('graph', 'optimum')}  KV cache: {manifest.extra.get('kv_dtype', 'float32')}")
     problems = verify_files(model_dir, manifest)
     print(f"  files: {len(manifest.files)} checked, " + ("all checksums match" if not problems else "; ".join(problems)))
     snippet = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        if name.endswith('.py'):\n            result."

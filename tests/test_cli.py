@@ -82,6 +82,8 @@ def test_doctor_reports_versions_model_and_a_timed_completion() -> None:
     assert out.returncode == 0, out.stderr
     for needle in ("onnxruntime", "providers", "CPUExecutionProvider", "model:", "timed completion"):
         assert needle in out.stdout
+    manifest = json.loads((ROOT / "models" / "codegen-ls-small" / "manifest.json").read_text())
+    assert f"graph: {manifest['extra']['graph']}  KV cache: {manifest['extra']['kv_dtype']}" in out.stdout
 
 
 def test_wheel_contains_the_embedded_model(tmp_path: Path) -> None:
