@@ -348,8 +348,36 @@ def main() -> None:
         print(f"\nServer-like RSS, `{graph}` graph ({args.n} candidates, {engine_context(optimum_dir)} tokens of "
               f"context, fresh process): {r['loaded_mb']:.0f} MB after load, peak {r['peak_mb']:.0f} MB, "
               f"{r['after_mb']:.0f} MB after (prompt cache {r['cache_mb']:.0f} MB).")
+    print_targets(graphs, results, flatness, rss)
     print(f"\nCommand: `python benchmarks/bench_engine.py {' '.join(sys.argv[1:])}` "
           f"(load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())})")
+
+
+def print_targets(graphs: list[str], results: dict[str, float], flatness: dict[str, list[tuple[int, float, float]]],
+                  rss: dict[str, dict[str, float]]) -> None:
+    """The engine issue's targets on this machine, per graph: measured value, then met or not."""
+    rows = []
+    for g in graphs:
+        d = results.get(f"d-{g}")
+        if d and "a" in results:
+            rows.append((g, "keystroke replay >= 15x (a)", f"{results['a'] / d:.1f}x", results["a"] / d >= 15))
+        if d and "b" in results:
+            rows.append((g, "keystroke replay >= 3x (b)", f"{results['b'] / d:.1f}x", results["b"] / d >= 3))
+        if flatness.get(g):
+            first, last = flatness[g][0], flatness[g][-1]
+            ratio = last[1] / first[1]
+            rows.append((g, f"ms/token at {last[0]} <= 1.2x at {first[0]}", f"{ratio:.2f}x", ratio <= 1.2))
+            overhead = max(r[1] / r[2] for r in flatness[g] if r[2] > 0)
+            rows.append((g, "ms/token <= 1.15x its session.run", f"{overhead:.2f}x", overhead <= 1.15))
+        if g in rss:
+            rows.append((g, "peak RSS <= 700 MB (3 candidates, full context)", f"{rss[g]['peak_mb']:.0f} MB",
+                         rss[g]["peak_mb"] <= 700))
+    if rows:
+        print("\nTargets (the engine issue's, on this machine):\n")
+        print("| graph | target | measured | |")
+        print("|---|---|---:|---|")
+        for g, what, value, ok in rows:
+            print(f"| `{g}` | {what} | {value} | {'met' if ok else '**not met**'} |")
 
 
 def engine_context(model_dir: Path) -> int:
