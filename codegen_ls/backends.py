@@ -394,6 +394,9 @@ class GqaDecode:
     steps: int = 0
 
 
+DECODE_ROOM = 2 * ROUND  # positions a prefill reserves after the prompt for a decode's rows (3 x 48 fit)
+
+
 class GqaBackend(Backend):
     """``graph: gqa``: batch 1 always. N candidate rows are N query positions of one run: each
     step writes their tokens side by side after the prompt, and an attention bias lets each row
@@ -468,8 +471,8 @@ class GqaBackend(Backend):
     def prefill(self, state: GqaState | None, keep: int, ids: Sequence[int], logits_from: int,
                 cancel: CancelFn) -> tuple[np.ndarray, GqaState]:
         if state is None:
-            state, keep = self._alloc(_round_up(len(ids) + ROUND)), 0
-        self._fit(state, len(ids) + ROUND, keep)  # the whole prompt's room (and a decode's) at once
+            state, keep = self._alloc(_round_up(len(ids) + DECODE_ROOM)), 0
+        self._fit(state, len(ids) + DECODE_ROOM, keep)  # the whole prompt's room (and a decode's) at once
         state.length = keep
         chunks = []
         pos = keep
