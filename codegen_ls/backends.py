@@ -79,8 +79,9 @@ class Backend:
         self.shrink_next = False  # the next run hands its memory back (the end of a long prefill)
         self._shrink: Any = None
 
-    def _session_run(self, feed: dict[str, np.ndarray] | Any, n_tokens: int) -> list[np.ndarray]:
-        """Run the session on ``feed`` (a dict, or an ``IOBinding``: then its first output)."""
+    def _session_run(self, feed: dict[str, np.ndarray] | Any, n_tokens: int) -> list[Any]:
+        """Run the session on ``feed``: a dict (returns the outputs' arrays), or an ``IOBinding``
+        (returns its outputs as OrtValues, in binding order: nothing is copied)."""
         run_options = None
         if self.shrink_next:
             if self._shrink is None:
@@ -94,7 +95,7 @@ class Backend:
             out = list(self.session.run(None, feed, run_options))
         else:
             self.session.run_with_iobinding(feed, run_options)
-            out = [feed.get_outputs()[0].numpy()]
+            out = list(feed.get_outputs())
         self.session_ms += (time.perf_counter() - t) * 1000
         self.tokens_fed += n_tokens
         if run_options is not None:  # the arena shrank: return the freed pages to the OS too
@@ -374,7 +375,8 @@ class GqaState:
     keys: list[np.ndarray]
     values: list[np.ndarray]
     length: int = 0
-    binding: Any = field(default=None, repr=False)  # the session's IO binding of these buffers
+    binding: Any = field(default=None, repr=False)  # IO binding of these buffers, in and out (decode)
+    prompt_binding: Any = field(default=None, repr=False)  # ... as inputs only (the prompt path)
 
     @property
     def room(self) -> int:
@@ -395,6 +397,7 @@ class GqaDecode:
 
 
 DECODE_ROOM = 2 * ROUND  # positions a prefill reserves after the prompt for a decode's rows (3 x 48 fit)
+PROMPT_PATH_MIN = 16  # runs of this many tokens take the graph's MatMul path (prompt chunks, long drafts)
 
 
 class GqaBackend(Backend):
@@ -439,22 +442,32 @@ class GqaBackend(Backend):
         new = self._alloc(want)
         for old, dst in zip(state.keys + state.values, new.keys + new.values):
             dst[:, :, :keep, :] = old[:, :, :keep, :]
-        state.keys, state.values, state.binding = new.keys, new.values, None
+        state.keys, state.values, state.binding, state.prompt_binding = new.keys, new.values, None, None
 
     def _run(self, state: GqaState, ids: np.ndarray, positions: np.ndarray, past: int, bias: np.ndarray,
              logits_start: int) -> np.ndarray:
         """Feed ``ids`` (one run, S tokens) written at buffer positions ``past .. past+S-1``;
-        ``bias`` ``[S, past + S]``. Returns logits ``[S - logits_start, vocab]``."""
+        ``bias`` ``[S, past + S]``, complete (causal included). Returns logits ``[S - logits_start,
+        vocab]``. A few tokens: GroupQueryAttention writes their keys and values in place; from
+        ``PROMPT_PATH_MIN`` tokens on, the graph's MatMul path returns them and they are copied in."""
         s = ids.shape[0]
-        io = state.binding
-        if io is None:  # bound once per buffer set: the caches as both input and output, by pointer
-            io = state.binding = self.session.io_binding()
+        prompt = s >= PROMPT_PATH_MIN
+        io = state.prompt_binding if prompt else state.binding
+        if io is None:  # bound once per buffer set, by pointer: the caches as inputs (and decode's outputs)
+            io = self.session.io_binding()
             io.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0]
             shape = [1, self.n_head, state.room, self.head_dim]
             for (pk, pv), (ok, ov), k, v in zip(self.past, self.present, state.keys, state.values):
                 for name, out, buf in ((pk, ok, k), (pv, ov, v)):
                     io.bind_input(name, "cpu", 0, self.kv_dtype, shape, buf.ctypes.data)
-                    io.bind_output(out, "cpu", 0, self.kv_dtype, shape, buf.ctypes.data)
+                    if prompt:
+                        io.bind_output(out, "cpu")
+                    else:
+                        io.bind_output(out, "cpu", 0, self.kv_dtype, shape, buf.ctypes.data)
+            if prompt:
+                state.prompt_binding = io
+            else:
+                state.binding = io
         feed = {
             "input_ids": ids.astype(np.int64)[None],
             "position_ids": positions.astype(np.int64)[None],
@@ -462,11 +475,22 @@ class GqaBackend(Backend):
             "total_sequence_length": np.array(past + s, np.int32),
             "attention_bias": np.ascontiguousarray(bias, np.float32)[None, None],
             "logits_start": np.array([logits_start], np.int64),
+            "prompt_path": np.array(prompt),
         }
         for name, value in feed.items():
             io.bind_cpu_input(name, value)
-        io.bind_output(self.logits_name, "cpu")  # a fresh output each run: its shape varies
-        return self._session_run(io, s)[0][0]
+        io.bind_output(self.logits_name, "cpu")  # fresh outputs each run: their shapes vary
+        if prompt:
+            for pair in self.present:
+                for out in pair:
+                    io.bind_output(out, "cpu")
+        outs = self._session_run(io, s)
+        if prompt:  # the chunk's keys and values [1, S, H*D] -> the cache's [H, S, D] at past
+            h, d = self.n_head, self.head_dim
+            for j, (k, v) in enumerate(zip(state.keys, state.values)):
+                k[0, :, past:past + s, :] = outs[1 + 2 * j].numpy()[0].reshape(s, h, d).transpose(1, 0, 2)
+                v[0, :, past:past + s, :] = outs[2 + 2 * j].numpy()[0].reshape(s, h, d).transpose(1, 0, 2)
+        return np.asarray(outs[0].numpy()[0])
 
     def prefill(self, state: GqaState | None, keep: int, ids: Sequence[int], logits_from: int,
                 cancel: CancelFn) -> tuple[np.ndarray, GqaState]:
@@ -481,8 +505,9 @@ class GqaBackend(Backend):
             end = min(len(ids), pos + self.chunk)
             start = max(0, min(end - pos - 1, logits_from - pos))  # logits only where asked
             self.shrink_next = end == len(ids) and end - keep > LONG_PREFILL
-            logits = self._run(state, np.asarray(ids[pos:end]), np.arange(pos, end), pos,
-                               np.zeros((end - pos, end), np.float32), start)
+            bias = np.zeros((end - pos, end), np.float32)
+            bias[:, pos:] = np.triu(np.full((end - pos, end - pos), MASKED, np.float32), 1)  # causal
+            logits = self._run(state, np.asarray(ids[pos:end]), np.arange(pos, end), pos, bias, start)
             state.length = end
             if end > logits_from:
                 chunks.append(logits[max(0, logits_from - pos) - start:])

@@ -89,22 +89,29 @@ def pack_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
 class _Graph:
     """A tiny builder over onnx.helper: unique names, initializers, nodes."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         from onnx import helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
+        self.prefix = prefix  # subgraphs (If branches) name their nodes apart from the main graph's
         self._n = 0
 
     def const(self, name: str, value: np.ndarray) -> str:
+        name = self.prefix + name
         self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
+
+    def subgraph(self, name: str, outputs: list[tuple[str, int]]) -> Any:
+        """This builder's nodes as an If branch (no inputs: it reads the outer scope)."""
+        outs = [self.helper.make_tensor_value_info(o, t, None) for o, t in outputs]
+        return self.helper.make_graph(self.nodes, name, [], outs, initializer=self.inits)
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "",
            name: str | None = None, **attrs: Any) -> Any:
         self._n += 1
-        node_name = name or f"{op_type}_{self._n}"
+        node_name = self.prefix + (name or f"{op_type}_{self._n}")
         outs = outputs if isinstance(outputs, list) else [f"{node_name}_out{i}" for i in range(outputs)]
         self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=node_name, domain=domain, **attrs))
         return outs[0] if len(outs) == 1 else outs
@@ -187,6 +194,11 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
 
     if graph not in ("flat", "gqa") or (graph == "gqa" and kv_fp16) or (graph == "flat" and kv_int8 is not None):
         raise ValueError(f"unsupported graph options: {graph}, kv_fp16={kv_fp16}, kv_int8={kv_int8 is not None}")
+    if graph == "gqa":  # positions already in the cache before this run: total - S
+        s_len = g.op("Shape", ["input_ids"], start=1, end=2, name="shape_s")
+        total = g.op("Reshape", [g.op("Cast", ["total_sequence_length"], to=TensorProto.INT64, name="total_i64"),
+                                 g.const("shape_1", np.array([1], np.int64))], name="total_1")
+        g.op("Sub", [total, s_len], ["past_len"], name="past_len")
     if graph == "flat":
         g.const("shape_nshd", np.array([0, 0, n_head, d], np.int64))
         g.const("shape_nse", np.array([0, 0, e], np.int64))
@@ -240,16 +252,8 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
         q = g.op("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], name=f"rope_q.{i}", **rope)
         k = g.op("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], name=f"rope_k.{i}", **rope)
 
-        if graph == "gqa":  # one cache per layer, written in place at seqlens_k - S + 1 .. seqlens_k
-            (pk_in, pv_in), (pk_out, pv_out) = gqa_names(n_layer)[i], gqa_out_names(n_layer)[i]
-            quant: dict[str, Any] = {}
-            scale_in = ["", ""]
-            if kv_int8 is not None:
-                quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
-                scale_in = [g.const(f"k_scale.{i}", kv_int8[i][0]), g.const(f"v_scale.{i}", kv_int8[i][1])]
-            o = g.op("GroupQueryAttention", [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "", "", "",
-                                             "attention_bias", "", *scale_in], [f"attn.{i}", pk_out, pv_out],
-                     domain="com.microsoft", name=f"gqa.{i}", num_heads=n_head, kv_num_heads=n_head, **quant)[0]
+        if graph == "gqa":
+            o = _gqa_attention(g, i, n_layer, n_head, d, q, k, v, None if kv_int8 is None else kv_int8[i])
         else:
             qh = g.op("Transpose", [g.op("Reshape", [q, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
             qh = kv(g.op("Mul", [qh, "scale"]))
@@ -298,10 +302,11 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
             helper.make_tensor_value_info("attention_bias", TensorProto.FLOAT, [1, 1, "seq", "total"]),
             helper.make_tensor_value_info("logits_start", i64, [1]),
+            helper.make_tensor_value_info("prompt_path", TensorProto.BOOL, []),
         ]
         for (pk, pv), (ok, ov) in zip(gqa_names(n_layer), gqa_out_names(n_layer)):
             inputs += [helper.make_tensor_value_info(x, cache_type, [1, n_head, "cap", d]) for x in (pk, pv)]
-            outputs += [helper.make_tensor_value_info(x, cache_type, [1, n_head, "cap", d]) for x in (ok, ov)]
+            outputs += [helper.make_tensor_value_info(x, cache_type, None) for x in (ok, ov)]
         return _finish(helper, g, inputs, outputs, graph), attention_matmuls
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
@@ -318,6 +323,73 @@ def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: in
         outputs += [helper.make_tensor_value_info(ok, kv_type, [n_head, "batch", d, "tail_seq"]),
                     helper.make_tensor_value_info(ov, kv_type, [n_head, "batch", "tail_seq", d])]
     return _finish(helper, g, inputs, outputs, graph), attention_matmuls
+
+
+def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str, k: str, v: str,
+                   scales: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """Layer ``i``'s attention in the ``gqa`` graph: ``If(prompt_path)``.
+
+    else (decode: a few query rows): ``GroupQueryAttention`` writes the new keys and values into
+    the cache in place (``present_*`` is bound to the ``past_*`` buffer) and attends over it;
+    then (prompt chunks and long drafts): the cache's first ``past_len`` positions dequantized,
+    the chunk's own keys and values appended, two MatMuls with ``attention_bias`` (causal there);
+    it returns the chunk's keys and values ``[1, S, E]`` (quantized like the cache) for the engine
+    to write. GroupQueryAttention's int8 path is fast for one query row but costs several times
+    a MatMul's work per (query, key) pair, so a prompt goes the MatMul way.
+    """
+    from onnx import TensorProto
+
+    (pk_in, pv_in), (pk_out, pv_out) = gqa_names(n_layer)[i], gqa_out_names(n_layer)[i]
+    e = n_head * d
+
+    dec = _Graph(f"dec{i}.")
+    quant: dict[str, Any] = {}
+    scale_in = ["", ""]
+    if scales is not None:
+        quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+        scale_in = [dec.const("k_scale", scales[0]), dec.const("v_scale", scales[1])]
+    dec_out = [f"dec{i}.attn", f"dec{i}.present_key", f"dec{i}.present_value"]
+    dec.op("GroupQueryAttention", [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "", "", "",
+                                   "attention_bias", "", *scale_in], dec_out,
+           domain="com.microsoft", name="gqa", num_heads=n_head, kv_num_heads=n_head, **quant)
+
+    pre = _Graph(f"pre{i}.")
+    zero, axis2 = pre.const("zero", np.array([0], np.int64)), pre.const("axis2", np.array([2], np.int64))
+    bshd = pre.const("shape_bshd", np.array([0, 0, n_head, d], np.int64))
+
+    def cached(buf: str, scale: np.ndarray | None) -> str:  # [1, H, past_len, D] float
+        x = pre.op("Slice", [buf, zero, "past_len", axis2])
+        if scale is None:
+            return x
+        return pre.op("Mul", [pre.op("Cast", [x], to=TensorProto.FLOAT), pre.const(f"scale_{buf}", scale)])
+
+    def heads(x: str) -> str:  # [1, S, E] -> [1, H, S, D]
+        return pre.op("Transpose", [pre.op("Reshape", [x, bshd])], perm=[0, 2, 1, 3])
+
+    keys = pre.op("Concat", [cached(pk_in, None if scales is None else scales[0]), heads(k)], axis=2)
+    values = pre.op("Concat", [cached(pv_in, None if scales is None else scales[1]), heads(v)], axis=2)
+    qh = pre.op("Mul", [heads(q), pre.const("scale", np.array(1.0 / np.sqrt(d), np.float32))])
+    scores = pre.op("Add", [pre.op("MatMul", [qh, pre.op("Transpose", [keys], perm=[0, 1, 3, 2])], name="attn_qk"),
+                            "attention_bias"])
+    o = pre.op("MatMul", [pre.op("Softmax", [scores], axis=-1), values], name="attn_pv")
+    pre_attn = pre.op("Reshape", [pre.op("Transpose", [o], perm=[0, 2, 1, 3]),
+                                  pre.const("shape_bse", np.array([0, 0, e], np.int64))], [f"pre{i}.attn"])
+    new_kv = []
+    for x, scale, name in ((k, None if scales is None else scales[0], "key"), (v, None if scales is None else scales[1], "value")):
+        out = f"pre{i}.new_{name}"
+        if scale is None:
+            pre.op("Identity", [x], [out])
+        else:  # the cache's own quantization: per channel, symmetric, saturating (elementwise ops:
+            # onnxruntime's per-axis QuantizeLinear is ~50x slower here)
+            scaled = pre.op("Round", [pre.op("Mul", [x, pre.const(f"{name}_inv_scale", (1.0 / scale).reshape(-1))])])
+            clipped = pre.op("Clip", [scaled, pre.const(f"{name}_lo", np.array(-128, np.float32)),
+                                      pre.const(f"{name}_hi", np.array(127, np.float32))])
+            pre.op("Cast", [clipped], [out], to=TensorProto.INT8)
+        new_kv.append(out)
+    f32, cache = TensorProto.FLOAT, TensorProto.FLOAT if scales is None else TensorProto.INT8
+    return str(g.op("If", ["prompt_path"], [f"attn.{i}", pk_out, pv_out], name=f"attention.{i}",
+                    then_branch=pre.subgraph(f"prompt{i}", [(pre_attn, f32), (new_kv[0], cache), (new_kv[1], cache)]),
+                    else_branch=dec.subgraph(f"decode{i}", [(dec_out[0], f32), (dec_out[1], cache), (dec_out[2], cache)]))[0])
 
 
 def _finish(helper: Any, g: _Graph, inputs: list[Any], outputs: list[Any], kind: str) -> Any:

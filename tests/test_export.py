@@ -142,7 +142,10 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
         import onnx
 
         proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
-        assert [n.op_type for n in proto.graph.node].count("GroupQueryAttention") == 2
+        ifs = [n for n in proto.graph.node if n.op_type == "If"]  # per layer: decode | prompt path
+        branches = {a.name: [x.op_type for x in a.g.node] for a in ifs[0].attribute}
+        assert len(ifs) == 2 and branches["else_branch"] == ["GroupQueryAttention"]
+        assert branches["then_branch"].count("MatMul") == 2  # activation x activation: never quantized
         cache = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}["past_key.0"]
         assert cache == (onnx.TensorProto.INT8 if quantize else onnx.TensorProto.FLOAT)
         assert manifest.extra["kv_dtype"] == ("int8" if quantize else "float32")
