@@ -2,7 +2,8 @@
 
 * :class:`GqaBackend` (``graph: gqa``, the default export, see :mod:`codegen_ls.graph_builder`):
   one KV cache per layer (int8 when quantized) that GroupQueryAttention reads and writes in
-  place; N candidates are N query positions of one run, sharing the prompt's cache.
+  place when decoding (prompt chunks take the graph's MatMul path and are copied in); N
+  candidates are N query positions of one run, sharing the prompt's cache.
 * :class:`FlatBackend` (``graph: flat``): the prompt's keys and values live in preallocated
   per-document buffers the engine writes in place; a decode step reads them and carries only
   the tokens generated in this request. N candidate rows share one prefix buffer, never copied.

@@ -11,16 +11,18 @@ gelu_new, fc_out) reads the same LayerNorm output, and both are added to the res
 (CodeGen's parallel block). ``logits_start`` slices the positions whose logits are computed
 (prefill needs only the last one).
 
-``gqa`` (the default): ``com.microsoft.GroupQueryAttention`` (kv_num_heads = num_heads) over one
-cache per layer, ``past_key.L`` / ``past_value.L`` ``[1, H, cap, D]``, which the engine binds as
-both input and output (``present_*``): the op writes the new tokens' keys and values at
-``seqlens_k - S + 1 .. seqlens_k`` and attends causally over ``0 .. seqlens_k``, plus an additive
-``attention_bias`` ``[1, 1, S, total]``. Batch is always 1: N candidates are N query positions
-of a step, and the bias lets each see only the prompt and its own tokens (see
-:class:`codegen_ls.backends.GqaBackend`). Quantized, the cache is **int8** with static
-per-channel scales (``k_scale.L`` / ``v_scale.L`` ``[1, H, 1, D]``, from :func:`kv_scales`): a
-quarter of the fp32 cache's memory and bandwidth, which at 2048 tokens of a 350M model is as
-large as its int8 weights.
+``gqa`` (the default): one cache per layer, ``past_key.L`` / ``past_value.L`` ``[1, H, cap, D]``;
+the run's tokens go to positions ``total - S .. total - 1`` and attend to ``0 .. total - 1``
+through an additive ``attention_bias`` ``[1, 1, S, total]`` (causal included). Batch is always
+1: N candidates are N query positions of a step, and the bias lets each see only the prompt and
+its own tokens (see :class:`codegen_ls.backends.GqaBackend`). Quantized, the cache is **int8**
+with static per-channel scales (from :func:`kv_scales`): a quarter of the fp32 cache's memory
+and bandwidth, which at 2048 tokens of a 350M model is as large as its int8 weights. Each layer's
+attention is an ``If`` on the ``prompt_path`` input: decode runs (a few rows) use
+``com.microsoft.GroupQueryAttention`` (kv_num_heads = num_heads), which the engine binds with
+``present_*`` = ``past_*`` so it writes the new keys and values in place; prompt chunks use two
+MatMuls over the dequantized cache and return the chunk's quantized keys and values
+(``present_*`` ``[1, S, E]``) for the engine to copy in (see :func:`_gqa_attention`).
 
 ``flat``: the **prefix** (the prompt) is a preallocated buffer per layer the graph only reads:
 ``prefix_key.L`` ``[1, H, D, cap]`` (keys stored transposed) and ``prefix_value.L`` ``[1, H, cap,
