@@ -188,7 +188,7 @@ def calibration_batches(tokenizer: Path, n_positions: int, vocab_size: int) -> l
     return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
 
 
-def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
+def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
                  int4: bool, kv_fp16: bool = False, graph: str = "flat") -> tuple[list[str], bool]:
     """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.graph_builder`) from the
     transformers model; a quantized ``gqa`` graph gets an int8 KV cache, calibrated here.
@@ -198,7 +198,7 @@ def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: 
     import torch
     from transformers import CodeGenForCausalLM
 
-    from codegen_ls.graph_builder import build_flat_model, kv_scales, save
+    from codegen_ls.graph_builder import build_graph, kv_scales, save
 
     try:
         model = CodeGenForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
@@ -208,7 +208,7 @@ def _export_flat(source: Path, tmp_dir: Path, external: bool | None, quantized: 
             _save_tokenizer(source, tmp_dir)
             cfg = model.config
             scales = kv_scales(model, calibration_batches(tmp_dir / "tokenizer.json", int(cfg.n_positions), int(cfg.vocab_size)))
-        proto, attention = build_flat_model(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0,
+        proto, attention = build_graph(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0,
                                             kv_fp16=kv_fp16, graph=graph, kv_int8=scales)
     except Exception as exc:  # unreadable weights, unexpected shapes: one line
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
@@ -257,7 +257,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         exclude: list[str] = []
         if graph in ("flat", "gqa"):
             _step(f"[1/3] building the {graph} ONNX graph of {source} (codegen_ls.graph_builder) ...")
-            exclude, external_data = _export_flat(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph)
+            exclude, external_data = _export_graph(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph)
         else:
             _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
             _export_optimum(source, tmp_dir)

@@ -151,7 +151,7 @@ def kv_scales(model: Any, batches: list[list[int]], headroom: float = KV_HEADROO
     return scales
 
 
-def build_flat_model(model: Any, *, int8_embedding: bool = False, int4_block: int = 0,
+def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0,
                      kv_fp16: bool = False, graph: str = "flat",
                      kv_int8: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[Any, list[str]]:
     """An ONNX ModelProto of ``model`` (a transformers ``CodeGenForCausalLM``, fp32, eval).
