@@ -376,8 +376,8 @@ class GqaState:
     keys: list[np.ndarray]
     values: list[np.ndarray]
     length: int = 0
-    binding: Any = field(default=None, repr=False)  # IO binding of these buffers, in and out (decode)
-    prompt_binding: Any = field(default=None, repr=False)  # ... as inputs only (the prompt path)
+    # IO bindings of these buffers, by path: decode (in and out) and prompt (True: as inputs only)
+    bindings: dict[bool, Any] = field(default_factory=dict, repr=False)
 
     @property
     def room(self) -> int:
@@ -415,7 +415,8 @@ class GqaBackend(Backend):
         inputs = {i.name: i for i in session.get_inputs()}
         self.past = [(f"past_key.{i}", f"past_value.{i}") for i in range(n_layer)]
         self.present = [(f"present_key.{i}", f"present_value.{i}") for i in range(n_layer)]
-        needed = {"input_ids", "position_ids", "seqlens_k", "total_sequence_length", "attention_bias", "logits_start"}
+        needed = {"input_ids", "position_ids", "seqlens_k", "total_sequence_length", "attention_bias", "logits_start",
+                  "prompt_path"}
         needed |= {n for pair in self.past for n in pair}
         outputs = {o.name for o in session.get_outputs()}
         if (not needed <= set(inputs) or len([n for n in inputs if n.startswith("past_key.")]) != n_layer
@@ -423,8 +424,7 @@ class GqaBackend(Backend):
             raise ModelError("ONNX model is not a gqa graph of this manifest (inputs/layers differ)")
         shape = inputs["past_key.0"].shape
         self.n_head, self.head_dim = int(shape[1]), int(shape[3])
-        kv_type = inputs["past_key.0"].type
-        self.kv_dtype = np.int8 if "int8" in kv_type else np.float16 if "float16" in kv_type else np.float32
+        self.kv_dtype = np.int8 if "int8" in inputs["past_key.0"].type else np.float32
         if self.n_head != n_head:
             raise ModelError("manifest does not match the ONNX model (heads)")
         self.logits_name = session.get_outputs()[0].name
@@ -443,7 +443,7 @@ class GqaBackend(Backend):
         new = self._alloc(want)
         for old, dst in zip(state.keys + state.values, new.keys + new.values):
             dst[:, :, :keep, :] = old[:, :, :keep, :]
-        state.keys, state.values, state.binding, state.prompt_binding = new.keys, new.values, None, None
+        state.keys, state.values, state.bindings = new.keys, new.values, {}
 
     def _run(self, state: GqaState, ids: np.ndarray, positions: np.ndarray, past: int, bias: np.ndarray,
              logits_start: int) -> np.ndarray:
@@ -453,9 +453,9 @@ class GqaBackend(Backend):
         ``PROMPT_PATH_MIN`` tokens on, the graph's MatMul path returns them and they are copied in."""
         s = ids.shape[0]
         prompt = s >= PROMPT_PATH_MIN
-        io = state.prompt_binding if prompt else state.binding
+        io = state.bindings.get(prompt)
         if io is None:  # bound once per buffer set, by pointer: the caches as inputs (and decode's outputs)
-            io = self.session.io_binding()
+            io = state.bindings[prompt] = self.session.io_binding()
             io.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0]
             shape = [1, self.n_head, state.room, self.head_dim]
             for (pk, pv), (ok, ov), k, v in zip(self.past, self.present, state.keys, state.values):
@@ -465,10 +465,6 @@ class GqaBackend(Backend):
                         io.bind_output(out, "cpu")
                     else:
                         io.bind_output(out, "cpu", 0, self.kv_dtype, shape, buf.ctypes.data)
-            if prompt:
-                state.prompt_binding = io
-            else:
-                state.binding = io
         feed = {
             "input_ids": ids.astype(np.int64)[None],
             "position_ids": positions.astype(np.int64)[None],

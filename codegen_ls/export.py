@@ -11,7 +11,8 @@ Pipeline (needs the ``export`` extra: torch, transformers, optimum-onnx; serving
 3. int8 dynamic quantization with ``onnxruntime.quantization`` (``--no-quantize`` keeps fp32;
    our graphs also store the token embedding as int8 rows, and ``--int4`` makes their layer
    weights 4-bit ``MatMulNBits`` blocks); models over 2 GB use ONNX external data;
-4. write ``tokenizer.json`` and ``manifest.json`` (shapes, special ids, checksums).
+4. write ``manifest.json`` (shapes, special ids, checksums); ``tokenizer.json`` is written into OUT
+   first, as the int8 KV cache's calibration encodes text with it.
 
 Only safe weight formats are loaded: safetensors, or ``torch.load(weights_only=True)`` which
 transformers uses for ``.bin`` files.
@@ -166,13 +167,13 @@ CALIBRATION_MODULES = ("functools.py", "typing.py", "collections/__init__.py", "
 CALIBRATION_TOKENS = 4096  # int8 KV scales: the largest keys/values over this much Python
 
 
-def calibration_batches(tokenizer: Path, n_positions: int, vocab_size: int) -> list[list[int]]:
+def calibration_batches(tokenizer: Path | None, n_positions: int, vocab_size: int) -> list[list[int]]:
     """Token windows to calibrate the int8 KV cache on: a few standard-library modules of the
     running Python (always on disk, offline), tokenized with the checkpoint's tokenizer; random
     ids where that is impossible (no tokenizer.json)."""
     window = min(1024, n_positions)
     ids: list[int] = []
-    if tokenizer.is_file():
+    if tokenizer is not None and tokenizer.is_file():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tokenizer))
@@ -189,9 +190,11 @@ def calibration_batches(tokenizer: Path, n_positions: int, vocab_size: int) -> l
 
 
 def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
-                 int4: bool, kv_fp16: bool = False, graph: str = "flat") -> tuple[list[str], bool]:
+                  int4: bool, kv_fp16: bool = False, graph: str = "flat",
+                  tokenizer: Path | None = None) -> tuple[list[str], bool]:
     """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.graph_builder`) from the
-    transformers model; a quantized ``gqa`` graph gets an int8 KV cache, calibrated here.
+    transformers model; a quantized ``gqa`` graph gets an int8 KV cache, calibrated here on text
+    encoded with ``tokenizer`` (the exported ``tokenizer.json``).
 
     Returns (attention MatMul names to keep in fp32, whether external data was used).
     """
@@ -205,11 +208,11 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
         scales = None
         if graph == "gqa" and quantized:
             _step("      calibrating the int8 KV cache ...")
-            _save_tokenizer(source, tmp_dir)
             cfg = model.config
-            scales = kv_scales(model, calibration_batches(tmp_dir / "tokenizer.json", int(cfg.n_positions), int(cfg.vocab_size)))
+            batches = calibration_batches(tokenizer, int(cfg.n_positions), int(cfg.vocab_size))
+            scales = kv_scales(model, batches)
         proto, attention = build_graph(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0,
-                                            kv_fp16=kv_fp16, graph=graph, kv_int8=scales)
+                                       kv_fp16=kv_fp16, graph=graph, kv_int8=scales)
     except Exception as exc:  # unreadable weights, unexpected shapes: one line
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ModelError(f"cannot export {source}: {lines[0]}") from None
@@ -251,13 +254,15 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
             raise CodegenLsError(f"output directory is not empty: {out} (use --force to overwrite)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer(source, out)  # first: the int8 KV cache's calibration encodes text with it
 
     with tempfile.TemporaryDirectory(prefix="codegen-ls-export-") as tmp:
         tmp_dir = Path(tmp)
         exclude: list[str] = []
         if graph in ("flat", "gqa"):
             _step(f"[1/3] building the {graph} ONNX graph of {source} (codegen_ls.graph_builder) ...")
-            exclude, external_data = _export_graph(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph)
+            exclude, external_data = _export_graph(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph,
+                                                   out / "tokenizer.json")
         else:
             _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
             _export_optimum(source, tmp_dir)
@@ -271,8 +276,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         else:
             _step("[2/3] keeping fp32 weights (--no-quantize)")
             _copy_fp32(tmp_dir, out, external_data)
-    _step("[3/3] writing tokenizer.json and manifest.json ...")
-    _save_tokenizer(source, out)
+    _step("[3/3] writing manifest.json (tokenizer.json is already there) ...")
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
     kv_dtype = "float16" if kv_fp16 else "int8" if graph == "gqa" and quantize_int8 else "float32"
     return _write_manifest(src, out, config, quantization, graph, t0, name, kv_dtype)

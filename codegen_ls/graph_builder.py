@@ -152,8 +152,8 @@ def kv_scales(model: Any, batches: list[list[int]], headroom: float = KV_HEADROO
 
 
 def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0,
-                     kv_fp16: bool = False, graph: str = "flat",
-                     kv_int8: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[Any, list[str]]:
+                kv_fp16: bool = False, graph: str = "flat",
+                kv_int8: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[Any, list[str]]:
     """An ONNX ModelProto of ``model`` (a transformers ``CodeGenForCausalLM``, fp32, eval).
 
     ``graph``: ``flat`` (the shared-prefix layout above) or ``gqa`` (one BNSH cache per layer
@@ -343,6 +343,7 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
 
     (pk_in, pv_in), (pk_out, pv_out) = gqa_names(n_layer)[i], gqa_out_names(n_layer)[i]
     e = n_head * d
+    k_scale, v_scale = scales if scales is not None else (None, None)
 
     dec = _Graph(f"dec{i}.")
     quant: dict[str, Any] = {}
@@ -368,8 +369,8 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     def heads(x: str) -> str:  # [1, S, E] -> [1, H, S, D]
         return pre.op("Transpose", [pre.op("Reshape", [x, bshd])], perm=[0, 2, 1, 3])
 
-    keys = pre.op("Concat", [cached(pk_in, None if scales is None else scales[0]), heads(k)], axis=2)
-    values = pre.op("Concat", [cached(pv_in, None if scales is None else scales[1]), heads(v)], axis=2)
+    keys = pre.op("Concat", [cached(pk_in, k_scale), heads(k)], axis=2)
+    values = pre.op("Concat", [cached(pv_in, v_scale), heads(v)], axis=2)
     qh = pre.op("Mul", [heads(q), pre.const("scale", np.array(1.0 / np.sqrt(d), np.float32))])
     scores = pre.op("Add", [pre.op("MatMul", [qh, pre.op("Transpose", [keys], perm=[0, 1, 3, 2])], name="attn_qk"),
                             "attention_bias"])
@@ -377,7 +378,7 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     pre_attn = pre.op("Reshape", [pre.op("Transpose", [o], perm=[0, 2, 1, 3]),
                                   pre.const("shape_bse", np.array([0, 0, e], np.int64))], [f"pre{i}.attn"])
     new_kv = []
-    for x, scale, name in ((k, None if scales is None else scales[0], "key"), (v, None if scales is None else scales[1], "value")):
+    for x, scale, name in ((k, k_scale, "key"), (v, v_scale, "value")):
         out = f"pre{i}.new_{name}"
         if scale is None:
             pre.op("Identity", [x], [out])
