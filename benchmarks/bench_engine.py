@@ -86,12 +86,13 @@ def corpus() -> str:
 
 def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
     """(checkpoint dir, exported model dir) for ``variant`` (optimum, gqa, gqa-int4, flat, flat-int4,
-    flat-kv16, flat-int4-kv16), reused when built."""
+    flat-kv16, flat-int4-kv16; ``-ort``: the same model without our decode-attention kernel),
+    reused when built."""
     from codegen_ls.export import export, random_checkpoint
 
     base = workdir / shape
     parts = variant.split("-")
-    graph, int4, kv16 = parts[0], "int4" in parts, "kv16" in parts
+    graph, int4, kv16 = parts[0], "int4" in parts, "kv16" in parts  # "ort": engine option, same model
     src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{'-kv16' if kv16 else ''}"
     if not (src / "config.json").is_file():
         log(f"building a random {shape} checkpoint in {src} ...")
@@ -220,10 +221,16 @@ def rss_probe(model_dir: str, context: int, n: int, new_tokens: int, threads: in
                       "cache_mb": engine.cache.nbytes / 2**20}))
 
 
-def measure_rss(model_dir: Path, context: int, n: int, new_tokens: int, threads: int) -> dict[str, float]:
+def own_kernel(variant: str) -> bool:
+    """Whether ``variant`` runs with our decode-attention kernel (``-ort``: onnxruntime's instead)."""
+    return "ort" not in variant.split("-")
+
+
+def measure_rss(model_dir: Path, context: int, n: int, new_tokens: int, threads: int, kernel: bool = True) -> dict[str, float]:
+    env = dict(os.environ, **({} if kernel else {"CODEGEN_LS_KERNEL": "off"}))
     out = subprocess.run([sys.executable, __file__, "--rss-probe", str(model_dir), "--context", str(context),
                           "--n", str(n), "--new-tokens", str(new_tokens), "--threads", str(threads)],
-                         check=True, capture_output=True, text=True)
+                         check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -248,7 +255,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="350m")
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench")
     ap.add_argument("--graphs", default="optimum,gqa",
-                    help="our engine's exports to run: optimum, gqa, gqa-int4, flat, flat-int4, flat-kv16, flat-int4-kv16")
+                    help="our engine's exports to run: optimum, gqa, gqa-int4, flat, flat-int4, flat-kv16, flat-int4-kv16; "
+                         "gqa-ort: gqa without our decode-attention kernel")
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens of (a)-(d)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=3, help="requests for (a), (b), (c)")
@@ -272,6 +280,7 @@ def main() -> None:
     labels: dict[str, str] = {}
     flatness: dict[str, list[tuple[int, float, float]]] = {}
     rss: dict[str, dict[str, float]] = {}
+    kv_bytes: dict[str, float] = {}
     tokens: dict[str, list[list[int]]] = {}
     text = corpus()
 
@@ -287,7 +296,8 @@ def main() -> None:
         results["a"], labels["a"] = mean(times), "(a) transformers PyTorch fp32 `generate`, full prompt"
     for graph in graphs:
         _, model_dir = build(args.shape, args.workdir, graph)
-        engine = Engine(model_dir, EngineOptions(threads=args.threads))
+        engine = Engine(model_dir, EngineOptions(threads=args.threads, native_kernel=own_kernel(graph)))
+        log(f"[{graph}] decode attention: {engine.attention}")
         wait_quiet(args.wait_quiet, f"[{graph}] (c)")
         log(f"[{graph}] (c) engine cold ...")
         engine.generate(prompts[0][:200], doc_key="warmup", max_new_tokens=2)
@@ -311,12 +321,13 @@ def main() -> None:
             log(f"[{graph}] decode flatness ...")
             contexts = [min(int(c), engine.context_length) for c in args.flat_contexts.split(",")]
             flatness[graph] = decode_flatness(engine, engine.tokenizer.encode(text), contexts, 32)
+            kv_bytes[graph] = kv_bytes_per_token(engine, contexts[-1])
         del engine
         gc.collect()
         if "rss" not in skip:
             wait_quiet(args.wait_quiet, f"[{graph}] RSS")
             log(f"[{graph}] RSS probe ...")
-            rss[graph] = measure_rss(model_dir, engine_context(model_dir), args.n, nt, args.threads)
+            rss[graph] = measure_rss(model_dir, engine_context(model_dir), args.n, nt, args.threads, own_kernel(graph))
 
     if "optimum" not in skip:
         wait_quiet(args.wait_quiet, "(b)")
@@ -349,6 +360,8 @@ def main() -> None:
               f"context, fresh process): {r['loaded_mb']:.0f} MB after load, peak {r['peak_mb']:.0f} MB, "
               f"{r['after_mb']:.0f} MB after (prompt cache {r['cache_mb']:.0f} MB).")
     print_targets(graphs, results, flatness, rss)
+    if kv_bytes:
+        print_bandwidth_floor(flatness, kv_bytes)
     print(f"\nCommand: `python benchmarks/bench_engine.py {' '.join(sys.argv[1:])}` "
           f"(load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())})")
 
@@ -378,6 +391,40 @@ def print_targets(graphs: list[str], results: dict[str, float], flatness: dict[s
         print("|---|---|---:|---|")
         for g, what, value, ok in rows:
             print(f"| `{g}` | {what} | {value} | {'met' if ok else '**not met**'} |")
+
+
+def kv_bytes_per_token(engine: Engine, context: int) -> float:
+    """Bytes of KV cache one decode step reads at ``context`` tokens (keys and values, all layers)."""
+    m = engine.manifest
+    itemsize = {"int8": 1, "float16": 2}.get(str(m.extra.get("kv_dtype", "float32")), 4)
+    return 2.0 * m.n_layer * m.n_head * m.head_dim * context * itemsize
+
+
+def stream_bandwidth_gbs(mb: int = 512, reps: int = 5) -> float:
+    """The machine's best streaming read rate: a BLAS matrix-vector product over a matrix far
+    larger than the caches (every thread)."""
+    w = np.ones((mb * 2**20 // 4 // 4096, 4096), np.float32)
+    x = np.ones(4096, np.float32)
+    w @ x
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        w @ x
+    return w.nbytes * reps / (time.perf_counter() - t0) / 1e9
+
+
+def print_bandwidth_floor(flatness: dict[str, list[tuple[int, float, float]]], kv_bytes: dict[str, float]) -> None:
+    """What the flatness ratio cannot go below: at the last context a decode step reads the
+    whole cache once, so even at the machine's best streaming rate that adds bytes / rate."""
+    gbs = stream_bandwidth_gbs()
+    print(f"\nBandwidth floor of the flatness ratio (best streaming read here: {gbs:.1f} GB/s, BLAS gemv over 512 MB):\n")
+    print("| graph | KV read per token at the last context | at that rate | ratio floor | measured |")
+    print("|---|---:|---:|---:|---:|")
+    for g, rows in flatness.items():
+        if g in kv_bytes:
+            first, last = rows[0], rows[-1]
+            extra_ms = kv_bytes[g] / (gbs * 1e9) * 1e3
+            print(f"| `{g}` | {kv_bytes[g] / 1e6:.0f} MB | {extra_ms:.1f} ms | {(first[1] + extra_ms) / first[1]:.2f}x | "
+                  f"{last[1] / first[1]:.2f}x |")
 
 
 def engine_context(model_dir: Path) -> int:

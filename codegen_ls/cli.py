@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", metavar="OUT", type=Path)
     e.add_argument("--no-quantize", action="store_true", help="keep fp32 weights")
     e.add_argument("--graph", choices=["gqa", "flat", "optimum"], default="gqa",
-                   help="gqa (default): our graph on GroupQueryAttention, one in-place KV cache per layer, int8 "
-                        "unless --no-quantize; flat: our graph with fp32 (or --kv-fp16) shared-prefix KV buffers; "
+                   help="gqa (default): our graph, one in-place KV cache per layer, int8 unless --no-quantize "
+                        "(decode attention: our kernel where built, else onnxruntime's GroupQueryAttention); "
+                        "flat: our graph with fp32 (or --kv-fp16) shared-prefix KV buffers; "
                         "optimum: optimum-onnx's text-generation-with-past export (the reference path)")
     e.add_argument("--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa or flat graph)")
     e.add_argument("--kv-fp16", action="store_true",
@@ -195,6 +196,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import onnxruntime as ort
 
+    from codegen_ls import kernels
     from codegen_ls.completer import Completer, CompletionRequest
     from codegen_ls.modeldir import read_manifest, resolve_model_dir, verify_files
     from codegen_ls.settings import Settings
@@ -217,11 +219,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"  graph: {manifest.extra.get('graph', 'optimum')}  KV cache: {manifest.extra.get('kv_dtype', 'float32')}")
     problems = verify_files(model_dir, manifest)
     print(f"  files: {len(manifest.files)} checked, " + ("all checksums match" if not problems else "; ".join(problems)))
+    print(f"decode-attention kernel: {kernels.status()}")
     snippet = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        if name.endswith('.py'):\n            result."
     t0 = time.perf_counter()
     completer = Completer()
-    completer.load(args.model)
+    engine = completer.load(args.model)
     load_ms = (time.perf_counter() - t0) * 1000
+    print(f"decode attention in use: {engine.attention}")
     lines = snippet.split("\n")
     settings = Settings(model_path=args.model)
     req = CompletionRequest(text=snippet, line=len(lines) - 1, character=len(lines[-1]), uri="doctor:snippet", explicit=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from codegen_ls import kernels
 from codegen_ls.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.modeldir import Manifest, read_manifest
@@ -220,6 +221,7 @@ class EngineOptions:
     cache_bytes: int = 512 * 1024 * 1024
     prefill_chunk: int = 128  # tokens per prefill run, so cancel/deadline are checked in between (and
     # the attention scores of one run, chunk x context x heads, stay small: 16 MB at 2048 x 16 heads)
+    native_kernel: bool = True  # our decode-attention kernel where built (codegen_ls.kernels)
 
 
 class Engine:
@@ -245,6 +247,12 @@ class Engine:
         so.intra_op_num_threads = self.options.threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # decode attention: our kernel claims the graph's codegen_ls.DecodeAttention nodes where it
+        # is built; otherwise onnxruntime inlines their function body (GroupQueryAttention)
+        kernel = None
+        if self.manifest.extra.get("decode_attention") == kernels.OP:
+            kernel = kernels.register(so, self.options.native_kernel)
+        self.attention = kernel or (kernels.ONNXRUNTIME_ATTENTION if self.graph == "gqa" else "onnxruntime MatMul + Softmax")
         try:
             self.session = ort.InferenceSession(str(self.model_dir / self.manifest.onnx), so, providers=["CPUExecutionProvider"])
         except Exception as exc:

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from codegen_ls import kernels
 from codegen_ls.errors import CodegenLsError, ModelError
 from codegen_ls.modeldir import Manifest, read_manifest, sha256, write_manifest
 
@@ -302,6 +303,8 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
         extra={"graph": graph, "kv_dtype": kv_dtype, "rotary_dim": config.get("rotary_dim"), "n_embd": config.get("n_embd"),
                "exported_with": _versions(), "export_seconds": round(time.time() - t0, 1)},
     )
+    if graph == "gqa" and kv_dtype == "int8":  # its decode branch is our op (with a GQA function body)
+        manifest.extra["decode_attention"] = kernels.OP
     write_manifest(out, manifest)
     read_manifest(out)
     _step(f"done in {time.time() - t0:.1f}s: {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")

@@ -19,8 +19,10 @@ its own tokens (see :class:`codegen_ls.backends.GqaBackend`). Quantized, the cac
 with static per-channel scales (from :func:`kv_scales`): a quarter of the fp32 cache's memory
 and bandwidth, which at 2048 tokens of a 350M model is as large as its int8 weights. Each layer's
 attention is an ``If`` on the ``prompt_path`` input: decode runs (a few rows) use
-``com.microsoft.GroupQueryAttention`` (kv_num_heads = num_heads), which the engine binds with
-``present_*`` = ``past_*`` so it writes the new keys and values in place; prompt chunks use two
+``com.microsoft.GroupQueryAttention`` (kv_num_heads = num_heads) on an fp32 cache and
+``codegen_ls.DecodeAttention`` on an int8 one (our kernel, :mod:`codegen_ls.kernels`, or where it
+is not loaded the ONNX function of that name, whose body is GroupQueryAttention); the engine
+binds ``present_*`` = ``past_*`` so the op writes the new keys and values in place; prompt chunks use two
 MatMuls over the dequantized cache and return the chunk's quantized keys and values
 (``present_*`` ``[1, S, E]``) for the engine to copy in (see :func:`_gqa_attention`).
 
@@ -41,6 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from codegen_ls.kernels import DOMAIN as KERNEL_DOMAIN
+from codegen_ls.kernels import OP_NAME as DECODE_ATTENTION
 
 OPSET = 17
 IR_VERSION = 9
@@ -309,7 +314,8 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
         for (pk, pv), (ok, ov) in zip(gqa_names(n_layer), gqa_out_names(n_layer)):
             inputs += [helper.make_tensor_value_info(x, cache_type, [1, n_head, "cap", d]) for x in (pk, pv)]
             outputs += [helper.make_tensor_value_info(x, cache_type, None) for x in (ok, ov)]
-        return _finish(helper, g, inputs, outputs, graph), attention_matmuls
+        functions = [decode_attention_function(helper, n_head)] if kv_int8 is not None else None
+        return _finish(helper, g, inputs, outputs, graph, functions), attention_matmuls
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
         helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
@@ -331,8 +337,10 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
                    scales: tuple[np.ndarray, np.ndarray] | None) -> str:
     """Layer ``i``'s attention in the ``gqa`` graph: ``If(prompt_path)``.
 
-    else (decode: a few query rows): ``GroupQueryAttention`` writes the new keys and values into
-    the cache in place (``present_*`` is bound to the ``past_*`` buffer) and attends over it;
+    else (decode: a few query rows): ``DecodeAttention`` (int8 cache; see
+    :func:`decode_attention_function`) or ``GroupQueryAttention`` (fp32) writes the new keys and
+    values into the cache in place (``present_*`` is bound to the ``past_*`` buffer) and attends
+    over it;
     then (prompt chunks and long drafts): the cache's first ``past_len`` positions dequantized,
     the chunk's own keys and values appended, two MatMuls with ``attention_bias`` (causal there);
     it returns the chunk's keys and values ``[1, S, E]`` (quantized like the cache) for the engine
@@ -346,15 +354,17 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     k_scale, v_scale = scales if scales is not None else (None, None)
 
     dec = _Graph(f"dec{i}.")
-    quant: dict[str, Any] = {}
-    scale_in = ["", ""]
+    scale_in = []
     if scales is not None:
-        quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         scale_in = [dec.const("k_scale", scales[0]), dec.const("v_scale", scales[1])]
     dec_out = [f"dec{i}.attn", f"dec{i}.present_key", f"dec{i}.present_value"]
-    dec.op("GroupQueryAttention", [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "", "", "",
-                                   "attention_bias", "", *scale_in], dec_out,
-           domain="com.microsoft", name="gqa", num_heads=n_head, kv_num_heads=n_head, **quant)
+    if scales is not None:  # our kernel where the engine loads it, else the function's body (GQA)
+        dec.op(DECODE_ATTENTION, [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "attention_bias",
+                                  *scale_in], dec_out, domain=KERNEL_DOMAIN, name="decode_attention")
+    else:
+        dec.op("GroupQueryAttention", [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "", "", "",
+                                       "attention_bias"], dec_out, domain="com.microsoft", name="gqa",
+               num_heads=n_head, kv_num_heads=n_head)
 
     pre = _Graph(f"pre{i}.")
     zero, axis2 = pre.const("zero", np.array([0], np.int64)), pre.const("axis2", np.array([2], np.int64))
@@ -395,10 +405,28 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
                     else_branch=dec.subgraph(f"decode{i}", [(dec_out[0], f32), (dec_out[1], cache), (dec_out[2], cache)]))[0])
 
 
-def _finish(helper: Any, g: _Graph, inputs: list[Any], outputs: list[Any], kind: str) -> Any:
+def decode_attention_function(helper: Any, n_head: int) -> Any:
+    """``codegen_ls.DecodeAttention`` as an ONNX function whose body is onnxruntime's
+    ``GroupQueryAttention`` on the int8 cache (static per-channel scales). onnxruntime inlines it
+    unless a registered kernel claims the node: the engine registers ours
+    (:mod:`codegen_ls.kernels`) where it was built, so the same file runs with or without it."""
+    inputs = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+              "attention_bias", "k_scale", "v_scale"]
+    outputs = ["output", "present_key", "present_value"]
+    body = helper.make_node("GroupQueryAttention", inputs[:7] + ["", "", "", "attention_bias", "", "k_scale", "v_scale"],
+                            outputs, domain="com.microsoft", num_heads=n_head, kv_num_heads=n_head,
+                            k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+    return helper.make_function(KERNEL_DOMAIN, DECODE_ATTENTION, inputs, outputs, [body],
+                                opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _finish(helper: Any, g: _Graph, inputs: list[Any], outputs: list[Any], kind: str, functions: list[Any] | None = None) -> Any:
     graph = helper.make_graph(g.nodes, f"codegen_{kind}", inputs, outputs, initializer=g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=IR_VERSION, producer_name="codegen-ls")
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if functions:
+        opsets.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
+    proto = helper.make_model(graph, opset_imports=opsets, functions=functions or [], ir_version=IR_VERSION,
+                              producer_name="codegen-ls")
     proto.metadata_props.add(key="codegen_ls.graph", value=kind)
     return proto
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -85,6 +86,12 @@ def test_doctor_reports_versions_model_and_a_timed_completion() -> None:
         assert needle in out.stdout
     manifest = json.loads((ROOT / "models" / "codegen-ls-small" / "manifest.json").read_text())
     assert f"graph: {manifest['extra']['graph']}  KV cache: {manifest['extra']['kv_dtype']}" in out.stdout
+    from codegen_ls import kernels  # which decode attention runs, and why
+
+    assert f"decode-attention kernel: {kernels.status()}" in out.stdout
+    lib = kernels.library()
+    used = f"codegen-ls kernel ({lib[1]})" if lib and lib[1] != "generic" else kernels.ONNXRUNTIME_ATTENTION
+    assert f"decode attention in use: {used}" in out.stdout
 
 
 def test_wheel_contains_the_embedded_model(tmp_path: Path) -> None:
@@ -99,6 +106,8 @@ def test_wheel_contains_the_embedded_model(tmp_path: Path) -> None:
     for name in ("manifest.json", "model.onnx", "tokenizer.json"):
         assert f"codegen_ls/default_model/{name}" in names
     assert not any("torch" in n or "transformers" in n for n in names)
+    if shutil.which("cc") or shutil.which("gcc"):  # the optional decode-attention kernel was built into it
+        assert any(n.startswith("codegen_ls/_decode_attention") for n in names), build.stderr
 
 
 def test_serving_path_never_imports_torch_or_transformers() -> None:

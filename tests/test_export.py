@@ -138,13 +138,17 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
         ops = {n.name: n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
         assert ops["attn_qk_prefix.0"] == ops["attn_pv_tail.1"] == "MatMul"
         assert sum(op == "MatMulInteger" for op in ops.values()) == 2 * 4 + 1  # qkv, out, fc_in, fc_out; lm_head
-    if graph == "gqa":  # attention is GroupQueryAttention over an int8 cache when quantized, fp32 otherwise
+    if graph == "gqa":  # decode attention: our op over an int8 cache when quantized (an ONNX function
+        # whose body is GroupQueryAttention), GroupQueryAttention itself over an fp32 cache
         import onnx
 
         proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
         ifs = [n for n in proto.graph.node if n.op_type == "If"]  # per layer: decode | prompt path
         branches = {a.name: [x.op_type for x in a.g.node] for a in ifs[0].attribute}
-        assert len(ifs) == 2 and branches["else_branch"] == ["GroupQueryAttention"]
+        assert len(ifs) == 2 and branches["else_branch"] == ["DecodeAttention" if quantize else "GroupQueryAttention"]
+        functions = {(f.domain, f.name): [x.op_type for x in f.node] for f in proto.functions}
+        assert functions == ({("codegen_ls", "DecodeAttention"): ["GroupQueryAttention"]} if quantize else {})
+        assert manifest.extra.get("decode_attention") == ("codegen_ls.DecodeAttention" if quantize else None)
         assert branches["then_branch"].count("MatMul") == 2  # activation x activation: never quantized
         cache = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}["past_key.0"]
         assert cache == (onnx.TensorProto.INT8 if quantize else onnx.TensorProto.FLOAT)

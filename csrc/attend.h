@@ -1,0 +1,33 @@
+/* Decode attention over an int8 KV cache: the math, with no onnxruntime in it.
+ *
+ * One query row of one head against the head's cache:
+ *   score[t] = (q . k_t) / sqrt(D) + bias[t]          (k_t = int8 key t times its channel scales)
+ *   out      = sum_t softmax(score)[t] v_t             (v_t likewise)
+ * The key scales are folded into the query and the value scales into the output, so the inner
+ * loops read int8 and accumulate in fp32. Vector paths: AVX-512 and AVX2 (D a multiple of 16 or
+ * 8), chosen at run time by the CPU; anything else uses the plain loop.
+ */
+#ifndef CODEGEN_LS_ATTEND_H
+#define CODEGEN_LS_ATTEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define CGLS_X86 1
+#else
+#define CGLS_X86 0
+#endif
+
+/* q: the row's query [D]; K, V: the head's cache rows [n_keys][D] int8; ks, vs: the head's scales
+ * [D]; bias: [n_keys] additive (0 or very negative); scores: scratch [n_keys]; out: [D]. */
+void cgls_attend_row(const float *q, const int8_t *K, const int8_t *V, const float *ks, const float *vs,
+                     const float *bias, int n_keys, int D, float *scores, float *out);
+
+/* the path cgls_attend_row takes on this CPU: 2 AVX-512, 1 AVX2, 0 plain C */
+int cgls_isa_level(void);
+
+/* x [D] float -> int8 at the cache's scales: round half to even, saturate to [-128, 127]. */
+void cgls_quantize_row(const float *x, const float *scale, int D, int8_t *dst);
+
+#endif

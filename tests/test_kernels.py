@@ -1,0 +1,115 @@
+"""Our decode-attention kernel (``csrc/``, :mod:`codegen_ls.kernels`) against onnxruntime's
+GroupQueryAttention, on the same exported int8 ``gqa`` model (a tiny random CodeGen): the graph's
+``codegen_ls.DecodeAttention`` nodes run our kernel when the library is registered and the
+function body (GroupQueryAttention) when it is not."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("torch")
+
+from codegen_ls import kernels  # noqa: E402
+from codegen_ls.backends import GqaBackend  # noqa: E402
+from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.export import export, random_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
+
+
+def cpu_has_avx2() -> bool:
+    try:
+        return platform.machine() in ("x86_64", "AMD64") and " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None or kernels.library()[1] == "generic",  # type: ignore[index]
+                                  reason="decode-attention kernel not built with a vector path here")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("kernel")
+    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=1024, n_embd=128, n_layer=2, n_head=8,
+                            rotary_dim=8, tokenizer=TOKENIZER)
+    export(str(src), base / "model", quantize_int8=True, graph="gqa")
+    return base / "model"
+
+
+def test_the_kernel_is_built_where_a_compiler_and_avx2_are() -> None:
+    if not (cpu_has_avx2() and (shutil.which("cc") or shutil.which("gcc"))):
+        pytest.skip("no C compiler or no AVX2 here: the package installs without the kernel")
+    lib = kernels.library()
+    assert lib is not None, kernels.status()
+    assert lib[1] in ("avx512", "avx2")
+    assert kernels.status().startswith(f"built ({lib[1]})")
+
+
+@needs_kernel
+def test_engine_picks_the_kernel_and_can_be_told_not_to(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Engine(model_dir, EngineOptions(threads=1)).attention.startswith("codegen-ls kernel (")
+    assert Engine(model_dir, EngineOptions(threads=1, native_kernel=False)).attention == kernels.ONNXRUNTIME_ATTENTION
+    monkeypatch.setenv("CODEGEN_LS_KERNEL", "off")
+    assert Engine(model_dir, EngineOptions(threads=1)).attention == kernels.ONNXRUNTIME_ATTENTION
+    assert "turned off" in kernels.status()
+
+
+def backend(model_dir: Path, kernel: bool) -> GqaBackend:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    if kernel:
+        assert kernels.register(so) is not None
+    engine = Engine(model_dir, EngineOptions(threads=1))  # only for its manifest
+    session = ort.InferenceSession(str(model_dir / engine.manifest.onnx), so, providers=["CPUExecutionProvider"])
+    return GqaBackend(session, 64, engine.manifest.n_head, engine.manifest.n_layer)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3])
+def test_kernel_matches_group_query_attention(model_dir: Path, rows: int) -> None:
+    """Same prompt, same decode steps (``rows`` candidates side by side, one finishing early):
+    the logits agree to float rounding, and the caches hold the same int8 keys and values."""
+    rng = np.random.default_rng(rows)
+    ids = [int(t) for t in rng.integers(1, 8192, 300)]  # several prompt chunks, then decode
+    steps = [[int(t) for t in rng.integers(1, 8192, rows)] for _ in range(8)]
+    results = []
+    for kernel in (False, True):
+        be = backend(model_dir, kernel)
+        logits, state = be.prefill(None, 0, ids, len(ids) - 1, None)
+        dec = be.begin(state, len(ids), rows, len(steps))
+        out = [logits[-1:]]
+        for i, tokens in enumerate(steps):
+            if rows > 1 and i == 4:  # the last row finishes: the others go on
+                be.keep_rows(dec, np.arange(rows - 1))
+            out.append(be.step(dec, tokens[: dec.bias.shape[0]]))
+        results.append((out, [k.copy() for k in state.keys + state.values], dec.end))
+    (ref, ref_cache, end), (got, got_cache, got_end) = results
+    assert end == got_end
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-4 * float(np.abs(a).max()))
+    for a, b in zip(ref_cache, got_cache):
+        assert a.dtype == b.dtype == np.int8
+        diff = np.abs(a[:, :, :end].astype(np.int16) - b[:, :, :end])
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # rounding ties at most
+
+
+@needs_kernel
+def test_bad_input_to_the_kernel_is_a_clear_error_and_the_engine_goes_on(model_dir: Path) -> None:
+    engine = Engine(model_dir, EngineOptions(threads=1))
+    ids = [int(t) for t in np.random.default_rng(0).integers(1, 8192, 40)]
+    before = engine.generate(ids, doc_key="a", max_new_tokens=4).candidates[0].token_ids
+    be = engine.backend
+    assert isinstance(be, GqaBackend)
+    _, state = be.prefill(None, 0, ids, len(ids) - 1, None)
+    with pytest.raises(Exception, match="codegen_ls.DecodeAttention: attention_bias"):
+        be._run(state, np.array([5]), np.array([40]), 40, np.zeros((1, 7), np.float32), 0)  # bias too short
+    assert engine.generate(ids, doc_key="b", max_new_tokens=4).candidates[0].token_ids == before
