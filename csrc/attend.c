@@ -251,7 +251,10 @@ static void attend_plain(const float *q, const int8_t *K, const int8_t *V, const
 typedef void (*attend_fn)(const float *, const int8_t *, const int8_t *, const float *, const float *, const float *,
                           int, int, float *, float *);
 
-static int g_isa = -1; /* 2: AVX-512, 1: AVX2 + FMA, 0: neither */
+static int g_isa = -1;  /* what the CPU has: 2 AVX-512, 1 AVX2 + FMA, 0 neither */
+static int g_limit = 2; /* the most the caller allows (cgls_limit_isa_level) */
+
+void cgls_limit_isa_level(int level) { g_limit = level; }
 
 int cgls_isa_level(void) {
     if (g_isa < 0) {
@@ -266,7 +269,7 @@ int cgls_isa_level(void) {
         g_isa = 0;
 #endif
     }
-    return g_isa;
+    return g_isa < g_limit ? g_isa : g_limit;
 }
 
 void cgls_attend_row(const float *q, const int8_t *K, const int8_t *V, const float *ks, const float *vs,

@@ -24,8 +24,11 @@
 void cgls_attend_row(const float *q, const int8_t *K, const int8_t *V, const float *ks, const float *vs,
                      const float *bias, int n_keys, int D, float *scores, float *out);
 
-/* the path cgls_attend_row takes on this CPU: 2 AVX-512, 1 AVX2, 0 plain C */
+/* the path cgls_attend_row takes on this CPU: 2 AVX-512, 1 AVX2, 0 plain C (at most the limit) */
 int cgls_isa_level(void);
+
+/* use at most this path from now on (process-wide; 2 again: the best the CPU has) */
+void cgls_limit_isa_level(int level);
 
 /* x [D] float -> int8 at the cache's scales: round half to even, saturate to [-128, 127]. */
 void cgls_quantize_row(const float *x, const float *scale, int D, int8_t *dst);

@@ -180,6 +180,9 @@ CGLS_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtAp
     return CGLS_AddCustomOpDomain(api)(options, domain);
 }
 
+/* limit the path to "avx2" or "generic" (level 1 or 0; 2: the CPU's best again), for checking each */
+CGLS_EXPORT void cgls_limit_isa(int level) { cgls_limit_isa_level(level); }
+
 /* the vector path this CPU takes: "avx512", "avx2" or "generic" (the engine skips "generic") */
 CGLS_EXPORT const char *cgls_isa(void) {
     static const char *names[] = {"generic", "avx2", "avx512"};

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,20 @@ def test_engine_picks_the_kernel_and_can_be_told_not_to(model_dir: Path, monkeyp
     assert "turned off" in kernels.status()
 
 
-def backend(model_dir: Path, kernel: bool) -> GqaBackend:
+@pytest.fixture()
+def best_path_after() -> Iterator[None]:
+    """A test that forces a lesser path gives the process its best one back (the path is global)."""
+    yield
+    loaded = kernels._load()
+    if loaded is not None:
+        loaded[2].cgls_limit_isa(kernels.LEVELS["avx512"])
+
+
+def backend(model_dir: Path, kernel: bool, path: str = "") -> GqaBackend:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     if kernel:
-        assert kernels.register(so) is not None
+        assert kernels.register(so) == f"codegen-ls kernel ({path or kernels.library()[1]})"  # type: ignore[index]
     engine = Engine(model_dir, EngineOptions(threads=1))  # only for its manifest
     session = ort.InferenceSession(str(model_dir / engine.manifest.onnx), so, providers=["CPUExecutionProvider"])
     return GqaBackend(session, 64, engine.manifest.n_head, engine.manifest.n_layer)
@@ -74,15 +84,21 @@ def backend(model_dir: Path, kernel: bool) -> GqaBackend:
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3])
-def test_kernel_matches_group_query_attention(model_dir: Path, rows: int) -> None:
+@pytest.mark.parametrize("path", ["", "avx2", "generic"])  # the CPU's best, then each lesser one
+def test_kernel_matches_group_query_attention(model_dir: Path, rows: int, path: str, best_path_after: None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Same prompt, same decode steps (``rows`` candidates side by side, one finishing early):
     the logits agree to float rounding, and the caches hold the same int8 keys and values."""
+    best = kernels.library()[1]  # type: ignore[index]
+    if path and kernels.LEVELS[path] > kernels.LEVELS[best]:
+        pytest.skip(f"this CPU has no {path}")
+    monkeypatch.setenv("CODEGEN_LS_KERNEL", path)
     rng = np.random.default_rng(rows)
     ids = [int(t) for t in rng.integers(1, 8192, 300)]  # several prompt chunks, then decode
     steps = [[int(t) for t in rng.integers(1, 8192, rows)] for _ in range(8)]
     results = []
     for kernel in (False, True):
-        be = backend(model_dir, kernel)
+        be = backend(model_dir, kernel, path)
         logits, state = be.prefill(None, 0, ids, len(ids) - 1, None)
         dec = be.begin(state, len(ids), rows, len(steps))
         out = [logits[-1:]]

@@ -1,0 +1,84 @@
+"""What a smaller KV cache would cost: teacher-forced loss and next-token accuracy of a CodeGen
+checkpoint with its keys and values fake-quantized the way the gqa graph quantizes its int8 cache
+(static per-channel scales from the export's calibration: the largest magnitude x 1.25), at 32, 8
+and 4 bits, on the first 1024 tokens of held-out standard-library modules (the eval's).
+
+    python benchmarks/eval_kv_bits.py build/train/final     # the embedded model's checkpoint
+                                                            # (models/recipe/train.py makes it)
+Needs the export extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from eval_completion import heldout_files  # noqa: E402
+
+from codegen_ls.export import calibration_batches  # noqa: E402
+from codegen_ls.graph_builder import KV_HEADROOM, kv_scales  # noqa: E402
+
+TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=1024)
+    args = ap.parse_args()
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import CodeGenForCausalLM
+    from transformers.models.codegen import modeling_codegen
+
+    model = CodeGenForCausalLM.from_pretrained(str(args.checkpoint)).eval()
+    cfg = model.config
+    tok = Tokenizer.from_file(str(args.checkpoint / "tokenizer.json") if (args.checkpoint / "tokenizer.json").is_file()
+                              else str(TOKENIZER))
+    batches = calibration_batches(TOKENIZER, int(cfg.n_positions), int(cfg.vocab_size))
+    # per layer and channel: the calibration's largest magnitude (the int8 scale times 127 / headroom)
+    peaks = [(k * 127 / KV_HEADROOM, v * 127 / KV_HEADROOM) for k, v in kv_scales(model, batches)]
+    bits: list[int | None] = [None]
+    original = modeling_codegen.CodeGenAttention._attn
+
+    def attn(self: Any, query: Any, key: Any, value: Any, attention_mask: Any = None, head_mask: Any = None) -> Any:
+        if bits[0]:  # keys (after rotary) and values as the cache would hold them
+            top = 2 ** (bits[0] - 1) - 1
+            quantized = []
+            for x, peak in ((key, peaks[self.layer_idx][0]), (value, peaks[self.layer_idx][1])):
+                scale = torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / top)
+                quantized.append(torch.clamp(torch.round(x / scale), -top - 1, top) * scale)
+            key, value = quantized
+        return original(self, query, key, value, attention_mask, head_mask)
+
+    modeling_codegen.CodeGenAttention._attn = attn
+    files = heldout_files(False)[: args.files]
+    print(f"| KV cache | loss | next-token accuracy |\n|---|---:|---:|")
+    for b in (None, 8, 4):
+        bits[0] = b
+        nll = hits = count = 0.0
+        for f in files:
+            ids = tok.encode(f.read_text(errors="replace")).ids[: args.tokens]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, :-1]
+            target = torch.tensor(ids[1:])
+            nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            hits += (logits.argmax(-1) == target).sum().item()
+            count += len(target)
+        print(f"| {'fp32' if b is None else f'{b}-bit'} | {nll / count:.4f} | {100 * hits / count:.2f} % |", flush=True)
+    print(f"\n{int(count)} tokens of {len(files)} held-out files; command: `python benchmarks/eval_kv_bits.py "
+          f"{' '.join(sys.argv[1:])}`")
+
+
+if __name__ == "__main__":
+    main()
