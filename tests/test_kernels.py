@@ -36,13 +36,24 @@ needs_kernel = pytest.mark.skipif(kernels.library() is None or kernels.library()
                                   reason="decode-attention kernel not built with a vector path here")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("kernel")
-    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=1024, n_embd=128, n_layer=2, n_head=8,
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int) -> Path:
+    base = tmp_path_factory.mktemp(f"kernel-{n_embd}-{n_head}")
+    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=1024, n_embd=n_embd, n_layer=2, n_head=n_head,
                             rotary_dim=8, tokenizer=TOKENIZER)
     export(str(src), base / "model", quantize_int8=True, graph="gqa")
     return base / "model"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory, 128, 8)  # head size 16
+
+
+@pytest.fixture(scope="module", params=[(128, 8), (320, 4), (1024, 4)], ids=["head16", "head80", "head256"])
+def head_size_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Head sizes of the real checkpoints too: 80 (CodeGen-2B), 256 (6B and 16B); 64 (350M) is the
+    benchmark's and 48 the embedded model's."""
+    return tiny_model(tmp_path_factory, *request.param)
 
 
 def test_the_kernel_is_built_where_a_compiler_and_avx2_are() -> None:
@@ -85,7 +96,7 @@ def backend(model_dir: Path, kernel: bool, path: str = "") -> GqaBackend:
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("path", ["", "avx2", "generic"])  # the CPU's best, then each lesser one
-def test_kernel_matches_group_query_attention(model_dir: Path, rows: int, path: str, best_path_after: None,
+def test_kernel_matches_group_query_attention(head_size_model: Path, rows: int, path: str, best_path_after: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Same prompt, same decode steps (``rows`` candidates side by side, one finishing early):
     the logits agree to float rounding, and the caches hold the same int8 keys and values."""
@@ -98,7 +109,7 @@ def test_kernel_matches_group_query_attention(model_dir: Path, rows: int, path: 
     steps = [[int(t) for t in rng.integers(1, 8192, rows)] for _ in range(8)]
     results = []
     for kernel in (False, True):
-        be = backend(model_dir, kernel, path)
+        be = backend(head_size_model, kernel, path)
         logits, state = be.prefill(None, 0, ids, len(ids) - 1, None)
         dec = be.begin(state, len(ids), rows, len(steps))
         out = [logits[-1:]]
