@@ -22,8 +22,8 @@ attention is an ``If`` on the ``prompt_path`` input: decode runs (a few rows) us
 ``com.microsoft.GroupQueryAttention`` (kv_num_heads = num_heads) on an fp32 cache and
 ``codegen_ls.DecodeAttention`` on an int8 one (our kernel, :mod:`codegen_ls.kernels`, or where it
 is not loaded the ONNX function of that name, whose body is GroupQueryAttention); the engine
-binds ``present_*`` = ``past_*`` so the op writes the new keys and values in place; prompt chunks use two
-MatMuls over the dequantized cache and return the chunk's quantized keys and values
+binds ``present_*`` = ``past_*`` so the op writes the new keys and values in place; prompt
+chunks use two MatMuls over the dequantized cache and return the chunk's quantized keys and values
 (``present_*`` ``[1, S, E]``) for the engine to copy in (see :func:`_gqa_attention`).
 
 ``flat``: the **prefix** (the prompt) is a preallocated buffer per layer the graph only reads:
@@ -354,11 +354,9 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     k_scale, v_scale = scales if scales is not None else (None, None)
 
     dec = _Graph(f"dec{i}.")
-    scale_in = []
-    if scales is not None:
-        scale_in = [dec.const("k_scale", scales[0]), dec.const("v_scale", scales[1])]
     dec_out = [f"dec{i}.attn", f"dec{i}.present_key", f"dec{i}.present_value"]
     if scales is not None:  # our kernel where the engine loads it, else the function's body (GQA)
+        scale_in = [dec.const("k_scale", scales[0]), dec.const("v_scale", scales[1])]
         dec.op(DECODE_ATTENTION, [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "attention_bias",
                                   *scale_in], dec_out, domain=KERNEL_DOMAIN, name="decode_attention")
     else:
