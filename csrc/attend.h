@@ -1,6 +1,6 @@
 /* Decode attention over an int8 KV cache: the math, with no onnxruntime in it.
  *
- * One query row of one head against the head's cache:
+ * A query row of one head against the head's cache:
  *   score[t] = (q . k_t) / sqrt(D) + bias[t]          (k_t = int8 key t times its channel scales)
  *   out      = sum_t softmax(score)[t] v_t             (v_t likewise)
  * The key scales are folded into the query and the value scales into the output, so the inner
@@ -19,12 +19,17 @@
 #define CGLS_X86 0
 #endif
 
-/* q: the row's query [D]; K, V: the head's cache rows [n_keys][D] int8; ks, vs: the head's scales
- * [D]; bias: [n_keys] additive (0 or very negative); scores: scratch [n_keys]; out: [D]. */
-void cgls_attend_row(const float *q, const int8_t *K, const int8_t *V, const float *ks, const float *vs,
-                     const float *bias, int n_keys, int D, float *scores, float *out);
+/* One head's decode attention for its S query rows (row r sees keys 0 .. past + r; the rows share
+ * each pass over the keys and values). Row r: query q + r * q_stride [D], bias + r * bias_stride
+ * (additive, 0 or very negative, over past + S keys), output out + r * out_stride [D]. K, V: the
+ * head's cache rows [past + S][D] int8; ks, vs: the head's scales [D]; scores: scratch of
+ * CGLS_SCRATCH(past, S) floats. */
+#define CGLS_SCRATCH(past, S) (4 * ((past) + (S)))
+void cgls_attend_head(const float *q, int q_stride, const int8_t *K, const int8_t *V, const float *ks,
+                      const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
+                      float *out, int out_stride);
 
-/* the path cgls_attend_row takes on this CPU: 2 AVX-512, 1 AVX2, 0 plain C (at most the limit) */
+/* the path cgls_attend_head takes on this CPU: 2 AVX-512, 1 AVX2, 0 plain C (at most the limit) */
 int cgls_isa_level(void);
 
 /* use at most this path from now on (process-wide; 2 again: the best the CPU has) */

@@ -13,7 +13,7 @@
  * The S new keys and values are quantized into positions n - S .. n - 1 (n = seqlens_k + 1) of
  * present_*; the engine binds present_* to the past_* buffers, so that is in place (otherwise
  * past is copied over first). Row s attends to keys 0 .. n - S + s with the bias added. Work is
- * split by (head, row) over onnxruntime's intra-op threads.
+ * split by head over onnxruntime's intra-op threads; a head's rows share its passes over the cache.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,12 +61,12 @@ typedef struct Work {
     int64_t S, H, D, cap, total, past;
 } Work;
 
-static void attend_task(void *user, size_t index) {
+static void attend_task(void *user, size_t index) { /* one head, all its rows */
     const Work *w = (const Work *)user;
-    int64_t h = (int64_t)index / w->S, s = (int64_t)index % w->S, E = w->H * w->D;
-    cgls_attend_row(w->q + s * E + h * w->D, w->K + h * w->cap * w->D, w->V + h * w->cap * w->D, w->ks + h * w->D,
-                    w->vs + h * w->D, w->bias + s * w->total, (int)(w->past + s + 1), (int)w->D,
-                    w->scratch + (int64_t)index * w->total, w->out + s * E + h * w->D);
+    const int64_t h = (int64_t)index, E = w->H * w->D, D = w->D;
+    cgls_attend_head(w->q + h * D, (int)E, w->K + h * w->cap * D, w->V + h * w->cap * D, w->ks + h * D, w->vs + h * D,
+                     w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D,
+                     w->scratch + h * CGLS_SCRATCH(w->past, w->S), w->out + h * D, (int)E);
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
@@ -121,10 +121,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
             cgls_quantize_row(value + s * E + h * D, vs + h * D, (int)D, pv + at);
         }
 
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(H * S * total));
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(H * CGLS_SCRATCH(n - S, S)));
     if (!scratch) return CGLS_CreateStatus(g_api)(CGLS_ORT_FAIL, "codegen_ls.DecodeAttention: out of memory");
     Work w = {(const float *)data[0], ks, vs, (const float *)data[7], pk, pv, (float *)o[0], scratch, S, H, D, cap, total, past};
-    OrtStatus *st = CGLS_KernelContext_ParallelFor(g_api)(ctx, attend_task, (size_t)(H * S), 0, &w);
+    OrtStatus *st = CGLS_KernelContext_ParallelFor(g_api)(ctx, attend_task, (size_t)H, 0, &w);
     free(scratch);
     return st;
 }

@@ -94,7 +94,7 @@ def backend(model_dir: Path, kernel: bool, path: str = "") -> GqaBackend:
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 6])  # 6: two passes over the cache (4 rows, then 2)
 @pytest.mark.parametrize("path", ["", "avx2", "generic"])  # the CPU's best, then each lesser one
 def test_kernel_matches_group_query_attention(head_size_model: Path, rows: int, path: str, best_path_after: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
