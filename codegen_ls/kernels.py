@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import os
 from functools import lru_cache
 from typing import Any
@@ -23,6 +24,7 @@ MODULE = "codegen_ls._decode_attention"
 DOMAIN, OP_NAME = "codegen_ls", "DecodeAttention"  # the node the graph builder writes
 OP = f"{DOMAIN}.{OP_NAME}"  # recorded in the manifest's extra.decode_attention
 ONNXRUNTIME_ATTENTION = "onnxruntime GroupQueryAttention"
+log = logging.getLogger(__name__)
 
 
 LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}  # the library's vector paths
@@ -74,7 +76,12 @@ def register(session_options: Any, wanted: bool = True) -> str | None:
     if level == 0 and not forced:
         return None  # the plain C path: onnxruntime's kernel is faster
     lib.cgls_limit_isa(level)
-    session_options.register_custom_ops_library(path)
+    try:
+        session_options.register_custom_ops_library(path)
+    except Exception as exc:  # a broken or foreign build: serve with onnxruntime's attention instead
+        log.warning("decode-attention kernel %s not loaded (%s): onnxruntime's attention is used", path,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
     return f"codegen-ls kernel ({lib.cgls_isa().decode()})"
 
 

@@ -140,3 +140,23 @@ def test_bad_input_to_the_kernel_is_a_clear_error_and_the_engine_goes_on(model_d
     with pytest.raises(Exception, match="codegen_ls.DecodeAttention: attention_bias"):
         be._run(state, np.array([5]), np.array([40]), 40, np.zeros((1, 7), np.float32), 0)  # bias too short
     assert engine.generate(ids, doc_key="b", max_new_tokens=4).candidates[0].token_ids == before
+
+
+def test_a_library_that_does_not_load_leaves_onnxruntimes_attention(model_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken or foreign build (here: not a shared library at all) must not stop the engine."""
+    broken = tmp_path / "_decode_attention.so"
+    broken.write_text("not a shared library")
+
+    class FakeLib:
+        def cgls_limit_isa(self, level: int) -> None:
+            pass
+
+        def cgls_isa(self) -> bytes:
+            return b"avx512"
+
+    monkeypatch.setattr(kernels, "_load", lambda: (str(broken), "avx512", FakeLib()))
+    engine = Engine(model_dir, EngineOptions(threads=1))
+    assert engine.attention == kernels.ONNXRUNTIME_ATTENTION
+    ids = [int(t) for t in np.random.default_rng(3).integers(1, 8192, 30)]
+    assert len(engine.generate(ids, max_new_tokens=4).candidates[0].token_ids) == 4
