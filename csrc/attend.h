@@ -13,7 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(CGLS_NO_VECTOR)
 #define CGLS_X86 1
 #else
 #define CGLS_X86 0
