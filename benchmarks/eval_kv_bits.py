@@ -1,7 +1,8 @@
 """What a smaller KV cache would cost: teacher-forced loss and next-token accuracy of a CodeGen
 checkpoint with its keys and values fake-quantized the way the gqa graph quantizes its int8 cache
-(static per-channel scales from the export's calibration: the largest magnitude x 1.25), at 32, 8
-and 4 bits, on the first 1024 tokens of held-out standard-library modules (the eval's).
+(static per-channel scales from the export's calibration: the largest magnitude x 1.25), at 8
+and 4 bits, and with a scale per token instead (what a 4-bit cache would need), on the first 1024
+tokens of held-out standard-library modules (the eval's).
 
     python benchmarks/eval_kv_bits.py build/train/final     # the embedded model's checkpoint
                                                             # (models/recipe/train.py makes it)
@@ -48,24 +49,31 @@ def main() -> None:
     batches = calibration_batches(TOKENIZER, int(cfg.n_positions), int(cfg.vocab_size))
     # per layer and channel: the calibration's largest magnitude (the int8 scale times 127 / headroom)
     peaks = [(k * 127 / KV_HEADROOM, v * 127 / KV_HEADROOM) for k, v in kv_scales(model, batches)]
-    bits: list[int | None] = [None]
+    # (key bits, value bits, scales): "static" per channel as the gqa graph's cache; "token": each
+    # token's head vector its own scale (its largest magnitude), as a cache storing a scale per row would
+    mode: list[tuple[int, int, str] | None] = [None]
     original = modeling_codegen.CodeGenAttention._attn
 
+    def fake_quantize(x: Any, peak: np.ndarray, bits: int, scales: str) -> Any:
+        top = 2 ** (bits - 1) - 1
+        if scales == "static":
+            scale = torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / top)
+        else:
+            scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6) / top
+        return torch.clamp(torch.round(x / scale), -top - 1, top) * scale
+
     def attn(self: Any, query: Any, key: Any, value: Any, attention_mask: Any = None, head_mask: Any = None) -> Any:
-        if bits[0]:  # keys (after rotary) and values as the cache would hold them
-            top = 2 ** (bits[0] - 1) - 1
-            quantized = []
-            for x, peak in ((key, peaks[self.layer_idx][0]), (value, peaks[self.layer_idx][1])):
-                scale = torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / top)
-                quantized.append(torch.clamp(torch.round(x / scale), -top - 1, top) * scale)
-            key, value = quantized
+        if mode[0]:  # keys (after rotary) and values as the cache would hold them
+            k_bits, v_bits, scales = mode[0]
+            key = fake_quantize(key, peaks[self.layer_idx][0], k_bits, scales)
+            value = fake_quantize(value, peaks[self.layer_idx][1], v_bits, scales)
         return original(self, query, key, value, attention_mask, head_mask)
 
     modeling_codegen.CodeGenAttention._attn = attn
     files = heldout_files(False)[: args.files]
-    print(f"| KV cache | loss | next-token accuracy |\n|---|---:|---:|")
-    for b in (None, 8, 4):
-        bits[0] = b
+    print("| KV cache (keys / values) | bytes per cached value | loss | next-token accuracy |\n|---|---:|---:|---:|")
+    for m in (None, (8, 8, "static"), (8, 4, "static"), (4, 4, "static"), (8, 4, "token"), (4, 4, "token")):
+        mode[0] = m
         nll = hits = count = 0.0
         for f in files:
             ids = tok.encode(f.read_text(errors="replace")).ids[: args.tokens]
@@ -75,7 +83,9 @@ def main() -> None:
             nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
             hits += (logits.argmax(-1) == target).sum().item()
             count += len(target)
-        print(f"| {'fp32' if b is None else f'{b}-bit'} | {nll / count:.4f} | {100 * hits / count:.2f} % |", flush=True)
+        name = "fp32" if m is None else f"int{m[0]} / int{m[1]}, {m[2]} scales"
+        size = 4.0 if m is None else (m[0] + m[1]) / 16 + (4 / int(cfg.n_embd // cfg.n_head) if m[2] == "token" else 0)
+        print(f"| {name} | {size:.2f} | {nll / count:.4f} | {100 * hits / count:.2f} % |", flush=True)
     print(f"\n{int(count)} tokens of {len(files)} held-out files; command: `python benchmarks/eval_kv_bits.py "
           f"{' '.join(sys.argv[1:])}`")
 
