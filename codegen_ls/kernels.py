@@ -24,10 +24,8 @@ MODULE = "codegen_ls._decode_attention"
 DOMAIN, OP_NAME = "codegen_ls", "DecodeAttention"  # the node the graph builder writes
 OP = f"{DOMAIN}.{OP_NAME}"  # recorded in the manifest's extra.decode_attention
 ONNXRUNTIME_ATTENTION = "onnxruntime GroupQueryAttention"
-log = logging.getLogger(__name__)
-
-
 LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}  # the library's vector paths
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)

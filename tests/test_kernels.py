@@ -20,6 +20,7 @@ from codegen_ls import kernels  # noqa: E402
 from codegen_ls.backends import GqaBackend  # noqa: E402
 from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
 from codegen_ls.export import export, random_checkpoint  # noqa: E402
+from codegen_ls.modeldir import read_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -88,9 +89,9 @@ def backend(model_dir: Path, kernel: bool, path: str = "") -> GqaBackend:
     so.intra_op_num_threads = 2
     if kernel:
         assert kernels.register(so) == f"codegen-ls kernel ({path or kernels.library()[1]})"  # type: ignore[index]
-    engine = Engine(model_dir, EngineOptions(threads=1))  # only for its manifest
-    session = ort.InferenceSession(str(model_dir / engine.manifest.onnx), so, providers=["CPUExecutionProvider"])
-    return GqaBackend(session, 64, engine.manifest.n_head, engine.manifest.n_layer)
+    manifest = read_manifest(model_dir)
+    session = ort.InferenceSession(str(model_dir / manifest.onnx), so, providers=["CPUExecutionProvider"])
+    return GqaBackend(session, 64, manifest.n_head, manifest.n_layer)
 
 
 @needs_kernel
