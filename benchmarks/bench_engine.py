@@ -16,10 +16,12 @@ Then decode ms/token at growing context (and the part of it inside ``session.run
 floor the flatness ratio cannot go below at this machine's streaming read rate (a step reads
 the whole KV cache once), and the peak RSS of a fresh process that only loads the engine and
 generates 3 candidates at 2048 tokens of context. ``gqa-ort`` runs the ``gqa`` model with
-onnxruntime's GroupQueryAttention instead of our decode-attention kernel. Prints markdown tables (the numbers in the README come from here). On a shared
-machine, ``--wait-quiet`` waits for other processes to leave the CPUs before each measurement::
+onnxruntime's GroupQueryAttention instead of our decode-attention kernel; ``gqa-kv4`` is the
+``gqa`` model exported with ``--kv-bits 4`` (the 4-bit KV cache). Prints markdown tables (the
+numbers in the README come from here). On a shared machine, ``--wait-quiet`` waits for other
+processes to leave the CPUs before each measurement::
 
-    python benchmarks/bench_engine.py --shape 350m --graphs optimum,flat,gqa,gqa-ort,gqa-int4 --wait-quiet 600
+    python benchmarks/bench_engine.py --shape 350m --graphs optimum,flat,gqa,gqa-ort,gqa-kv4,gqa-int4 --wait-quiet 600
     python benchmarks/bench_engine.py --shape small --new-tokens 8 --requests 2
 """
 from __future__ import annotations
@@ -87,22 +89,22 @@ def corpus() -> str:
 
 
 def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
-    """(checkpoint dir, exported model dir) for ``variant`` (optimum, gqa, gqa-int4, flat, flat-int4,
-    flat-kv16, flat-int4-kv16; ``-ort``: the same model without our decode-attention kernel),
-    reused when built."""
+    """(checkpoint dir, exported model dir) for ``variant`` (optimum, gqa, gqa-int4, gqa-kv4,
+    gqa-int4-kv4, flat, flat-int4, flat-kv16, flat-int4-kv16; ``-ort``: the same model without our
+    decode-attention kernel; ``kv4``: the 4-bit KV cache, ``--kv-bits 4``), reused when built."""
     from codegen_ls.export import export, random_checkpoint
 
     base = workdir / shape
     parts = variant.split("-")
-    graph, int4, kv16 = parts[0], "int4" in parts, "kv16" in parts  # "ort": engine option, same model
-    src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{'-kv16' if kv16 else ''}"
+    graph, int4, kv16, kv4 = parts[0], "int4" in parts, "kv16" in parts, "kv4" in parts  # "ort": engine option
+    src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{'-kv16' if kv16 else ''}{'-kv4' if kv4 else ''}"
     if not (src / "config.json").is_file():
         log(f"building a random {shape} checkpoint in {src} ...")
         shutil.rmtree(src, ignore_errors=True)
         random_checkpoint(src, tokenizer=TOKENIZER, **SHAPES[shape])
     if not (out / "manifest.json").is_file():
         log(f"exporting {src} -> {out} ({variant}) ...")
-        export(str(src), out, quantize_int8=True, force=True, graph=graph, int4=int4, kv_fp16=kv16)
+        export(str(src), out, quantize_int8=True, force=True, graph=graph, int4=int4, kv_fp16=kv16, kv_bits=4 if kv4 else 8)
     return src, out
 
 
@@ -396,9 +398,13 @@ def print_targets(graphs: list[str], results: dict[str, float], flatness: dict[s
 
 
 def kv_bytes_per_token(engine: Engine, context: int) -> float:
-    """Bytes of KV cache one decode step reads at ``context`` tokens (keys and values, all layers)."""
+    """Bytes of KV cache one decode step reads at ``context`` tokens (keys and values, all layers;
+    the 4-bit cache: half a byte a value plus a float32 scale per token, head and keys/values)."""
     m = engine.manifest
-    itemsize = {"int8": 1, "float16": 2}.get(str(m.extra.get("kv_dtype", "float32")), 4)
+    kv = str(m.extra.get("kv_dtype", "float32"))
+    if kv == "int4":
+        return 2.0 * m.n_layer * m.n_head * context * (m.head_dim / 2 + 4)
+    itemsize = {"int8": 1, "float16": 2}.get(kv, 4)
     return 2.0 * m.n_layer * m.n_head * m.head_dim * context * itemsize
 
 

@@ -368,24 +368,25 @@ class FlatBackend(Backend):
 # -- gqa: one in-place cache per layer (GroupQueryAttention), candidate rows interleaved --------------
 @dataclass
 class GqaState:
-    """A document's KV cache: per layer keys and values ``[1, H, room, D]`` (int8 or fp32), the
-    buffers GroupQueryAttention reads and writes in place. Positions ``[0, length)`` hold the
-    prompt; a decode writes its rows' tokens after them (scratch, overwritten by the next prompt).
+    """A document's KV cache: the buffers GroupQueryAttention (or our kernel) reads and writes in
+    place, in the graph's order, each ``[1, H, room, X]``: per layer keys and values (X = D: int8
+    or fp32; a 4-bit cache: X = D/2 bytes, then its per-token key and value scales, X = 1).
+    Positions ``[0, length)`` hold the prompt; a decode writes its rows' tokens after them
+    (scratch, overwritten by the next prompt).
     """
 
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
+    buffers: list[np.ndarray]
     length: int = 0
     # IO bindings of these buffers, by path: decode (in and out) and prompt (True: as inputs only)
     bindings: dict[bool, Any] = field(default_factory=dict, repr=False)
 
     @property
     def room(self) -> int:
-        return int(self.keys[0].shape[2])
+        return int(self.buffers[0].shape[2])
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+        return sum(a.nbytes for a in self.buffers)
 
 
 @dataclass
@@ -413,25 +414,28 @@ class GqaBackend(Backend):
     def __init__(self, session: Any, chunk: int, n_head: int, n_layer: int) -> None:
         super().__init__(session, chunk)
         inputs = {i.name: i for i in session.get_inputs()}
-        self.past = [(f"past_key.{i}", f"past_value.{i}") for i in range(n_layer)]
-        self.present = [(f"present_key.{i}", f"present_value.{i}") for i in range(n_layer)]
-        needed = {"input_ids", "position_ids", "seqlens_k", "total_sequence_length", "attention_bias", "logits_start",
-                  "prompt_path"}
-        needed |= {n for pair in self.past for n in pair}
         outputs = {o.name for o in session.get_outputs()}
+        four_bit = "past_key_scale.0" in inputs  # a 4-bit cache: its per-token scales are buffers too
+        kinds = ["key", "value"] + (["key_scale", "value_scale"] if four_bit else [])
+        # (input, output) names of every cache buffer, layer by layer
+        self.caches = [(f"past_{k}.{i}", f"present_{k}.{i}") for i in range(n_layer) for k in kinds]
+        needed = {"input_ids", "position_ids", "seqlens_k", "total_sequence_length", "attention_bias", "logits_start",
+                  "prompt_path"} | {name for name, _ in self.caches}
         if (not needed <= set(inputs) or len([n for n in inputs if n.startswith("past_key.")]) != n_layer
-                or not {n for pair in self.present for n in pair} <= outputs):
+                or not {out for _, out in self.caches} <= outputs):
             raise ModelError("ONNX model is not a gqa graph of this manifest (inputs/layers differ)")
         shape = inputs["past_key.0"].shape
-        self.n_head, self.head_dim = int(shape[1]), int(shape[3])
-        self.kv_dtype = np.int8 if "int8" in inputs["past_key.0"].type else np.float32
+        self.n_head = int(shape[1])
+        types = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(float)": np.float32}
+        self.layout = [(types[inputs[name].type], int(inputs[name].shape[3])) for name, _ in self.caches]  # dtype, X
+        self.kv_dtype = self.layout[0][0]
+        self.head_dim = 2 * int(shape[3]) if four_bit else int(shape[3])
         if self.n_head != n_head:
             raise ModelError("manifest does not match the ONNX model (heads)")
         self.logits_name = session.get_outputs()[0].name
 
     def _alloc(self, room: int) -> GqaState:
-        shape = (1, self.n_head, room, self.head_dim)
-        return GqaState([np.zeros(shape, self.kv_dtype) for _ in self.past], [np.zeros(shape, self.kv_dtype) for _ in self.past])
+        return GqaState([np.zeros((1, self.n_head, room, x), dtype) for dtype, x in self.layout])
 
     def _fit(self, state: GqaState, end: int, keep: int, shrink: bool = True) -> None:
         """Give ``state`` room for ``end`` positions (rounded up; ``shrink``: also much less room
@@ -441,9 +445,9 @@ class GqaBackend(Backend):
         if want <= state.room and (not shrink or state.room <= want + 4 * ROUND):
             return
         new = self._alloc(want)
-        for old, dst in zip(state.keys + state.values, new.keys + new.values):
+        for old, dst in zip(state.buffers, new.buffers):
             dst[:, :, :keep, :] = old[:, :, :keep, :]
-        state.keys, state.values, state.bindings = new.keys, new.values, {}
+        state.buffers, state.bindings = new.buffers, {}
 
     def _run(self, state: GqaState, ids: np.ndarray, positions: np.ndarray, past: int, bias: np.ndarray,
              logits_start: int) -> np.ndarray:
@@ -457,14 +461,12 @@ class GqaBackend(Backend):
         if io is None:  # bound once per buffer set, by pointer: the caches as inputs (and decode's outputs)
             io = state.bindings[prompt] = self.session.io_binding()
             io.bind_output(self.logits_name, "cpu")  # first: get_outputs()[0]
-            shape = [1, self.n_head, state.room, self.head_dim]
-            for (pk, pv), (ok, ov), k, v in zip(self.past, self.present, state.keys, state.values):
-                for name, out, buf in ((pk, ok, k), (pv, ov, v)):
-                    io.bind_input(name, "cpu", 0, self.kv_dtype, shape, buf.ctypes.data)
-                    if prompt:
-                        io.bind_output(out, "cpu")
-                    else:
-                        io.bind_output(out, "cpu", 0, self.kv_dtype, shape, buf.ctypes.data)
+            for (name, out), buf in zip(self.caches, state.buffers):
+                io.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                if prompt:
+                    io.bind_output(out, "cpu")
+                else:
+                    io.bind_output(out, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         feed = {
             "input_ids": ids.astype(np.int64)[None],
             "position_ids": positions.astype(np.int64)[None],
@@ -478,15 +480,12 @@ class GqaBackend(Backend):
             io.bind_cpu_input(name, value)
         io.bind_output(self.logits_name, "cpu")  # fresh outputs each run: their shapes vary
         if prompt:
-            for pair in self.present:
-                for out in pair:
-                    io.bind_output(out, "cpu")
+            for _, out in self.caches:
+                io.bind_output(out, "cpu")
         outs = self._session_run(io, s)
-        if prompt:  # the chunk's keys and values [1, S, H*D] -> the cache's [H, S, D] at past
-            h, d = self.n_head, self.head_dim
-            for j, (k, v) in enumerate(zip(state.keys, state.values)):
-                k[0, :, past:past + s, :] = outs[1 + 2 * j].numpy()[0].reshape(s, h, d).transpose(1, 0, 2)
-                v[0, :, past:past + s, :] = outs[2 + 2 * j].numpy()[0].reshape(s, h, d).transpose(1, 0, 2)
+        if prompt:  # the chunk's rows [1, S, H*X] -> the buffer's [H, S, X] at past
+            for j, buf in enumerate(state.buffers):
+                buf[0, :, past:past + s, :] = outs[1 + j].numpy()[0].reshape(s, self.n_head, -1).transpose(1, 0, 2)
         return np.asarray(outs[0].numpy()[0])
 
     def prefill(self, state: GqaState | None, keep: int, ids: Sequence[int], logits_from: int,

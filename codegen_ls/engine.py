@@ -250,8 +250,18 @@ class Engine:
         # decode attention: our kernel claims the graph's codegen_ls.DecodeAttention nodes where it
         # is built; otherwise onnxruntime inlines their function body (GroupQueryAttention)
         kernel = None
-        if self.manifest.extra.get("decode_attention") == kernels.OP:
+        op = self.manifest.extra.get("decode_attention")
+        if op == kernels.OP:
             kernel = kernels.register(so, self.options.native_kernel)
+        elif op == kernels.OP4:  # a 4-bit cache: only our kernel reads it
+            kernel = kernels.register(so, self.options.native_kernel, required=True)
+            if kernel is None:
+                raise ModelError(f"{self.model_dir}: its 4-bit KV cache (exported with --kv-bits 4) needs codegen-ls's "
+                                 f"decode-attention kernel, which is {kernels.status(required=True)}; reinstall "
+                                 "codegen-ls where a C compiler is, or export the model with the default --kv-bits 8")
+            if not kernels.vector4():
+                log.warning("%s: this CPU has no AVX-512 VNNI, so the 4-bit KV cache's attention runs a slow plain C "
+                            "loop; a model exported with the default --kv-bits 8 decodes faster here", self.model_dir)
         self.attention = kernel or (kernels.ONNXRUNTIME_ATTENTION if self.graph == "gqa" else "onnxruntime MatMul + Softmax")
         try:
             self.session = ort.InferenceSession(str(self.model_dir / self.manifest.onnx), so, providers=["CPUExecutionProvider"])

@@ -192,10 +192,11 @@ def calibration_batches(tokenizer: Path | None, n_positions: int, vocab_size: in
 
 def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
                   int4: bool, kv_fp16: bool = False, graph: str = "flat",
-                  tokenizer: Path | None = None) -> tuple[list[str], bool]:
+                  tokenizer: Path | None = None, kv_bits: int = 8) -> tuple[list[str], bool]:
     """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.graph_builder`) from the
     transformers model; a quantized ``gqa`` graph gets an int8 KV cache, calibrated here on text
-    encoded with ``tokenizer`` (the exported ``tokenizer.json``).
+    encoded with ``tokenizer`` (the exported ``tokenizer.json``), or with ``kv_bits`` 4 a 4-bit
+    one (a scale per token: nothing to calibrate).
 
     Returns (attention MatMul names to keep in fp32, whether external data was used).
     """
@@ -207,13 +208,13 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
     try:
         model = CodeGenForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
         scales = None
-        if graph == "gqa" and quantized:
+        if graph == "gqa" and quantized and kv_bits == 8:
             _step("      calibrating the int8 KV cache ...")
             cfg = model.config
             batches = calibration_batches(tokenizer, int(cfg.n_positions), int(cfg.vocab_size))
             scales = kv_scales(model, batches)
         proto, attention = build_graph(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0,
-                                       kv_fp16=kv_fp16, graph=graph, kv_int8=scales)
+                                       kv_fp16=kv_fp16, graph=graph, kv_int8=scales, kv_int4=kv_bits == 4)
     except Exception as exc:  # unreadable weights, unexpected shapes: one line
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ModelError(f"cannot export {source}: {lines[0]}") from None
@@ -226,7 +227,7 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
 
 def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
            external_data: bool | None = None, graph: str = "gqa", int4: bool = False,
-           name: str | None = None, kv_fp16: bool = False) -> Manifest:
+           name: str | None = None, kv_fp16: bool = False, kv_bits: int = 8) -> Manifest:
     """Export ``src`` into ``out`` and return the manifest written there.
 
     ``graph``: ``gqa`` (our graph on GroupQueryAttention, :mod:`codegen_ls.graph_builder`; with
@@ -235,7 +236,9 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     ``extra.graph`` (and the cache's type as ``extra.kv_dtype``) and the engine picks its
     backend from it. Our graphs' int8 export also stores the token embedding as int8 rows;
     ``int4`` makes the layers' weights 4-bit ``MatMulNBits`` blocks (lm_head stays int8);
-    ``kv_fp16`` (flat only) stores the KV cache in float16.
+    ``kv_fp16`` (flat only) stores the KV cache in float16. ``kv_bits`` 4 (gqa, quantized) makes
+    the gqa cache 4-bit with a scale per token and head: half the int8 cache's memory and
+    bandwidth, for a little accuracy; only our compiled kernel runs its decode attention.
 
     ``external_data``: None decides by size (ONNX external data when the fp32 export is past
     ~1.8 GB, as 2 GB is the protobuf limit); True/False force it (tests use True to cover the
@@ -246,8 +249,15 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         raise CodegenLsError(f"unknown graph kind '{graph}' (gqa, flat or optimum)")
     if int4 and (graph == "optimum" or not quantize_int8):
         raise CodegenLsError("int4 weights need our graph (--graph gqa or flat) and quantization (no --no-quantize)")
+    if kv_bits not in (4, 8):
+        raise CodegenLsError(f"--kv-bits must be 8 or 4, not {kv_bits}")
+    if kv_bits == 4 and (graph != "gqa" or not quantize_int8):
+        raise CodegenLsError("a 4-bit KV cache needs the gqa graph and quantization (no --no-quantize)")
     if kv_fp16 and graph != "flat":
         raise CodegenLsError("a float16 KV cache needs the flat graph (--graph flat)")
+    if kv_bits == 4 and not kernels.vector4():
+        _step("note: the 4-bit KV cache's attention has no fast path on this machine (it needs the compiled kernel "
+              "and AVX-512 VNNI): the model will serve slowly here, or not at all without the kernel")
     source = _resolve_source(src)
     config = _check_config(source)
     if out.exists() and any(out.iterdir()):
@@ -263,7 +273,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         if graph in ("flat", "gqa"):
             _step(f"[1/3] building the {graph} ONNX graph of {source} (codegen_ls.graph_builder) ...")
             exclude, external_data = _export_graph(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph,
-                                                   out / "tokenizer.json")
+                                                   out / "tokenizer.json", kv_bits)
         else:
             _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
             _export_optimum(source, tmp_dir)
@@ -279,7 +289,8 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
             _copy_fp32(tmp_dir, out, external_data)
     _step("[3/3] writing manifest.json (tokenizer.json is already there) ...")
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
-    kv_dtype = "float16" if kv_fp16 else "int8" if graph == "gqa" and quantize_int8 else "float32"
+    kv_dtype = ("float16" if kv_fp16 else "float32" if graph != "gqa" or not quantize_int8
+                else "int4" if kv_bits == 4 else "int8")
     return _write_manifest(src, out, config, quantization, graph, t0, name, kv_dtype)
 
 
@@ -305,6 +316,8 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
     )
     if graph == "gqa" and kv_dtype == "int8":  # its decode branch is our op (with a GQA function body)
         manifest.extra["decode_attention"] = kernels.OP
+    if graph == "gqa" and kv_dtype == "int4":  # our op, which only our kernel implements
+        manifest.extra["decode_attention"] = kernels.OP4
     write_manifest(out, manifest)
     read_manifest(out)
     _step(f"done in {time.time() - t0:.1f}s: {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")

@@ -24,7 +24,11 @@ attention is an ``If`` on the ``prompt_path`` input: decode runs (a few rows) us
 is not loaded the ONNX function of that name, whose body is GroupQueryAttention); the engine
 binds ``present_*`` = ``past_*`` so the op writes the new keys and values in place; prompt
 chunks use two MatMuls over the dequantized cache and return the chunk's quantized keys and values
-(``present_*`` ``[1, S, E]``) for the engine to copy in (see :func:`_gqa_attention`).
+(``present_*`` ``[1, S, E]``) for the engine to copy in (see :func:`_gqa_attention`). With
+``kv_int4`` (``--kv-bits 4``) the cache is **4-bit** with a scale per token and head instead
+(``past_key.L`` ``uint8 [1, H, cap, D/2]`` plus ``past_key_scale.L`` ``[1, H, cap, 1]``, the same
+for values): half the int8 cache's bytes, decoded by ``codegen_ls.DecodeAttentionQ4``, which only
+our kernel implements.
 
 ``flat``: the **prefix** (the prompt) is a preallocated buffer per layer the graph only reads:
 ``prefix_key.L`` ``[1, H, D, cap]`` (keys stored transposed) and ``prefix_value.L`` ``[1, H, cap,
@@ -45,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from codegen_ls.kernels import DOMAIN as KERNEL_DOMAIN
+from codegen_ls.kernels import OP4_NAME as DECODE_ATTENTION_Q4
 from codegen_ls.kernels import OP_NAME as DECODE_ATTENTION
 
 OPSET = 17
@@ -132,6 +137,15 @@ def gqa_out_names(n_layer: int) -> list[tuple[str, str]]:
     return [(f"present_key.{i}", f"present_value.{i}") for i in range(n_layer)]
 
 
+def gqa_scale_names(n_layer: int) -> list[tuple[str, str]]:
+    """The 4-bit cache's per-token scales ``[1, H, cap, 1]`` (inputs; outputs: ``present_``)."""
+    return [(f"past_key_scale.{i}", f"past_value_scale.{i}") for i in range(n_layer)]
+
+
+def gqa_scale_out_names(n_layer: int) -> list[tuple[str, str]]:
+    return [(f"present_key_scale.{i}", f"present_value_scale.{i}") for i in range(n_layer)]
+
+
 def kv_scales(model: Any, batches: list[list[int]], headroom: float = KV_HEADROOM) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-layer int8 scales ``[1, H, 1, D]`` of the rotated keys and of the values (the ``gqa``
     graph's static ``PER_CHANNEL`` cache quantization): each channel's largest magnitude over
@@ -158,12 +172,13 @@ def kv_scales(model: Any, batches: list[list[int]], headroom: float = KV_HEADROO
 
 def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0,
                 kv_fp16: bool = False, graph: str = "flat",
-                kv_int8: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[Any, list[str]]:
+                kv_int8: list[tuple[np.ndarray, np.ndarray]] | None = None, kv_int4: bool = False) -> tuple[Any, list[str]]:
     """An ONNX ModelProto of ``model`` (a transformers ``CodeGenForCausalLM``, fp32, eval).
 
     ``graph``: ``flat`` (the shared-prefix layout above) or ``gqa`` (one BNSH cache per layer
     written in place by ``com.microsoft.GroupQueryAttention``; ``kv_int8``: the per-layer
-    scales of :func:`kv_scales` make that cache int8).
+    scales of :func:`kv_scales` make that cache int8; ``kv_int4``: a 4-bit cache with a scale per
+    token and head instead, see :func:`_gqa_attention`).
 
     ``int8_embedding``: the token embedding as int8 rows with one scale each (a quarter of the
     memory; the fp32 table is most of an int8 model's RSS otherwise). ``int4_block``: the layers'
@@ -199,8 +214,9 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
     g.const("axis1", np.array([1], np.int64))
     g.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64))
 
-    if graph not in ("flat", "gqa") or (graph == "gqa" and kv_fp16) or (graph == "flat" and kv_int8 is not None):
-        raise ValueError(f"unsupported graph options: {graph}, kv_fp16={kv_fp16}, kv_int8={kv_int8 is not None}")
+    if (graph not in ("flat", "gqa") or (graph == "gqa" and kv_fp16) or (graph == "flat" and (kv_int8 is not None or kv_int4))
+            or (kv_int4 and (kv_int8 is not None or d % 2))):
+        raise ValueError(f"unsupported graph options: {graph}, kv_fp16={kv_fp16}, kv_int8={kv_int8 is not None}, kv_int4={kv_int4}")
     if graph == "gqa":  # positions already in the cache before this run: total - S
         s_len = g.op("Shape", ["input_ids"], start=1, end=2, name="shape_s")
         total = g.op("Reshape", [g.op("Cast", ["total_sequence_length"], to=TensorProto.INT64, name="total_i64"),
@@ -260,7 +276,7 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
         k = g.op("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], name=f"rope_k.{i}", **rope)
 
         if graph == "gqa":
-            o = _gqa_attention(g, i, n_layer, n_head, d, q, k, v, None if kv_int8 is None else kv_int8[i])
+            o = _gqa_attention(g, i, n_layer, n_head, d, q, k, v, None if kv_int8 is None else kv_int8[i], kv_int4)
         else:
             qh = g.op("Transpose", [g.op("Reshape", [q, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
             qh = kv(g.op("Mul", [qh, "scale"]))
@@ -301,7 +317,7 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
     i64 = TensorProto.INT64
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_seq", int(cfg.vocab_size)])]
     if graph == "gqa":
-        cache_type = TensorProto.INT8 if kv_int8 is not None else TensorProto.FLOAT
+        cache_type = TensorProto.UINT8 if kv_int4 else TensorProto.INT8 if kv_int8 is not None else TensorProto.FLOAT
         inputs = [
             helper.make_tensor_value_info("input_ids", i64, [1, "seq"]),
             helper.make_tensor_value_info("position_ids", i64, [1, "seq"]),
@@ -311,9 +327,12 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
             helper.make_tensor_value_info("logits_start", i64, [1]),
             helper.make_tensor_value_info("prompt_path", TensorProto.BOOL, []),
         ]
-        for (pk, pv), (ok, ov) in zip(gqa_names(n_layer), gqa_out_names(n_layer)):
-            inputs += [helper.make_tensor_value_info(x, cache_type, [1, n_head, "cap", d]) for x in (pk, pv)]
+        for i, ((pk, pv), (ok, ov)) in enumerate(zip(gqa_names(n_layer), gqa_out_names(n_layer))):
+            inputs += [helper.make_tensor_value_info(x, cache_type, [1, n_head, "cap", d // 2 if kv_int4 else d]) for x in (pk, pv)]
             outputs += [helper.make_tensor_value_info(x, cache_type, None) for x in (ok, ov)]
+            if kv_int4:
+                inputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, n_head, "cap", 1]) for x in gqa_scale_names(n_layer)[i]]
+                outputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in gqa_scale_out_names(n_layer)[i]]
         functions = [decode_attention_function(helper, n_head)] if kv_int8 is not None else None
         return _finish(helper, g, inputs, outputs, graph, functions), attention_matmuls
     inputs = [
@@ -334,7 +353,7 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
 
 
 def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str, k: str, v: str,
-                   scales: tuple[np.ndarray, np.ndarray] | None) -> str:
+                   scales: tuple[np.ndarray, np.ndarray] | None, int4: bool = False) -> str:
     """Layer ``i``'s attention in the ``gqa`` graph: ``If(prompt_path)``.
 
     else (decode: a few query rows): ``DecodeAttention`` (int8 cache; see
@@ -346,6 +365,14 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     it returns the chunk's keys and values ``[1, S, E]`` (quantized like the cache) for the engine
     to write. GroupQueryAttention's int8 path is fast for one query row but costs several times
     a MatMul's work per (query, key) pair, so a prompt goes the MatMul way.
+
+    ``int4``: the cache is 4-bit with a scale per token and head (``csrc/attend4.h``: a row of D
+    values is D/2 bytes ``uint8 [1, H, cap, D/2]``, value j in the low nibble of byte j and value
+    j + D/2 in the high one, as round(x / scale) + 8, scale = max|x| / 7; the scales are
+    ``past_key_scale.L`` / ``past_value_scale.L`` ``[1, H, cap, 1]``). Its decode branch is
+    ``DecodeAttentionQ4``, which only our kernel implements (no ONNX function: onnxruntime has no
+    attention that reads this format); its prompt branch unpacks and packs with elementwise ops
+    and returns the chunk's scales as ``[1, S, H]`` too.
     """
     from onnx import TensorProto
 
@@ -355,7 +382,12 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
 
     dec = _Graph(f"dec{i}.")
     dec_out = [f"dec{i}.attn", f"dec{i}.present_key", f"dec{i}.present_value"]
-    if scales is not None:  # our kernel where the engine loads it, else the function's body (GQA)
+    (ps_k, ps_v), (os_k, os_v) = gqa_scale_names(n_layer)[i], gqa_scale_out_names(n_layer)[i]
+    if int4:
+        dec_out += [f"dec{i}.present_key_scale", f"dec{i}.present_value_scale"]
+        dec.op(DECODE_ATTENTION_Q4, [q, k, v, pk_in, pv_in, ps_k, ps_v, "seqlens_k", "total_sequence_length",
+                                     "attention_bias"], dec_out, domain=KERNEL_DOMAIN, name="decode_attention")
+    elif scales is not None:  # our kernel where the engine loads it, else the function's body (GQA)
         scale_in = [dec.const("k_scale", scales[0]), dec.const("v_scale", scales[1])]
         dec.op(DECODE_ATTENTION, [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "attention_bias",
                                   *scale_in], dec_out, domain=KERNEL_DOMAIN, name="decode_attention")
@@ -370,6 +402,13 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
 
     def cached(buf: str, scale: np.ndarray | None) -> str:  # [1, H, past_len, D] float
         x = pre.op("Slice", [buf, zero, "past_len", axis2])
+        if int4:  # bytes -> low and high nibbles -> values - 8, times each row's scale
+            f = pre.op("Cast", [x], to=TensorProto.FLOAT)
+            hi = pre.op("Floor", [pre.op("Mul", [f, pre.const(f"sixteenth_{buf}", np.array(1 / 16, np.float32))])])
+            lo = pre.op("Sub", [f, pre.op("Mul", [hi, pre.const(f"sixteen_{buf}", np.array(16, np.float32))])])
+            vals = pre.op("Sub", [pre.op("Concat", [lo, hi], axis=-1), pre.const(f"eight_{buf}", np.array(8, np.float32))])
+            sbuf = ps_k if buf == pk_in else ps_v
+            return pre.op("Mul", [vals, pre.op("Slice", [sbuf, zero, "past_len", axis2])])
         if scale is None:
             return x
         return pre.op("Mul", [pre.op("Cast", [x], to=TensorProto.FLOAT), pre.const(f"scale_{buf}", scale)])
@@ -385,10 +424,23 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     o = pre.op("MatMul", [pre.op("Softmax", [scores], axis=-1), values], name="attn_pv")
     pre_attn = pre.op("Reshape", [pre.op("Transpose", [o], perm=[0, 2, 1, 3]),
                                   pre.const("shape_bse", np.array([0, 0, e], np.int64))], [f"pre{i}.attn"])
-    new_kv = []
+    new_kv, new_scales = [], []
     for x, scale, name in ((k, k_scale, "key"), (v, v_scale, "value")):
         out = f"pre{i}.new_{name}"
-        if scale is None:
+        if int4:  # per token and head: scale = max|x| / 7, round(x / scale) + 8, two a byte
+            rows = pre.op("Reshape", [x, bshd])  # [1, S, H, D]
+            amax = pre.op("Max", [pre.op("ReduceMax", [pre.op("Abs", [rows])], axes=[-1], keepdims=1),
+                                  pre.const(f"{name}_tiny", np.array(1e-30, np.float32))])
+            row_scale = pre.op("Div", [amax, pre.const(f"{name}_seven", np.array(7, np.float32))])  # [1, S, H, 1]
+            qv = pre.op("Clip", [pre.op("Round", [pre.op("Div", [rows, row_scale])]),
+                                 pre.const(f"{name}_lo4", np.array(-8, np.float32)), pre.const(f"{name}_hi4", np.array(7, np.float32))])
+            qv = pre.op("Add", [qv, pre.const(f"{name}_eight", np.array(8, np.float32))])
+            lo, hi = pre.op("Split", [qv, pre.const(f"{name}_halves", np.array([d // 2, d // 2], np.int64))], 2, axis=-1)
+            packed = pre.op("Add", [lo, pre.op("Mul", [hi, pre.const(f"{name}_sixteen", np.array(16, np.float32))])])
+            pre.op("Reshape", [pre.op("Cast", [packed], to=TensorProto.UINT8), pre.const(f"{name}_shape_packed", np.array([0, 0, e // 2], np.int64))], [out])
+            new_scales.append(pre.op("Reshape", [row_scale, pre.const(f"{name}_shape_scale", np.array([0, 0, n_head], np.int64))],
+                                     [f"pre{i}.new_{name}_scale"]))
+        elif scale is None:
             pre.op("Identity", [x], [out])
         else:  # the cache's own quantization: per channel, symmetric, saturating (elementwise ops:
             # onnxruntime's per-axis QuantizeLinear is ~50x slower here)
@@ -397,10 +449,13 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
                                       pre.const(f"{name}_hi", np.array(127, np.float32))])
             pre.op("Cast", [clipped], [out], to=TensorProto.INT8)
         new_kv.append(out)
-    f32, cache = TensorProto.FLOAT, TensorProto.FLOAT if scales is None else TensorProto.INT8
-    return str(g.op("If", ["prompt_path"], [f"attn.{i}", pk_out, pv_out], name=f"attention.{i}",
-                    then_branch=pre.subgraph(f"prompt{i}", [(pre_attn, f32), (new_kv[0], cache), (new_kv[1], cache)]),
-                    else_branch=dec.subgraph(f"decode{i}", [(dec_out[0], f32), (dec_out[1], cache), (dec_out[2], cache)]))[0])
+    f32: int = TensorProto.FLOAT
+    cache: int = TensorProto.UINT8 if int4 else TensorProto.FLOAT if scales is None else TensorProto.INT8
+    then_out: list[tuple[str, int]] = [(pre_attn, f32), (new_kv[0], cache), (new_kv[1], cache)] + [(x, f32) for x in new_scales]
+    else_out: list[tuple[str, int]] = [(dec_out[0], f32), (dec_out[1], cache), (dec_out[2], cache)] + [(x, f32) for x in dec_out[3:]]
+    outs = [f"attn.{i}", pk_out, pv_out] + ([os_k, os_v] if int4 else [])
+    return str(g.op("If", ["prompt_path"], outs, name=f"attention.{i}", then_branch=pre.subgraph(f"prompt{i}", then_out),
+                    else_branch=dec.subgraph(f"decode{i}", else_out))[0])
 
 
 def decode_attention_function(helper: Any, n_head: int) -> Any:

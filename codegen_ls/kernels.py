@@ -9,6 +9,11 @@ the library: onnxruntime inlines the function unless a registered kernel claims 
 vector paths (AVX-512, AVX2) are chosen at run time by the CPU, and it is used only when one of
 them applies: the plain C path would be slower than onnxruntime's kernel (so on ARM, for now,
 onnxruntime's runs). ``CODEGEN_LS_KERNEL=off`` turns it off (``avx2`` / ``generic`` force a lesser path).
+
+It also implements ``codegen_ls.DecodeAttentionQ4``, the decode attention of a 4-bit cache
+(``codegen-ls model export --kv-bits 4``, ``csrc/attend4.c``). No onnxruntime kernel reads that
+format, so such a model needs this library (:func:`register` with ``required``); its vector path
+needs AVX-512 VNNI (:func:`vector4`), elsewhere a plain C loop runs it, slowly.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any
 MODULE = "codegen_ls._decode_attention"
 DOMAIN, OP_NAME = "codegen_ls", "DecodeAttention"  # the node the graph builder writes
 OP = f"{DOMAIN}.{OP_NAME}"  # recorded in the manifest's extra.decode_attention
+OP4_NAME = "DecodeAttentionQ4"  # the same on a 4-bit cache (a scale per token): only this library runs it
+OP4 = f"{DOMAIN}.{OP4_NAME}"
 ONNXRUNTIME_ATTENTION = "onnxruntime GroupQueryAttention"
 LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}  # the library's vector paths
 log = logging.getLogger(__name__)
@@ -39,6 +46,7 @@ def _load() -> tuple[str, str, Any] | None:
         lib.cgls_isa.restype = ctypes.c_char_p
         lib.cgls_limit_isa.argtypes = [ctypes.c_int]
         lib.cgls_limit_isa(LEVELS["avx512"])
+        lib.cgls_isa4.restype = ctypes.c_int
         return spec.origin, lib.cgls_isa().decode(), lib
     except (OSError, AttributeError):
         return None
@@ -51,6 +59,13 @@ def library() -> tuple[str, str] | None:
     return None if loaded is None else (loaded[0], loaded[1])
 
 
+def vector4() -> bool:
+    """Whether the 4-bit cache's attention (``--kv-bits 4``) has its vector path here (the library
+    built, and a CPU with AVX-512 VNNI); otherwise it runs a plain C loop, several times slower."""
+    loaded = _load()
+    return bool(loaded is not None and loaded[2].cgls_isa4())
+
+
 def setting() -> str:
     """``CODEGEN_LS_KERNEL``: empty (the best path), ``off``, or ``avx2`` / ``generic`` to force
     a lesser path (to check or rule out one)."""
@@ -61,17 +76,19 @@ def disabled_by_env() -> bool:
     return setting() in {"0", "off", "no", "false"}
 
 
-def register(session_options: Any, wanted: bool = True) -> str | None:
+def register(session_options: Any, wanted: bool = True, required: bool = False) -> str | None:
     """Register the library with ``session_options`` where it is built, vectorized (or a lesser
     path is asked for), wanted and not turned off; return its description
-    (``codegen-ls kernel (avx512)``) or None. The path applies process-wide from this call on."""
+    (``codegen-ls kernel (avx512)``) or None. ``required``: the model's 4-bit cache has no other
+    attention, so the library is registered even with only its plain C path (and the description
+    says which path that cache's attention takes). The path applies process-wide from this call on."""
     loaded = _load()
     if not wanted or loaded is None or disabled_by_env():
         return None
     path, best, lib = loaded
     forced = setting() in LEVELS
     level = min(LEVELS[setting()], LEVELS[best]) if forced else LEVELS[best]
-    if level == 0 and not forced:
+    if level == 0 and not forced and not required:
         return None  # the plain C path: onnxruntime's kernel is faster
     lib.cgls_limit_isa(level)
     try:
@@ -80,16 +97,20 @@ def register(session_options: Any, wanted: bool = True) -> str | None:
         log.warning("decode-attention kernel %s not loaded (%s): onnxruntime's attention is used", path,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
+    if required:  # the 4-bit cache: vectorized with AVX-512 VNNI only
+        return f"codegen-ls kernel ({'avx512-vnni' if lib.cgls_isa4() else 'generic, slow'}, 4-bit cache)"
     return f"codegen-ls kernel ({lib.cgls_isa().decode()})"
 
 
-def status() -> str:
-    """One line for ``codegen-ls doctor``: whether the kernel is there and why not."""
+def status(required: bool = False) -> str:
+    """One line for ``codegen-ls doctor``: whether the kernel is there and why not
+    (``required``: for a model that cannot run without it)."""
     lib = library()
     if lib is None:
-        return "not built (no C compiler at install?): onnxruntime's attention is used"
+        return "not built (no C compiler at install?)" + ("" if required else ": onnxruntime's attention is used")
     if disabled_by_env():
         return f"built ({lib[1]}), turned off by CODEGEN_LS_KERNEL"
-    if lib[1] == "generic" and setting() != "generic":
-        return "built without a vector path for this CPU: onnxruntime's attention is used"
-    return f"built ({lib[1]}): {lib[0]}"
+    four = f"4-bit cache: {'avx512-vnni' if vector4() else 'plain C, slow (no AVX-512 VNNI)'}"
+    if lib[1] == "generic" and setting() != "generic" and not required:
+        return f"built without a vector path for this CPU: onnxruntime's attention is used ({four})"
+    return f"built ({lib[1]}), {four}: {lib[0]}"

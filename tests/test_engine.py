@@ -155,14 +155,14 @@ def test_gqa_cache_is_allocated_once_and_shared_by_the_candidates(fp32_dir: Path
     ids = random_ids(21, 300)
     assert engine.generate(ids, doc_key="p", max_new_tokens=MAX_NEW).candidates[0].token_ids == hf_greedy(hf_model, ids)
     state = engine.cache.get("p").past
-    buffers = [b.ctypes.data for b in state.keys + state.values]
+    buffers = [b.ctypes.data for b in state.buffers]
     assert allocs == [640] and state.room == 640 and state.length == 300
     assert engine.cache.nbytes == state.nbytes == 2 * 2 * 8 * 16 * 640 * 4  # layers, k+v, heads, dim, room, fp32
     longer = ids + random_ids(22, 50)
     gen = engine.generate(longer, doc_key="p", n=3, max_new_tokens=MAX_NEW, temperature=1.5, seed=3)
     assert gen.candidates[0].token_ids == hf_greedy(hf_model, longer) and gen.stats.cached_tokens == len(ids)
     assert allocs == [640] and engine.cache.get("p").past is state
-    assert [b.ctypes.data for b in state.keys + state.values] == buffers and state.length == len(longer)
+    assert [b.ctypes.data for b in state.buffers] == buffers and state.length == len(longer)
 
 
 def test_text_prompt_and_real_logprobs(engine: Engine, hf_model) -> None:  # type: ignore[no-untyped-def]
@@ -360,7 +360,7 @@ def test_int8_agreement_with_transformers(int8_dir: Path, hf_model) -> None:  # 
     assert forced >= floor * total
     if engine.manifest.extra.get("kv_dtype") == "int8":  # the gqa cache really is int8: a quarter
         state = engine.cache.get("0").past
-        assert {b.dtype for b in state.keys + state.values} == {np.dtype(np.int8)}
+        assert {b.dtype for b in state.buffers} == {np.dtype(np.int8)}
         assert state.nbytes == 2 * engine.manifest.n_layer * engine.manifest.n_head * engine.manifest.head_dim * state.room
     if engine.manifest.extra.get("kv_dtype") == "float16":  # the cache really is half size
         state = engine.cache.get("0").past

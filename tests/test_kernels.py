@@ -118,7 +118,7 @@ def test_kernel_matches_group_query_attention(head_size_model: Path, rows: int, 
             if rows > 1 and i == 4:  # the last row finishes: the others go on
                 be.keep_rows(dec, np.arange(rows - 1))
             out.append(be.step(dec, tokens[: dec.bias.shape[0]]))
-        results.append((out, [k.copy() for k in state.keys + state.values], dec.end))
+        results.append((out, [b.copy() for b in state.buffers], dec.end))
     (ref, ref_cache, end), (got, got_cache, got_end) = results
     assert end == got_end
     for a, b in zip(ref, got):

@@ -1,0 +1,32 @@
+/* Decode attention over a 4-bit KV cache with a scale per token and head.
+ *
+ * A cached row (one token, one head) of D values is D/2 bytes: byte j holds value j in its low
+ * nibble and value j + D/2 in its high one, each stored as round(x / scale) + 8 (0 .. 15), with
+ * scale = max|x| / 7 over the row (one float per token and head, kept beside the cache).
+ *   score[t] = (q . k_t) / sqrt(D) + bias[t],   out = sum_t softmax(score)[t] v_t
+ * The AVX-512 path (it needs VNNI) quantizes the query to int8 for the key pass (integer dot
+ * products of 4-bit keys, their scales applied per token after) and runs the value pass in fp32.
+ * Other CPUs use the plain loop, which is slow: such a cache is for CPUs with AVX-512 VNNI.
+ */
+#ifndef CODEGEN_LS_ATTEND4_H
+#define CODEGEN_LS_ATTEND4_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "attend.h"
+
+/* As cgls_attend_head, on the 4-bit cache: K, V the head's rows [past + S][D/2] bytes, ks, vs
+ * the head's per-token scales [past + S]; D even. */
+void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
+                       const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
+                       float *out, int out_stride);
+
+/* x [D] -> dst [D/2] bytes and *scale, as above (round half to even; max|x| below 1e-30 counts as
+ * 1e-30). The graph's prompt path quantizes the same way, op for op. */
+void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale);
+
+/* 1 where cgls_attend4_head takes the AVX-512 VNNI path (at most the limit of cgls_limit_isa_level) */
+int cgls_attend4_vector(void);
+
+#endif

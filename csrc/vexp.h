@@ -1,0 +1,22 @@
+/* e^x on AVX-512 for the attention kernels (attend.c, attend4.c): include after defining TARGET. */
+#ifndef CODEGEN_LS_VEXP_H
+#define CODEGEN_LS_VEXP_H
+
+#include <immintrin.h>
+
+/* 2^f on [0, 1), highest power first: every vector path's e^x */
+static const float EXP2_POLY[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                                   5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
+
+__attribute__((target("avx512f"))) static inline __m512 exp_512(__m512 x) {
+    /* e^x for x <= 0: 2^(x log2 e) split into 2^floor and a degree-6 polynomial on [0, 1) */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif

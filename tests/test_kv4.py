@@ -1,0 +1,288 @@
+"""The 4-bit KV cache (``--kv-bits 4``): a scale per token and head, read by our kernel's
+``codegen_ls.DecodeAttentionQ4`` (``csrc/attend4.c``) and unpacked by the graph's prompt path.
+
+- the op against a numpy reference of its format and math (every path: AVX-512 VNNI, plain C)
+- the engine's decode steps through the kernel against the same steps through the graph's
+  prompt path (elementwise ONNX ops): the same cache bytes, close logits
+- greedy agreement with the fp32 model, and a clear error where the kernel is not there
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("torch")
+
+from codegen_ls import backends, kernels  # noqa: E402
+from codegen_ls.backends import GqaBackend  # noqa: E402
+from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.errors import ModelError  # noqa: E402
+from codegen_ls.export import export, random_checkpoint  # noqa: E402
+from codegen_ls.modeldir import read_manifest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="decode-attention kernel not built here")
+PATHS = ["", "generic"]  # the CPU's best (AVX-512 VNNI where it has it), then the plain C loop
+
+
+@pytest.fixture()
+def best_path_after() -> Iterator[None]:
+    yield
+    loaded = kernels._load()
+    if loaded is not None:
+        loaded[2].cgls_limit_isa(kernels.LEVELS["avx512"])
+
+
+def tiny(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int, kv_bits: int = 4, quantize: bool = True) -> Path:
+    base = tmp_path_factory.mktemp(f"kv{kv_bits}-{n_embd}-{n_head}")
+    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=1024, n_embd=n_embd, n_layer=2, n_head=n_head,
+                            rotary_dim=8, tokenizer=TOKENIZER)
+    export(str(src), base / "model", quantize_int8=quantize, graph="gqa", kv_bits=kv_bits)
+    return base / "model"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny(tmp_path_factory, 128, 4)  # head size 32
+
+
+@pytest.fixture(scope="module", params=[(128, 4), (192, 4), (320, 4), (1024, 4)],
+                ids=["head32", "head48", "head80", "head256"])
+def head_size_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48: the embedded model's head size (rows of 24 bytes, masked loads); 80: CodeGen-2B's; 256:
+    6B and 16B's (4 chunks a row); 64 (350M) is the benchmark's."""
+    return tiny(tmp_path_factory, *request.param)
+
+
+def test_export_writes_a_4bit_cache_and_says_so(model_dir: Path) -> None:
+    manifest = read_manifest(model_dir)
+    assert manifest.extra["kv_dtype"] == "int4"
+    assert manifest.extra["decode_attention"] == kernels.OP4
+    import onnx
+
+    graph = onnx.load(str(model_dir / manifest.onnx), load_external_data=False).graph
+    inputs = {i.name: i.type.tensor_type for i in graph.input}
+    assert inputs["past_key.0"].elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value or d.dim_param for d in inputs["past_key.0"].shape.dim] == [1, 4, "cap", 16]  # D/2 bytes
+    assert [d.dim_value or d.dim_param for d in inputs["past_value_scale.1"].shape.dim] == [1, 4, "cap", 1]
+    assert json.loads((model_dir / "manifest.json").read_text())["extra"]["kv_dtype"] == "int4"
+
+
+def test_a_4bit_cache_needs_the_gqa_graph_and_quantization(tmp_path: Path) -> None:
+    from codegen_ls.errors import CodegenLsError
+
+    src = random_checkpoint(tmp_path / "src", vocab_size=8192, n_positions=256, tokenizer=TOKENIZER)
+    with pytest.raises(CodegenLsError, match="4-bit KV cache needs the gqa graph"):
+        export(str(src), tmp_path / "a", graph="flat", kv_bits=4)
+    with pytest.raises(CodegenLsError, match="4-bit KV cache needs the gqa graph"):
+        export(str(src), tmp_path / "b", quantize_int8=False, kv_bits=4)
+    with pytest.raises(CodegenLsError, match="must be 8 or 4"):
+        export(str(src), tmp_path / "c", kv_bits=2)
+
+
+# -- the op alone, against numpy -------------------------------------------------------------
+def quantize4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., D] float32 -> ([..., D/2] uint8, [...] float32 scales): the format of attend4.h."""
+    half = x.shape[-1] // 2
+    scale = (np.maximum(np.abs(x).max(axis=-1), np.float32(1e-30)) / np.float32(7)).astype(np.float32)
+    q = (np.clip(np.rint(x / scale[..., None]), -8, 7) + 8).astype(np.uint8)
+    return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8), scale
+
+
+def dequantize4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    vals = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float32) - 8
+    return vals * scale[..., None]
+
+
+def quantize_query(q: np.ndarray) -> np.ndarray:
+    """The kernel's query: int8 with a scale per row (its error is a small part of the 4-bit keys')."""
+    amax = np.maximum(np.abs(q).max(axis=-1, keepdims=True), np.float32(1e-30)).astype(np.float32)
+    return (np.rint(q * (np.float32(127) / amax)) * (amax / np.float32(127))).astype(np.float32)
+
+
+def op_session(n_head: int, half: int) -> ort.InferenceSession:
+    from onnx import TensorProto, helper
+
+    f, u8, i32 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT32
+    names = ["query", "key", "value", "past_key", "past_value", "past_key_scale", "past_value_scale", "seqlens_k",
+             "total_sequence_length", "attention_bias"]
+    types = [f, f, f, u8, u8, f, f, i32, i32, f]
+    outs = ["output", "present_key", "present_value", "present_key_scale", "present_value_scale"]
+    node = helper.make_node(kernels.OP4_NAME, names, outs, domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "q4", [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
+                              [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, [f, u8, u8, f, f])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    assert kernels.register(so, required=True)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("head", [16, 48, 64, 80, 256])
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_the_op_matches_a_numpy_reference(path: str, head: int, rows: int, best_path_after: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    check_op(path, head, rows, 3, 160, 131, monkeypatch)  # 131 + rows: blocks of 16 keys and a remainder
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+def test_the_op_past_8192_keys(path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 8192 keys the value pass leaves its integer weights (they could overflow int32) for fp32."""
+    check_op(path, 64, 2, 1, 8300, 8290, monkeypatch)
+
+
+def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODEGEN_LS_KERNEL", path)
+    rng = np.random.default_rng(head * 10 + rows)
+    n, e = past + rows, h * head
+    cached_k, cached_v = rng.normal(0, 1.5, (1, h, cap, head)).astype(np.float32), rng.normal(0, 1, (1, h, cap, head)).astype(np.float32)
+    pk, pks = quantize4(cached_k)
+    pv, pvs = quantize4(cached_v)
+    q, k, v = (rng.normal(0, 1, (1, rows, e)).astype(np.float32) for _ in range(3))
+    bias = np.zeros((1, 1, rows, n), np.float32)
+    bias[0, 0, :, past:] = np.triu(np.full((rows, rows), -1e9, np.float32), 1)
+    bias[0, 0, :, 7] = -1e9  # a masked key in the prompt
+    feed = {"query": q, "key": k, "value": v, "past_key": pk.copy(), "past_value": pv.copy(),
+            "past_key_scale": pks[..., None].copy(), "past_value_scale": pvs[..., None].copy(),
+            "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32), "attention_bias": bias}
+    out, ok, ov, oks, ovs = op_session(h, head // 2).run(None, feed)
+
+    # the new rows are quantized into positions past .. n-1; the rest of the cache is kept
+    nk, nks = quantize4(k.reshape(rows, h, head).transpose(1, 0, 2))
+    nv, nvs = quantize4(v.reshape(rows, h, head).transpose(1, 0, 2))
+    np.testing.assert_array_equal(ok[0, :, past:n], nk)
+    np.testing.assert_array_equal(ov[0, :, past:n], nv)
+    np.testing.assert_array_equal(oks[0, :, past:n, 0], nks)
+    np.testing.assert_array_equal(ovs[0, :, past:n, 0], nvs)
+    np.testing.assert_array_equal(ok[0, :, :past], pk[0, :, :past])
+    np.testing.assert_array_equal(ovs[0, :, n:], pvs[0, :, n:, None])
+
+    keys, values = dequantize4(ok[0, :, :n], oks[0, :, :n, 0]), dequantize4(ov[0, :, :n], ovs[0, :, :n, 0])  # [H, n, D]
+    qh = quantize_query(q.reshape(rows, h, head).transpose(1, 0, 2))  # [H, rows, D]
+    scores = qh @ keys.transpose(0, 2, 1) / np.sqrt(head) + bias[0]  # [H, rows, n]
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    ref = (p @ values).transpose(1, 0, 2).reshape(1, rows, e)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * float(np.abs(ref).max()))
+
+
+@needs_kernel
+def test_bad_input_to_the_op_is_a_clear_error() -> None:
+    sess = op_session(2, 8)
+    f = np.zeros
+    feed = {"query": f((1, 1, 32), np.float32), "key": f((1, 1, 32), np.float32), "value": f((1, 1, 32), np.float32),
+            "past_key": f((1, 2, 20, 8), np.uint8), "past_value": f((1, 2, 20, 8), np.uint8),
+            "past_key_scale": f((1, 2, 20, 1), np.float32), "past_value_scale": f((1, 2, 20, 1), np.float32),
+            "seqlens_k": np.array([9], np.int32), "total_sequence_length": np.array(10, np.int32),
+            "attention_bias": f((1, 1, 1, 10), np.float32)}
+    assert sess.run(None, feed)[0].shape == (1, 1, 32)
+    bad = dict(feed, past_value_scale=f((1, 2, 19, 1), np.float32))
+    with pytest.raises(Exception, match="codegen_ls.DecodeAttentionQ4: past_key_scale/past_value_scale"):
+        sess.run(None, bad)
+    with pytest.raises(Exception, match="seqlens_k out of range"):
+        sess.run(None, dict(feed, seqlens_k=np.array([30], np.int32), total_sequence_length=np.array(31, np.int32),
+                            attention_bias=f((1, 1, 1, 31), np.float32)))
+    assert sess.run(None, feed)[0].shape == (1, 1, 32)  # and it goes on
+
+
+# -- in the model ----------------------------------------------------------------------------
+def backend(model_dir: Path) -> GqaBackend:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    assert kernels.register(so, required=True)
+    manifest = read_manifest(model_dir)
+    session = ort.InferenceSession(str(model_dir / manifest.onnx), so, providers=["CPUExecutionProvider"])
+    return GqaBackend(session, 64, manifest.n_head, manifest.n_layer)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("path", PATHS)
+def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, rows: int, path: str,
+                                                      best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same prompt and decode steps, once with decode runs through the kernel and once with
+    every run through the graph's prompt path (``PROMPT_PATH_MIN`` 1): the prompt's cache bytes and
+    scales are the same (two implementations of one format), and so are the first layer's decoded
+    rows; the logits agree closely (the prompt path attends to a run's own keys unquantized)."""
+    monkeypatch.setenv("CODEGEN_LS_KERNEL", path)
+    rng = np.random.default_rng(rows)
+    ids = [int(t) for t in rng.integers(1, 8192, 300)]
+    steps = [[int(t) for t in rng.integers(1, 8192, rows)] for _ in range(8)]
+    results = []
+    for prompt_min in (backends.PROMPT_PATH_MIN, 1):
+        monkeypatch.setattr(backends, "PROMPT_PATH_MIN", prompt_min)
+        be = backend(head_size_model)
+        logits, state = be.prefill(None, 0, ids, len(ids) - 1, None)
+        dec = be.begin(state, len(ids), rows, len(steps))
+        out = [logits[-1:]]
+        for i, tokens in enumerate(steps):
+            if rows > 1 and i == 4:
+                be.keep_rows(dec, np.arange(rows - 1))
+            out.append(be.step(dec, tokens[: dec.bias.shape[0]]))
+        results.append((out, [b.copy() for b in state.buffers], dec.end))
+    (got, got_cache, end), (ref, ref_cache, ref_end) = results
+    assert end == ref_end
+    for a, b in zip(ref, got):
+        spread = float(a.std())
+        assert np.abs(b - a).max() < 0.05 * spread
+    for j, (a, b) in enumerate(zip(ref_cache, got_cache)):
+        if j < 4:  # layer 0: keys, values, their scales
+            np.testing.assert_array_equal(a[:, :, :end], b[:, :, :end])
+        else:
+            np.testing.assert_array_equal(a[:, :, :300], b[:, :, :300])  # the prompt, from the same path
+
+
+@needs_kernel
+def test_greedy_agrees_with_the_fp32_model(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> None:
+    fp32 = tiny(tmp_path_factory, 128, 4, kv_bits=8, quantize=False)
+    int8 = tiny(tmp_path_factory, 128, 4, kv_bits=8)
+    rng = np.random.default_rng(5)
+    agree = {"int8": [], "int4": []}
+    ref_engine = Engine(fp32, EngineOptions(threads=2))
+    engines = {"int8": Engine(int8, EngineOptions(threads=2)), "int4": Engine(model_dir, EngineOptions(threads=2))}
+    assert engines["int4"].attention.startswith("codegen-ls kernel (")
+    assert "4-bit cache" in engines["int4"].attention
+    for trial in range(6):
+        ids = [int(t) for t in rng.integers(1, 8192, 200)]
+        ref = ref_engine.generate(ids, doc_key=str(trial), max_new_tokens=12).candidates[0].token_ids
+        for name, eng in engines.items():
+            got = eng.generate(ids, doc_key=str(trial), max_new_tokens=12).candidates[0].token_ids
+            agree[name].append(sum(a == b for a, b in zip(ref, got)) / len(ref))
+    print(f"greedy agreement with fp32 (tokens): int8 weights + int8 cache {np.mean(agree['int8']):.2f}, "
+          f"int8 weights + int4 cache {np.mean(agree['int4']):.2f}")
+    assert np.mean(agree["int4"]) >= 0.5
+
+
+@needs_kernel
+def test_the_engine_serves_a_4bit_model_and_goes_on_after_bad_input(model_dir: Path) -> None:
+    engine = Engine(model_dir, EngineOptions(threads=1))
+    ids = [int(t) for t in np.random.default_rng(0).integers(1, 8192, 40)]
+    before = engine.generate(ids, doc_key="a", max_new_tokens=4, n=3)
+    assert len(before.candidates) >= 1
+    be = engine.backend
+    assert isinstance(be, GqaBackend)
+    _, state = be.prefill(None, 0, ids, len(ids) - 1, None)
+    with pytest.raises(Exception, match="codegen_ls.DecodeAttentionQ4: attention_bias"):
+        be._run(state, np.array([5]), np.array([40]), 40, np.zeros((1, 7), np.float32), 0)
+    again = engine.generate(ids, doc_key="b", max_new_tokens=4, n=3)
+    assert [c.token_ids for c in again.candidates] == [c.token_ids for c in before.candidates]
+
+
+def test_without_the_kernel_a_4bit_model_is_a_clear_error(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODEGEN_LS_KERNEL", "off")
+    with pytest.raises(ModelError, match="4-bit KV cache .* needs codegen-ls's decode-attention kernel"):
+        Engine(model_dir, EngineOptions(threads=1))
+    with pytest.raises(ModelError, match="--kv-bits 8"):
+        Engine(model_dir, EngineOptions(threads=1, native_kernel=True))
