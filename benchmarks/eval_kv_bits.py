@@ -1,8 +1,9 @@
 """What a smaller KV cache would cost: teacher-forced loss and next-token accuracy of a CodeGen
 checkpoint with its keys and values fake-quantized the way the gqa graph quantizes its int8 cache
 (static per-channel scales from the export's calibration: the largest magnitude x 1.25), at 8
-and 4 bits, and with a scale per token instead (what a 4-bit cache would need), on the first 1024
-tokens of held-out standard-library modules (the eval's).
+and 4 bits, and with a scale per token and head instead (what ``--kv-bits 4`` stores: max|x| / 7,
+round, clip to -8..7), on the first 1024 tokens of held-out standard-library modules (the eval's).
+Run it on a checkpoint before choosing ``--kv-bits 4`` for it.
 
     python benchmarks/eval_kv_bits.py build/train/final     # the embedded model's checkpoint
                                                             # (models/recipe/train.py makes it)

@@ -164,6 +164,15 @@ TARGET static inline __m256 reduce_256(const __m256 *a) { /* lane j = sum of a[j
 #endif /* CGLS_X86 */
 
 /* ---- plain C: any CPU, any head size ---- */
+float cgls_exp_sum(float *s, int n, float mx) {
+    float sum = 0.f;
+    for (int t = 0; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+}
+
 static void attend_head_plain(const float *q, int q_stride, const int8_t *K, const int8_t *V, const float *ks,
                               const float *vs, const float *bias, int bias_stride, int past, int S, int D,
                               float *scores, float *out, int out_stride) {
@@ -181,11 +190,7 @@ static void attend_head_plain(const float *q, int q_stride, const int8_t *K, con
             scores[t] = s;
             if (s > mx) mx = s;
         }
-        float sum = 0.f;
-        for (int t = 0; t < n; t++) {
-            scores[t] = expf(scores[t] - mx);
-            sum += scores[t];
-        }
+        const float sum = cgls_exp_sum(scores, n, mx);
         for (int d = 0; d < D; d++) o[d] = 0.f;
         for (int t = 0; t < n; t++) {
             const int8_t *v = V + (size_t)t * D;

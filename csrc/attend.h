@@ -36,6 +36,9 @@ int cgls_isa_level(void);
 /* use at most this path from now on (process-wide; 2 again: the best the CPU has) */
 void cgls_limit_isa_level(int level);
 
+/* e^(s - mx) in place over n scores; returns their sum (the plain C paths' softmax) */
+float cgls_exp_sum(float *s, int n, float mx);
+
 /* x [D] float -> int8 at the cache's scales: round half to even, saturate to [-128, 127]. */
 void cgls_quantize_row(const float *x, const float *scale, int D, int8_t *dst);
 

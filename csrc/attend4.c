@@ -62,11 +62,7 @@ static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const 
             scores[t] = s;
             if (s > mx) mx = s;
         }
-        float sum = 0.f;
-        for (int t = 0; t < n; t++) {
-            scores[t] = expf(scores[t] - mx);
-            sum += scores[t];
-        }
+        const float sum = cgls_exp_sum(scores, n, mx);
         for (int d = 0; d < D; d++) o[d] = 0.f;
         for (int t = 0; t < n; t++) {
             const uint8_t *v = V + (size_t)t * half;

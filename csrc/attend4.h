@@ -4,9 +4,11 @@
  * nibble and value j + D/2 in its high one, each stored as round(x / scale) + 8 (0 .. 15), with
  * scale = max|x| / 7 over the row (one float per token and head, kept beside the cache).
  *   score[t] = (q . k_t) / sqrt(D) + bias[t],   out = sum_t softmax(score)[t] v_t
- * The AVX-512 path (it needs VNNI) quantizes the query to int8 for the key pass (integer dot
- * products of 4-bit keys, their scales applied per token after) and runs the value pass in fp32.
- * Other CPUs use the plain loop, which is slow: such a cache is for CPUs with AVX-512 VNNI.
+ * Every path quantizes the query to int8 (a scale per row; its error is a small part of the 4-bit
+ * keys' own), so the key pass is integer dot products, the keys' scales applied per token after.
+ * The AVX-512 path (it needs VNNI) does them with vpdpbusd, and the value pass with 15-bit
+ * integer weights, two cached rows per vpdpwssd. Other CPUs use the plain loop, which is several
+ * times slower: such a cache is for CPUs with AVX-512 VNNI.
  */
 #ifndef CODEGEN_LS_ATTEND4_H
 #define CODEGEN_LS_ATTEND4_H
@@ -17,7 +19,7 @@
 #include "attend.h"
 
 /* As cgls_attend_head, on the 4-bit cache: K, V the head's rows [past + S][D/2] bytes, ks, vs
- * the head's per-token scales [past + S]; D even. */
+ * the head's per-token scales [past + S]; D even, at most 256. */
 void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
                        const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
                        float *out, int out_stride);

@@ -42,96 +42,135 @@ static OrtStatus *fail_op(const char *op, const char *msg) {
     snprintf(buf, sizeof buf, "codegen_ls.%s: %s", op, msg);
     return CGLS_CreateStatus(g_api)(CGLS_ORT_INVALID_ARGUMENT, buf);
 }
-#define fail(msg) fail_op(OP, msg)
-#define OP "DecodeAttention"
 
 /* a tensor's data and shape (up to 4 dims; *rank set) */
-static OrtStatus *tensor(const OrtValue *value, void **data, int64_t *dims, size_t *rank) {
+static OrtStatus *tensor(const char *op, const OrtValue *value, void **data, int64_t *dims, size_t *rank) {
     OrtTensorTypeAndShapeInfo *info;
     CHECK(CGLS_GetTensorTypeAndShape(g_api)(value, &info));
     OrtStatus *st = CGLS_GetDimensionsCount(g_api)(info, rank);
-    if (!st && *rank > 4) st = fail("tensor of rank > 4");
+    if (!st && *rank > 4) st = fail_op(op, "tensor of rank > 4");
     if (!st) st = CGLS_GetDimensions(g_api)(info, dims, *rank);
     CGLS_ReleaseTensorTypeAndShapeInfo(g_api)(info);
     if (!st) st = CGLS_GetTensorMutableData(g_api)((OrtValue *)value, data);
     return st;
 }
 
+/* Both ops: the 10 inputs, and the checks they share: query, key, value are 0-2, the cache's
+ * shape [1, H, cap, X] is input 3's, and seqlens_k, total_sequence_length, attention_bias are
+ * inputs seqlens .. seqlens + 2 (7-9 in DecodeAttentionQ4, 5-7 in DecodeAttention). */
+enum { N_IN = 10, SEQLENS = 7, BIAS = 9 }; /* DecodeAttentionQ4's */
+typedef struct Inputs {
+    void *data[N_IN];
+    int64_t dims[N_IN][4];
+    size_t rank[N_IN];
+    int64_t S, E, H, cap, n, total; /* n: keys the last row sees */
+} Inputs;
+
+static OrtStatus *read_inputs(OrtKernelContext *ctx, const char *op, int seqlens, Inputs *in) {
+    size_t n_in;
+    CHECK(CGLS_KernelContext_GetInputCount(g_api)(ctx, &n_in));
+    if (n_in != N_IN) return fail_op(op, "expects 10 inputs");
+    for (size_t i = 0; i < N_IN; i++) {
+        const OrtValue *v;
+        CHECK(CGLS_KernelContext_GetInput(g_api)(ctx, i, &v));
+        if (!v) return fail_op(op, "missing input");
+        CHECK(tensor(op, v, &in->data[i], in->dims[i], &in->rank[i]));
+    }
+    if (in->rank[0] != 3 || in->rank[3] != 4 || in->dims[0][0] != 1 || in->dims[3][0] != 1)
+        return fail_op(op, "query [1, S, E], past [1, H, cap, D]");
+    in->S = in->dims[0][1], in->E = in->dims[0][2], in->H = in->dims[3][1], in->cap = in->dims[3][2];
+    if (in->S < 1) return fail_op(op, "no query rows");
+    for (int i = 1; i <= 2; i++)
+        if (in->rank[i] != 3 || in->dims[i][1] != in->S || in->dims[i][2] != in->E) return fail_op(op, "key/value [1, S, E] like query");
+    if (in->rank[4] != 4 || memcmp(in->dims[3], in->dims[4], sizeof in->dims[3])) return fail_op(op, "past_value differs from past_key");
+    const int bias = seqlens + 2;
+    in->n = (int64_t)((const int32_t *)in->data[seqlens])[0] + 1;
+    in->total = ((const int32_t *)in->data[seqlens + 1])[0];
+    if (in->rank[bias] != 4 || in->dims[bias][0] != 1 || in->dims[bias][1] != 1 || in->dims[bias][2] != in->S ||
+        in->dims[bias][3] != in->total)
+        return fail_op(op, "attention_bias [1, 1, S, total_sequence_length]");
+    if (in->n < in->S || in->n > in->total || in->n > in->cap) return fail_op(op, "seqlens_k out of range (cache too small?)");
+    return NULL;
+}
+
+/* outputs: 0 [1, S, E] float, then the cache buffers (shapes of inputs 3 ..), each kept as the
+ * past where onnxruntime did not bind it to the same memory */
+static OrtStatus *outputs(OrtKernelContext *ctx, const Inputs *in, int n_cache, const size_t *bytes, void **o) {
+    const int64_t out_dims[3] = {1, in->S, in->E};
+    for (int i = 0; i <= n_cache; i++) {
+        OrtValue *out;
+        CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, (size_t)i, i ? in->dims[2 + i] : out_dims, i ? 4 : 3, &out));
+        CHECK(CGLS_GetTensorMutableData(g_api)(out, &o[i]));
+        if (i && o[i] != in->data[2 + i]) memcpy(o[i], in->data[2 + i], bytes[i - 1]);
+    }
+    return NULL;
+}
+
 typedef struct Work {
     const float *q, *ks, *vs, *bias;
-    const int8_t *K, *V;
+    const void *K, *V;
     float *out, *scratch;
     int64_t S, H, D, cap, total, past;
+    int four_bit;
 } Work;
 
 static void attend_task(void *user, size_t index) { /* one head, all its rows */
     const Work *w = (const Work *)user;
     const int64_t h = (int64_t)index, E = w->H * w->D, D = w->D;
-    cgls_attend_head(w->q + h * D, (int)E, w->K + h * w->cap * D, w->V + h * w->cap * D, w->ks + h * D, w->vs + h * D,
-                     w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D,
-                     w->scratch + h * CGLS_SCRATCH(w->past, w->S), w->out + h * D, (int)E);
+    float *scratch = w->scratch + h * CGLS_SCRATCH(w->past, w->S);
+    if (w->four_bit)
+        cgls_attend4_head(w->q + h * D, (int)E, (const uint8_t *)w->K + h * w->cap * (D / 2),
+                          (const uint8_t *)w->V + h * w->cap * (D / 2), w->ks + h * w->cap, w->vs + h * w->cap, w->bias,
+                          (int)w->total, (int)w->past, (int)w->S, (int)D, scratch, w->out + h * D, (int)E);
+    else
+        cgls_attend_head(w->q + h * D, (int)E, (const int8_t *)w->K + h * w->cap * D, (const int8_t *)w->V + h * w->cap * D,
+                         w->ks + h * D, w->vs + h * D, w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D, scratch,
+                         w->out + h * D, (int)E);
+}
+
+/* every head over onnxruntime's intra-op threads; a head's rows share its passes over the cache */
+static OrtStatus *run_heads(OrtKernelContext *ctx, const char *op, Work *w) {
+    w->scratch = (float *)malloc(sizeof(float) * (size_t)(w->H * CGLS_SCRATCH(w->past, w->S)));
+    if (!w->scratch) {
+        char msg[64];
+        snprintf(msg, sizeof msg, "codegen_ls.%s: out of memory", op);
+        return CGLS_CreateStatus(g_api)(CGLS_ORT_FAIL, msg);
+    }
+    OrtStatus *st = CGLS_KernelContext_ParallelFor(g_api)(ctx, attend_task, (size_t)w->H, 0, w);
+    free(w->scratch);
+    return st;
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     (void)kernel;
-    size_t n_in;
-    CHECK(CGLS_KernelContext_GetInputCount(g_api)(ctx, &n_in));
-    if (n_in != 10) return fail("expects 10 inputs");
-    void *data[10];
-    int64_t dims[10][4];
-    size_t rank[10];
-    for (size_t i = 0; i < 10; i++) {
-        const OrtValue *v;
-        CHECK(CGLS_KernelContext_GetInput(g_api)(ctx, i, &v));
-        if (!v) return fail("missing input");
-        CHECK(tensor(v, &data[i], dims[i], &rank[i]));
-    }
-    if (rank[0] != 3 || rank[3] != 4 || dims[0][0] != 1 || dims[3][0] != 1) return fail("query [1, S, E], past [1, H, cap, D]");
-    const int64_t S = dims[0][1], E = dims[0][2], H = dims[3][1], cap = dims[3][2], D = dims[3][3];
-    if (H * D != E || S < 1) return fail("query width is not heads x head size");
-    for (int i = 1; i <= 2; i++)
-        if (rank[i] != 3 || dims[i][1] != S || dims[i][2] != E) return fail("key/value [1, S, E] like query");
-    if (rank[4] != 4 || memcmp(dims[3], dims[4], sizeof dims[3])) return fail("past_value differs from past_key");
+    static const char *op = "DecodeAttention";
+    Inputs in;
+    CHECK(read_inputs(ctx, op, 5, &in)); /* inputs 5-7: seqlens_k, total, bias; 8, 9: the scales */
+    const int64_t S = in.S, E = in.E, H = in.H, cap = in.cap, D = in.dims[3][3];
+    if (H * D != E) return fail_op(op, "query width is not heads x head size");
     for (int i = 8; i <= 9; i++) { /* [1, H, 1, D] (GroupQueryAttention's per-channel shape) or [E] */
         int64_t count = 1;
-        for (size_t j = 0; j < rank[i]; j++) count *= dims[i][j];
-        if (count != E) return fail("k_scale/v_scale: one scale per channel (H x D)");
+        for (size_t j = 0; j < in.rank[i]; j++) count *= in.dims[i][j];
+        if (count != E) return fail_op(op, "k_scale/v_scale: one scale per channel (H x D)");
     }
-    const int64_t n = (int64_t)((const int32_t *)data[5])[0] + 1, total = ((const int32_t *)data[6])[0];
-    if (rank[7] != 4 || dims[7][0] != 1 || dims[7][1] != 1 || dims[7][2] != S || dims[7][3] != total)
-        return fail("attention_bias [1, 1, S, total_sequence_length]");
-    if (n < S || n > total || n > cap) return fail("seqlens_k out of range (cache too small?)");
-
-    OrtValue *outs[3];
-    const int64_t out_dims[3] = {1, S, E};
-    CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, 0, out_dims, 3, &outs[0]));
-    CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, 1, dims[3], 4, &outs[1]));
-    CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, 2, dims[4], 4, &outs[2]));
     void *o[3];
-    for (int i = 0; i < 3; i++) CHECK(CGLS_GetTensorMutableData(g_api)(outs[i], &o[i]));
+    const size_t bytes[2] = {(size_t)(H * cap * D), (size_t)(H * cap * D)};
+    CHECK(outputs(ctx, &in, 2, bytes, o));
     int8_t *pk = (int8_t *)o[1], *pv = (int8_t *)o[2];
-    const size_t cache_bytes = (size_t)(H * cap * D);
-    if (pk != data[3]) memcpy(pk, data[3], cache_bytes); /* not bound in place: keep the past */
-    if (pv != data[4]) memcpy(pv, data[4], cache_bytes);
 
-    const int64_t past = n - S;
-    const float *key = (const float *)data[1], *value = (const float *)data[2];
-    const float *ks = (const float *)data[8], *vs = (const float *)data[9];
+    const int64_t past = in.n - S;
+    const float *key = (const float *)in.data[1], *value = (const float *)in.data[2];
+    const float *ks = (const float *)in.data[8], *vs = (const float *)in.data[9];
     for (int64_t s = 0; s < S; s++)
         for (int64_t h = 0; h < H; h++) {
             size_t at = (size_t)((h * cap + past + s) * D);
             cgls_quantize_row(key + s * E + h * D, ks + h * D, (int)D, pk + at);
             cgls_quantize_row(value + s * E + h * D, vs + h * D, (int)D, pv + at);
         }
-
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(H * CGLS_SCRATCH(n - S, S)));
-    if (!scratch) return CGLS_CreateStatus(g_api)(CGLS_ORT_FAIL, "codegen_ls.DecodeAttention: out of memory");
-    Work w = {(const float *)data[0], ks, vs, (const float *)data[7], pk, pv, (float *)o[0], scratch, S, H, D, cap, total, past};
-    OrtStatus *st = CGLS_KernelContext_ParallelFor(g_api)(ctx, attend_task, (size_t)H, 0, &w);
-    free(scratch);
-    return st;
+    Work w = {(const float *)in.data[0], ks, vs, (const float *)in.data[7], pk, pv, (float *)o[0], NULL, S, H, D, cap,
+              in.total, past, 0};
+    return run_heads(ctx, op, &w);
 }
-
 
 /* ---- codegen_ls.DecodeAttentionQ4: the same on the 4-bit cache (attend4.h) ----
  * Inputs: 0 query, 1 key, 2 value float [1, S, H*D]; 3 past_key, 4 past_value uint8 [1, H, cap, D/2];
@@ -139,81 +178,35 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
  *   7 seqlens_k int32 [1]; 8 total_sequence_length int32 []; 9 attention_bias float [1, 1, S, total].
  * Outputs: 0 output float [1, S, H*D]; 1 present_key, 2 present_value, 3 present_key_scale,
  *   4 present_value_scale (in place where bound to the past buffers, as above). */
-#undef OP
-#define OP "DecodeAttentionQ4"
-
-typedef struct Work4 {
-    const float *q, *ks, *vs, *bias;
-    const uint8_t *K, *V;
-    float *out, *scratch;
-    int64_t S, H, D, cap, total, past;
-} Work4;
-
-static void attend4_task(void *user, size_t index) {
-    const Work4 *w = (const Work4 *)user;
-    const int64_t h = (int64_t)index, E = w->H * w->D, D = w->D;
-    cgls_attend4_head(w->q + h * D, (int)E, w->K + h * w->cap * (D / 2), w->V + h * w->cap * (D / 2), w->ks + h * w->cap,
-                      w->vs + h * w->cap, w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D,
-                      w->scratch + h * CGLS_SCRATCH(w->past, w->S), w->out + h * D, (int)E);
-}
-
 static OrtStatus *compute4(void *kernel, OrtKernelContext *ctx) {
     (void)kernel;
-    size_t n_in;
-    CHECK(CGLS_KernelContext_GetInputCount(g_api)(ctx, &n_in));
-    if (n_in != 10) return fail("expects 10 inputs");
-    void *data[10];
-    int64_t dims[10][4];
-    size_t rank[10];
-    for (size_t i = 0; i < 10; i++) {
-        const OrtValue *v;
-        CHECK(CGLS_KernelContext_GetInput(g_api)(ctx, i, &v));
-        if (!v) return fail("missing input");
-        CHECK(tensor(v, &data[i], dims[i], &rank[i]));
-    }
-    if (rank[0] != 3 || rank[3] != 4 || dims[0][0] != 1 || dims[3][0] != 1)
-        return fail("query [1, S, E], past [1, H, cap, D/2]");
-    const int64_t S = dims[0][1], E = dims[0][2], H = dims[3][1], cap = dims[3][2], half = dims[3][3], D = 2 * half;
-    if (H * D != E || S < 1) return fail("query width is not heads x head size (past's last dimension is D/2)");
-    if (D > 256) return fail("head size over 256");
-    for (int i = 1; i <= 2; i++)
-        if (rank[i] != 3 || dims[i][1] != S || dims[i][2] != E) return fail("key/value [1, S, E] like query");
-    if (rank[4] != 4 || memcmp(dims[3], dims[4], sizeof dims[3])) return fail("past_value differs from past_key");
+    static const char *op = "DecodeAttentionQ4";
+    Inputs in;
+    CHECK(read_inputs(ctx, op, SEQLENS, &in));
+    const int64_t S = in.S, E = in.E, H = in.H, cap = in.cap, half = in.dims[3][3], D = 2 * half;
+    if (H * D != E) return fail_op(op, "query width is not heads x head size (past's last dimension is D/2)");
+    if (D > 256) return fail_op(op, "head size over 256");
     for (int i = 5; i <= 6; i++)
-        if (rank[i] != 4 || dims[i][0] != 1 || dims[i][1] != H || dims[i][2] != cap || dims[i][3] != 1)
-            return fail("past_key_scale/past_value_scale [1, H, cap, 1]");
-    const int64_t n = (int64_t)((const int32_t *)data[7])[0] + 1, total = ((const int32_t *)data[8])[0];
-    if (rank[9] != 4 || dims[9][0] != 1 || dims[9][1] != 1 || dims[9][2] != S || dims[9][3] != total)
-        return fail("attention_bias [1, 1, S, total_sequence_length]");
-    if (n < S || n > total || n > cap) return fail("seqlens_k out of range (cache too small?)");
-
-    OrtValue *outs[5];
-    const int64_t out_dims[3] = {1, S, E};
-    CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, 0, out_dims, 3, &outs[0]));
-    for (int i = 1; i < 5; i++) CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, i, dims[2 + i], 4, &outs[i]));
+        if (in.rank[i] != 4 || in.dims[i][0] != 1 || in.dims[i][1] != H || in.dims[i][2] != cap || in.dims[i][3] != 1)
+            return fail_op(op, "past_key_scale/past_value_scale [1, H, cap, 1]");
     void *o[5];
-    for (int i = 0; i < 5; i++) CHECK(CGLS_GetTensorMutableData(g_api)(outs[i], &o[i]));
-    const size_t cache_bytes = (size_t)(H * cap * half), scale_bytes = sizeof(float) * (size_t)(H * cap);
-    for (int i = 1; i < 5; i++) /* not bound in place: keep the past */
-        if (o[i] != data[2 + i]) memcpy(o[i], data[2 + i], i < 3 ? cache_bytes : scale_bytes);
+    const size_t cache = (size_t)(H * cap * half), scales = sizeof(float) * (size_t)(H * cap);
+    const size_t bytes[4] = {cache, cache, scales, scales};
+    CHECK(outputs(ctx, &in, 4, bytes, o));
     uint8_t *pk = (uint8_t *)o[1], *pv = (uint8_t *)o[2];
     float *pks = (float *)o[3], *pvs = (float *)o[4];
 
-    const int64_t past = n - S;
-    const float *key = (const float *)data[1], *value = (const float *)data[2];
+    const int64_t past = in.n - S;
+    const float *key = (const float *)in.data[1], *value = (const float *)in.data[2];
     for (int64_t s = 0; s < S; s++)
         for (int64_t h = 0; h < H; h++) {
             const int64_t row = h * cap + past + s;
             cgls_quantize_row4(key + s * E + h * D, (int)D, pk + row * half, pks + row);
             cgls_quantize_row4(value + s * E + h * D, (int)D, pv + row * half, pvs + row);
         }
-
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(H * CGLS_SCRATCH(n - S, S)));
-    if (!scratch) return CGLS_CreateStatus(g_api)(CGLS_ORT_FAIL, "codegen_ls.DecodeAttentionQ4: out of memory");
-    Work4 w = {(const float *)data[0], pks, pvs, (const float *)data[9], pk, pv, (float *)o[0], scratch, S, H, D, cap, total, past};
-    OrtStatus *st = CGLS_KernelContext_ParallelFor(g_api)(ctx, attend4_task, (size_t)H, 0, &w);
-    free(scratch);
-    return st;
+    Work w = {(const float *)in.data[0], pks, pvs, (const float *)in.data[BIAS], pk, pv, (float *)o[0], NULL, S, H, D,
+              cap, in.total, past, 1};
+    return run_heads(ctx, op, &w);
 }
 
 /* the descriptors */

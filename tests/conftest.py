@@ -12,8 +12,11 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 SERVER_CMD = [sys.executable, "-m", "codegen_ls", "serve"]
 """How every test starts the language server (stdio)."""
@@ -203,3 +206,15 @@ class RawClient:
         self._reader.cancel()
         self._stderr_reader.cancel()
         return self.proc.returncode if self.proc.returncode is not None else -1
+
+
+@pytest.fixture()
+def best_path_after() -> Iterator[None]:
+    """A test that forces a lesser decode-attention kernel path (``CODEGEN_LS_KERNEL=avx2`` or
+    ``generic``) gives the process its best one back: the path is process-wide."""
+    yield
+    from codegen_ls import kernels
+
+    loaded = kernels._load()
+    if loaded is not None:
+        loaded[2].cgls_limit_isa(kernels.LEVELS["avx512"])

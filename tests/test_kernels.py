@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,15 +72,6 @@ def test_engine_picks_the_kernel_and_can_be_told_not_to(model_dir: Path, monkeyp
     monkeypatch.setenv("CODEGEN_LS_KERNEL", "off")
     assert Engine(model_dir, EngineOptions(threads=1)).attention == kernels.ONNXRUNTIME_ATTENTION
     assert "turned off" in kernels.status()
-
-
-@pytest.fixture()
-def best_path_after() -> Iterator[None]:
-    """A test that forces a lesser path gives the process its best one back (the path is global)."""
-    yield
-    loaded = kernels._load()
-    if loaded is not None:
-        loaded[2].cgls_limit_isa(kernels.LEVELS["avx512"])
 
 
 def backend(model_dir: Path, kernel: bool, path: str = "") -> GqaBackend:

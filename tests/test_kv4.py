@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,6 @@ TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="decode-attention kernel not built here")
 PATHS = ["", "generic"]  # the CPU's best (AVX-512 VNNI where it has it), then the plain C loop
-
-
-@pytest.fixture()
-def best_path_after() -> Iterator[None]:
-    yield
-    loaded = kernels._load()
-    if loaded is not None:
-        loaded[2].cgls_limit_isa(kernels.LEVELS["avx512"])
 
 
 def tiny(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int, kv_bits: int = 4, quantize: bool = True) -> Path:
