@@ -193,17 +193,22 @@ def run_keystrokes(engine: Engine, prompts: list[str], new_tokens: int, n: int) 
     return times, engine.tokens_fed - fed
 
 
-def decode_flatness(engine: Engine, ids: list[int], contexts: list[int], new_tokens: int) -> list[tuple[int, float, float]]:
-    """(context, ms/token end to end, ms/token inside session.run) for greedy decode at each context."""
-    rows = []
+def decode_flatness(engine: Engine, ids: list[int], contexts: list[int], new_tokens: int,
+                    rounds: int = 1) -> list[tuple[int, float, float]]:
+    """(context, ms/token end to end, ms/token inside session.run) for greedy decode at each
+    context: the median over ``rounds`` rounds, each round every context in turn, so that the
+    machine's drift over minutes (often more than the growth being measured, on a shared host)
+    lands on every context alike. Each context's prompt stays cached between rounds."""
+    times: dict[int, list[tuple[float, float]]] = {ctx: [] for ctx in contexts}
+    for _ in range(rounds):
+        for ctx in contexts:
+            gen = engine.generate(ids[: ctx - new_tokens], doc_key=f"flat{ctx}", n=1, max_new_tokens=new_tokens)
+            steps = max(1, gen.stats.steps)
+            times[ctx].append((gen.stats.decode_ms / steps, gen.stats.decode_session_ms / steps))
     for ctx in contexts:
-        prompt = ids[: ctx - new_tokens]
-        engine.cache.drop("flat")
-        gen = engine.generate(prompt, doc_key="flat", n=1, max_new_tokens=new_tokens)
-        steps = max(1, gen.stats.steps)
-        rows.append((ctx, gen.stats.decode_ms / steps, gen.stats.decode_session_ms / steps))
-        engine.cache.drop("flat")
-    return rows
+        engine.cache.drop(f"flat{ctx}")
+    return [(ctx, float(np.median([t[0] for t in times[ctx]])), float(np.median([t[1] for t in times[ctx]])))
+            for ctx in contexts]
 
 
 def rss_probe(model_dir: str, context: int, n: int, new_tokens: int, threads: int) -> None:
@@ -267,6 +272,7 @@ def main() -> None:
     ap.add_argument("--keystrokes", type=int, default=20, help="requests for (d)")
     ap.add_argument("--n", type=int, default=3, help="candidates for the RSS probe and the n-candidate replay")
     ap.add_argument("--flat-contexts", default="64,512,1024,2048")
+    ap.add_argument("--flat-rounds", type=int, default=5, help="decode flatness: rounds over the contexts (medians)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip", default="", help="comma list of: torch,optimum,rss,flatness")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
@@ -324,7 +330,7 @@ def main() -> None:
             wait_quiet(args.wait_quiet, f"[{graph}] flatness")
             log(f"[{graph}] decode flatness ...")
             contexts = [min(int(c), engine.context_length) for c in args.flat_contexts.split(",")]
-            flatness[graph] = decode_flatness(engine, engine.tokenizer.encode(text), contexts, 32)
+            flatness[graph] = decode_flatness(engine, engine.tokenizer.encode(text), contexts, 32, args.flat_rounds)
             kv_bytes[graph] = kv_bytes_per_token(engine, contexts[-1])
         del engine
         gc.collect()
@@ -354,7 +360,8 @@ def main() -> None:
         print(f"| {labels[key]} | {ms:.0f} | {ra} | {rb} | {notes.get(key, '')} |")
 
     if flatness:
-        print("\nDecode (32 new tokens, greedy) at growing context: ms/token end to end, and inside `session.run`.\n")
+        print(f"\nDecode (32 new tokens, greedy) at growing context: ms/token end to end, and inside `session.run` "
+              f"(medians of {args.flat_rounds} rounds over the contexts).\n")
         print("| context tokens | " + " | ".join(f"`{g}` ms/token | `{g}` in session.run" for g in flatness) + " |")
         print("|---:|" + "---:|---:|" * len(flatness))
         for i, (ctx, *_) in enumerate(next(iter(flatness.values()))):

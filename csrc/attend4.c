@@ -108,6 +108,22 @@ TARGET static inline __m512i load_pair(const uint8_t *K, int half, int t, int c,
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(m, a)), _mm256_maskz_loadu_epi8(m, a + half), 1);
 }
 
+/* Rows t and t + 1 of a chunk (x: low half row t, high half row t + 1) -> p[0..3], 16-bit pairs
+ * (row t, row t + 1) of each value: nibbles -> bytes, then per 128-bit lane 8 values of row t and
+ * the same 8 of row t + 1 (one qword permute), spread into zero-extended words (one byte shuffle
+ * each for values i = 0-3 and 4-7 of the lane). p[0], p[1]: low nibbles; p[2], p[3]: high. */
+TARGET static inline void pair_words(__m512i x, __m512i m4, __m512i *p) {
+    const __m512i pairq = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m512i spread0 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1));
+    const __m512i spread1 = _mm512_broadcast_i32x4(_mm_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1));
+    const __m512i L = _mm512_permutexvar_epi64(pairq, _mm512_and_si512(x, m4));
+    const __m512i H = _mm512_permutexvar_epi64(pairq, _mm512_and_si512(_mm512_srli_epi16(x, 4), m4));
+    p[0] = _mm512_shuffle_epi8(L, spread0);
+    p[1] = _mm512_shuffle_epi8(L, spread1);
+    p[2] = _mm512_shuffle_epi8(H, spread0);
+    p[3] = _mm512_shuffle_epi8(H, spread1);
+}
+
 /* The value pass with 15-bit integer weights: wq[t] = round(w[t] * 16383 / max w), written over
  * the row's float weights (an int16 array in the same memory). Rows t and t + 1 go through one
  * multiply-add (vpdpwssd): their nibbles interleaved into 16-bit pairs, times the pair of weights,
@@ -137,12 +153,8 @@ TARGET static inline __attribute__((always_inline)) void attend4_values16(
         wqsum[r] = _mm512_reduce_add_epi32(sum);
     }
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i pairq = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
-    /* per 128-bit lane: bytes 0-7 row t, 8-15 row t + 1 -> words (t[i], t+1[i]) for i = 0-3 / 4-7 */
-    const __m512i spread0 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1));
-    const __m512i spread1 = _mm512_broadcast_i32x4(_mm_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1));
-    /* accumulator g of part (spread0, spread1) holds, lane by lane, the values 0-3, 8-11, 16-19,
-     * 24-27 (spread0) and 4-7, 12-15, 20-23, 28-31 (spread1) of the chunk */
+    /* accumulators 0, 1 (2, 3: the high nibbles) hold, lane by lane, the values 0-3, 8-11, 16-19,
+     * 24-27 and 4-7, 12-15, 20-23, 28-31 of the chunk (pair_words) */
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     for (int c = 0; c < nc; c++) {
@@ -153,34 +165,51 @@ TARGET static inline __attribute__((always_inline)) void attend4_values16(
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
             for (int g = 0; g < 4; g++) acc[r][g] = _mm512_setzero_si512();
-        for (int t = 0; t < n; t += 2) {
+        __m512i acc1[4]; /* one row: every other pair of rows goes here, two chains per accumulator */
+        for (int g = 0; g < 4; g++) acc1[g] = _mm512_setzero_si512();
+        int t = 0;
+        for (; t + 3 < n; t += 4) {
+            _mm_prefetch((const char *)(V + (size_t)(t + V_AHEAD) * half + 32 * c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(V + (size_t)(t + 2 + V_AHEAD) * half + 32 * c), _MM_HINT_T0);
+            __m512i p[4], u[4];
+            pair_words(load_pair(V, half, t, c, m), m4, p);
+            pair_words(load_pair(V, half, t + 2, c, m), m4, u);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                int32_t w0, w1;
+                memcpy(&w0, wq[r] + t, 4);
+                memcpy(&w1, wq[r] + t + 2, 4);
+                const __m512i W0 = _mm512_set1_epi32(w0), W1 = _mm512_set1_epi32(w1);
+#pragma GCC unroll 4
+                for (int g = 0; g < 4; g++) {
+                    acc[r][g] = dpwssd(acc[r][g], p[g], W0);
+                    if (R == 1)
+                        acc1[g] = dpwssd(acc1[g], u[g], W1);
+                    else
+                        acc[r][g] = dpwssd(acc[r][g], u[g], W1);
+                }
+            }
+        }
+        for (; t < n; t += 2) { /* the last rows; an odd one alone: its partner is itself, weighing 0 */
             const uint8_t *va = V + (size_t)t * half + 32 * c;
             __m512i x;
             int32_t w2[ROWS];
             if (t + 1 < n) {
-                _mm_prefetch((const char *)(va + (size_t)V_AHEAD * half), _MM_HINT_T0);
                 x = load_pair(V, half, t, c, m);
                 for (int r = 0; r < R; r++) memcpy(&w2[r], wq[r] + t, 4);
-            } else { /* the last row alone: its partner is itself, weighing 0 */
+            } else {
                 const __m256i a = _mm256_maskz_loadu_epi8(m, va);
                 x = _mm512_inserti64x4(_mm512_castsi256_si512(a), a, 1);
                 for (int r = 0; r < R; r++) w2[r] = (uint16_t)wq[r][t];
             }
-            /* nibbles -> bytes; lane k: 8 values of row t, then the same 8 of row t + 1 */
-            const __m512i L = _mm512_permutexvar_epi64(pairq, _mm512_and_si512(x, m4)),
-                          Hh = _mm512_permutexvar_epi64(pairq, _mm512_and_si512(_mm512_srli_epi16(x, 4), m4));
-            /* -> 16-bit pairs (row t, row t + 1) per value, zero-extended by the shuffle */
-            const __m512i p0 = _mm512_shuffle_epi8(L, spread0), p1 = _mm512_shuffle_epi8(L, spread1),
-                          p2 = _mm512_shuffle_epi8(Hh, spread0), p3 = _mm512_shuffle_epi8(Hh, spread1);
-#pragma GCC unroll 4
+            __m512i p[4];
+            pair_words(x, m4, p);
             for (int r = 0; r < R; r++) {
                 const __m512i W = _mm512_set1_epi32(w2[r]);
-                acc[r][0] = dpwssd(acc[r][0], p0, W);
-                acc[r][1] = dpwssd(acc[r][1], p1, W);
-                acc[r][2] = dpwssd(acc[r][2], p2, W);
-                acc[r][3] = dpwssd(acc[r][3], p3, W);
+                for (int g = 0; g < 4; g++) acc[r][g] = dpwssd(acc[r][g], p[g], W);
             }
         }
+        for (int g = 0; g < 4; g++) acc[0][g] = _mm512_add_epi32(acc[0][g], acc1[g]);
         for (int r = 0; r < R; r++) {
             float *o = out + r * out_stride;
             const __m512 off = _mm512_set1_ps(8.f * (float)wqsum[r]), sc = _mm512_set1_ps(wscale[r] * inv[r]);
