@@ -428,7 +428,6 @@ class GqaBackend(Backend):
         self.n_head = int(shape[1])
         types = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(float)": np.float32}
         self.layout = [(types[inputs[name].type], int(inputs[name].shape[3])) for name, _ in self.caches]  # dtype, X
-        self.kv_dtype = self.layout[0][0]
         self.head_dim = 2 * int(shape[3]) if four_bit else int(shape[3])
         if self.n_head != n_head:
             raise ModelError("manifest does not match the ONNX model (heads)")

@@ -124,11 +124,67 @@ TARGET static inline void pair_words(__m512i x, __m512i m4, __m512i *p) {
     p[3] = _mm512_shuffle_epi8(H, spread1);
 }
 
+/* One chunk's int32 sums over keys t0 .. end - 1 into acc[r][0..3] (see attend4_values16). */
+TARGET static inline __attribute__((always_inline)) void values16_block(
+    const uint8_t *V, int half, int c, __mmask32 m, int t0, int end, int R, int16_t *const *wq, __m512i acc[][4]) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; g++) acc[r][g] = _mm512_setzero_si512();
+    __m512i acc1[4]; /* one row: every other pair of rows goes here, two chains per accumulator */
+    for (int g = 0; g < 4; g++) acc1[g] = _mm512_setzero_si512();
+    int t = t0;
+    for (; t + 3 < end; t += 4) {
+        _mm_prefetch((const char *)(V + (size_t)(t + V_AHEAD) * half + 32 * c), _MM_HINT_T0);
+        _mm_prefetch((const char *)(V + (size_t)(t + 2 + V_AHEAD) * half + 32 * c), _MM_HINT_T0);
+        __m512i p[4], u[4];
+        pair_words(load_pair(V, half, t, c, m), m4, p);
+        pair_words(load_pair(V, half, t + 2, c, m), m4, u);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            int32_t w0, w1;
+            memcpy(&w0, wq[r] + t, 4);
+            memcpy(&w1, wq[r] + t + 2, 4);
+            const __m512i W0 = _mm512_set1_epi32(w0), W1 = _mm512_set1_epi32(w1);
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; g++) {
+                acc[r][g] = dpwssd(acc[r][g], p[g], W0);
+                if (R == 1)
+                    acc1[g] = dpwssd(acc1[g], u[g], W1);
+                else
+                    acc[r][g] = dpwssd(acc[r][g], u[g], W1);
+            }
+        }
+    }
+    for (; t < end; t += 2) { /* the last rows; an odd one alone: its partner is itself, weighing 0 */
+        const uint8_t *va = V + (size_t)t * half + 32 * c;
+        __m512i x;
+        int32_t w2[ROWS];
+        if (t + 1 < end) {
+            x = load_pair(V, half, t, c, m);
+            for (int r = 0; r < R; r++) memcpy(&w2[r], wq[r] + t, 4);
+        } else {
+            const __m256i a = _mm256_maskz_loadu_epi8(m, va);
+            x = _mm512_inserti64x4(_mm512_castsi256_si512(a), a, 1);
+            for (int r = 0; r < R; r++) w2[r] = (uint16_t)wq[r][t];
+        }
+        __m512i p[4];
+        pair_words(x, m4, p);
+        for (int r = 0; r < R; r++) {
+            const __m512i W = _mm512_set1_epi32(w2[r]);
+            for (int g = 0; g < 4; g++) acc[r][g] = dpwssd(acc[r][g], p[g], W);
+        }
+    }
+    for (int g = 0; g < 4; g++) acc[0][g] = _mm512_add_epi32(acc[0][g], acc1[g]);
+}
+
 /* The value pass with 15-bit integer weights: wq[t] = round(w[t] * 16383 / max w), written over
  * the row's float weights (an int16 array in the same memory). Rows t and t + 1 go through one
  * multiply-add (vpdpwssd): their nibbles interleaved into 16-bit pairs, times the pair of weights,
  * summed into int32 lanes: about half the instructions of converting every value to float. A lane
- * sums at most 2 x 16383 x 15 per pair of rows, so V16_MAX_KEYS keys stay inside int32. The dims
+ * sums at most 2 x 16383 x 15 per pair of rows, so the int32 sums are taken over blocks of
+ * V16_MAX_KEYS keys (one block up to CodeGen's 2048 positions) and added up in fp32. The dims
  * come out of the byte interleave in the order 0-7, 16-23 | 8-15, 24-31 and are put back in place. */
 #define V16_MAX_KEYS 8192
 TARGET static inline __attribute__((always_inline)) void attend4_values16(
@@ -152,7 +208,6 @@ TARGET static inline __attribute__((always_inline)) void attend4_values16(
         }
         wqsum[r] = _mm512_reduce_add_epi32(sum);
     }
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
     /* accumulators 0, 1 (2, 3: the high nibbles) hold, lane by lane, the values 0-3, 8-11, 16-19,
      * 24-27 and 4-7, 12-15, 20-23, 28-31 of the chunk (pair_words) */
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
@@ -160,68 +215,27 @@ TARGET static inline __attribute__((always_inline)) void attend4_values16(
     for (int c = 0; c < nc; c++) {
         const int valid = half - 32 * c < 32 ? half - 32 * c : 32;
         const __mmask32 m = valid == 32 ? 0xFFFFFFFFu : (1u << valid) - 1;
-        __m512i acc[ROWS][4];
-#pragma GCC unroll 4
+        __m512 sum[ROWS][4]; /* the blocks' sums, in the accumulators' lane order */
         for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; g++) acc[r][g] = _mm512_setzero_si512();
-        __m512i acc1[4]; /* one row: every other pair of rows goes here, two chains per accumulator */
-        for (int g = 0; g < 4; g++) acc1[g] = _mm512_setzero_si512();
-        int t = 0;
-        for (; t + 3 < n; t += 4) {
-            _mm_prefetch((const char *)(V + (size_t)(t + V_AHEAD) * half + 32 * c), _MM_HINT_T0);
-            _mm_prefetch((const char *)(V + (size_t)(t + 2 + V_AHEAD) * half + 32 * c), _MM_HINT_T0);
-            __m512i p[4], u[4];
-            pair_words(load_pair(V, half, t, c, m), m4, p);
-            pair_words(load_pair(V, half, t + 2, c, m), m4, u);
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                int32_t w0, w1;
-                memcpy(&w0, wq[r] + t, 4);
-                memcpy(&w1, wq[r] + t + 2, 4);
-                const __m512i W0 = _mm512_set1_epi32(w0), W1 = _mm512_set1_epi32(w1);
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++) {
-                    acc[r][g] = dpwssd(acc[r][g], p[g], W0);
-                    if (R == 1)
-                        acc1[g] = dpwssd(acc1[g], u[g], W1);
-                    else
-                        acc[r][g] = dpwssd(acc[r][g], u[g], W1);
-                }
-            }
+            for (int g = 0; g < 4; g++) sum[r][g] = _mm512_setzero_ps();
+        for (int t0 = 0; t0 < n; t0 += V16_MAX_KEYS) { /* int32 sums per block of keys */
+            __m512i acc[ROWS][4];
+            values16_block(V, half, c, m, t0, n - t0 < V16_MAX_KEYS ? n : t0 + V16_MAX_KEYS, R, wq, acc);
+            for (int r = 0; r < R; r++)
+                for (int g = 0; g < 4; g++) sum[r][g] = _mm512_add_ps(sum[r][g], _mm512_cvtepi32_ps(acc[r][g]));
         }
-        for (; t < n; t += 2) { /* the last rows; an odd one alone: its partner is itself, weighing 0 */
-            const uint8_t *va = V + (size_t)t * half + 32 * c;
-            __m512i x;
-            int32_t w2[ROWS];
-            if (t + 1 < n) {
-                x = load_pair(V, half, t, c, m);
-                for (int r = 0; r < R; r++) memcpy(&w2[r], wq[r] + t, 4);
-            } else {
-                const __m256i a = _mm256_maskz_loadu_epi8(m, va);
-                x = _mm512_inserti64x4(_mm512_castsi256_si512(a), a, 1);
-                for (int r = 0; r < R; r++) w2[r] = (uint16_t)wq[r][t];
-            }
-            __m512i p[4];
-            pair_words(x, m4, p);
-            for (int r = 0; r < R; r++) {
-                const __m512i W = _mm512_set1_epi32(w2[r]);
-                for (int g = 0; g < 4; g++) acc[r][g] = dpwssd(acc[r][g], p[g], W);
-            }
-        }
-        for (int g = 0; g < 4; g++) acc[0][g] = _mm512_add_epi32(acc[0][g], acc1[g]);
         for (int r = 0; r < R; r++) {
             float *o = out + r * out_stride;
             const __m512 off = _mm512_set1_ps(8.f * (float)wqsum[r]), sc = _mm512_set1_ps(wscale[r] * inv[r]);
             for (int part = 0; part < 2; part++) { /* low nibbles: values 32c..; high: half + 32c.. */
-                const __m512i x = acc[r][2 * part], y = acc[r][2 * part + 1];
-                const __m512i seq[2] = {_mm512_permutex2var_epi32(x, first, y), _mm512_permutex2var_epi32(x, second, y)};
+                const __m512 x = sum[r][2 * part], y = sum[r][2 * part + 1];
+                const __m512 seq[2] = {_mm512_permutex2var_ps(x, first, y), _mm512_permutex2var_ps(x, second, y)};
                 for (int g = 0; g < 2; g++) {
                     const int lanes = valid - 16 * g;
                     if (lanes <= 0) continue;
                     const __mmask16 mk = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1);
                     float *dst = o + (part ? half : 0) + 32 * c + 16 * g;
-                    _mm512_mask_storeu_ps(dst, mk, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(seq[g]), off), sc));
+                    _mm512_mask_storeu_ps(dst, mk, _mm512_mul_ps(_mm512_sub_ps(seq[g], off), sc));
                 }
             }
         }
@@ -300,12 +314,12 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows(
 
     /* softmax and weights in one pass per row: p = e^(s - max) over the keys it sees (the later
      * rows' keys weigh 0), w = p * the value row's scale */
-    float inv[ROWS], wsum[ROWS], wmax[ROWS];
+    float inv[ROWS], wmax[ROWS];
     for (int r = 0; r < R; r++) {
         float *s = scores + r * s_stride;
         const int seen = past + r + 1;
         const __m512 vm = _mm512_set1_ps(smax[r]);
-        __m512 psum = _mm512_setzero_ps(), acc = _mm512_setzero_ps(), mx = _mm512_setzero_ps();
+        __m512 psum = _mm512_setzero_ps(), mx = _mm512_setzero_ps();
         for (int u = 0; u < n; u += 16) {
             __mmask16 m = seen - u >= 16 ? (__mmask16)0xFFFF : seen > u ? (__mmask16)((1u << (seen - u)) - 1) : 0;
             __mmask16 all = n - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - u)) - 1);
@@ -313,58 +327,13 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows(
             __m512 w = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, vs + u));
             _mm512_mask_storeu_ps(s + u, all, w);
             psum = _mm512_add_ps(psum, e);
-            acc = _mm512_add_ps(acc, w);
             mx = _mm512_max_ps(mx, w);
         }
         inv[r] = 1.f / _mm512_reduce_add_ps(psum);
-        wsum[r] = _mm512_reduce_add_ps(acc);
         wmax[r] = _mm512_reduce_max_ps(mx);
     }
 
-    if (n <= V16_MAX_KEYS) { /* the value pass in integers (see attend4_values16) */
-        attend4_values16(V, half, nc, n, R, scores, s_stride, wmax, inv, out, out_stride);
-        return;
-    }
-
-    /* (past V16_MAX_KEYS keys) the value pass in fp32, per 32-byte chunk of the rows: its low
-     * nibbles are values 32c.., its high ones half + 32c..; four accumulators of 16 per row */
-    const __m256i m4y = _mm256_set1_epi8(0x0F);
-    for (int c = 0; c < nc; c++) {
-        const int valid = half - 32 * c < 32 ? half - 32 * c : 32;
-        const __mmask32 m = valid == 32 ? 0xFFFFFFFFu : (1u << valid) - 1;
-        __m512 acc[ROWS][4];
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; g++) acc[r][g] = _mm512_setzero_ps();
-        for (t = 0; t < n; t++) {
-            const uint8_t *v = V + (size_t)t * half + 32 * c;
-            if ((t & 1) == 0) _mm_prefetch((const char *)(v + (size_t)V_AHEAD * half), _MM_HINT_T0);
-            __m256i x = half == 32 ? _mm256_loadu_si256((const __m256i *)v) : _mm256_maskz_loadu_epi8(m, v);
-            __m256i lo = _mm256_and_si256(x, m4y), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4y);
-            __m512 f[4] = {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))),
-                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))),
-                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))),
-                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1)))};
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                __m512 w = _mm512_set1_ps(scores[r * s_stride + t]);
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++) acc[r][g] = _mm512_fmadd_ps(w, f[g], acc[r][g]);
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            float *o = out + r * out_stride;
-            const __m512 off = _mm512_set1_ps(8.f * wsum[r]), vi = _mm512_set1_ps(inv[r]);
-            for (int g = 0; g < 4; g++) {
-                const int lanes = valid - 16 * (g & 1);
-                if (lanes <= 0) continue;
-                const __mmask16 mk = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1);
-                float *dst = o + (g < 2 ? 0 : half) + 32 * c + 16 * (g & 1);
-                _mm512_mask_storeu_ps(dst, mk, _mm512_mul_ps(_mm512_sub_ps(acc[r][g], off), vi));
-            }
-        }
-    }
+    attend4_values16(V, half, nc, n, R, scores, s_stride, wmax, inv, out, out_stride); /* the value pass */
 }
 
 TARGET static void attend4_head_avx512(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,

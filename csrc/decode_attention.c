@@ -237,45 +237,19 @@ static OrtStatus *op_create(const CglsCustomOp *op, const OrtApi *api, const Ort
 }
 static void op_destroy(void *kernel) { (void)kernel; }
 
-static const CglsCustomOp g_op = {
-    .version = CGLS_ORT_API_VERSION,
-    .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = op_input_type,
-    .GetInputTypeCount = op_n_inputs,
-    .GetOutputType = op_output_type,
-    .GetOutputTypeCount = op_n_outputs,
-    .KernelDestroy = op_destroy,
-    .GetInputCharacteristic = op_required,
-    .GetOutputCharacteristic = op_required,
-    .GetInputMemoryType = op_memory,
-    .GetVariadicInputMinArity = op_zero,
-    .GetVariadicInputHomogeneity = op_zero,
-    .GetVariadicOutputMinArity = op_zero,
-    .GetVariadicOutputHomogeneity = op_zero,
-    .CreateKernelV2 = op_create,
-    .KernelComputeV2 = compute,
-};
-
-static const CglsCustomOp g_op4 = {
-    .version = CGLS_ORT_API_VERSION,
-    .GetName = op4_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = op4_input_type,
-    .GetInputTypeCount = op_n_inputs,
-    .GetOutputType = op4_output_type,
-    .GetOutputTypeCount = op4_n_outputs,
-    .KernelDestroy = op_destroy,
-    .GetInputCharacteristic = op_required,
-    .GetOutputCharacteristic = op_required,
-    .GetInputMemoryType = op_memory,
-    .GetVariadicInputMinArity = op_zero,
-    .GetVariadicInputHomogeneity = op_zero,
-    .GetVariadicOutputMinArity = op_zero,
-    .GetVariadicOutputHomogeneity = op_zero,
-    .CreateKernelV2 = op_create,
-    .KernelComputeV2 = compute4,
-};
+/* both descriptors: the same stateless kernel and characteristics, their own name, types and compute */
+#define DESCRIPTOR(name, in_type, out_type, n_outputs, compute_fn)                                               \
+    {                                                                                                      \
+        .version = CGLS_ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = op_provider,            \
+        .GetInputType = in_type, .GetInputTypeCount = op_n_inputs, .GetOutputType = out_type,                 \
+        .GetOutputTypeCount = n_outputs, .KernelDestroy = op_destroy, .GetInputCharacteristic = op_required,  \
+        .GetOutputCharacteristic = op_required, .GetInputMemoryType = op_memory,                              \
+        .GetVariadicInputMinArity = op_zero, .GetVariadicInputHomogeneity = op_zero,                          \
+        .GetVariadicOutputMinArity = op_zero, .GetVariadicOutputHomogeneity = op_zero,                        \
+        .CreateKernelV2 = op_create, .KernelComputeV2 = compute_fn,                                           \
+    }
+static const CglsCustomOp g_op = DESCRIPTOR(op_name, op_input_type, op_output_type, op_n_outputs, compute);
+static const CglsCustomOp g_op4 = DESCRIPTOR(op4_name, op4_input_type, op4_output_type, op4_n_outputs, compute4);
 
 CGLS_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(CGLS_ORT_API_VERSION);
