@@ -129,7 +129,7 @@ def test_the_op_matches_a_numpy_reference(path: str, head: int, rows: int, best_
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
 def test_the_op_past_8192_keys(path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past 8192 keys the value pass leaves its integer weights (they could overflow int32) for fp32."""
+    """Past 8192 keys the value pass's int32 sums (which could overflow) go per block, added in fp32."""
     check_op(path, 64, 2, 1, 8300, 8290, monkeypatch)
 
 
