@@ -15,13 +15,15 @@ every run decodes exactly ``--new-tokens``):
 Then decode ms/token at growing context (and the part of it inside ``session.run``), the
 floor the flatness ratio cannot go below at this machine's streaming read rate (a step reads
 the whole KV cache once), and the peak RSS of a fresh process that only loads the engine and
-generates 3 candidates at 2048 tokens of context. ``gqa-ort`` runs the ``gqa`` model with
-onnxruntime's GroupQueryAttention instead of our decode-attention kernel; ``gqa-kv4`` is the
-``gqa`` model exported with ``--kv-bits 4`` (the 4-bit KV cache). Prints markdown tables (the
+generates 3 candidates at 2048 tokens of context. ``gqa`` is the default export, whose KV cache
+``--kv-bits auto`` picks by the machine (4-bit where our kernel runs it with AVX-512 VNNI, else
+int8; the tables say which); ``gqa-kv8`` and ``gqa-kv4`` force the int8 and the 4-bit cache;
+``gqa-kv8-ort`` runs the int8 one with onnxruntime's GroupQueryAttention instead of our kernel.
+Prints markdown tables (the
 numbers in the README come from here). On a shared machine, ``--wait-quiet`` waits for other
 processes to leave the CPUs before each measurement::
 
-    python benchmarks/bench_engine.py --shape 350m --graphs optimum,flat,gqa,gqa-ort,gqa-kv4,gqa-int4 --wait-quiet 600
+    python benchmarks/bench_engine.py --shape 350m --graphs optimum,flat,gqa,gqa-kv8,gqa-kv8-ort,gqa-int4 --wait-quiet 600
     python benchmarks/bench_engine.py --shape small --new-tokens 8 --requests 2
 """
 from __future__ import annotations
@@ -90,21 +92,25 @@ def corpus() -> str:
 
 def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
     """(checkpoint dir, exported model dir) for ``variant`` (optimum, gqa, gqa-int4, gqa-kv4,
-    gqa-int4-kv4, flat, flat-int4, flat-kv16, flat-int4-kv16; ``-ort``: the same model without our
-    decode-attention kernel; ``kv4``: the 4-bit KV cache, ``--kv-bits 4``), reused when built."""
-    from codegen_ls.export import export, random_checkpoint
+    gqa-kv8, gqa-int4-kv4, flat, flat-int4, flat-kv16, flat-int4-kv16; ``-ort``: the same model
+    without our decode-attention kernel; ``kv4`` / ``kv8``: ``--kv-bits 4`` / ``8``, else the
+    export's default, which for gqa picks by this machine), reused when built."""
+    from codegen_ls.export import default_kv_bits, export, random_checkpoint
 
     base = workdir / shape
     parts = variant.split("-")
-    graph, int4, kv16, kv4 = parts[0], "int4" in parts, "kv16" in parts, "kv4" in parts  # "ort": engine option
-    src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{'-kv16' if kv16 else ''}{'-kv4' if kv4 else ''}"
+    graph, int4, kv16 = parts[0], "int4" in parts, "kv16" in parts  # "ort": an engine option
+    bits = 4 if "kv4" in parts else 8 if "kv8" in parts else default_kv_bits(graph)
+    suffix = f"{'-kv16' if kv16 else ''}{'-kv4' if bits == 4 and graph == 'gqa' else ''}"
+    src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{suffix}"
     if not (src / "config.json").is_file():
         log(f"building a random {shape} checkpoint in {src} ...")
         shutil.rmtree(src, ignore_errors=True)
         random_checkpoint(src, tokenizer=TOKENIZER, **SHAPES[shape])
     if not (out / "manifest.json").is_file():
         log(f"exporting {src} -> {out} ({variant}) ...")
-        export(str(src), out, quantize_int8=True, force=True, graph=graph, int4=int4, kv_fp16=kv16, kv_bits=4 if kv4 else 8)
+        export(str(src), out, quantize_int8=True, force=True, graph=graph, int4=int4, kv_fp16=kv16,
+               kv_bits=bits if graph == "gqa" else 8)
     return src, out
 
 
@@ -291,6 +297,7 @@ def main() -> None:
     flatness: dict[str, list[tuple[int, float, float]]] = {}
     rss: dict[str, dict[str, float]] = {}
     kv_bytes: dict[str, float] = {}
+    caches: dict[str, str] = {}
     tokens: dict[str, list[list[int]]] = {}
     text = corpus()
 
@@ -308,6 +315,7 @@ def main() -> None:
         _, model_dir = build(args.shape, args.workdir, graph)
         engine = Engine(model_dir, EngineOptions(threads=args.threads, native_kernel=own_kernel(graph)))
         log(f"[{graph}] decode attention: {engine.attention}")
+        caches[graph] = f"`{graph}`: {engine.manifest.extra.get('kv_dtype')} KV cache, {engine.attention}"
         wait_quiet(args.wait_quiet, f"[{graph}] (c)")
         log(f"[{graph}] (c) engine cold ...")
         engine.generate(prompts[0][:200], doc_key="warmup", max_new_tokens=2)
@@ -349,6 +357,7 @@ def main() -> None:
     print(f"\n### Engine benchmark: {args.shape} shape, random weights, int8 (int4 where noted)\n")
     print(f"Shape {shape}. {len(prompt_ids[0])}-token prompts, {nt} new tokens (greedy, 1 candidate unless "
           f"noted), {args.threads} threads on {os.cpu_count()} cores.\n")
+    print("KV caches and decode attention: " + "; ".join(caches.values()) + ".\n")
     print("| run | ms/request | (a) / this | (b) / this | notes |")
     print("|---|---:|---:|---:|---|")
     for key in ["a", "b"] + [k for k in results if k not in ("a", "b")]:

@@ -63,9 +63,15 @@ def main() -> None:
             scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6) / top
         return torch.clamp(torch.round(x / scale), -top - 1, top) * scale
 
+    from codegen_ls.graph_builder import key_rotation
+
+    rot = torch.from_numpy(key_rotation(int(cfg.n_embd // cfg.n_head)))
+
     def attn(self: Any, query: Any, key: Any, value: Any, attention_mask: Any = None, head_mask: Any = None) -> Any:
         if mode[0]:  # keys (after rotary) and values as the cache would hold them
             k_bits, v_bits, scales = mode[0]
+            if scales == "rotated":  # q.k = (qR).(kR): the rotation spreads the keys' outlier channels
+                query, key = query @ rot, key @ rot
             key = fake_quantize(key, peaks[self.layer_idx][0], k_bits, scales)
             value = fake_quantize(value, peaks[self.layer_idx][1], v_bits, scales)
         return original(self, query, key, value, attention_mask, head_mask)
@@ -73,7 +79,7 @@ def main() -> None:
     modeling_codegen.CodeGenAttention._attn = attn
     files = heldout_files(False)[: args.files]
     print("| KV cache (keys / values) | bytes per cached value | loss | next-token accuracy |\n|---|---:|---:|---:|")
-    for m in (None, (8, 8, "static"), (8, 4, "static"), (4, 4, "static"), (8, 4, "token"), (4, 4, "token")):
+    for m in (None, (8, 8, "static"), (8, 4, "static"), (4, 4, "static"), (8, 4, "token"), (4, 4, "token"), (4, 4, "rotated")):
         mode[0] = m
         nll = hits = count = 0.0
         for f in files:
@@ -84,8 +90,9 @@ def main() -> None:
             nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
             hits += (logits.argmax(-1) == target).sum().item()
             count += len(target)
-        name = "fp32" if m is None else f"int{m[0]} / int{m[1]}, {m[2]} scales"
-        size = 4.0 if m is None else (m[0] + m[1]) / 16 + (4 / int(cfg.n_embd // cfg.n_head) if m[2] == "token" else 0)
+        name = ("fp32" if m is None else f"int{m[0]} / int{m[1]}, token scales, rotated keys" if m[2] == "rotated"
+                else f"int{m[0]} / int{m[1]}, {m[2]} scales")
+        size = 4.0 if m is None else (m[0] + m[1]) / 16 + (4 / int(cfg.n_embd // cfg.n_head) if m[2] != "static" else 0)
         print(f"| {name} | {size:.2f} | {nll / count:.4f} | {100 * hits / count:.2f} % |", flush=True)
     print(f"\n{int(count)} tokens of {len(files)} held-out files; command: `python benchmarks/eval_kv_bits.py "
           f"{' '.join(sys.argv[1:])}`")

@@ -76,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "flat: our graph with fp32 (or --kv-fp16) shared-prefix KV buffers; "
                         "optimum: optimum-onnx's text-generation-with-past export (the reference path)")
     e.add_argument("--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa or flat graph)")
-    e.add_argument("--kv-bits", type=int, choices=(8, 4), default=8,
-                   help="gqa KV cache: 8 (int8, default) or 4 (a scale per token and head: half the memory and "
-                        "bandwidth at long context; needs the compiled kernel to serve, fast with AVX-512 VNNI)")
+    e.add_argument("--kv-bits", choices=("auto", "8", "4"), default="auto",
+                   help="gqa KV cache: 8 (int8: runs fast on any CPU) or 4 (a scale per token and head: half the "
+                        "memory and bandwidth at long context; needs the compiled kernel to serve, fast with AVX-512 "
+                        "VNNI); auto (default): 4 where this machine runs it fast, else 8")
     e.add_argument("--kv-fp16", action="store_true",
                    help="float16 KV cache (flat graph only): half its memory at long context, slightly less exact")
     e.add_argument("--name", help="model name in the manifest (default: SRC's last path component)")
@@ -248,7 +249,8 @@ def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from codegen_ls.export import export
 
         export(args.src, args.out, quantize_int8=not args.no_quantize, force=args.force, graph=args.graph,
-               int4=args.int4, name=args.name, kv_fp16=args.kv_fp16, kv_bits=args.kv_bits)
+               int4=args.int4, name=args.name, kv_fp16=args.kv_fp16,
+               kv_bits=None if args.kv_bits == "auto" else int(args.kv_bits))
         return 0
     if args.model_command == "info":
         directory = resolve_model_dir(args.dir)

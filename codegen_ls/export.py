@@ -225,9 +225,17 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
     return attention, external
 
 
+def default_kv_bits(graph: str = "gqa", quantize_int8: bool = True) -> int:
+    """The KV cache's bits when ``--kv-bits`` is not given: 4 for a quantized gqa graph where our
+    kernel runs the 4-bit cache's attention vectorized (AVX-512 VNNI, library built and not turned
+    off), which is faster at long context and half the memory; else 8, which runs fast anywhere."""
+    fast4 = graph == "gqa" and quantize_int8 and kernels.vector4() and not kernels.disabled_by_env()
+    return 4 if fast4 else 8
+
+
 def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
            external_data: bool | None = None, graph: str = "gqa", int4: bool = False,
-           name: str | None = None, kv_fp16: bool = False, kv_bits: int = 8) -> Manifest:
+           name: str | None = None, kv_fp16: bool = False, kv_bits: int | None = None) -> Manifest:
     """Export ``src`` into ``out`` and return the manifest written there.
 
     ``graph``: ``gqa`` (our graph on GroupQueryAttention, :mod:`codegen_ls.graph_builder`; with
@@ -238,7 +246,8 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     ``int4`` makes the layers' weights 4-bit ``MatMulNBits`` blocks (lm_head stays int8);
     ``kv_fp16`` (flat only) stores the KV cache in float16. ``kv_bits`` 4 (gqa, quantized) makes
     the gqa cache 4-bit with a scale per token and head: half the int8 cache's memory and
-    bandwidth, for a little accuracy; only our compiled kernel runs its decode attention.
+    bandwidth, for a little accuracy; only our compiled kernel runs its decode attention. None
+    (the default): :func:`default_kv_bits`, 4 where this machine runs that kernel fast, else 8.
 
     ``external_data``: None decides by size (ONNX external data when the fp32 export is past
     ~1.8 GB, as 2 GB is the protobuf limit); True/False force it (tests use True to cover the
@@ -249,12 +258,19 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         raise CodegenLsError(f"unknown graph kind '{graph}' (gqa, flat or optimum)")
     if int4 and (graph == "optimum" or not quantize_int8):
         raise CodegenLsError("int4 weights need our graph (--graph gqa or flat) and quantization (no --no-quantize)")
+    auto = kv_bits is None
+    if kv_bits is None:
+        kv_bits = default_kv_bits(graph, quantize_int8)
     if kv_bits not in (4, 8):
         raise CodegenLsError(f"--kv-bits must be 8 or 4, not {kv_bits}")
     if kv_bits == 4 and (graph != "gqa" or not quantize_int8):
         raise CodegenLsError("a 4-bit KV cache needs the gqa graph and quantization (no --no-quantize)")
     if kv_fp16 and graph != "flat":
         raise CodegenLsError("a float16 KV cache needs the flat graph (--graph flat)")
+    if auto and graph == "gqa" and quantize_int8:
+        _step("KV cache: 4-bit (this machine runs its attention kernel with AVX-512 VNNI; --kv-bits 8 for a model "
+              "that runs fast on any CPU)" if kv_bits == 4 else
+              "KV cache: int8 (the 4-bit cache's fast kernel needs AVX-512 VNNI and the compiled library, not here)")
     if kv_bits == 4 and not kernels.vector4():
         _step("note: the 4-bit KV cache's attention has no fast path on this machine (it needs the compiled kernel "
               "and AVX-512 VNNI): the model will serve slowly here, or not at all without the kernel")

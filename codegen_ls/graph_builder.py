@@ -70,6 +70,19 @@ def tail_out_names(n_layer: int) -> list[tuple[str, str]]:
     return [(f"tail_key_out.{i}", f"tail_value_out.{i}") for i in range(n_layer)]
 
 
+def key_rotation(d: int, seed: int = 0) -> np.ndarray:
+    """A fixed random orthogonal ``[d, d]`` matrix R (QR of a seeded Gaussian; float32).
+
+    The 4-bit cache stores keys and queries as kR and qR: (qR).(kR) = q.k, but a row's scale is
+    its largest magnitude, and keys have outlier channels (in the embedded model up to 7x a head's
+    median channel) which, unrotated, leave the other channels a few levels. R spreads each
+    channel over all of them: on the embedded model it cuts the scores' quantization error
+    (relative mean square) by 1.1-1.8x per layer. Values have no such channels and are not rotated."""
+    a = np.random.default_rng(seed).standard_normal((d, d))
+    qm, r = np.linalg.qr(a)
+    return (qm * np.sign(np.diag(r))).astype(np.float32)
+
+
 def qkv_weight(w: np.ndarray, n_head: int, mp_num: int = 4) -> np.ndarray:
     """CodeGen's qkv_proj weight ``[3E, E]`` -> ``[3E, E]`` with rows q | k | v in head order.
 
@@ -217,6 +230,10 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
     if (graph not in ("flat", "gqa") or (graph == "gqa" and kv_fp16) or (graph == "flat" and (kv_int8 is not None or kv_int4))
             or (kv_int4 and (kv_int8 is not None or d % 2))):
         raise ValueError(f"unsupported graph options: {graph}, kv_fp16={kv_fp16}, kv_int8={kv_int8 is not None}, kv_int4={kv_int4}")
+    if kv_int4:
+        g.const("key_rotation", key_rotation(d))
+        g.const("shape_bshd", np.array([0, 0, n_head, d], np.int64))
+        g.const("shape_bse", np.array([0, 0, e], np.int64))
     if graph == "gqa":  # positions already in the cache before this run: total - S
         s_len = g.op("Shape", ["input_ids"], start=1, end=2, name="shape_s")
         total = g.op("Reshape", [g.op("Cast", ["total_sequence_length"], to=TensorProto.INT64, name="total_i64"),
@@ -274,6 +291,10 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
         rope: dict[str, Any] = dict(domain="com.microsoft", interleaved=1, rotary_embedding_dim=rd, num_heads=n_head)
         q = g.op("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], name=f"rope_q.{i}", **rope)
         k = g.op("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], name=f"rope_k.{i}", **rope)
+        if kv_int4:  # q R and k R per head (key_rotation): the same scores, keys without outlier channels
+            q, k = (g.op("Reshape", [g.op("MatMul", [g.op("Reshape", [x, "shape_bshd"]), "key_rotation"], name=f"rotate_{n}.{i}"),
+                                     "shape_bse"]) for x, n in ((q, "q"), (k, "k")))
+            attention_matmuls += [f"rotate_q.{i}", f"rotate_k.{i}"]
 
         if graph == "gqa":
             o = _gqa_attention(g, i, n_layer, n_head, d, q, k, v, None if kv_int8 is None else kv_int8[i], kv_int4)

@@ -63,7 +63,7 @@ def fp32_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory:
 def int8_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp(f"int8-{request.param}") / "model"
     export(str(checkpoint), out, quantize_int8=True, graph=request.param.split("-")[0], int4="int4" in request.param,
-           kv_fp16="kv16" in request.param)
+           kv_fp16="kv16" in request.param, kv_bits=8)  # the int8 cache (the 4-bit one: test_kv4.py)
     return out
 
 

@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
+from codegen_ls import kernels  # noqa: E402
 from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
 from codegen_ls.export import export, random_checkpoint  # noqa: E402
@@ -119,7 +120,7 @@ def test_pickled_bin_weights_never_run_code(tmp_path: Path) -> None:
 def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, quantize: bool, graph: str) -> None:
     """The >2 GB path (forced here on a tiny model): weights in ``model.onnx.data``, all files listed."""
     out = tmp_path / "model"
-    manifest = export(str(checkpoint), out, quantize_int8=quantize, external_data=True, graph=graph)
+    manifest = export(str(checkpoint), out, quantize_int8=quantize, external_data=True, graph=graph, kv_bits=8)
     assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
     assert (out / "model.onnx").stat().st_size < 200_000 < (out / "model.onnx.data").stat().st_size
     assert manifest.quantization == ("int8-dynamic" if quantize else "none")
@@ -164,13 +165,16 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
 def test_cli_export_defaults_to_the_gqa_graph_and_info_reports_it(checkpoint: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """``codegen-ls model export SRC OUT --int4 --name N`` then ``model info OUT``: the gqa graph
-    (the default) with its int8 KV cache, 4-bit layer weights, the given name, every file verified."""
+    (the default) with its KV cache as ``--kv-bits auto`` (the default) picks it on this machine
+    (4-bit where our kernel runs it vectorized, else int8), 4-bit layer weights, the given name,
+    every file verified."""
     from codegen_ls.cli import main
 
     out = tmp_path / "m"
     assert main(["model", "export", str(checkpoint), str(out), "--int4", "--name", "tiny-test"]) == 0
     manifest = read_manifest(out)
-    assert (manifest.name, manifest.extra["graph"], manifest.extra["kv_dtype"]) == ("tiny-test", "gqa", "int8")
+    auto = "int4" if kernels.vector4() and not kernels.disabled_by_env() else "int8"
+    assert (manifest.name, manifest.extra["graph"], manifest.extra["kv_dtype"]) == ("tiny-test", "gqa", auto)
     assert manifest.quantization.startswith("int4")
     capsys.readouterr()
     assert main(["model", "info", str(out)]) == 0

@@ -40,7 +40,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: in
     base = tmp_path_factory.mktemp(f"kernel-{n_embd}-{n_head}")
     src = random_checkpoint(base / "src", vocab_size=8192, n_positions=1024, n_embd=n_embd, n_layer=2, n_head=n_head,
                             rotary_dim=8, tokenizer=TOKENIZER)
-    export(str(src), base / "model", quantize_int8=True, graph="gqa")
+    export(str(src), base / "model", quantize_int8=True, graph="gqa", kv_bits=8)
     return base / "model"
 
 

@@ -79,6 +79,56 @@ def test_a_4bit_cache_needs_the_gqa_graph_and_quantization(tmp_path: Path) -> No
         export(str(src), tmp_path / "c", kv_bits=2)
 
 
+def test_keys_are_stored_rotated_which_keeps_scores_and_spreads_outlier_channels(model_dir: Path) -> None:
+    """Queries and keys go through the same orthogonal R (graph_builder.key_rotation) before the
+    cache: (qR).(kR) = q.k, and a key with one channel 10x the others, which unrotated leaves the
+    rest of its row one or two 4-bit levels, has its scores' quantization error cut several times."""
+    import onnx
+
+    from codegen_ls.graph_builder import key_rotation
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    names = {n.name for n in graph.node}
+    assert {"rotate_q.0", "rotate_k.0", "rotate_q.1", "rotate_k.1"} <= names
+    rot = next(t for t in graph.initializer if t.name == "key_rotation")
+    r = onnx.numpy_helper.to_array(rot)
+    assert r.shape == (32, 32) and np.allclose(r @ r.T, np.eye(32), atol=1e-5)
+    assert {n.op_type for n in graph.node if n.name.startswith("rotate_")} == {"MatMul"}  # fp32, not quantized
+
+    rng = np.random.default_rng(0)
+    d = 64
+    keys = rng.standard_normal((512, d)).astype(np.float32)
+    keys[:, 5] *= 10  # an outlier channel, as real models' keys have
+    queries = rng.standard_normal((16, d)).astype(np.float32)
+    rot = key_rotation(d)
+    exact = queries @ keys.T
+
+    def error(k: np.ndarray, q: np.ndarray) -> float:
+        scores = q @ dequantize4(*quantize4(k)).T
+        return float(np.mean((scores - exact) ** 2) / np.mean(exact ** 2))
+
+    assert np.allclose((queries @ rot) @ (keys @ rot).T, exact, rtol=1e-4, atol=1e-3)
+    assert error(keys @ rot, queries @ rot) * 3 < error(keys, queries)
+
+
+@pytest.mark.parametrize("setting", ["", "off"])
+def test_export_picks_the_4bit_cache_by_default_only_where_it_runs_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        setting: str) -> None:
+    """``--kv-bits`` not given: 4-bit where our kernel's vector path for it runs here (AVX-512 VNNI),
+    int8 elsewhere and where the kernel is turned off, so the model the export writes serves well
+    on the machine that wrote it. The model loads and completes either way."""
+    monkeypatch.setenv("CODEGEN_LS_KERNEL", setting)
+    src = random_checkpoint(tmp_path / "src", vocab_size=8192, n_positions=256, tokenizer=TOKENIZER)
+    manifest = export(str(src), tmp_path / "m")
+    fast4 = kernels.vector4() and setting != "off"
+    assert manifest.extra["kv_dtype"] == ("int4" if fast4 else "int8")
+    assert export(str(src), tmp_path / "flat", graph="flat").extra["kv_dtype"] == "float32"
+    assert export(str(src), tmp_path / "fp32", quantize_int8=False).extra["kv_dtype"] == "float32"
+    engine = Engine(tmp_path / "m", EngineOptions(threads=1))
+    assert ("4-bit" in engine.attention) == fast4
+    assert len(engine.generate([5, 6, 7, 8], max_new_tokens=4).candidates[0].token_ids) == 4
+
+
 # -- the op alone, against numpy -------------------------------------------------------------
 def quantize4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[..., D] float32 -> ([..., D/2] uint8, [...] float32 scales): the format of attend4.h."""

@@ -17,7 +17,8 @@ Steps (each skipped when its output already exists, so a rerun resumes):
                1024-token windows; a checkpoint every ``--ckpt-every`` steps (``ckpt.pt``, resumed
                automatically) and the final model in Hugging Face format under ``OUT/final``.
 
-Export the result with ``codegen-ls model export OUT/final models/codegen-ls-small``.
+Export the result with ``codegen-ls model export OUT/final models/codegen-ls-small --kv-bits 8`` (the int8
+cache: the embedded model ships to every CPU).
 """
 
 from __future__ import annotations
