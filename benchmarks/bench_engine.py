@@ -100,7 +100,8 @@ def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
     base = workdir / shape
     parts = variant.split("-")
     graph, int4, kv16 = parts[0], "int4" in parts, "kv16" in parts  # "ort": an engine option
-    bits = 4 if "kv4" in parts else 8 if "kv8" in parts else default_kv_bits(graph)
+    head_dim = SHAPES[shape]["n_embd"] // SHAPES[shape]["n_head"]
+    bits = 4 if "kv4" in parts else 8 if "kv8" in parts else default_kv_bits(graph, head_dim=head_dim)
     suffix = f"{'-kv16' if kv16 else ''}{'-kv4' if bits == 4 and graph == 'gqa' else ''}"
     src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{suffix}"
     if not (src / "config.json").is_file():

@@ -225,11 +225,14 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
     return attention, external
 
 
-def default_kv_bits(graph: str = "gqa", quantize_int8: bool = True) -> int:
+def default_kv_bits(graph: str = "gqa", quantize_int8: bool = True, head_dim: int = 64) -> int:
     """The KV cache's bits when ``--kv-bits`` is not given: 4 for a quantized gqa graph where our
-    kernel runs the 4-bit cache's attention vectorized (AVX-512 VNNI, library built and not turned
-    off), which is faster at long context and half the memory; else 8, which runs fast anywhere."""
-    fast4 = graph == "gqa" and quantize_int8 and kernels.vector4() and not kernels.disabled_by_env()
+    kernel runs the 4-bit cache's attention vectorized here (library built and not turned off;
+    AVX-512 VNNI, or AVX2 for head sizes a multiple of 16, as CodeGen's all are), which is faster
+    at long context and half the memory; else 8, which runs fast anywhere."""
+    path = kernels.path4(best=True)
+    fast4 = (graph == "gqa" and quantize_int8 and not kernels.disabled_by_env()
+             and (path == "avx512-vnni" or (path == "avx2" and head_dim % 16 == 0)))
     return 4 if fast4 else 8
 
 
@@ -258,24 +261,25 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         raise CodegenLsError(f"unknown graph kind '{graph}' (gqa, flat or optimum)")
     if int4 and (graph == "optimum" or not quantize_int8):
         raise CodegenLsError("int4 weights need our graph (--graph gqa or flat) and quantization (no --no-quantize)")
-    auto = kv_bits is None
-    if kv_bits is None:
-        kv_bits = default_kv_bits(graph, quantize_int8)
-    if kv_bits not in (4, 8):
+    if kv_bits not in (None, 4, 8):
         raise CodegenLsError(f"--kv-bits must be 8 or 4, not {kv_bits}")
     if kv_bits == 4 and (graph != "gqa" or not quantize_int8):
         raise CodegenLsError("a 4-bit KV cache needs the gqa graph and quantization (no --no-quantize)")
     if kv_fp16 and graph != "flat":
         raise CodegenLsError("a float16 KV cache needs the flat graph (--graph flat)")
-    if auto and graph == "gqa" and quantize_int8:
-        _step("KV cache: 4-bit (this machine runs its attention kernel with AVX-512 VNNI; --kv-bits 8 for a model "
-              "that runs fast on any CPU)" if kv_bits == 4 else
-              "KV cache: int8 (the 4-bit cache's fast kernel needs AVX-512 VNNI and the compiled library, not here)")
-    if kv_bits == 4 and not kernels.vector4():
-        _step("note: the 4-bit KV cache's attention has no fast path on this machine (it needs the compiled kernel "
-              "and AVX-512 VNNI): the model will serve slowly here, or not at all without the kernel")
     source = _resolve_source(src)
     config = _check_config(source)
+    auto = kv_bits is None
+    if kv_bits is None:
+        kv_bits = default_kv_bits(graph, quantize_int8, int(config["n_embd"]) // int(config["n_head"]))
+    if auto and graph == "gqa" and quantize_int8:
+        _step(f"KV cache: 4-bit (our kernel runs it here with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs "
+              "fast on any CPU)" if kv_bits == 4 else
+              "KV cache: int8 (the 4-bit cache's fast kernel needs the compiled library and AVX2 or AVX-512 VNNI: "
+              "not here)")
+    if kv_bits == 4 and not kernels.vector4(best=True):
+        _step("note: the 4-bit KV cache's attention has no fast path on this machine (it needs the compiled kernel "
+              "and AVX2 or AVX-512 VNNI): the model will serve slowly here, or not at all without the kernel")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CodegenLsError(f"output directory is not empty: {out} (use --force to overwrite)")

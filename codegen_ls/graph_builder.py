@@ -232,8 +232,6 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
         raise ValueError(f"unsupported graph options: {graph}, kv_fp16={kv_fp16}, kv_int8={kv_int8 is not None}, kv_int4={kv_int4}")
     if kv_int4:
         g.const("key_rotation", key_rotation(d))
-        g.const("shape_bshd", np.array([0, 0, n_head, d], np.int64))
-        g.const("shape_bse", np.array([0, 0, e], np.int64))
     if graph == "gqa":  # positions already in the cache before this run: total - S
         s_len = g.op("Shape", ["input_ids"], start=1, end=2, name="shape_s")
         total = g.op("Reshape", [g.op("Cast", ["total_sequence_length"], to=TensorProto.INT64, name="total_i64"),
@@ -291,13 +289,10 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
         rope: dict[str, Any] = dict(domain="com.microsoft", interleaved=1, rotary_embedding_dim=rd, num_heads=n_head)
         q = g.op("RotaryEmbedding", [q, "position_ids", "rope_cos", "rope_sin"], name=f"rope_q.{i}", **rope)
         k = g.op("RotaryEmbedding", [k, "position_ids", "rope_cos", "rope_sin"], name=f"rope_k.{i}", **rope)
-        if kv_int4:  # q R and k R per head (key_rotation): the same scores, keys without outlier channels
-            q, k = (g.op("Reshape", [g.op("MatMul", [g.op("Reshape", [x, "shape_bshd"]), "key_rotation"], name=f"rotate_{n}.{i}"),
-                                     "shape_bse"]) for x, n in ((q, "q"), (k, "k")))
-            attention_matmuls += [f"rotate_q.{i}", f"rotate_k.{i}"]
 
         if graph == "gqa":
             o = _gqa_attention(g, i, n_layer, n_head, d, q, k, v, None if kv_int8 is None else kv_int8[i], kv_int4)
+            attention_matmuls += [f"pre{i}.rotate_q", f"pre{i}.rotate_k"] if kv_int4 else []
         else:
             qh = g.op("Transpose", [g.op("Reshape", [q, "shape_nshd"])], perm=[2, 0, 1, 3])  # [H, n, S, D]
             qh = kv(g.op("Mul", [qh, "scale"]))
@@ -390,7 +385,10 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     ``int4``: the cache is 4-bit with a scale per token and head (``csrc/attend4.h``: a row of D
     values is D/2 bytes ``uint8 [1, H, cap, D/2]``, value j in the low nibble of byte j and value
     j + D/2 in the high one, as round(x / scale) + 8, scale = max|x| / 7; the scales are
-    ``past_key_scale.L`` / ``past_value_scale.L`` ``[1, H, cap, 1]``). Its decode branch is
+    ``past_key_scale.L`` / ``past_value_scale.L`` ``[1, H, cap, 1]``), and it holds the keys
+    rotated, kR (``key_rotation``; the scores use qR). Both branches rotate (the kernel inside
+    its op: a few thousand multiply-adds a row, cheaper there than two more graph nodes a layer
+    every decode step). Its decode branch is
     ``DecodeAttentionQ4``, which only our kernel implements (no ONNX function: onnxruntime has no
     attention that reads this format); its prompt branch unpacks and packs with elementwise ops
     and returns the chunk's scales as ``[1, S, H]`` too.
@@ -407,7 +405,7 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     if int4:
         dec_out += [f"dec{i}.present_key_scale", f"dec{i}.present_value_scale"]
         dec.op(DECODE_ATTENTION_Q4, [q, k, v, pk_in, pv_in, ps_k, ps_v, "seqlens_k", "total_sequence_length",
-                                     "attention_bias"], dec_out, domain=KERNEL_DOMAIN, name="decode_attention")
+                                     "attention_bias", "key_rotation"], dec_out, domain=KERNEL_DOMAIN, name="decode_attention")
     elif scales is not None:  # our kernel where the engine loads it, else the function's body (GQA)
         scale_in = [dec.const("k_scale", scales[0]), dec.const("v_scale", scales[1])]
         dec.op(DECODE_ATTENTION, [q, k, v, pk_in, pv_in, "seqlens_k", "total_sequence_length", "attention_bias",
@@ -437,6 +435,10 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     def heads(x: str) -> str:  # [1, S, E] -> [1, H, S, D]
         return pre.op("Transpose", [pre.op("Reshape", [x, bshd])], perm=[0, 2, 1, 3])
 
+    if int4:  # the cache holds kR, the scores use qR (key_rotation): [1, S, H, D] @ R, back to [1, S, E]
+        shape_bse = pre.const("shape_bse_rot", np.array([0, 0, e], np.int64))
+        q, k = (pre.op("Reshape", [pre.op("MatMul", [pre.op("Reshape", [x, bshd]), "key_rotation"], name=f"rotate_{n}"), shape_bse])
+                for x, n in ((q, "q"), (k, "k")))
     keys = pre.op("Concat", [cached(pk_in, k_scale), heads(k)], axis=2)
     values = pre.op("Concat", [cached(pv_in, v_scale), heads(v)], axis=2)
     qh = pre.op("Mul", [heads(q), pre.const("scale", np.array(1.0 / np.sqrt(d), np.float32))])

@@ -12,8 +12,8 @@ onnxruntime's runs). ``CODEGEN_LS_KERNEL=off`` turns it off (``avx2`` / ``generi
 
 It also implements ``codegen_ls.DecodeAttentionQ4``, the decode attention of a 4-bit cache
 (``codegen-ls model export --kv-bits 4``, ``csrc/attend4.c``). No onnxruntime kernel reads that
-format, so such a model needs this library (:func:`register` with ``required``); its vector path
-needs AVX-512 VNNI (:func:`vector4`), elsewhere a plain C loop runs it, slowly.
+format, so such a model needs this library (:func:`register` with ``required``); its vector paths
+need AVX-512 VNNI or AVX2 (:func:`path4`), elsewhere a plain C loop runs it, slowly.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def _load() -> tuple[str, str, Any] | None:
         lib.cgls_limit_isa.argtypes = [ctypes.c_int]
         lib.cgls_limit_isa(LEVELS["avx512"])
         lib.cgls_isa4.restype = ctypes.c_int
+        lib.cgls_isa4_best.restype = ctypes.c_int
         return spec.origin, lib.cgls_isa().decode(), lib
     except (OSError, AttributeError):
         return None
@@ -59,11 +60,24 @@ def library() -> tuple[str, str] | None:
     return None if loaded is None else (loaded[0], loaded[1])
 
 
-def vector4() -> bool:
-    """Whether the 4-bit cache's attention (``--kv-bits 4``) has its vector path here (the library
-    built, and a CPU with AVX-512 VNNI); otherwise it runs a plain C loop, several times slower."""
+PATHS4 = {2: "avx512-vnni", 1: "avx2", 0: "generic, slow"}  # the 4-bit cache's paths
+
+
+def path4(best: bool = False) -> str | None:
+    """The path the 4-bit cache's attention (``--kv-bits 4``) takes here (at the current limit;
+    ``best``: the best this CPU has, whatever the limit): ``avx512-vnni``, ``avx2`` (head sizes a
+    multiple of 16) or ``generic, slow`` (a plain C loop, several times slower); None where the
+    library is not built."""
     loaded = _load()
-    return bool(loaded is not None and loaded[2].cgls_isa4())
+    if loaded is None:
+        return None
+    return PATHS4.get(int(loaded[2].cgls_isa4_best() if best else loaded[2].cgls_isa4()), PATHS4[0])
+
+
+def vector4(best: bool = False) -> bool:
+    """Whether the 4-bit cache's attention has a vector path here (AVX-512 VNNI or AVX2; ``best``:
+    see :func:`path4`)."""
+    return path4(best) not in (None, PATHS4[0])
 
 
 def setting() -> str:
@@ -97,8 +111,8 @@ def register(session_options: Any, wanted: bool = True, required: bool = False) 
         log.warning("decode-attention kernel %s not loaded (%s): onnxruntime's attention is used", path,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
-    if required:  # the 4-bit cache: vectorized with AVX-512 VNNI only
-        return f"codegen-ls kernel ({'avx512-vnni' if lib.cgls_isa4() else 'generic, slow'}, 4-bit cache)"
+    if required:  # the 4-bit cache
+        return f"codegen-ls kernel ({path4()}, 4-bit cache)"
     return f"codegen-ls kernel ({lib.cgls_isa().decode()})"
 
 
@@ -110,7 +124,7 @@ def status(required: bool = False) -> str:
         return "not built (no C compiler at install?)" + ("" if required else ": onnxruntime's attention is used")
     if disabled_by_env():
         return f"built ({lib[1]}), turned off by CODEGEN_LS_KERNEL"
-    four = f"4-bit cache: {'avx512-vnni' if vector4() else 'plain C, slow (no AVX-512 VNNI)'}"
+    four = f"4-bit cache: {path4() if vector4() else 'plain C, slow (no AVX2)'}"
     if lib[1] == "generic" and setting() != "generic" and not required:
         return f"built without a vector path for this CPU: onnxruntime's attention is used ({four})"
     return f"built ({lib[1]}), {four}: {lib[0]}"

@@ -17,7 +17,7 @@ void cgls_quantize_row(const float *x, const float *scale, int D, int8_t *dst) {
 #if CGLS_X86
 #include <immintrin.h>
 
-#include "vexp.h" /* EXP2_POLY, exp_512 */
+#include "vexp.h" /* EXP2_POLY, exp_512, exp_256 */
 
 /* The vector paths are compiled for their instruction sets whatever the build's flags and picked
  * at run time by what the CPU supports, so a build is portable across x86-64 machines. */
@@ -99,17 +99,6 @@ TARGET static inline __m512 reduce_512(__m512 *acc) {
 
 TARGET static inline __m256 load_i8_256(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-TARGET static inline __m256 exp_256(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-    __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-    __m256 n = _mm256_floor_ps(t);
-    __m256 f = _mm256_sub_ps(t, n);
-    __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
-    for (int i = 1; i < 7; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 TARGET static inline float hsum_256(__m256 a) {
@@ -206,6 +195,11 @@ static int g_limit = 2; /* the most the caller allows (cgls_limit_isa_level) */
 void cgls_limit_isa_level(int level) { g_limit = level; }
 
 int cgls_isa_level(void) {
+    const int best = cgls_isa_best();
+    return best < g_limit ? best : g_limit;
+}
+
+int cgls_isa_best(void) {
     if (g_isa < 0) {
 #if CGLS_X86
         __builtin_cpu_init();
@@ -218,7 +212,7 @@ int cgls_isa_level(void) {
         g_isa = 0;
 #endif
     }
-    return g_isa < g_limit ? g_isa : g_limit;
+    return g_isa;
 }
 
 void cgls_attend_head(const float *q, int q_stride, const int8_t *K, const int8_t *V, const float *ks,

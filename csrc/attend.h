@@ -33,6 +33,9 @@ void cgls_attend_head(const float *q, int q_stride, const int8_t *K, const int8_
 /* the path cgls_attend_head takes on this CPU: 2 AVX-512, 1 AVX2, 0 plain C (at most the limit) */
 int cgls_isa_level(void);
 
+/* the best path this CPU has, whatever the limit */
+int cgls_isa_best(void);
+
 /* use at most this path from now on (process-wide; 2 again: the best the CPU has) */
 void cgls_limit_isa_level(int level);
 

@@ -24,6 +24,17 @@ void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale) {
     }
 }
 
+/* out = x R, summed over i in order for every j (the compiler vectorizes over j) */
+static inline __attribute__((always_inline)) void rotate_body(const float *restrict x, const float *restrict R, int D,
+                                                                float *restrict out) {
+    for (int j = 0; j < D; j++) out[j] = 0.f;
+    for (int i = 0; i < D; i++) {
+        const float xi = x[i];
+        const float *r = R + (size_t)i * D;
+        for (int j = 0; j < D; j++) out[j] += xi * r[j];
+    }
+}
+
 /* a query row [D] -> int8 qi (round(q * 127 / max|q|)); returns the scale (max|q| / 127) and sets
  * *qsum8 to 8 * sum(qi), the keys' +8 offset to take off the integer dot products. Every path
  * quantizes the query the same way: its error is a small fraction of the 4-bit keys' own. */
@@ -336,43 +347,303 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows(
     attend4_values16(V, half, nc, n, R, scores, s_stride, wmax, inv, out, out_stride); /* the value pass */
 }
 
+/* A head's S query rows in groups of up to ROWS, each group one pass of ROWS_FN over the keys
+ * and values; the switch gives the compiler a constant row count to unroll by. */
+#define HEAD_BODY(ROWS_FN)                                                                                             \
+    for (int r0 = 0; r0 < S; r0 += ROWS) {                                                                             \
+        const int R = S - r0 < ROWS ? S - r0 : ROWS, p = past + r0, st = past + S;                                    \
+        const float *qr = q + r0 * q_stride, *br = bias + r0 * bias_stride;                                            \
+        float *orow = out + r0 * out_stride;                                                                           \
+        switch (R) {                                                                                                   \
+        case 1: ROWS_FN(qr, q_stride, K, V, ks, vs, br, bias_stride, p, 1, D, scores, st, orow, out_stride); break;    \
+        case 2: ROWS_FN(qr, q_stride, K, V, ks, vs, br, bias_stride, p, 2, D, scores, st, orow, out_stride); break;    \
+        case 3: ROWS_FN(qr, q_stride, K, V, ks, vs, br, bias_stride, p, 3, D, scores, st, orow, out_stride); break;    \
+        default: ROWS_FN(qr, q_stride, K, V, ks, vs, br, bias_stride, p, 4, D, scores, st, orow, out_stride); break;   \
+        }                                                                                                              \
+    }
+
 TARGET static void attend4_head_avx512(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
                                        const float *vs, const float *bias, int bias_stride, int past, int S, int D,
                                        float *scores, float *out, int out_stride) {
-    for (int r0 = 0; r0 < S; r0 += ROWS) {
-        const int R = S - r0 < ROWS ? S - r0 : ROWS, p = past + r0;
-        const float *qr = q + r0 * q_stride, *br = bias + r0 * bias_stride;
-        float *orow = out + r0 * out_stride;
-        const int st = past + S;
-        switch (R) {
-        case 1: attend4_rows(qr, q_stride, K, V, ks, vs, br, bias_stride, p, 1, D, scores, st, orow, out_stride); break;
-        case 2: attend4_rows(qr, q_stride, K, V, ks, vs, br, bias_stride, p, 2, D, scores, st, orow, out_stride); break;
-        case 3: attend4_rows(qr, q_stride, K, V, ks, vs, br, bias_stride, p, 3, D, scores, st, orow, out_stride); break;
-        default: attend4_rows(qr, q_stride, K, V, ks, vs, br, bias_stride, p, 4, D, scores, st, orow, out_stride); break;
+    HEAD_BODY(attend4_rows)
+}
+#undef TARGET
+
+/* ---- AVX2: the same algorithm on 256-bit registers, for CPUs without AVX-512 VNNI ----
+ * The key pass multiplies nibbles by the int8 query with vpmaddubsw (unsigned x signed bytes,
+ * pairs summed to int16: at most 2 x 15 x 127 per pair, two of them added, no saturation) and
+ * vpmaddwd by ones; the value pass is vpmaddwd on 16-bit pairs of two rows' values, times their
+ * 15-bit weights, as the AVX-512 path. Rows are read in chunks of 16 bytes (and a last one of 8:
+ * head sizes a multiple of 16). */
+#define TARGET __attribute__((target("avx2,fma")))
+
+/* chunk c (16 bytes, or the last 8) of rows t and t + 1: low lane row t, high lane row t + 1 */
+TARGET static inline __m256i load_pair2(const uint8_t *K, int half, int t, int c) {
+    const uint8_t *a = K + (size_t)t * half + 16 * c;
+    if (half - 16 * c >= 16)
+        return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
+                                       _mm_loadu_si128((const __m128i *)(a + half)), 1);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)a)),
+                                   _mm_loadl_epi64((const __m128i *)(a + half)), 1);
+}
+
+TARGET static inline float hmax_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+TARGET static inline float hsum_ps(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TARGET static inline int hsum_epi32(__m256i a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* lanes below n set (of 8) */
+TARGET static inline __m256 lanes_below(int n) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+/* One chunk's int32 sums over keys t0 .. end - 1 into acc[r][0..3]: per lane pairs of words
+ * (row t, row t + 1) of values 0-3 | 8-11 (acc 0), 4-7 | 12-15 (1) of the chunk's low nibbles,
+ * and the same of the high ones (2, 3). */
+TARGET static inline __attribute__((always_inline)) void values16_block2(
+    const uint8_t *V, int half, int c, int t0, int end, int R, int16_t *const *wq, __m256i acc[][4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i spread0 = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1));
+    const __m256i spread1 = _mm256_broadcastsi128_si256(_mm_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1));
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
+    for (int t = t0; t < end; t += 2) { /* an odd last row alone: its partner is itself, weighing 0 */
+        _mm_prefetch((const char *)(V + (size_t)(t + V_AHEAD) * half + 16 * c), _MM_HINT_T0);
+        __m256i x;
+        int32_t w2[ROWS];
+        if (t + 1 < end) {
+            x = load_pair2(V, half, t, c);
+            for (int r = 0; r < R; r++) memcpy(&w2[r], wq[r] + t, 4);
+        } else {
+            const uint8_t *a = V + (size_t)t * half + 16 * c;
+            const __m128i one = half - 16 * c >= 16 ? _mm_loadu_si128((const __m128i *)a) : _mm_loadl_epi64((const __m128i *)a);
+            x = _mm256_inserti128_si256(_mm256_castsi128_si256(one), one, 1);
+            for (int r = 0; r < R; r++) w2[r] = (uint16_t)wq[r][t];
+        }
+        /* per lane: 8 values of row t and the same 8 of row t + 1, then spread into word pairs */
+        const __m256i L = _mm256_permute4x64_epi64(_mm256_and_si256(x, m4), _MM_SHUFFLE(3, 1, 2, 0));
+        const __m256i H = _mm256_permute4x64_epi64(_mm256_and_si256(_mm256_srli_epi16(x, 4), m4), _MM_SHUFFLE(3, 1, 2, 0));
+        const __m256i p[4] = {_mm256_shuffle_epi8(L, spread0), _mm256_shuffle_epi8(L, spread1),
+                              _mm256_shuffle_epi8(H, spread0), _mm256_shuffle_epi8(H, spread1)};
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const __m256i W = _mm256_set1_epi32(w2[r]);
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; g++) acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(p[g], W));
         }
     }
 }
+
+TARGET static inline __attribute__((always_inline)) void attend4_rows2(
+    const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks, const float *vs,
+    const float *bias, int bias_stride, int past, int R, int D, float *scores, int s_stride, float *out, int out_stride) {
+    const int half = D / 2, nc = (half + 15) / 16, n = past + R;
+    const float scale = 1.0f / sqrtf((float)D);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+
+    int8_t qlo[ROWS][128] __attribute__((aligned(32))), qhi[ROWS][128] __attribute__((aligned(32)));
+    float qs[ROWS];
+    int qsum[ROWS];
+    memset(qlo, 0, sizeof qlo);
+    memset(qhi, 0, sizeof qhi);
+    for (int r = 0; r < R; r++) {
+        int8_t qi[256];
+        qs[r] = quantize_query(q + r * q_stride, D, qi, &qsum[r]) * scale;
+        memcpy(qlo[r], qi, (size_t)half);
+        memcpy(qhi[r], qi + half, (size_t)half);
+    }
+
+    /* key pass: 8 keys a block, two keys a register */
+    float smax[ROWS];
+    __m256 vmax[ROWS];
+    for (int r = 0; r < R; r++) vmax[r] = _mm256_set1_ps(-3e38f);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        for (int off = 0; off < 8 * half; off += 64) _mm_prefetch((const char *)(K + (size_t)(t + K_AHEAD) * half + off), _MM_HINT_T2);
+        for (int r = 0; r < R; r++) {
+            __m256i A[4];
+            for (int i = 0; i < 4; i++) A[i] = _mm256_setzero_si256();
+            for (int c = 0; c < nc; c++) {
+                const __m256i Ql = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(qlo[r] + 16 * c)));
+                const __m256i Qh = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(qhi[r] + 16 * c)));
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    const __m256i x = load_pair2(K, half, t + 2 * i, c);
+                    const __m256i lo = _mm256_and_si256(x, m4), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+                    const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo, Ql), _mm256_maddubs_epi16(hi, Qh));
+                    A[i] = _mm256_add_epi32(A[i], _mm256_madd_epi16(prod, ones));
+                }
+            }
+            /* per lane [A0, A1, A2, A3] sums: keys t, t+2, t+4, t+6 | t+1, t+3, t+5, t+7 */
+            __m256i dot = _mm256_hadd_epi32(_mm256_hadd_epi32(A[0], A[1]), _mm256_hadd_epi32(A[2], A[3]));
+            dot = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(dot, perm), _mm256_set1_epi32(qsum[r]));
+            __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(qs[r]), _mm256_loadu_ps(ks + t)));
+            s = _mm256_add_ps(s, _mm256_loadu_ps(bias + r * bias_stride + t));
+            _mm256_storeu_ps(scores + r * s_stride + t, s);
+            vmax[r] = _mm256_max_ps(vmax[r], _mm256_blendv_ps(_mm256_set1_ps(-3e38f), s, lanes_below(past + r + 1 - t)));
+        }
+    }
+    for (int r = 0; r < R; r++) smax[r] = hmax_ps(vmax[r]);
+    for (; t < n; t++) {
+        const uint8_t *k = K + (size_t)t * half;
+        for (int r = 0; r < R; r++) {
+            int acc = 0;
+            for (int j = 0; j < half; j++) acc += (k[j] & 15) * qlo[r][j] + (k[j] >> 4) * qhi[r][j];
+            const float s = (float)(acc - qsum[r]) * qs[r] * ks[t] + bias[r * bias_stride + t];
+            scores[r * s_stride + t] = s;
+            if (t <= past + r && s > smax[r]) smax[r] = s;
+        }
+    }
+
+    /* softmax and weights, then the weights as 15-bit integers in place (see attend4_values16) */
+    float inv[ROWS], wscale[ROWS];
+    int wqsum[ROWS];
+    int16_t *wq[ROWS];
+    for (int r = 0; r < R; r++) {
+        float *s = scores + r * s_stride;
+        const int seen = past + r + 1;
+        const __m256 vm = _mm256_set1_ps(smax[r]);
+        __m256 psum = _mm256_setzero_ps(), mx = _mm256_setzero_ps();
+        int u = 0;
+        for (; u + 8 <= n; u += 8) {
+            const __m256 keep = lanes_below(seen - u);
+            const __m256 e = _mm256_and_ps(keep, exp_256(_mm256_sub_ps(_mm256_and_ps(keep, _mm256_loadu_ps(s + u)), vm)));
+            const __m256 w = _mm256_mul_ps(e, _mm256_loadu_ps(vs + u));
+            _mm256_storeu_ps(s + u, w);
+            psum = _mm256_add_ps(psum, e);
+            mx = _mm256_max_ps(mx, w);
+        }
+        float sum = hsum_ps(psum), wmax = hmax_ps(mx);
+        for (; u < n; u++) {
+            const float e = u < seen ? expf(s[u] - smax[r]) : 0.f, w = e * vs[u];
+            s[u] = w;
+            sum += e;
+            wmax = w > wmax ? w : wmax;
+        }
+        inv[r] = 1.f / sum;
+        wq[r] = (int16_t *)s;
+        const float f = wmax > 0.f ? 16383.f / wmax : 0.f;
+        wscale[r] = wmax / 16383.f;
+        __m256i isum = _mm256_setzero_si256();
+        int total = 0;
+        for (u = 0; u + 8 <= n; u += 8) {
+            const __m256i qv = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + u), _mm256_set1_ps(f)));
+            const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(qv, qv), _MM_SHUFFLE(3, 1, 2, 0));
+            _mm_storeu_si128((__m128i *)(wq[r] + u), _mm256_castsi256_si128(packed));
+            isum = _mm256_add_epi32(isum, qv);
+        }
+        for (; u < n; u++) {
+            const int v = (int)nearbyintf(s[u] * f);
+            wq[r][u] = (int16_t)v;
+            total += v;
+        }
+        wqsum[r] = total + hsum_epi32(isum);
+    }
+
+    /* the value pass: int32 sums per block of V16_MAX_KEYS keys, added in fp32 */
+    for (int c = 0; c < nc; c++) {
+        const int valid = half - 16 * c < 16 ? half - 16 * c : 16;
+        __m256 sum[ROWS][4];
+        for (int r = 0; r < R; r++)
+            for (int g = 0; g < 4; g++) sum[r][g] = _mm256_setzero_ps();
+        for (int t0 = 0; t0 < n; t0 += V16_MAX_KEYS) {
+            __m256i acc[ROWS][4];
+            values16_block2(V, half, c, t0, n - t0 < V16_MAX_KEYS ? n : t0 + V16_MAX_KEYS, R, wq, acc);
+            for (int r = 0; r < R; r++)
+                for (int g = 0; g < 4; g++) sum[r][g] = _mm256_add_ps(sum[r][g], _mm256_cvtepi32_ps(acc[r][g]));
+        }
+        for (int r = 0; r < R; r++) {
+            float *o = out + r * out_stride;
+            const __m256 off = _mm256_set1_ps(8.f * (float)wqsum[r]), sc = _mm256_set1_ps(wscale[r] * inv[r]);
+            for (int part = 0; part < 2; part++) { /* low nibbles: values 16c..; high: half + 16c.. */
+                const __m256 x = sum[r][2 * part], y = sum[r][2 * part + 1];
+                const __m256 seq[2] = {_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31)};
+                float *dst = o + (part ? half : 0) + 16 * c;
+                for (int g = 0; g < 2 && 8 * g < valid; g++)
+                    _mm256_storeu_ps(dst + 8 * g, _mm256_mul_ps(_mm256_sub_ps(seq[g], off), sc));
+            }
+        }
+    }
+}
+
+TARGET static void attend4_head_avx2(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
+                                     const float *vs, const float *bias, int bias_stride, int past, int S, int D,
+                                     float *scores, float *out, int out_stride) {
+    HEAD_BODY(attend4_rows2)
+}
+#undef TARGET
 #endif /* CGLS_X86 */
 
-int cgls_attend4_vector(void) {
+#if CGLS_X86
+__attribute__((target("avx512f"))) static void rotate_avx512(const float *x, const float *R, int D, float *out) {
+    rotate_body(x, R, D, out);
+}
+__attribute__((target("avx2,fma"))) static void rotate_avx2(const float *x, const float *R, int D, float *out) {
+    rotate_body(x, R, D, out);
+}
+#endif
+
+void cgls_rotate(const float *x, const float *R, int D, float *out) {
+#if CGLS_X86
+    const int isa = cgls_isa_level();
+    if (isa == 2) {
+        rotate_avx512(x, R, D, out);
+        return;
+    }
+    if (isa == 1) {
+        rotate_avx2(x, R, D, out);
+        return;
+    }
+#endif
+    rotate_body(x, R, D, out);
+}
+
+static int path4(int isa) {
 #if CGLS_X86
     static int g_vnni = -1;
     if (g_vnni < 0) {
         __builtin_cpu_init();
         g_vnni = __builtin_cpu_supports("avx512vnni") ? 1 : 0;
     }
-    return g_vnni && cgls_isa_level() == 2;
+    return isa == 2 && g_vnni ? 2 : isa >= 1 ? 1 : 0;
 #else
+    (void)isa;
     return 0;
 #endif
 }
+
+int cgls_attend4_vector(void) { return path4(cgls_isa_level()); }
+
+int cgls_attend4_best(void) { return path4(cgls_isa_best()); }
 
 void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
                        const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
                        float *out, int out_stride) {
 #if CGLS_X86
-    if (cgls_attend4_vector() && D % 2 == 0 && D <= 256) {
+    const int path = cgls_attend4_vector();
+    if (path == 2 && D % 2 == 0 && D <= 256) {
         attend4_head_avx512(q, q_stride, K, V, ks, vs, bias, bias_stride, past, S, D, scores, out, out_stride);
+        return;
+    }
+    if (path >= 1 && D % 16 == 0 && D <= 256) {
+        attend4_head_avx2(q, q_stride, K, V, ks, vs, bias, bias_stride, past, S, D, scores, out, out_stride);
         return;
     }
 #endif

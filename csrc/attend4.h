@@ -7,8 +7,8 @@
  * Every path quantizes the query to int8 (a scale per row; its error is a small part of the 4-bit
  * keys' own), so the key pass is integer dot products, the keys' scales applied per token after.
  * The AVX-512 path (it needs VNNI) does them with vpdpbusd, and the value pass with 15-bit
- * integer weights, two cached rows per vpdpwssd. Other CPUs use the plain loop, which is several
- * times slower: such a cache is for CPUs with AVX-512 VNNI.
+ * integer weights, two cached rows per vpdpwssd; the AVX2 path does the same with vpmaddubsw and
+ * vpmaddwd. Other CPUs use the plain loop, which is several times slower.
  */
 #ifndef CODEGEN_LS_ATTEND4_H
 #define CODEGEN_LS_ATTEND4_H
@@ -28,7 +28,14 @@ void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uin
  * 1e-30). The graph's prompt path quantizes the same way, op for op. */
 void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale);
 
-/* 1 where cgls_attend4_head takes the AVX-512 VNNI path (at most the limit of cgls_limit_isa_level) */
+/* out [D] = x [D] times R [D][D] (row-major): the rotation the cache's keys and the queries get */
+void cgls_rotate(const float *x, const float *R, int D, float *out);
+
+/* the path cgls_attend4_head takes: 2 AVX-512 VNNI, 1 AVX2 (D a multiple of 16), 0 plain C (at
+ * most the limit of cgls_limit_isa_level) */
 int cgls_attend4_vector(void);
+
+/* the same for the best path this CPU has, whatever the limit */
+int cgls_attend4_best(void);
 
 #endif

@@ -55,22 +55,23 @@ static OrtStatus *tensor(const char *op, const OrtValue *value, void **data, int
     return st;
 }
 
-/* Both ops: the 10 inputs, and the checks they share: query, key, value are 0-2, the cache's
- * shape [1, H, cap, X] is input 3's, and seqlens_k, total_sequence_length, attention_bias are
- * inputs seqlens .. seqlens + 2 (7-9 in DecodeAttentionQ4, 5-7 in DecodeAttention). */
-enum { N_IN = 10, SEQLENS = 7, BIAS = 9 }; /* DecodeAttentionQ4's */
+/* Both ops: their inputs (10; DecodeAttentionQ4 11), and the checks they share: query, key,
+ * value are 0-2, the cache's shape [1, H, cap, X] is input 3's, and seqlens_k,
+ * total_sequence_length, attention_bias are inputs seqlens .. seqlens + 2 (7-9 in
+ * DecodeAttentionQ4, 5-7 in DecodeAttention). */
+enum { N_IN = 10, N_IN4 = 11, SEQLENS = 7, BIAS = 9, ROTATION = 10 }; /* DecodeAttentionQ4's */
 typedef struct Inputs {
-    void *data[N_IN];
-    int64_t dims[N_IN][4];
-    size_t rank[N_IN];
+    void *data[N_IN4];
+    int64_t dims[N_IN4][4];
+    size_t rank[N_IN4];
     int64_t S, E, H, cap, n, total; /* n: keys the last row sees */
 } Inputs;
 
-static OrtStatus *read_inputs(OrtKernelContext *ctx, const char *op, int seqlens, Inputs *in) {
+static OrtStatus *read_inputs(OrtKernelContext *ctx, const char *op, size_t count, int seqlens, Inputs *in) {
     size_t n_in;
     CHECK(CGLS_KernelContext_GetInputCount(g_api)(ctx, &n_in));
-    if (n_in != N_IN) return fail_op(op, "expects 10 inputs");
-    for (size_t i = 0; i < N_IN; i++) {
+    if (n_in != count) return fail_op(op, count == N_IN ? "expects 10 inputs" : "expects 11 inputs");
+    for (size_t i = 0; i < count; i++) {
         const OrtValue *v;
         CHECK(CGLS_KernelContext_GetInput(g_api)(ctx, i, &v));
         if (!v) return fail_op(op, "missing input");
@@ -112,17 +113,34 @@ typedef struct Work {
     float *out, *scratch;
     int64_t S, H, D, cap, total, past;
     int four_bit;
+    /* the 4-bit cache: the new keys and values [1, S, E] and the rotation R [D][D]; the head's
+     * task rotates its query rows and new keys (qR, kR), and quantizes its new rows in place */
+    const float *key, *value, *rotation;
 } Work;
+
+static size_t scratch_floats(const Work *w) { /* a head's: scores, then (4-bit) its rotated query rows and one key */
+    return (size_t)CGLS_SCRATCH(w->past, w->S) + (w->four_bit ? (size_t)((w->S + 1) * w->D) : 0);
+}
 
 static void attend_task(void *user, size_t index) { /* one head, all its rows */
     const Work *w = (const Work *)user;
     const int64_t h = (int64_t)index, E = w->H * w->D, D = w->D;
-    float *scratch = w->scratch + h * CGLS_SCRATCH(w->past, w->S);
-    if (w->four_bit)
-        cgls_attend4_head(w->q + h * D, (int)E, (const uint8_t *)w->K + h * w->cap * (D / 2),
-                          (const uint8_t *)w->V + h * w->cap * (D / 2), w->ks + h * w->cap, w->vs + h * w->cap, w->bias,
-                          (int)w->total, (int)w->past, (int)w->S, (int)D, scratch, w->out + h * D, (int)E);
-    else
+    float *scratch = w->scratch + h * scratch_floats(w);
+    if (w->four_bit) {
+        const int64_t half = D / 2;
+        float *qrot = scratch + CGLS_SCRATCH(w->past, w->S), *krot = qrot + w->S * D;
+        uint8_t *K = (uint8_t *)w->K + h * w->cap * half, *V = (uint8_t *)w->V + h * w->cap * half;
+        float *ks = (float *)w->ks + h * w->cap, *vs = (float *)w->vs + h * w->cap;
+        for (int64_t s = 0; s < w->S; s++) {
+            const int64_t t = w->past + s;
+            cgls_rotate(w->q + s * E + h * D, w->rotation, (int)D, qrot + s * D);
+            cgls_rotate(w->key + s * E + h * D, w->rotation, (int)D, krot);
+            cgls_quantize_row4(krot, (int)D, K + t * half, ks + t);
+            cgls_quantize_row4(w->value + s * E + h * D, (int)D, V + t * half, vs + t);
+        }
+        cgls_attend4_head(qrot, (int)D, K, V, ks, vs, w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D, scratch,
+                          w->out + h * D, (int)E);
+    } else
         cgls_attend_head(w->q + h * D, (int)E, (const int8_t *)w->K + h * w->cap * D, (const int8_t *)w->V + h * w->cap * D,
                          w->ks + h * D, w->vs + h * D, w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D, scratch,
                          w->out + h * D, (int)E);
@@ -130,7 +148,7 @@ static void attend_task(void *user, size_t index) { /* one head, all its rows */
 
 /* every head over onnxruntime's intra-op threads; a head's rows share its passes over the cache */
 static OrtStatus *run_heads(OrtKernelContext *ctx, const char *op, Work *w) {
-    w->scratch = (float *)malloc(sizeof(float) * (size_t)(w->H * CGLS_SCRATCH(w->past, w->S)));
+    w->scratch = (float *)malloc(sizeof(float) * (size_t)w->H * scratch_floats(w));
     if (!w->scratch) {
         char msg[64];
         snprintf(msg, sizeof msg, "codegen_ls.%s: out of memory", op);
@@ -145,7 +163,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     (void)kernel;
     static const char *op = "DecodeAttention";
     Inputs in;
-    CHECK(read_inputs(ctx, op, 5, &in)); /* inputs 5-7: seqlens_k, total, bias; 8, 9: the scales */
+    CHECK(read_inputs(ctx, op, N_IN, 5, &in)); /* inputs 5-7: seqlens_k, total, bias; 8, 9: the scales */
     const int64_t S = in.S, E = in.E, H = in.H, cap = in.cap, D = in.dims[3][3];
     if (H * D != E) return fail_op(op, "query width is not heads x head size");
     for (int i = 8; i <= 9; i++) { /* [1, H, 1, D] (GroupQueryAttention's per-channel shape) or [E] */
@@ -168,24 +186,27 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
             cgls_quantize_row(value + s * E + h * D, vs + h * D, (int)D, pv + at);
         }
     Work w = {(const float *)in.data[0], ks, vs, (const float *)in.data[7], pk, pv, (float *)o[0], NULL, S, H, D, cap,
-              in.total, past, 0};
+              in.total, past, 0, NULL, NULL, NULL};
     return run_heads(ctx, op, &w);
 }
 
 /* ---- codegen_ls.DecodeAttentionQ4: the same on the 4-bit cache (attend4.h) ----
  * Inputs: 0 query, 1 key, 2 value float [1, S, H*D]; 3 past_key, 4 past_value uint8 [1, H, cap, D/2];
  *   5 past_key_scale, 6 past_value_scale float [1, H, cap, 1] (a scale per token and head);
- *   7 seqlens_k int32 [1]; 8 total_sequence_length int32 []; 9 attention_bias float [1, 1, S, total].
+ *   7 seqlens_k int32 [1]; 8 total_sequence_length int32 []; 9 attention_bias float [1, 1, S, total];
+ *   10 key_rotation float [D, D]: the cache holds the keys as kR, and the scores are (qR).(kR).
  * Outputs: 0 output float [1, S, H*D]; 1 present_key, 2 present_value, 3 present_key_scale,
  *   4 present_value_scale (in place where bound to the past buffers, as above). */
 static OrtStatus *compute4(void *kernel, OrtKernelContext *ctx) {
     (void)kernel;
     static const char *op = "DecodeAttentionQ4";
     Inputs in;
-    CHECK(read_inputs(ctx, op, SEQLENS, &in));
+    CHECK(read_inputs(ctx, op, N_IN4, SEQLENS, &in));
     const int64_t S = in.S, E = in.E, H = in.H, cap = in.cap, half = in.dims[3][3], D = 2 * half;
     if (H * D != E) return fail_op(op, "query width is not heads x head size (past's last dimension is D/2)");
     if (D > 256) return fail_op(op, "head size over 256");
+    if (in.rank[ROTATION] != 2 || in.dims[ROTATION][0] != D || in.dims[ROTATION][1] != D)
+        return fail_op(op, "key_rotation [D, D]");
     for (int i = 5; i <= 6; i++)
         if (in.rank[i] != 4 || in.dims[i][0] != 1 || in.dims[i][1] != H || in.dims[i][2] != cap || in.dims[i][3] != 1)
             return fail_op(op, "past_key_scale/past_value_scale [1, H, cap, 1]");
@@ -196,16 +217,8 @@ static OrtStatus *compute4(void *kernel, OrtKernelContext *ctx) {
     uint8_t *pk = (uint8_t *)o[1], *pv = (uint8_t *)o[2];
     float *pks = (float *)o[3], *pvs = (float *)o[4];
 
-    const int64_t past = in.n - S;
-    const float *key = (const float *)in.data[1], *value = (const float *)in.data[2];
-    for (int64_t s = 0; s < S; s++)
-        for (int64_t h = 0; h < H; h++) {
-            const int64_t row = h * cap + past + s;
-            cgls_quantize_row4(key + s * E + h * D, (int)D, pk + row * half, pks + row);
-            cgls_quantize_row4(value + s * E + h * D, (int)D, pv + row * half, pvs + row);
-        }
     Work w = {(const float *)in.data[0], pks, pvs, (const float *)in.data[BIAS], pk, pv, (float *)o[0], NULL, S, H, D,
-              cap, in.total, past, 1};
+              cap, in.total, in.n - S, 1, (const float *)in.data[1], (const float *)in.data[2], (const float *)in.data[ROTATION]};
     return run_heads(ctx, op, &w);
 }
 
@@ -213,6 +226,7 @@ static OrtStatus *compute4(void *kernel, OrtKernelContext *ctx) {
 static const char *op_name(const CglsCustomOp *op) { (void)op; return "DecodeAttention"; }
 static const char *op_provider(const CglsCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static size_t op_n_inputs(const CglsCustomOp *op) { (void)op; return 10; }
+static size_t op4_n_inputs(const CglsCustomOp *op) { (void)op; return 11; }
 static size_t op_n_outputs(const CglsCustomOp *op) { (void)op; return 3; }
 static int op_input_type(const CglsCustomOp *op, size_t i) {
     (void)op;
@@ -238,18 +252,18 @@ static OrtStatus *op_create(const CglsCustomOp *op, const OrtApi *api, const Ort
 static void op_destroy(void *kernel) { (void)kernel; }
 
 /* both descriptors: the same stateless kernel and characteristics, their own name, types and compute */
-#define DESCRIPTOR(name, in_type, out_type, n_outputs, compute_fn)                                               \
+#define DESCRIPTOR(name, in_type, n_inputs, out_type, n_outputs, compute_fn)                                     \
     {                                                                                                      \
         .version = CGLS_ORT_API_VERSION, .GetName = name, .GetExecutionProviderType = op_provider,            \
-        .GetInputType = in_type, .GetInputTypeCount = op_n_inputs, .GetOutputType = out_type,                 \
+        .GetInputType = in_type, .GetInputTypeCount = n_inputs, .GetOutputType = out_type,                    \
         .GetOutputTypeCount = n_outputs, .KernelDestroy = op_destroy, .GetInputCharacteristic = op_required,  \
         .GetOutputCharacteristic = op_required, .GetInputMemoryType = op_memory,                              \
         .GetVariadicInputMinArity = op_zero, .GetVariadicInputHomogeneity = op_zero,                          \
         .GetVariadicOutputMinArity = op_zero, .GetVariadicOutputHomogeneity = op_zero,                        \
         .CreateKernelV2 = op_create, .KernelComputeV2 = compute_fn,                                           \
     }
-static const CglsCustomOp g_op = DESCRIPTOR(op_name, op_input_type, op_output_type, op_n_outputs, compute);
-static const CglsCustomOp g_op4 = DESCRIPTOR(op4_name, op4_input_type, op4_output_type, op4_n_outputs, compute4);
+static const CglsCustomOp g_op = DESCRIPTOR(op_name, op_input_type, op_n_inputs, op_output_type, op_n_outputs, compute);
+static const CglsCustomOp g_op4 = DESCRIPTOR(op4_name, op4_input_type, op4_n_inputs, op4_output_type, op4_n_outputs, compute4);
 
 CGLS_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(CGLS_ORT_API_VERSION);
@@ -265,8 +279,11 @@ CGLS_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtAp
 /* limit the path to "avx2" or "generic" (level 1 or 0; 2: the CPU's best again), for checking each */
 CGLS_EXPORT void cgls_limit_isa(int level) { cgls_limit_isa_level(level); }
 
-/* 1 where the 4-bit cache's attention has its vector path here (AVX-512 VNNI) */
+/* the 4-bit cache's attention path here: 2 AVX-512 VNNI, 1 AVX2, 0 plain C */
 CGLS_EXPORT int cgls_isa4(void) { return cgls_attend4_vector(); }
+
+/* the same for the best path this CPU has, whatever the limit */
+CGLS_EXPORT int cgls_isa4_best(void) { return cgls_attend4_best(); }
 
 /* the vector path this CPU takes: "avx512", "avx2" or "generic" (the engine skips "generic") */
 CGLS_EXPORT const char *cgls_isa(void) {

@@ -1,4 +1,4 @@
-/* e^x on AVX-512 for the attention kernels (attend.c, attend4.c): include after defining TARGET. */
+/* e^x on AVX-512 and AVX2 for the attention kernels (attend.c, attend4.c). */
 #ifndef CODEGEN_LS_VEXP_H
 #define CODEGEN_LS_VEXP_H
 
@@ -17,6 +17,17 @@ __attribute__((target("avx512f"))) static inline __m512 exp_512(__m512 x) {
     __m512 p = _mm512_set1_ps(EXP2_POLY[0]);
     for (int i = 1; i < 7; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[i]));
     return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 exp_256(__m256 x) { /* the same on 8 lanes */
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    __m256 n = _mm256_floor_ps(t);
+    __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 #endif

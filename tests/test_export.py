@@ -173,7 +173,7 @@ def test_cli_export_defaults_to_the_gqa_graph_and_info_reports_it(checkpoint: Pa
     out = tmp_path / "m"
     assert main(["model", "export", str(checkpoint), str(out), "--int4", "--name", "tiny-test"]) == 0
     manifest = read_manifest(out)
-    auto = "int4" if kernels.vector4() and not kernels.disabled_by_env() else "int8"
+    auto = "int4" if kernels.vector4(best=True) and not kernels.disabled_by_env() else "int8"
     assert (manifest.name, manifest.extra["graph"], manifest.extra["kv_dtype"]) == ("tiny-test", "gqa", auto)
     assert manifest.quantization.startswith("int4")
     capsys.readouterr()

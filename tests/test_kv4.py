@@ -1,7 +1,7 @@
 """The 4-bit KV cache (``--kv-bits 4``): a scale per token and head, read by our kernel's
 ``codegen_ls.DecodeAttentionQ4`` (``csrc/attend4.c``) and unpacked by the graph's prompt path.
 
-- the op against a numpy reference of its format and math (every path: AVX-512 VNNI, plain C)
+- the op against a numpy reference of its format and math (every path: AVX-512 VNNI, AVX2, plain C)
 - the engine's decode steps through the kernel against the same steps through the graph's
   prompt path (elementwise ONNX ops): the same cache bytes, close logits
 - greedy agreement with the fp32 model, and a clear error where the kernel is not there
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
 
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="decode-attention kernel not built here")
-PATHS = ["", "generic"]  # the CPU's best (AVX-512 VNNI where it has it), then the plain C loop
+PATHS = ["", "avx2", "generic"]  # the CPU's best (AVX-512 VNNI where it has it), AVX2, the plain C loop
 
 
 def tiny(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int, kv_bits: int = 4, quantize: bool = True) -> Path:
@@ -88,12 +88,13 @@ def test_keys_are_stored_rotated_which_keeps_scores_and_spreads_outlier_channels
     from codegen_ls.graph_builder import key_rotation
 
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
-    names = {n.name for n in graph.node}
-    assert {"rotate_q.0", "rotate_k.0", "rotate_q.1", "rotate_k.1"} <= names
-    rot = next(t for t in graph.initializer if t.name == "key_rotation")
-    r = onnx.numpy_helper.to_array(rot)
+    r = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == "key_rotation"))
     assert r.shape == (32, 32) and np.allclose(r @ r.T, np.eye(32), atol=1e-5)
-    assert {n.op_type for n in graph.node if n.name.startswith("rotate_")} == {"MatMul"}  # fp32, not quantized
+    for node in (n for n in graph.node if n.op_type == "If"):  # decode: the op rotates; prompt: two MatMuls
+        branches = {a.name: a.g.node for a in node.attribute}
+        assert [x.input[-1] for x in branches["else_branch"]] == ["key_rotation"]
+        rotations = [(x.op_type, x.input[1]) for x in branches["then_branch"] if "rotate_" in x.name]
+        assert rotations == [("MatMul", "key_rotation")] * 2  # fp32: not quantized
 
     rng = np.random.default_rng(0)
     d = 64
@@ -114,13 +115,13 @@ def test_keys_are_stored_rotated_which_keeps_scores_and_spreads_outlier_channels
 @pytest.mark.parametrize("setting", ["", "off"])
 def test_export_picks_the_4bit_cache_by_default_only_where_it_runs_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                         setting: str) -> None:
-    """``--kv-bits`` not given: 4-bit where our kernel's vector path for it runs here (AVX-512 VNNI),
-    int8 elsewhere and where the kernel is turned off, so the model the export writes serves well
+    """``--kv-bits`` not given: 4-bit where our kernel's vector path for it runs here (AVX-512 VNNI
+    or AVX2), int8 elsewhere and where the kernel is turned off, so the model the export writes serves well
     on the machine that wrote it. The model loads and completes either way."""
     monkeypatch.setenv("CODEGEN_LS_KERNEL", setting)
     src = random_checkpoint(tmp_path / "src", vocab_size=8192, n_positions=256, tokenizer=TOKENIZER)
     manifest = export(str(src), tmp_path / "m")
-    fast4 = kernels.vector4() and setting != "off"
+    fast4 = kernels.vector4(best=True) and setting != "off"
     assert manifest.extra["kv_dtype"] == ("int4" if fast4 else "int8")
     assert export(str(src), tmp_path / "flat", graph="flat").extra["kv_dtype"] == "float32"
     assert export(str(src), tmp_path / "fp32", quantize_int8=False).extra["kv_dtype"] == "float32"
@@ -154,8 +155,8 @@ def op_session(n_head: int, half: int) -> ort.InferenceSession:
 
     f, u8, i32 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT32
     names = ["query", "key", "value", "past_key", "past_value", "past_key_scale", "past_value_scale", "seqlens_k",
-             "total_sequence_length", "attention_bias"]
-    types = [f, f, f, u8, u8, f, f, i32, i32, f]
+             "total_sequence_length", "attention_bias", "key_rotation"]
+    types = [f, f, f, u8, u8, f, f, i32, i32, f, f]
     outs = ["output", "present_key", "present_value", "present_key_scale", "present_value_scale"]
     node = helper.make_node(kernels.OP4_NAME, names, outs, domain=kernels.DOMAIN)
     graph = helper.make_graph([node], "q4", [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
@@ -178,15 +179,34 @@ def test_the_op_matches_a_numpy_reference(path: str, head: int, rows: int, best_
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
+def test_the_op_quantizes_new_rows_exactly_as_numpy(path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a signed permutation as the rotation (exact in floating point), the new rows' bytes and
+    scales are bit-identical to numpy's quantization of the rotated keys and of the values."""
+    check_op(path, 64, 3, 2, 40, 20, monkeypatch, exact=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
 def test_the_op_past_8192_keys(path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past 8192 keys the value pass's int32 sums (which could overflow) go per block, added in fp32."""
     check_op(path, 64, 2, 1, 8300, 8290, monkeypatch)
 
 
-def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monkeypatch: pytest.MonkeyPatch,
+             exact: bool = False) -> None:
+    """The op (``CODEGEN_LS_KERNEL=path``) against numpy: the new rows quantized into the cache as
+    the rotated keys kR and the values (``exact``: R a signed permutation, bit-identical; else the
+    export's rotation, whose sums the op and numpy round apart: all but a few nibbles the same and
+    none a level apart), and the output as attention over the op's cache with the query qR."""
+    from codegen_ls.graph_builder import key_rotation
+
     monkeypatch.setenv("CODEGEN_LS_KERNEL", path)
     rng = np.random.default_rng(head * 10 + rows)
     n, e = past + rows, h * head
+    if exact:
+        rot = np.eye(head, dtype=np.float32)[rng.permutation(head)] * rng.choice([-1, 1], head).astype(np.float32)[:, None]
+    else:
+        rot = key_rotation(head)
     cached_k, cached_v = rng.normal(0, 1.5, (1, h, cap, head)).astype(np.float32), rng.normal(0, 1, (1, h, cap, head)).astype(np.float32)
     pk, pks = quantize4(cached_k)
     pv, pvs = quantize4(cached_v)
@@ -196,21 +216,28 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
     bias[0, 0, :, 7] = -1e9  # a masked key in the prompt
     feed = {"query": q, "key": k, "value": v, "past_key": pk.copy(), "past_value": pv.copy(),
             "past_key_scale": pks[..., None].copy(), "past_value_scale": pvs[..., None].copy(),
-            "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32), "attention_bias": bias}
+            "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32), "attention_bias": bias,
+            "key_rotation": rot}
     out, ok, ov, oks, ovs = op_session(h, head // 2).run(None, feed)
 
     # the new rows are quantized into positions past .. n-1; the rest of the cache is kept
-    nk, nks = quantize4(k.reshape(rows, h, head).transpose(1, 0, 2))
+    rotated = (k.reshape(rows, h, head).transpose(1, 0, 2).astype(np.float64) @ rot).astype(np.float32)
+    nk, nks = quantize4(rotated)
     nv, nvs = quantize4(v.reshape(rows, h, head).transpose(1, 0, 2))
-    np.testing.assert_array_equal(ok[0, :, past:n], nk)
     np.testing.assert_array_equal(ov[0, :, past:n], nv)
-    np.testing.assert_array_equal(oks[0, :, past:n, 0], nks)
     np.testing.assert_array_equal(ovs[0, :, past:n, 0], nvs)
+    if exact:
+        np.testing.assert_array_equal(ok[0, :, past:n], nk)
+        np.testing.assert_array_equal(oks[0, :, past:n, 0], nks)
+    else:
+        got, want = (np.concatenate([x & 15, x >> 4], axis=-1).astype(int) for x in (ok[0, :, past:n], nk))
+        assert np.abs(got - want).max() <= 1 and np.mean(got != want) < 0.01
+        np.testing.assert_allclose(oks[0, :, past:n, 0], nks, rtol=1e-5)
     np.testing.assert_array_equal(ok[0, :, :past], pk[0, :, :past])
     np.testing.assert_array_equal(ovs[0, :, n:], pvs[0, :, n:, None])
 
     keys, values = dequantize4(ok[0, :, :n], oks[0, :, :n, 0]), dequantize4(ov[0, :, :n], ovs[0, :, :n, 0])  # [H, n, D]
-    qh = quantize_query(q.reshape(rows, h, head).transpose(1, 0, 2))  # [H, rows, D]
+    qh = quantize_query(q.reshape(rows, h, head).transpose(1, 0, 2) @ rot)  # [H, rows, D]
     scores = qh @ keys.transpose(0, 2, 1) / np.sqrt(head) + bias[0]  # [H, rows, n]
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
@@ -227,11 +254,13 @@ def test_bad_input_to_the_op_is_a_clear_error() -> None:
             "past_key": f((1, 2, 20, 8), np.uint8), "past_value": f((1, 2, 20, 8), np.uint8),
             "past_key_scale": f((1, 2, 20, 1), np.float32), "past_value_scale": f((1, 2, 20, 1), np.float32),
             "seqlens_k": np.array([9], np.int32), "total_sequence_length": np.array(10, np.int32),
-            "attention_bias": f((1, 1, 1, 10), np.float32)}
+            "attention_bias": f((1, 1, 1, 10), np.float32), "key_rotation": np.eye(16, dtype=np.float32)}
     assert sess.run(None, feed)[0].shape == (1, 1, 32)
     bad = dict(feed, past_value_scale=f((1, 2, 19, 1), np.float32))
     with pytest.raises(Exception, match="codegen_ls.DecodeAttentionQ4: past_key_scale/past_value_scale"):
         sess.run(None, bad)
+    with pytest.raises(Exception, match="key_rotation \\[D, D\\]"):
+        sess.run(None, dict(feed, key_rotation=np.eye(8, dtype=np.float32)))
     with pytest.raises(Exception, match="seqlens_k out of range"):
         sess.run(None, dict(feed, seqlens_k=np.array([30], np.int32), total_sequence_length=np.array(31, np.int32),
                             attention_bias=f((1, 1, 1, 31), np.float32)))
@@ -256,7 +285,8 @@ def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, row
     """The same prompt and decode steps, once with decode runs through the kernel and once with
     every run through the graph's prompt path (``PROMPT_PATH_MIN`` 1): the prompt's cache bytes and
     scales are the same (two implementations of one format), and so are the first layer's decoded
-    rows; the logits agree closely (the prompt path attends to a run's own keys unquantized)."""
+    rows (the keys' up to rounding: the two rotate them with their own sums); the logits agree
+    closely (the prompt path attends to a run's own keys unquantized)."""
     monkeypatch.setenv("CODEGEN_LS_KERNEL", path)
     rng = np.random.default_rng(rows)
     ids = [int(t) for t in rng.integers(1, 8192, 300)]
@@ -279,8 +309,16 @@ def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, row
         spread = float(a.std())
         assert np.abs(b - a).max() < 0.05 * spread
     for j, (a, b) in enumerate(zip(ref_cache, got_cache)):
-        if j < 4:  # layer 0: keys, values, their scales
+        if j in (1, 3):  # layer 0: values and their scales
             np.testing.assert_array_equal(a[:, :, :end], b[:, :, :end])
+        elif j in (0, 2):  # its keys: the prompt's the same; the decoded ones rotated by the kernel and by
+            # a MatMul, whose sums round apart: all but a few nibbles the same, none a level apart
+            np.testing.assert_array_equal(a[:, :, :300], b[:, :, :300])
+            if j == 0:
+                got, want = (np.concatenate([x & 15, x >> 4], axis=-1).astype(int) for x in (b[:, :, 300:end], a[:, :, 300:end]))
+                assert np.abs(got - want).max() <= 1 and np.mean(got != want) < 0.01
+            else:
+                np.testing.assert_allclose(b[:, :, 300:end], a[:, :, 300:end], rtol=1e-5)
         else:
             np.testing.assert_array_equal(a[:, :, :300], b[:, :, :300])  # the prompt, from the same path
 
