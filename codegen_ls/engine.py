@@ -254,6 +254,9 @@ class Engine:
         if op == kernels.OP:
             kernel = kernels.register(so, self.options.native_kernel)
         elif op == kernels.OP4:  # a 4-bit cache: only our kernel reads it
+            if not self.manifest.extra.get("key_rotation"):
+                raise ModelError(f"{self.model_dir}: its 4-bit KV cache is the format of an earlier codegen-ls (keys not "
+                                 "rotated), which this version does not read; export the model again")
             kernel = kernels.register(so, self.options.native_kernel, required=True)
             if kernel is None:
                 raise ModelError(f"{self.model_dir}: its 4-bit KV cache (exported with --kv-bits 4) needs codegen-ls's "

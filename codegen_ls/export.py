@@ -338,6 +338,7 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
         manifest.extra["decode_attention"] = kernels.OP
     if graph == "gqa" and kv_dtype == "int4":  # our op, which only our kernel implements
         manifest.extra["decode_attention"] = kernels.OP4
+        manifest.extra["key_rotation"] = True  # the format: keys stored as kR (the op's 11th input)
     write_manifest(out, manifest)
     read_manifest(out)
     _step(f"done in {time.time() - t0:.1f}s: {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")

@@ -57,6 +57,7 @@ def test_export_writes_a_4bit_cache_and_says_so(model_dir: Path) -> None:
     manifest = read_manifest(model_dir)
     assert manifest.extra["kv_dtype"] == "int4"
     assert manifest.extra["decode_attention"] == kernels.OP4
+    assert manifest.extra["key_rotation"] is True
     import onnx
 
     graph = onnx.load(str(model_dir / manifest.onnx), load_external_data=False).graph
@@ -365,3 +366,17 @@ def test_without_the_kernel_a_4bit_model_is_a_clear_error(model_dir: Path, monke
         Engine(model_dir, EngineOptions(threads=1))
     with pytest.raises(ModelError, match="--kv-bits 8"):
         Engine(model_dir, EngineOptions(threads=1, native_kernel=True))
+
+
+def test_a_4bit_model_of_the_earlier_format_is_a_clear_error(model_dir: Path, tmp_path: Path) -> None:
+    """A 4-bit model exported before the keys were stored rotated (no ``key_rotation`` in its
+    manifest) is refused with one line that says to export it again, not an op error later."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["extra"]["key_rotation"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="earlier codegen-ls .* export the model again"):
+        Engine(old, EngineOptions(threads=1))
