@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from codegen_ls.kernels import DOMAIN as KERNEL_DOMAIN
+from codegen_ls.kernels import DEQUANTIZE4_NAME as DEQUANTIZE4
 from codegen_ls.kernels import OP4_NAME as DECODE_ATTENTION_Q4
 from codegen_ls.kernels import OP_NAME as DECODE_ATTENTION
 
@@ -390,8 +391,9 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     its op: a few thousand multiply-adds a row, cheaper there than two more graph nodes a layer
     every decode step). Its decode branch is
     ``DecodeAttentionQ4``, which only our kernel implements (no ONNX function: onnxruntime has no
-    attention that reads this format); its prompt branch unpacks and packs with elementwise ops
-    and returns the chunk's scales as ``[1, S, H]`` too.
+    attention that reads this format); its prompt branch reads the cache through our
+    ``Dequantize4`` (one pass; elementwise ONNX ops took eight), packs the chunk's rows with
+    elementwise ops and returns their scales as ``[1, S, H]`` too.
     """
     from onnx import TensorProto
 
@@ -420,14 +422,10 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     bshd = pre.const("shape_bshd", np.array([0, 0, n_head, d], np.int64))
 
     def cached(buf: str, scale: np.ndarray | None) -> str:  # [1, H, past_len, D] float
+        if int4:  # our op: the first past_len rows as (nibble - 8) * scale, one pass (csrc/attend4.c)
+            return pre.op(DEQUANTIZE4, [buf, ps_k if buf == pk_in else ps_v, "past_len"], domain=KERNEL_DOMAIN,
+                          name=f"dequantize_{'key' if buf == pk_in else 'value'}")
         x = pre.op("Slice", [buf, zero, "past_len", axis2])
-        if int4:  # bytes -> low and high nibbles -> values - 8, times each row's scale
-            f = pre.op("Cast", [x], to=TensorProto.FLOAT)
-            hi = pre.op("Floor", [pre.op("Mul", [f, pre.const(f"sixteenth_{buf}", np.array(1 / 16, np.float32))])])
-            lo = pre.op("Sub", [f, pre.op("Mul", [hi, pre.const(f"sixteen_{buf}", np.array(16, np.float32))])])
-            vals = pre.op("Sub", [pre.op("Concat", [lo, hi], axis=-1), pre.const(f"eight_{buf}", np.array(8, np.float32))])
-            sbuf = ps_k if buf == pk_in else ps_v
-            return pre.op("Mul", [vals, pre.op("Slice", [sbuf, zero, "past_len", axis2])])
         if scale is None:
             return x
         return pre.op("Mul", [pre.op("Cast", [x], to=TensorProto.FLOAT), pre.const(f"scale_{buf}", scale)])

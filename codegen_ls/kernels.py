@@ -30,6 +30,7 @@ DOMAIN, OP_NAME = "codegen_ls", "DecodeAttention"  # the node the graph builder 
 OP = f"{DOMAIN}.{OP_NAME}"  # recorded in the manifest's extra.decode_attention
 OP4_NAME = "DecodeAttentionQ4"  # the same on a 4-bit cache (a scale per token): only this library runs it
 OP4 = f"{DOMAIN}.{OP4_NAME}"
+DEQUANTIZE4_NAME = "Dequantize4"  # the 4-bit cache's prompt-path read (the same library)
 ONNXRUNTIME_ATTENTION = "onnxruntime GroupQueryAttention"
 LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}  # the library's vector paths
 log = logging.getLogger(__name__)

@@ -24,6 +24,19 @@ void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale) {
     }
 }
 
+void cgls_dequantize_rows4(const uint8_t *src, const float *scale, int64_t n, int D, float *out) {
+    const int half = D / 2;
+    for (int64_t t = 0; t < n; t++) { /* plain loops the compiler vectorizes: a memory-bound pass */
+        const uint8_t *b = src + t * half;
+        float *o = out + t * D;
+        const float s = scale[t];
+        for (int j = 0; j < half; j++) {
+            o[j] = (float)((int)(b[j] & 15) - 8) * s;
+            o[j + half] = (float)((int)(b[j] >> 4) - 8) * s;
+        }
+    }
+}
+
 /* out = x R, summed over i in order for every j (the compiler vectorizes over j) */
 static inline __attribute__((always_inline)) void rotate_body(const float *restrict x, const float *restrict R, int D,
                                                                 float *restrict out) {

@@ -24,6 +24,9 @@ void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uin
                        const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
                        float *out, int out_stride);
 
+/* n cached rows [n][D/2] bytes with their scales [n] -> out [n][D] floats: (nibble - 8) * scale */
+void cgls_dequantize_rows4(const uint8_t *src, const float *scale, int64_t n, int D, float *out);
+
 /* x [D] -> dst [D/2] bytes and *scale, as above (round half to even; max|x| below 1e-30 counts as
  * 1e-30). The graph's prompt path quantizes the same way, op for op. */
 void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale);

@@ -222,6 +222,53 @@ static OrtStatus *compute4(void *kernel, OrtKernelContext *ctx) {
     return run_heads(ctx, op, &w);
 }
 
+/* ---- codegen_ls.Dequantize4: the prompt path's read of the 4-bit cache ----
+ * Inputs: 0 past uint8 [1, H, cap, D/2]; 1 its scales float [1, H, cap, 1]; 2 past_len int64 [1].
+ * Output: float [1, H, past_len, D], (nibble - 8) * scale (attend4.h's format): one pass, where
+ * the same in ONNX elementwise ops took eight over the data. Work is split by head. */
+typedef struct Unpack {
+    const uint8_t *src;
+    const float *scale;
+    float *out;
+    int64_t cap, n, D;
+} Unpack;
+
+static void dequantize_task(void *user, size_t index) {
+    const Unpack *u = (const Unpack *)user;
+    const int64_t h = (int64_t)index;
+    cgls_dequantize_rows4(u->src + h * u->cap * (u->D / 2), u->scale + h * u->cap, u->n, (int)u->D, u->out + h * u->n * u->D);
+}
+
+static OrtStatus *compute_dequantize4(void *kernel, OrtKernelContext *ctx) {
+    (void)kernel;
+    static const char *op = "Dequantize4";
+    void *data[3];
+    int64_t dims[3][4];
+    size_t rank[3], n_in;
+    CHECK(CGLS_KernelContext_GetInputCount(g_api)(ctx, &n_in));
+    if (n_in != 3) return fail_op(op, "expects 3 inputs");
+    for (size_t i = 0; i < 3; i++) {
+        const OrtValue *v;
+        CHECK(CGLS_KernelContext_GetInput(g_api)(ctx, i, &v));
+        if (!v) return fail_op(op, "missing input");
+        CHECK(tensor(op, v, &data[i], dims[i], &rank[i]));
+    }
+    if (rank[0] != 4 || dims[0][0] != 1 || rank[1] != 4 || dims[1][0] != 1 || dims[1][1] != dims[0][1] ||
+        dims[1][2] != dims[0][2] || dims[1][3] != 1)
+        return fail_op(op, "past [1, H, cap, D/2], scales [1, H, cap, 1]");
+    if (rank[2] != 1 || dims[2][0] != 1) return fail_op(op, "past_len [1]");
+    const int64_t H = dims[0][1], cap = dims[0][2], n = ((const int64_t *)data[2])[0];
+    if (n < 0 || n > cap) return fail_op(op, "past_len out of range");
+    const int64_t out_dims[4] = {1, H, n, 2 * dims[0][3]};
+    OrtValue *out;
+    void *o;
+    CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, 0, out_dims, 4, &out));
+    CHECK(CGLS_GetTensorMutableData(g_api)(out, &o));
+    Unpack u = {(const uint8_t *)data[0], (const float *)data[1], (float *)o, cap, n, 2 * dims[0][3]};
+    if (n == 0) return NULL;
+    return CGLS_KernelContext_ParallelFor(g_api)(ctx, dequantize_task, (size_t)H, 0, &u);
+}
+
 /* the descriptors */
 static const char *op_name(const CglsCustomOp *op) { (void)op; return "DecodeAttention"; }
 static const char *op_provider(const CglsCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
@@ -243,6 +290,11 @@ static int op4_input_type(const CglsCustomOp *op, size_t i) {
     return i == 3 || i == 4 ? CGLS_UINT8 : i == 7 || i == 8 ? CGLS_INT32 : CGLS_FLOAT;
 }
 static int op4_output_type(const CglsCustomOp *op, size_t i) { (void)op; return i == 1 || i == 2 ? CGLS_UINT8 : CGLS_FLOAT; }
+static const char *dq4_name(const CglsCustomOp *op) { (void)op; return "Dequantize4"; }
+static size_t dq4_n_inputs(const CglsCustomOp *op) { (void)op; return 3; }
+static size_t dq4_n_outputs(const CglsCustomOp *op) { (void)op; return 1; }
+static int dq4_input_type(const CglsCustomOp *op, size_t i) { (void)op; return i == 0 ? CGLS_UINT8 : i == 1 ? CGLS_FLOAT : CGLS_INT64; }
+static int dq4_output_type(const CglsCustomOp *op, size_t i) { (void)op; (void)i; return CGLS_FLOAT; }
 static int g_kernel; /* stateless: every kernel instance is this */
 static OrtStatus *op_create(const CglsCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
     (void)op; (void)api; (void)info;
@@ -264,6 +316,8 @@ static void op_destroy(void *kernel) { (void)kernel; }
     }
 static const CglsCustomOp g_op = DESCRIPTOR(op_name, op_input_type, op_n_inputs, op_output_type, op_n_outputs, compute);
 static const CglsCustomOp g_op4 = DESCRIPTOR(op4_name, op4_input_type, op4_n_inputs, op4_output_type, op4_n_outputs, compute4);
+static const CglsCustomOp g_dq4 = DESCRIPTOR(dq4_name, dq4_input_type, dq4_n_inputs, dq4_output_type, dq4_n_outputs,
+                                             compute_dequantize4);
 
 CGLS_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(CGLS_ORT_API_VERSION);
@@ -273,6 +327,7 @@ CGLS_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtAp
     CHECK(CGLS_CreateCustomOpDomain(api)("codegen_ls", &domain));
     CHECK(CGLS_CustomOpDomain_Add(api)(domain, &g_op));
     CHECK(CGLS_CustomOpDomain_Add(api)(domain, &g_op4));
+    CHECK(CGLS_CustomOpDomain_Add(api)(domain, &g_dq4));
     return CGLS_AddCustomOpDomain(api)(options, domain);
 }
 

@@ -380,3 +380,29 @@ def test_a_4bit_model_of_the_earlier_format_is_a_clear_error(model_dir: Path, tm
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match="earlier codegen-ls .* export the model again"):
         Engine(old, EngineOptions(threads=1))
+
+
+@needs_kernel
+def test_the_prompt_paths_dequantize_op_matches_numpy_and_rejects_bad_input() -> None:
+    """``codegen_ls.Dequantize4`` (the prompt branch's read of the cache): the first past_len rows
+    of every head as (nibble - 8) * scale, exactly numpy's; a bad shape or length is a clear error."""
+    from onnx import TensorProto, helper
+
+    names, types = ["past", "scale", "past_len"], [TensorProto.UINT8, TensorProto.FLOAT, TensorProto.INT64]
+    node = helper.make_node(kernels.DEQUANTIZE4_NAME, names, ["out"], domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "dq4", [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    so = ort.SessionOptions()
+    assert kernels.register(so, required=True)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    for head in (16, 48, 64):
+        packed, scale = quantize4(rng.normal(0, 1, (1, 3, 50, head)).astype(np.float32))
+        out = sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([37], np.int64)})[0]
+        np.testing.assert_array_equal(out, dequantize4(packed[:, :, :37], scale[:, :, :37]))
+    assert sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([0], np.int64)})[0].shape == (1, 3, 0, 64)
+    with pytest.raises(Exception, match="codegen_ls.Dequantize4: past_len out of range"):
+        sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([51], np.int64)})
+    with pytest.raises(Exception, match="codegen_ls.Dequantize4: past .* scales"):
+        sess.run(None, {"past": packed, "scale": scale[:, :, :49, None], "past_len": np.array([3], np.int64)})
