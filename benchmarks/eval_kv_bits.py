@@ -2,8 +2,10 @@
 checkpoint with its keys and values fake-quantized the way the gqa graph quantizes its int8 cache
 (static per-channel scales from the export's calibration: the largest magnitude x 1.25), at 8
 and 4 bits, and with a scale per token and head instead (what ``--kv-bits 4`` stores: max|x| / 7,
-round, clip to -8..7), on the first 1024 tokens of held-out standard-library modules (the eval's).
-Run it on a checkpoint before choosing ``--kv-bits 4`` for it.
+round, clip to -8..7), with the keys as they are and rotated as the export stores them, on the
+first 1024 tokens of held-out standard-library modules (the eval's); then the attention scores'
+error from 4-bit keys, per layer, unrotated and rotated. Run it on a checkpoint before serving
+it with the 4-bit cache (``--kv-bits 4``, which the export picks by default on CPUs with AVX2).
 
     python benchmarks/eval_kv_bits.py build/train/final     # the embedded model's checkpoint
                                                             # (models/recipe/train.py makes it)
@@ -67,7 +69,15 @@ def main() -> None:
 
     rot = torch.from_numpy(key_rotation(int(cfg.n_embd // cfg.n_head)))
 
+    score_error: dict[str, list[list[float]]] = {"token": [[] for _ in range(cfg.n_layer)],
+                                                  "rotated": [[] for _ in range(cfg.n_layer)]}
+
     def attn(self: Any, query: Any, key: Any, value: Any, attention_mask: Any = None, head_mask: Any = None) -> Any:
+        if mode[0] is None:  # the scores' error of 4-bit keys with a scale per token, unrotated and rotated
+            exact = query @ key.transpose(-1, -2)
+            for name, (q, k) in (("token", (query, key)), ("rotated", (query @ rot, key @ rot))):
+                err = q @ fake_quantize(k, peaks[self.layer_idx][0], 4, "token").transpose(-1, -2) - exact
+                score_error[name][self.layer_idx].append(float(err.pow(2).mean() / exact.pow(2).mean()))
         if mode[0]:  # keys (after rotary) and values as the cache would hold them
             k_bits, v_bits, scales = mode[0]
             if scales == "rotated":  # q.k = (qR).(kR): the rotation spreads the keys' outlier channels
@@ -96,6 +106,12 @@ def main() -> None:
         print(f"| {name} | {size:.2f} | {nll / count:.4f} | {100 * hits / count:.2f} % |", flush=True)
     print(f"\n{int(count)} tokens of {len(files)} held-out files; command: `python benchmarks/eval_kv_bits.py "
           f"{' '.join(sys.argv[1:])}`")
+    print("\nThe attention scores' error with 4-bit keys (a scale per token), relative mean square, per layer "
+          "(mean over the files):\n\n| keys | " + " | ".join(f"layer {i}" for i in range(cfg.n_layer)) + " |\n|---|"
+          + "---:|" * cfg.n_layer)
+    for name in ("token", "rotated"):
+        label = "as they are" if name == "token" else "rotated (what `--kv-bits 4` stores)"
+        print(f"| {label} | " + " | ".join(f"{np.mean(e):.4f}" for e in score_error[name]) + " |")
 
 
 if __name__ == "__main__":
