@@ -64,6 +64,40 @@ static float quantize_query(const float *q, int D, int8_t *qi, int *qsum8) {
     return amax / 127.f;
 }
 
+/* Both vector paths: the R query rows as int8 (quantize_query) split into the values the cached
+ * bytes' low nibbles (qlo, values 0 .. D/2 - 1) and high nibbles (qhi) meet, zero-padded to 128;
+ * qs: each row's scale times 1 / sqrt(D), qsum: 8 x its sum. */
+static inline __attribute__((always_inline)) void split_queries(const float *q, int q_stride, int R, int D, float scale,
+                                                                 int8_t qlo[][128], int8_t qhi[][128], float *qs,
+                                                                 int *qsum) {
+    const int half = D / 2;
+    memset(qlo, 0, sizeof(int8_t[CGLS_ROWS][128]));
+    memset(qhi, 0, sizeof(int8_t[CGLS_ROWS][128]));
+    for (int r = 0; r < R; r++) {
+        int8_t qi[256];
+        qs[r] = quantize_query(q + r * q_stride, D, qi, &qsum[r]) * scale;
+        memcpy(qlo[r], qi, (size_t)half);
+        memcpy(qhi[r], qi + half, (size_t)half);
+    }
+}
+
+/* Both vector paths: the scores of keys t .. past + R - 1 (those after the last full block), one
+ * at a time, each row's max over the keys it sees kept in smax. */
+static inline __attribute__((always_inline)) void tail_scores(
+    const uint8_t *K, const float *ks, const float *bias, int bias_stride, int past, int R, int half, int t,
+    int8_t qlo[][128], int8_t qhi[][128], const float *qs, const int *qsum, float *scores, int s_stride, float *smax) {
+    for (; t < past + R; t++) {
+        const uint8_t *k = K + (size_t)t * half;
+        for (int r = 0; r < R; r++) {
+            int acc = 0;
+            for (int j = 0; j < half; j++) acc += (k[j] & 15) * qlo[r][j] + (k[j] >> 4) * qhi[r][j];
+            const float s = (float)(acc - qsum[r]) * qs[r] * ks[t] + bias[r * bias_stride + t];
+            scores[r * s_stride + t] = s;
+            if (t <= past + r && s > smax[r]) smax[r] = s;
+        }
+    }
+}
+
 /* ---- plain C: any CPU, any even head size ---- */
 static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
                           const float *vs, const float *bias, int bias_stride, int past, int S, int D,
@@ -274,19 +308,12 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows(
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i perm = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
 
-    /* the query rows as int8 with a scale per row (quantize_query), laid out per 32-byte chunk of
-     * a cached row: chunk c's low nibbles are values 32c.., its high ones half + 32c.. */
+    /* the query rows as int8 with a scale per row, laid out per 32-byte chunk of a cached row:
+     * chunk c's low nibbles are values 32c.., its high ones half + 32c.. */
     int8_t qlo[ROWS][128] __attribute__((aligned(64))), qhi[ROWS][128] __attribute__((aligned(64)));
     float qs[ROWS];
     int qsum[ROWS];
-    memset(qlo, 0, sizeof qlo);
-    memset(qhi, 0, sizeof qhi);
-    for (int r = 0; r < R; r++) {
-        int8_t qi[256];
-        qs[r] = quantize_query(q + r * q_stride, D, qi, &qsum[r]) * scale;
-        memcpy(qlo[r], qi, (size_t)half);
-        memcpy(qhi[r], qi + half, (size_t)half);
-    }
+    split_queries(q, q_stride, R, D, scale, qlo, qhi, qs, qsum);
 
     /* key pass: 16 keys a block, two keys a register; per row 8 accumulators, reduced in a tree;
      * each row's largest score (over the keys it sees) kept for the softmax */
@@ -325,16 +352,7 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows(
     }
     float smax[ROWS];
     for (int r = 0; r < R; r++) smax[r] = _mm512_reduce_max_ps(vmax[r]);
-    for (; t < n; t++) {
-        const uint8_t *k = K + (size_t)t * half;
-        for (int r = 0; r < R; r++) {
-            int acc = 0;
-            for (int j = 0; j < half; j++) acc += (k[j] & 15) * qlo[r][j] + (k[j] >> 4) * qhi[r][j];
-            const float s = (float)(acc - qsum[r]) * qs[r] * ks[t] + bias[r * bias_stride + t];
-            scores[r * s_stride + t] = s;
-            if (t <= past + r && s > smax[r]) smax[r] = s;
-        }
-    }
+    tail_scores(K, ks, bias, bias_stride, past, R, half, t, qlo, qhi, qs, qsum, scores, s_stride, smax);
 
     /* softmax and weights in one pass per row: p = e^(s - max) over the keys it sees (the later
      * rows' keys weigh 0), w = p * the value row's scale */
@@ -474,14 +492,7 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows2(
     int8_t qlo[ROWS][128] __attribute__((aligned(32))), qhi[ROWS][128] __attribute__((aligned(32)));
     float qs[ROWS];
     int qsum[ROWS];
-    memset(qlo, 0, sizeof qlo);
-    memset(qhi, 0, sizeof qhi);
-    for (int r = 0; r < R; r++) {
-        int8_t qi[256];
-        qs[r] = quantize_query(q + r * q_stride, D, qi, &qsum[r]) * scale;
-        memcpy(qlo[r], qi, (size_t)half);
-        memcpy(qhi[r], qi + half, (size_t)half);
-    }
+    split_queries(q, q_stride, R, D, scale, qlo, qhi, qs, qsum);
 
     /* key pass: 8 keys a block, two keys a register */
     float smax[ROWS];
@@ -514,16 +525,7 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows2(
         }
     }
     for (int r = 0; r < R; r++) smax[r] = hmax_ps(vmax[r]);
-    for (; t < n; t++) {
-        const uint8_t *k = K + (size_t)t * half;
-        for (int r = 0; r < R; r++) {
-            int acc = 0;
-            for (int j = 0; j < half; j++) acc += (k[j] & 15) * qlo[r][j] + (k[j] >> 4) * qhi[r][j];
-            const float s = (float)(acc - qsum[r]) * qs[r] * ks[t] + bias[r * bias_stride + t];
-            scores[r * s_stride + t] = s;
-            if (t <= past + r && s > smax[r]) smax[r] = s;
-        }
-    }
+    tail_scores(K, ks, bias, bias_stride, past, R, half, t, qlo, qhi, qs, qsum, scores, s_stride, smax);
 
     /* softmax and weights, then the weights as 15-bit integers in place (see attend4_values16) */
     float inv[ROWS], wscale[ROWS];
