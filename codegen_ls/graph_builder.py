@@ -418,7 +418,8 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
                num_heads=n_head, kv_num_heads=n_head)
 
     pre = _Graph(f"pre{i}.")
-    zero, axis2 = pre.const("zero", np.array([0], np.int64)), pre.const("axis2", np.array([2], np.int64))
+    if not int4:  # the int8 / fp32 cache's first past_len rows are a Slice (the 4-bit one: Dequantize4)
+        zero, axis2 = pre.const("zero", np.array([0], np.int64)), pre.const("axis2", np.array([2], np.int64))
     bshd = pre.const("shape_bshd", np.array([0, 0, n_head, d], np.int64))
 
     def cached(buf: str, scale: np.ndarray | None) -> str:  # [1, H, past_len, D] float

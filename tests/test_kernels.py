@@ -20,6 +20,7 @@ from codegen_ls.backends import GqaBackend  # noqa: E402
 from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
 from codegen_ls.export import export, random_checkpoint  # noqa: E402
 from codegen_ls.modeldir import read_manifest  # noqa: E402
+from samples import decode_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -100,15 +101,7 @@ def test_kernel_matches_group_query_attention(head_size_model: Path, rows: int, 
     steps = [[int(t) for t in rng.integers(1, 8192, rows)] for _ in range(8)]
     results = []
     for kernel in (False, True):
-        be = backend(head_size_model, kernel, path)
-        logits, state = be.prefill(None, 0, ids, len(ids) - 1, None)
-        dec = be.begin(state, len(ids), rows, len(steps))
-        out = [logits[-1:]]
-        for i, tokens in enumerate(steps):
-            if rows > 1 and i == 4:  # the last row finishes: the others go on
-                be.keep_rows(dec, np.arange(rows - 1))
-            out.append(be.step(dec, tokens[: dec.bias.shape[0]]))
-        results.append((out, [b.copy() for b in state.buffers], dec.end))
+        results.append(decode_run(backend(head_size_model, kernel, path), ids, steps, rows))
     (ref, ref_cache, end), (got, got_cache, got_end) = results
     assert end == got_end
     for a, b in zip(ref, got):

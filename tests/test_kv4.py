@@ -24,6 +24,7 @@ from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
 from codegen_ls.errors import ModelError  # noqa: E402
 from codegen_ls.export import export, random_checkpoint  # noqa: E402
 from codegen_ls.modeldir import read_manifest  # noqa: E402
+from samples import decode_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -295,15 +296,7 @@ def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, row
     results = []
     for prompt_min in (backends.PROMPT_PATH_MIN, 1):
         monkeypatch.setattr(backends, "PROMPT_PATH_MIN", prompt_min)
-        be = backend(head_size_model)
-        logits, state = be.prefill(None, 0, ids, len(ids) - 1, None)
-        dec = be.begin(state, len(ids), rows, len(steps))
-        out = [logits[-1:]]
-        for i, tokens in enumerate(steps):
-            if rows > 1 and i == 4:
-                be.keep_rows(dec, np.arange(rows - 1))
-            out.append(be.step(dec, tokens[: dec.bias.shape[0]]))
-        results.append((out, [b.copy() for b in state.buffers], dec.end))
+        results.append(decode_run(backend(head_size_model), ids, steps, rows))
     (got, got_cache, end), (ref, ref_cache, ref_end) = results
     assert end == ref_end
     for a, b in zip(ref, got):
