@@ -262,9 +262,10 @@ class Engine:
                 raise ModelError(f"{self.model_dir}: its 4-bit KV cache (exported with --kv-bits 4) needs codegen-ls's "
                                  f"decode-attention kernel, which is {kernels.status(required=True)}; reinstall "
                                  "codegen-ls where a C compiler is, or export the model with --kv-bits 8")
-            if not kernels.vector4():
-                log.warning("%s: this CPU has neither AVX-512 VNNI nor AVX2, so the 4-bit KV cache's attention runs a "
-                            "slow plain C loop; a model exported with --kv-bits 8 decodes faster here", self.model_dir)
+            if not kernels.vector4(head_dim=self.manifest.head_dim):
+                log.warning("%s: the 4-bit KV cache's attention has no vector path here for heads of %d (AVX-512 VNNI, "
+                            "or AVX2 with heads a multiple of 16), so a slow plain C loop runs it; a model exported with "
+                            "--kv-bits 8 decodes faster here", self.model_dir, self.manifest.head_dim)
         self.attention = kernel or (kernels.ONNXRUNTIME_ATTENTION if self.graph == "gqa" else "onnxruntime MatMul + Softmax")
         try:
             self.session = ort.InferenceSession(str(self.model_dir / self.manifest.onnx), so, providers=["CPUExecutionProvider"])

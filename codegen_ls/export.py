@@ -230,9 +230,7 @@ def default_kv_bits(graph: str = "gqa", quantize_int8: bool = True, head_dim: in
     kernel runs the 4-bit cache's attention vectorized here (library built and not turned off;
     AVX-512 VNNI, or AVX2 for head sizes a multiple of 16, as CodeGen's all are), which is faster
     at long context and half the memory; else 8, which runs fast anywhere."""
-    path = kernels.path4(best=True)
-    fast4 = (graph == "gqa" and quantize_int8 and not kernels.disabled_by_env()
-             and (path == "avx512-vnni" or (path == "avx2" and head_dim % 16 == 0)))
+    fast4 = graph == "gqa" and quantize_int8 and not kernels.disabled_by_env() and kernels.vector4(True, head_dim)
     return 4 if fast4 else 8
 
 
@@ -270,16 +268,18 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     source = _resolve_source(src)
     config = _check_config(source)
     auto = kv_bits is None
+    head_dim = int(config["n_embd"]) // int(config["n_head"])
     if kv_bits is None:
-        kv_bits = default_kv_bits(graph, quantize_int8, int(config["n_embd"]) // int(config["n_head"]))
+        kv_bits = default_kv_bits(graph, quantize_int8, head_dim)
     if auto and graph == "gqa" and quantize_int8:
         _step(f"KV cache: 4-bit (our kernel runs it here with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs "
               "fast on any CPU)" if kv_bits == 4 else
-              "KV cache: int8 (the 4-bit cache's fast kernel needs the compiled library and AVX2 or AVX-512 VNNI: "
-              "not here)")
-    if kv_bits == 4 and not kernels.vector4(best=True):
-        _step("note: the 4-bit KV cache's attention has no fast path on this machine (it needs the compiled kernel "
-              "and AVX2 or AVX-512 VNNI): the model will serve slowly here, or not at all without the kernel")
+              f"KV cache: int8 (the 4-bit cache's fast kernel needs the compiled library and AVX2 or AVX-512 VNNI, "
+              f"for heads of {head_dim}: not here)")
+    if kv_bits == 4 and not kernels.vector4(best=True, head_dim=head_dim):
+        _step(f"note: the 4-bit KV cache's attention has no fast path on this machine for heads of {head_dim} (it needs "
+              "the compiled kernel, and AVX-512 VNNI, or AVX2 with heads a multiple of 16): the model will serve slowly "
+              "here, or not at all without the kernel")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CodegenLsError(f"output directory is not empty: {out} (use --force to overwrite)")

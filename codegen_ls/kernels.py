@@ -64,21 +64,25 @@ def library() -> tuple[str, str] | None:
 PATHS4 = {2: "avx512-vnni", 1: "avx2", 0: "generic, slow"}  # the 4-bit cache's paths
 
 
-def path4(best: bool = False) -> str | None:
+def path4(best: bool = False, head_dim: int | None = None) -> str | None:
     """The path the 4-bit cache's attention (``--kv-bits 4``) takes here (at the current limit;
-    ``best``: the best this CPU has, whatever the limit): ``avx512-vnni``, ``avx2`` (head sizes a
-    multiple of 16) or ``generic, slow`` (a plain C loop, several times slower); None where the
-    library is not built."""
+    ``best``: the best this CPU has, whatever the limit): ``avx512-vnni``, ``avx2`` or
+    ``generic, slow`` (a plain C loop, several times slower); None where the library is not
+    built. ``head_dim``: for heads of this size, as the kernel picks per call (AVX-512 VNNI takes
+    even sizes, AVX2 multiples of 16; neither over 256)."""
     loaded = _load()
     if loaded is None:
         return None
-    return PATHS4.get(int(loaded[2].cgls_isa4_best() if best else loaded[2].cgls_isa4()), PATHS4[0])
+    path = PATHS4.get(int(loaded[2].cgls_isa4_best() if best else loaded[2].cgls_isa4()), PATHS4[0])
+    if head_dim is not None and (head_dim > 256 or head_dim % (2 if path == PATHS4[2] else 16)):
+        return PATHS4[0]
+    return path
 
 
-def vector4(best: bool = False) -> bool:
-    """Whether the 4-bit cache's attention has a vector path here (AVX-512 VNNI or AVX2; ``best``:
-    see :func:`path4`)."""
-    return path4(best) not in (None, PATHS4[0])
+def vector4(best: bool = False, head_dim: int | None = None) -> bool:
+    """Whether the 4-bit cache's attention has a vector path here (AVX-512 VNNI or AVX2; ``best``
+    and ``head_dim``: see :func:`path4`)."""
+    return path4(best, head_dim) not in (None, PATHS4[0])
 
 
 def setting() -> str:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,25 @@ def test_export_picks_the_4bit_cache_by_default_only_where_it_runs_fast(tmp_path
     engine = Engine(tmp_path / "m", EngineOptions(threads=1))
     assert ("4-bit" in engine.attention) == fast4
     assert len(engine.generate([5, 6, 7, 8], max_new_tokens=4).candidates[0].token_ids) == 4
+
+
+@needs_kernel
+@pytest.mark.skipif(kernels.library() is None or kernels.library()[1] == "generic", reason="no AVX2 here")  # type: ignore[index]
+def test_engine_warns_where_avx2_has_no_path_for_the_head_size(tmp_path_factory: pytest.TempPathFactory, best_path_after: None,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The AVX2 path takes heads of a multiple of 16: on AVX2 alone (``CODEGEN_LS_KERNEL=avx2``), a
+    4-bit model with heads of 40 runs the plain C loop, and loading it says so; heads of 32 do not.
+    The model still completes."""
+    monkeypatch.setenv("CODEGEN_LS_KERNEL", "avx2")
+    for n_embd, slow in ((160, True), (128, False)):
+        model = tiny(tmp_path_factory, n_embd, 4)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="codegen_ls.engine"):
+            engine = Engine(model, EngineOptions(threads=1))
+        assert kernels.path4(head_dim=n_embd // 4) == ("generic, slow" if slow else "avx2")
+        assert ("slow plain C loop" in caplog.text and f"heads of {n_embd // 4}" in caplog.text) == slow
+        assert len(engine.generate([5, 6, 7, 8], max_new_tokens=4).candidates[0].token_ids) == 4
 
 
 # -- the op alone, against numpy -------------------------------------------------------------
