@@ -4,8 +4,9 @@ checkpoint with its keys and values fake-quantized the way the gqa graph quantiz
 and 4 bits, and with a scale per token and head instead (what ``--kv-bits 4`` stores: max|x| / 7,
 round, clip to -8..7), with the keys as they are and rotated as the export stores them, on the
 first 1024 tokens of held-out standard-library modules (the eval's); then the attention scores'
-error from 4-bit keys, per layer, unrotated and rotated. Run it on a checkpoint before serving
-it with the 4-bit cache (``--kv-bits 4``, which the export picks by default on CPUs with AVX2).
+error from 4-bit keys, per layer, unrotated and rotated. The export's ``--kv-bits auto`` runs a
+shorter check itself (``codegen_ls.kv_check``: the loss with each cache, on 2048 tokens) before
+it picks the 4-bit cache; this is the longer look, on held-out text.
 
     python benchmarks/eval_kv_bits.py build/train/final     # the embedded model's checkpoint
                                                             # (models/recipe/train.py makes it)
@@ -27,6 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from eval_completion import heldout_files  # noqa: E402
 
+from codegen_ls import kv_check  # noqa: E402
 from codegen_ls.export import calibration_batches  # noqa: E402
 from codegen_ls.graph_builder import KV_HEADROOM, kv_scales  # noqa: E402
 
@@ -57,13 +59,9 @@ def main() -> None:
     mode: list[tuple[int, int, str] | None] = [None]
     original = modeling_codegen.CodeGenAttention._attn
 
-    def fake_quantize(x: Any, peak: np.ndarray, bits: int, scales: str) -> Any:
-        top = 2 ** (bits - 1) - 1
-        if scales == "static":
-            scale = torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / top)
-        else:
-            scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6) / top
-        return torch.clamp(torch.round(x / scale), -top - 1, top) * scale
+    def fake_quantize(x: Any, peak: np.ndarray, bits: int, scales: str) -> Any:  # the export's check's (kv_check)
+        static = torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / (2 ** (bits - 1) - 1)) if scales == "static" else None
+        return kv_check.fake_quantize(x, bits, static)
 
     from codegen_ls.graph_builder import key_rotation
 

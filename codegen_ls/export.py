@@ -4,9 +4,10 @@ Pipeline (needs the ``export`` extra: torch, transformers, optimum-onnx; serving
 
 1. resolve SRC: a local checkpoint directory, or a hub id downloaded when online;
 2. build our own graph from the transformers model (:mod:`codegen_ls.graph_builder`):
-   ``--graph gqa`` (the default; GroupQueryAttention over one in-place cache per layer, an int8
-   cache when quantized, its scales calibrated here on standard-library source) or ``--graph
-   flat``; or export with past key/values through optimum-onnx (``--graph optimum``,
+   ``--graph gqa`` (the default; GroupQueryAttention over one in-place cache per layer: when
+   quantized a 4-bit cache where our kernel runs it fast and it costs the checkpoint little
+   (:mod:`codegen_ls.kv_check`), else int8, its scales calibrated here on standard-library
+   source) or ``--graph flat``; or export with past key/values through optimum-onnx (``--graph optimum``,
    ``text-generation-with-past``, the reference);
 3. int8 dynamic quantization with ``onnxruntime.quantization`` (``--no-quantize`` keeps fp32;
    our graphs also store the token embedding as int8 rows, and ``--int4`` makes their layer
@@ -30,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from codegen_ls import kernels
+from codegen_ls import kernels, kv_check
+from codegen_ls.kv_check import KvCheck
 from codegen_ls.errors import CodegenLsError, ModelError
 from codegen_ls.modeldir import Manifest, read_manifest, sha256, write_manifest
 
@@ -192,13 +194,17 @@ def calibration_batches(tokenizer: Path | None, n_positions: int, vocab_size: in
 
 def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
                   int4: bool, kv_fp16: bool = False, graph: str = "flat",
-                  tokenizer: Path | None = None, kv_bits: int = 8) -> tuple[list[str], bool]:
+                  tokenizer: Path | None = None, kv_bits: int = 8,
+                  check_kv4: bool = False) -> tuple[list[str], bool, int, KvCheck | None]:
     """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.graph_builder`) from the
     transformers model; a quantized ``gqa`` graph gets an int8 KV cache, calibrated here on text
     encoded with ``tokenizer`` (the exported ``tokenizer.json``), or with ``kv_bits`` 4 a 4-bit
-    one (a scale per token: nothing to calibrate).
+    one (a scale per token: nothing to calibrate). ``check_kv4`` (``--kv-bits auto``): first
+    check what the 4-bit cache costs the checkpoint (:mod:`codegen_ls.kv_check`) and take the
+    int8 one instead where it costs too much.
 
-    Returns (attention MatMul names to keep in fp32, whether external data was used).
+    Returns (attention MatMul names to keep in fp32, whether external data was used, the KV
+    cache's bits, the check's result or None).
     """
     import torch
     from transformers import CodeGenForCausalLM
@@ -207,12 +213,23 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
 
     try:
         model = CodeGenForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
-        scales = None
-        if graph == "gqa" and quantized and kv_bits == 8:
+        scales, result = None, None
+        if graph == "gqa" and quantized and (kv_bits == 8 or check_kv4):
             _step("      calibrating the int8 KV cache ...")
             cfg = model.config
             batches = calibration_batches(tokenizer, int(cfg.n_positions), int(cfg.vocab_size))
             scales = kv_scales(model, batches)
+            if check_kv4:
+                _step("      checking what the 4-bit KV cache costs this checkpoint (codegen_ls.kv_check) ...")
+                result = kv_check.check(model, batches, scales)
+                loss = result.loss
+                verdict = "the 4-bit cache" if result.four_bit_ok else (
+                    f"the int8 cache (the 4-bit one costs more than {kv_check.KV4_TOLERANCE} over it)")
+                _step(f"      loss on {result.tokens} tokens of Python: {loss['exact']:.4f} exact, {loss['int8']:.4f} with "
+                      f"the int8 KV cache, {loss['int4']:.4f} with the 4-bit one: {verdict}")
+                kv_bits = 4 if result.four_bit_ok else 8
+            if kv_bits == 4:
+                scales = None
         proto, attention = build_graph(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0,
                                        kv_fp16=kv_fp16, graph=graph, kv_int8=scales, kv_int4=kv_bits == 4)
     except Exception as exc:  # unreadable weights, unexpected shapes: one line
@@ -222,7 +239,7 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
     if external is None:
         external = sum(len(t.raw_data) for t in proto.graph.initializer) > 1_800_000_000
     save(proto, tmp_dir / "model.onnx", external)
-    return attention, external
+    return attention, external, kv_bits, result
 
 
 def default_kv_bits(graph: str = "gqa", quantize_int8: bool = True, head_dim: int = 64) -> int:
@@ -272,8 +289,8 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     if kv_bits is None:
         kv_bits = default_kv_bits(graph, quantize_int8, head_dim)
     if auto and graph == "gqa" and quantize_int8:
-        _step(f"KV cache: 4-bit (our kernel runs it here with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs "
-              "fast on any CPU)" if kv_bits == 4 else
+        _step(f"KV cache: 4-bit unless the check below finds it costs this checkpoint too much (our kernel runs it here "
+              f"with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs fast on any CPU)" if kv_bits == 4 else
               f"KV cache: int8 (the 4-bit cache's fast kernel needs the compiled library and AVX2 or AVX-512 VNNI, "
               f"for heads of {head_dim}: not here)")
     if kv_bits == 4 and not kernels.vector4(best=True, head_dim=head_dim):
@@ -290,10 +307,12 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     with tempfile.TemporaryDirectory(prefix="codegen-ls-export-") as tmp:
         tmp_dir = Path(tmp)
         exclude: list[str] = []
+        checked = None
         if graph in ("flat", "gqa"):
             _step(f"[1/3] building the {graph} ONNX graph of {source} (codegen_ls.graph_builder) ...")
-            exclude, external_data = _export_graph(source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph,
-                                                   out / "tokenizer.json", kv_bits)
+            exclude, external_data, kv_bits, checked = _export_graph(
+                source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph, out / "tokenizer.json", kv_bits,
+                check_kv4=auto and kv_bits == 4)
         else:
             _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
             _export_optimum(source, tmp_dir)
@@ -311,11 +330,11 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
     kv_dtype = ("float16" if kv_fp16 else "float32" if graph != "gqa" or not quantize_int8
                 else "int4" if kv_bits == 4 else "int8")
-    return _write_manifest(src, out, config, quantization, graph, t0, name, kv_dtype)
+    return _write_manifest(src, out, config, quantization, graph, t0, name, kv_dtype, checked)
 
 
 def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph: str, t0: float,
-                    name: str | None = None, kv_dtype: str = "float32") -> Manifest:
+                    name: str | None = None, kv_dtype: str = "float32", checked: KvCheck | None = None) -> Manifest:
     n_head = int(config["n_head"])
     files = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
     manifest = Manifest(
@@ -339,6 +358,8 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
     if graph == "gqa" and kv_dtype == "int4":  # our op, which only our kernel implements
         manifest.extra["decode_attention"] = kernels.OP4
         manifest.extra["key_rotation"] = True  # the format: keys stored as kR (the op's 11th input)
+    if checked is not None:  # --kv-bits auto: what the 4-bit cache cost the checkpoint
+        manifest.extra["kv_check"] = checked.to_json()
     write_manifest(out, manifest)
     read_manifest(out)
     _step(f"done in {time.time() - t0:.1f}s: {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")
