@@ -214,8 +214,21 @@ def test_the_op_past_8192_keys(path: str, best_path_after: None, monkeypatch: py
     check_op(path, 64, 2, 1, 8300, 8290, monkeypatch)
 
 
+@needs_kernel
+@pytest.mark.parametrize("path", PATHS)
+def test_the_op_on_widely_spread_scores_flushes_denormals_only_inside(path: str, best_path_after: None,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query 40x larger spreads a row's scores over hundreds, so most keys' weights fall below
+    float's normal range: the op flushes them (x86: FTZ and DAZ, for speed) and still matches the
+    reference, and the calling thread's floating point is as it was (denormals survive numpy)."""
+    tiny = np.array([1e-39], np.float32)
+    assert (tiny * np.float32(1.0))[0] > 0
+    check_op(path, 64, 3, 3, 300, 280, monkeypatch, query_scale=40.0)
+    assert (tiny * np.float32(1.0))[0] > 0 and (tiny + tiny)[0] == np.float32(2e-39)
+
+
 def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monkeypatch: pytest.MonkeyPatch,
-             exact: bool = False) -> None:
+             exact: bool = False, query_scale: float = 1.0) -> None:
     """The op (``CODEGEN_LS_KERNEL=path``) against numpy: the new rows quantized into the cache as
     the rotated keys kR and the values (``exact``: R a signed permutation, bit-identical; else the
     export's rotation, whose sums the op and numpy round apart: all but a few nibbles the same and
@@ -233,6 +246,7 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
     pk, pks = quantize4(cached_k)
     pv, pvs = quantize4(cached_v)
     q, k, v = (rng.normal(0, 1, (1, rows, e)).astype(np.float32) for _ in range(3))
+    q *= np.float32(query_scale)
     bias = np.zeros((1, 1, rows, n), np.float32)
     bias[0, 0, :, past:] = np.triu(np.full((rows, rows), -1e9, np.float32), 1)
     bias[0, 0, :, 7] = -1e9  # a masked key in the prompt
