@@ -265,7 +265,8 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     ``kv_fp16`` (flat only) stores the KV cache in float16. ``kv_bits`` 4 (gqa, quantized) makes
     the gqa cache 4-bit with a scale per token and head: half the int8 cache's memory and
     bandwidth, for a little accuracy; only our compiled kernel runs its decode attention. None
-    (the default): :func:`default_kv_bits`, 4 where this machine runs that kernel fast, else 8.
+    (the default): :func:`default_kv_bits`, 4 where this machine runs that kernel fast and
+    :mod:`codegen_ls.kv_check` finds it costs the checkpoint little, else 8.
 
     ``external_data``: None decides by size (ONNX external data when the fp32 export is past
     ~1.8 GB, as 2 GB is the protobuf limit); True/False force it (tests use True to cover the
