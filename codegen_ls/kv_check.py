@@ -96,6 +96,7 @@ def check(model: Any, batches: list[list[int]], int8_scales: list[tuple[np.ndarr
     import torch
 
     windows = [torch.tensor([ids]) for ids in batches[:CHECK_WINDOWS]]
+    tokens = sum(int(ids.shape[1]) - 1 for ids in windows)  # positions with a next token
     loss, same, exact = {}, {}, []
     with torch.no_grad():
         for mode in ("exact", "int8", "int4"):
@@ -109,7 +110,6 @@ def check(model: Any, batches: list[list[int]], int8_scales: list[tuple[np.ndarr
                         exact.append(top)
                     else:
                         hits += int((top == exact[i]).sum())
-            tokens = sum(int(ids.shape[1]) - 1 for ids in windows)
             loss[mode] = nll / tokens
             if mode != "exact":
                 same[mode] = hits / tokens

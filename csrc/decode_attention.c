@@ -125,26 +125,7 @@ static size_t scratch_floats(const Work *w) { /* a head's: scores, then (4-bit) 
     return (size_t)CGLS_SCRATCH(w->past, w->S) + (w->four_bit ? (size_t)((w->S + 1) * w->D) : 0);
 }
 
-/* one head, all its rows; with denormals flushed to zero (x86: MXCSR's FTZ and DAZ, the thread's
- * own setting put back after). Where a row's attention is peaked, the weights of the keys far below
- * its largest score (e^(s - max) times the value scale) fall under float's normal range, and each
- * instruction on them takes a microcode assist: in a model-like harness with scores that wide, the
- * decode step's growth from 64 to 2000 keys was 4.2 ms with them and 2.3 ms flushed. Such weights
- * are far below what the value pass resolves (the 4-bit cache weighs with 15-bit integers scaled
- * to the largest weight), so flushing them changes nothing. */
-static void attend_head(const Work *w, size_t index);
-static void attend_task(void *user, size_t index) {
-#if CGLS_X86
-    const unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040u); /* FTZ (bit 15) | DAZ (bit 6) */
-    attend_head((const Work *)user, index);
-    _mm_setcsr(csr);
-#else
-    attend_head((const Work *)user, index);
-#endif
-}
-
-static void attend_head(const Work *w, size_t index) {
+static void attend_head(const Work *w, size_t index) { /* one head, all its rows */
     const int64_t h = (int64_t)index, E = w->H * w->D, D = w->D;
     float *scratch = w->scratch + h * scratch_floats(w);
     if (w->four_bit) {
@@ -165,6 +146,24 @@ static void attend_head(const Work *w, size_t index) {
         cgls_attend_head(w->q + h * D, (int)E, (const int8_t *)w->K + h * w->cap * D, (const int8_t *)w->V + h * w->cap * D,
                          w->ks + h * D, w->vs + h * D, w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D, scratch,
                          w->out + h * D, (int)E);
+}
+
+/* attend_head with denormals flushed to zero (x86: MXCSR's FTZ and DAZ, the thread's
+ * own setting put back after). Where a row's attention is peaked, the weights of the keys far below
+ * its largest score (e^(s - max) times the value scale) fall under float's normal range, and each
+ * instruction on them takes a microcode assist: in a model-like harness with scores that wide, the
+ * decode step's growth from 64 to 2000 keys was 4.2 ms with them and 2.3 ms flushed. Such weights
+ * are far below what the value pass resolves (the 4-bit cache weighs with 15-bit integers scaled
+ * to the largest weight), so flushing them changes nothing. */
+static void attend_task(void *user, size_t index) {
+#if CGLS_X86
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040u); /* FTZ (bit 15) | DAZ (bit 6) */
+    attend_head((const Work *)user, index);
+    _mm_setcsr(csr);
+#else
+    attend_head((const Work *)user, index);
+#endif
 }
 
 /* every head over onnxruntime's intra-op threads; a head's rows share its passes over the cache */
