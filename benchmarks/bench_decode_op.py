@@ -11,6 +11,7 @@ model, which is what makes the op's time here differ from the op alone on a warm
     python benchmarks/bench_decode_op.py --spread 25      # peaked attention: many subnormal weights
     python benchmarks/bench_decode_op.py --op none        # the GEMVs alone (no attention)
     python benchmarks/bench_decode_op.py --lib other.so   # another build of the library
+    python benchmarks/bench_decode_op.py --rows 3         # 3 query rows a step (3 candidates)
 
 (``--spread``: the qkv GEMV's output scale, so the queries' and keys' size; at 25 a row's
 scores span hundreds and most keys' weights fall below float's normal range, which the kernel
@@ -36,14 +37,15 @@ H, D, LAYERS, CAP, E = 16, 64, 20, 2080, 1024
 
 
 def quantize4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., D] -> ([..., D/2] uint8, [...] float32): the 4-bit cache's format (attend4.h)."""
+    """[..., D] -> ([..., D/2] uint8, [...] float32): the 4-bit cache's rows (attend4.h; the
+    cache keeps them in its layout, kernels.layout4)."""
     half = x.shape[-1] // 2
     scale = (np.maximum(np.abs(x).max(axis=-1), np.float32(1e-30)) / np.float32(7)).astype(np.float32)
     q = (np.clip(np.rint(x / scale[..., None]), -8, 7) + 8).astype(np.uint8)
     return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8), scale
 
 
-def graph(spread: float, with_op: bool) -> bytes:
+def graph(spread: float, with_op: bool, rows: int = 1) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -57,8 +59,8 @@ def graph(spread: float, with_op: bool) -> bytes:
              numpy_helper.from_array(np.array([0], np.int64), "start"),
              numpy_helper.from_array(np.array([E], np.int64), "end"),
              numpy_helper.from_array(np.array([2], np.int64), "axis")]
-    inputs = [helper.make_tensor_value_info("x", f, [1, 1, E]), helper.make_tensor_value_info("seqlens_k", i32, [1]),
-              helper.make_tensor_value_info("total", i32, []), helper.make_tensor_value_info("bias", f, [1, 1, 1, None])]
+    inputs = [helper.make_tensor_value_info("x", f, [1, rows, E]), helper.make_tensor_value_info("seqlens_k", i32, [1]),
+              helper.make_tensor_value_info("total", i32, []), helper.make_tensor_value_info("bias", f, [1, 1, rows, None])]
     nodes, outputs, x = [], [], "x"
     for i in range(LAYERS):
         inits.append(numpy_helper.from_array(rng.integers(-127, 128, (E, 3 * E), dtype=np.int8), f"wa{i}"))
@@ -82,7 +84,7 @@ def graph(spread: float, with_op: bool) -> bytes:
         nodes.append(helper.make_node("Slice", [f"mlp{i}", "start", "end", "axis"], [f"sliced{i}"]))
         nodes.append(helper.make_node("Mul", [f"sliced{i}", "scale"], [f"x{i}"]))
         x = f"x{i}"
-    outputs.insert(0, helper.make_tensor_value_info(x, f, [1, 1, E]))
+    outputs.insert(0, helper.make_tensor_value_info(x, f, [1, rows, E]))
     model = helper.make_model(helper.make_graph(nodes, "decode_op", inputs, outputs, initializer=inits),
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1),
                                              helper.make_opsetid("codegen_ls", 1)])
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--spread", type=float, default=1.0, help="the queries' and keys' size (scores ~ spread^2)")
     ap.add_argument("--op", choices=["kernel", "none"], default="kernel", help="none: the GEMVs only")
     ap.add_argument("--lib", help="a build of the kernel library (default: the installed one)")
+    ap.add_argument("--rows", type=int, default=1, help="query rows a step (the candidates of one request)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=40)
     args = ap.parse_args()
@@ -107,22 +110,22 @@ def main() -> None:
         so.register_custom_ops_library(args.lib)
     elif kernels.register(so, required=True) is None:
         sys.exit("the decode-attention kernel is not built here")
-    sess = ort.InferenceSession(graph(args.spread, args.op == "kernel"), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(graph(args.spread, args.op == "kernel", args.rows), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
     caches = []
     for _ in range(LAYERS):
         pk, pks = quantize4(rng.normal(0, args.spread, (1, H, CAP, D)).astype(np.float32))
         pv, pvs = quantize4(rng.normal(0, 1, (1, H, CAP, D)).astype(np.float32))
-        caches.append([pk, pv, pks[..., None].copy(), pvs[..., None].copy()])
+        caches.append([kernels.layout4(pk, False), kernels.layout4(pv, True), pks[..., None].copy(), pvs[..., None].copy()])
     out_name = sess.get_outputs()[0].name
 
     def binding(past: int) -> object:
-        n = past + 1
+        n = past + args.rows
         io = sess.io_binding()
-        io.bind_cpu_input("x", rng.normal(0, 1, (1, 1, E)).astype(np.float32))
+        io.bind_cpu_input("x", rng.normal(0, 1, (1, args.rows, E)).astype(np.float32))
         io.bind_cpu_input("seqlens_k", np.array([n - 1], np.int32))
         io.bind_cpu_input("total", np.array(n, np.int32))
-        io.bind_cpu_input("bias", np.zeros((1, 1, 1, n), np.float32))
+        io.bind_cpu_input("bias", np.zeros((1, 1, args.rows, n), np.float32))
         for i, bufs in enumerate(caches):
             for kind, buf in zip(["key", "value", "key_scale", "value_scale"], bufs):
                 io.bind_input(f"past_{kind}.{i}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
@@ -138,7 +141,7 @@ def main() -> None:
             sess.run_with_iobinding(io)
             times[past].append((time.perf_counter() - t) * 1e3)
     a, b = (float(np.median(times[p])) for p in (64, 2000))
-    print(f"{args.op}, spread {args.spread:g}, {args.threads} threads, {Path(args.lib).name if args.lib else 'installed kernel'}: "
+    print(f"{args.op}, spread {args.spread:g}, {args.rows} row(s), {args.threads} threads, {Path(args.lib).name if args.lib else 'installed kernel'}: "
           f"64 keys {a:.2f} ms/step, 2000 keys {b:.2f} ms/step, growth {b - a:.2f} ms ({b / a:.3f}x)")
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from codegen_ls import kernels
 from codegen_ls.errors import Cancelled, ModelError
 
 CancelFn = Callable[[], bool] | None
@@ -429,6 +430,10 @@ class GqaBackend(Backend):
         types = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(float)": np.float32}
         self.layout = [(types[inputs[name].type], int(inputs[name].shape[3])) for name, _ in self.caches]  # dtype, X
         self.head_dim = 2 * int(shape[3]) if four_bit else int(shape[3])
+        # per buffer: None, or (a 4-bit cache's keys or values) whether its rows are values, for
+        # kernels.layout4: the kernel keeps them in its own blocks of positions
+        self.packed = [(name.startswith("past_value.") if four_bit and name.split(".")[0] in ("past_key", "past_value")
+                        else None) for name, _ in self.caches]
         if self.n_head != n_head:
             raise ModelError("manifest does not match the ONNX model (heads)")
         self.logits_name = session.get_outputs()[0].name
@@ -444,6 +449,7 @@ class GqaBackend(Backend):
         if want <= state.room and (not shrink or state.room <= want + 4 * ROUND):
             return
         new = self._alloc(want)
+        keep = -(-keep // kernels.KV4_BLOCK) * kernels.KV4_BLOCK  # whole blocks (rooms are multiples of ROUND)
         for old, dst in zip(state.buffers, new.buffers):
             dst[:, :, :keep, :] = old[:, :, :keep, :]
         state.buffers, state.bindings = new.buffers, {}
@@ -484,7 +490,15 @@ class GqaBackend(Backend):
         outs = self._session_run(io, s)
         if prompt:  # the chunk's rows [1, S, H*X] -> the buffer's [H, S, X] at past
             for j, buf in enumerate(state.buffers):
-                buf[0, :, past:past + s, :] = outs[1 + j].numpy()[0].reshape(s, self.n_head, -1).transpose(1, 0, 2)
+                rows = outs[1 + j].numpy()[0].reshape(s, self.n_head, -1).transpose(1, 0, 2)
+                values = self.packed[j]
+                if values is None:
+                    buf[0, :, past:past + s, :] = rows
+                else:  # the 4-bit cache: the whole blocks the chunk touches, in rows, then back in the layout
+                    a, b = past // kernels.KV4_BLOCK * kernels.KV4_BLOCK, -(-(past + s) // kernels.KV4_BLOCK) * kernels.KV4_BLOCK
+                    span = kernels.rows4(buf[0, :, a:b, :], values)
+                    span[:, past - a:past - a + s, :] = rows
+                    buf[0, :, a:b, :] = kernels.layout4(span, values)
         return np.asarray(outs[0].numpy()[0])
 
     def prefill(self, state: GqaState | None, keep: int, ids: Sequence[int], logits_from: int,

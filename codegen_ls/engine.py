@@ -254,18 +254,18 @@ class Engine:
         if op == kernels.OP:
             kernel = kernels.register(so, self.options.native_kernel)
         elif op == kernels.OP4:  # a 4-bit cache: only our kernel reads it
-            if not self.manifest.extra.get("key_rotation"):
+            if not self.manifest.extra.get("key_rotation") or self.manifest.extra.get("kv4_layout") != kernels.KV4_LAYOUT:
                 raise ModelError(f"{self.model_dir}: its 4-bit KV cache is the format of an earlier codegen-ls (keys not "
-                                 "rotated), which this version does not read; export the model again")
+                                 "rotated, or rows not in the kernel's blocks), which this version does not read; export "
+                                 "the model again")
             kernel = kernels.register(so, self.options.native_kernel, required=True)
             if kernel is None:
                 raise ModelError(f"{self.model_dir}: its 4-bit KV cache (exported with --kv-bits 4) needs codegen-ls's "
                                  f"decode-attention kernel, which is {kernels.status(required=True)}; reinstall "
                                  "codegen-ls where a C compiler is, or export the model with --kv-bits 8")
             if not kernels.vector4(head_dim=self.manifest.head_dim):
-                log.warning("%s: the 4-bit KV cache's attention has no vector path here for heads of %d (AVX-512 VNNI, "
-                            "or AVX2 with heads a multiple of 16), so a slow plain C loop runs it; a model exported with "
-                            "--kv-bits 8 decodes faster here", self.model_dir, self.manifest.head_dim)
+                log.warning("%s: the 4-bit KV cache's attention has no vector path here (AVX-512 VNNI or AVX2), so a "
+                            "slow plain C loop runs it; a model exported with --kv-bits 8 decodes faster here", self.model_dir)
         self.attention = kernel or (kernels.ONNXRUNTIME_ATTENTION if self.graph == "gqa" else "onnxruntime MatMul + Softmax")
         try:
             self.session = ort.InferenceSession(str(self.model_dir / self.manifest.onnx), so, providers=["CPUExecutionProvider"])

@@ -293,11 +293,13 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         _step(f"KV cache: 4-bit unless the check below finds it costs this checkpoint too much (our kernel runs it here "
               f"with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs fast on any CPU)" if kv_bits == 4 else
               f"KV cache: int8 (the 4-bit cache's fast kernel needs the compiled library and AVX2 or AVX-512 VNNI, "
-              f"for heads of {head_dim}: not here)")
+              f"and heads a multiple of 8, here {head_dim}: not all here)")
+    if kv_bits == 4 and not kernels.fits4(head_dim):
+        raise CodegenLsError(f"a 4-bit KV cache needs heads a multiple of 8 (at most 256); this checkpoint's are {head_dim}: "
+                             "use --kv-bits 8")
     if kv_bits == 4 and not kernels.vector4(best=True, head_dim=head_dim):
-        _step(f"note: the 4-bit KV cache's attention has no fast path on this machine for heads of {head_dim} (it needs "
-              "the compiled kernel, and AVX-512 VNNI, or AVX2 with heads a multiple of 16): the model will serve slowly "
-              "here, or not at all without the kernel")
+        _step("note: the 4-bit KV cache's attention has no fast path on this machine (it needs the compiled kernel, and "
+              "AVX-512 VNNI or AVX2): the model will serve slowly here, or not at all without the kernel")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CodegenLsError(f"output directory is not empty: {out} (use --force to overwrite)")
@@ -359,6 +361,7 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
     if graph == "gqa" and kv_dtype == "int4":  # our op, which only our kernel implements
         manifest.extra["decode_attention"] = kernels.OP4
         manifest.extra["key_rotation"] = True  # the format: keys stored as kR (the op's 11th input)
+        manifest.extra["kv4_layout"] = kernels.KV4_LAYOUT  # and its rows in the kernel's order
     if checked is not None:  # --kv-bits auto: what the 4-bit cache cost the checkpoint
         manifest.extra["kv_check"] = checked.to_json()
     write_manifest(out, manifest)

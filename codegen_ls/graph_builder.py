@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from codegen_ls.kernels import DOMAIN as KERNEL_DOMAIN
-from codegen_ls.kernels import DEQUANTIZE4_NAME as DEQUANTIZE4
+from codegen_ls.kernels import DEQUANTIZE4_NAMES
 from codegen_ls.kernels import OP4_NAME as DECODE_ATTENTION_Q4
 from codegen_ls.kernels import OP_NAME as DECODE_ATTENTION
 
@@ -384,16 +384,17 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     a MatMul's work per (query, key) pair, so a prompt goes the MatMul way.
 
     ``int4``: the cache is 4-bit with a scale per token and head (``csrc/attend4.h``: a row of D
-    values is D/2 bytes ``uint8 [1, H, cap, D/2]``, value j in the low nibble of byte j and value
-    j + D/2 in the high one, as round(x / scale) + 8, scale = max|x| / 7; the scales are
+    values is D/2 bytes, value j in the low nibble of byte j and value j + D/2 in the high one,
+    as round(x / scale) + 8, scale = max|x| / 7; the buffers ``uint8 [1, H, cap, D/2]`` hold the
+    rows in the kernel's blocks, :func:`codegen_ls.kernels.layout4`; the scales are
     ``past_key_scale.L`` / ``past_value_scale.L`` ``[1, H, cap, 1]``), and it holds the keys
     rotated, kR (``key_rotation``; the scores use qR). Both branches rotate (the kernel inside
     its op: a few thousand multiply-adds a row, cheaper there than two more graph nodes a layer
-    every decode step). Its decode branch is
-    ``DecodeAttentionQ4``, which only our kernel implements (no ONNX function: onnxruntime has no
-    attention that reads this format); its prompt branch reads the cache through our
-    ``Dequantize4`` (one pass; elementwise ONNX ops took eight), packs the chunk's rows with
-    elementwise ops and returns their scales as ``[1, S, H]`` too.
+    every decode step). Its decode branch is ``DecodeAttentionQ4``, which only our kernel
+    implements (no ONNX function: onnxruntime has no attention that reads this format); its
+    prompt branch reads the cache through our ``DequantizeKeys4`` / ``DequantizeValues4`` (one
+    pass; elementwise ONNX ops took eight), packs the chunk's rows with elementwise ops and
+    returns them (rows, for the engine to put in the layout) with their scales as ``[1, S, H]``.
     """
     from onnx import TensorProto
 
@@ -418,13 +419,13 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
                num_heads=n_head, kv_num_heads=n_head)
 
     pre = _Graph(f"pre{i}.")
-    if not int4:  # the int8 / fp32 cache's first past_len rows are a Slice (the 4-bit one: Dequantize4)
+    if not int4:  # the int8 / fp32 cache's first past_len rows are a Slice (the 4-bit one: DequantizeKeys4 / DequantizeValues4)
         zero, axis2 = pre.const("zero", np.array([0], np.int64)), pre.const("axis2", np.array([2], np.int64))
     bshd = pre.const("shape_bshd", np.array([0, 0, n_head, d], np.int64))
 
     def cached(buf: str, scale: np.ndarray | None) -> str:  # [1, H, past_len, D] float
         if int4:  # our op: the first past_len rows as (nibble - 8) * scale, one pass (csrc/attend4.c)
-            return pre.op(DEQUANTIZE4, [buf, ps_k if buf == pk_in else ps_v, "past_len"], domain=KERNEL_DOMAIN,
+            return pre.op(DEQUANTIZE4_NAMES[buf != pk_in], [buf, ps_k if buf == pk_in else ps_v, "past_len"], domain=KERNEL_DOMAIN,
                           name=f"dequantize_{'key' if buf == pk_in else 'value'}")
         x = pre.op("Slice", [buf, zero, "past_len", axis2])
         if scale is None:

@@ -25,12 +25,19 @@ import os
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 MODULE = "codegen_ls._decode_attention"
 DOMAIN, OP_NAME = "codegen_ls", "DecodeAttention"  # the node the graph builder writes
 OP = f"{DOMAIN}.{OP_NAME}"  # recorded in the manifest's extra.decode_attention
 OP4_NAME = "DecodeAttentionQ4"  # the same on a 4-bit cache (a scale per token): only this library runs it
 OP4 = f"{DOMAIN}.{OP4_NAME}"
-DEQUANTIZE4_NAME = "Dequantize4"  # the 4-bit cache's prompt-path read (the same library)
+# the 4-bit cache's prompt-path reads (the same library), one per layout (keys, values)
+DEQUANTIZE4_NAMES = ("DequantizeKeys4", "DequantizeValues4")
+# the 4-bit cache's layout (csrc/attend4.h), recorded in the manifest's extra.kv4_layout: the
+# rows in the order the kernel's passes read them (keys in blocks of 16 tokens, values in quads)
+KV4_LAYOUT = "blocked-16-4"
+KV4_BLOCK = 16  # the cache's positions: a multiple of this (its head size: a multiple of 8)
 ONNXRUNTIME_ATTENTION = "onnxruntime GroupQueryAttention"
 LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}  # the library's vector paths
 log = logging.getLogger(__name__)
@@ -68,15 +75,40 @@ def path4(best: bool = False, head_dim: int | None = None) -> str | None:
     """The path the 4-bit cache's attention (``--kv-bits 4``) takes here (at the current limit;
     ``best``: the best this CPU has, whatever the limit): ``avx512-vnni``, ``avx2`` or
     ``generic, slow`` (a plain C loop, several times slower); None where the library is not
-    built. ``head_dim``: for heads of this size, as the kernel picks per call (AVX-512 VNNI takes
-    even sizes, AVX2 multiples of 16; neither over 256)."""
+    built, or for heads of ``head_dim`` that the cache's layout does not take (a multiple of 8, at
+    most 256: :func:`fits4`)."""
     loaded = _load()
-    if loaded is None:
+    if loaded is None or (head_dim is not None and not fits4(head_dim)):
         return None
-    path = PATHS4.get(int(loaded[2].cgls_isa4_best() if best else loaded[2].cgls_isa4()), PATHS4[0])
-    if head_dim is not None and (head_dim > 256 or head_dim % (2 if path == PATHS4[2] else 16)):
-        return PATHS4[0]
-    return path
+    return PATHS4.get(int(loaded[2].cgls_isa4_best() if best else loaded[2].cgls_isa4()), PATHS4[0])
+
+
+def fits4(head_dim: int) -> bool:
+    """Whether heads of ``head_dim`` can have the 4-bit cache (its layout: a multiple of 8, at most 256)."""
+    return head_dim % 8 == 0 and 0 < head_dim <= 256
+
+
+def layout4(rows: np.ndarray, values: bool) -> np.ndarray:
+    """Rows of the 4-bit cache ``[..., T, D/2]`` (byte j: value j in the low nibble, j + D/2 in the
+    high one; T a multiple of 16) -> the same bytes in the cache's layout (csrc/attend4.h): keys in
+    blocks of 16 tokens ``[D/8][16][4]``, values in quads of 4 tokens ``[D/2][4]``. Either way a
+    group of rows keeps its place, so the result has the rows' shape."""
+    *lead, t, half = rows.shape
+    if values:
+        x = rows.reshape(*lead, t // 4, 4, half).swapaxes(-1, -2)
+    else:
+        x = rows.reshape(*lead, t // 16, 16, half // 4, 4).swapaxes(-2, -3)
+    return np.ascontiguousarray(x).reshape(rows.shape)
+
+
+def rows4(cache: np.ndarray, values: bool) -> np.ndarray:
+    """The inverse of :func:`layout4`: a cache's bytes ``[..., T, D/2]`` -> its rows."""
+    *lead, t, half = cache.shape
+    if values:
+        x = cache.reshape(*lead, t // 4, half, 4).swapaxes(-1, -2)
+    else:
+        x = cache.reshape(*lead, t // 16, half // 4, 16, 4).swapaxes(-2, -3)
+    return np.ascontiguousarray(x).reshape(cache.shape)
 
 
 def vector4(best: bool = False, head_dim: int | None = None) -> bool:

@@ -25,7 +25,8 @@
  * head's cache rows [past + S][D] int8; ks, vs: the head's scales [D]; scores: scratch of
  * CGLS_SCRATCH(past, S) floats. */
 #define CGLS_ROWS 4 /* query rows one pass over a head's keys and values serves */
-#define CGLS_SCRATCH(past, S) (((S) < CGLS_ROWS ? (S) : CGLS_ROWS) * ((past) + (S)))
+#define CGLS_PAD16(n) (((n) + 15) & ~15) /* n rounded up to whole blocks of 16 */
+#define CGLS_SCRATCH(past, S) (((S) < CGLS_ROWS ? (S) : CGLS_ROWS) * CGLS_PAD16((past) + (S)))
 void cgls_attend_head(const float *q, int q_stride, const int8_t *K, const int8_t *V, const float *ks,
                       const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
                       float *out, int out_stride);

@@ -10,6 +10,32 @@
 #define K_AHEAD 128
 #define V_AHEAD 128
 
+/* ---- the cache's layout (attend4.h) ---- */
+
+/* where byte j of token t's row lies in a head's keys: blocks of 16 tokens, each [half / 4][16][4] */
+static inline size_t key_at(int64_t t, int half, int j) {
+    return (size_t)(t & ~(int64_t)15) * (size_t)half + (size_t)(j >> 2) * 64 + (size_t)(t & 15) * 4 + (size_t)(j & 3);
+}
+
+/* ... and in its values: quads of 4 tokens, each [half][4] */
+static inline size_t value_at(int64_t t, int half, int j) {
+    return (size_t)(t & ~(int64_t)3) * (size_t)half + (size_t)j * 4 + (size_t)(t & 3);
+}
+
+void cgls_put_row4(uint8_t *cache, int values, int64_t t, int half, const uint8_t *row) {
+    if (values)
+        for (int j = 0; j < half; j++) cache[value_at(t, half, j)] = row[j];
+    else
+        for (int j = 0; j < half; j += 4) memcpy(cache + key_at(t, half, j), row + j, 4);
+}
+
+void cgls_get_row4(const uint8_t *cache, int values, int64_t t, int half, uint8_t *row) {
+    if (values)
+        for (int j = 0; j < half; j++) row[j] = cache[value_at(t, half, j)];
+    else
+        for (int j = 0; j < half; j += 4) memcpy(row + j, cache + key_at(t, half, j), 4);
+}
+
 void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale) {
     const int half = D / 2;
     float amax = 1e-30f;
@@ -24,10 +50,11 @@ void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale) {
     }
 }
 
-void cgls_dequantize_rows4(const uint8_t *src, const float *scale, int64_t n, int D, float *out) {
+void cgls_dequantize_rows4(const uint8_t *src, int values, const float *scale, int64_t n, int D, float *out) {
     const int half = D / 2;
-    for (int64_t t = 0; t < n; t++) { /* plain loops the compiler vectorizes: a memory-bound pass */
-        const uint8_t *b = src + t * half;
+    uint8_t b[128];
+    for (int64_t t = 0; t < n; t++) {
+        cgls_get_row4(src, values, t, half, b);
         float *o = out + t * D;
         const float s = scale[t];
         for (int j = 0; j < half; j++) {
@@ -64,46 +91,13 @@ static float quantize_query(const float *q, int D, int8_t *qi, int *qsum8) {
     return amax / 127.f;
 }
 
-/* Both vector paths: the R query rows as int8 (quantize_query) split into the values the cached
- * bytes' low nibbles (qlo, values 0 .. D/2 - 1) and high nibbles (qhi) meet, zero-padded to 128;
- * qs: each row's scale times 1 / sqrt(D), qsum: 8 x its sum. */
-static inline __attribute__((always_inline)) void split_queries(const float *q, int q_stride, int R, int D, float scale,
-                                                                 int8_t qlo[][128], int8_t qhi[][128], float *qs,
-                                                                 int *qsum) {
-    const int half = D / 2;
-    memset(qlo, 0, sizeof(int8_t[CGLS_ROWS][128]));
-    memset(qhi, 0, sizeof(int8_t[CGLS_ROWS][128]));
-    for (int r = 0; r < R; r++) {
-        int8_t qi[256];
-        qs[r] = quantize_query(q + r * q_stride, D, qi, &qsum[r]) * scale;
-        memcpy(qlo[r], qi, (size_t)half);
-        memcpy(qhi[r], qi + half, (size_t)half);
-    }
-}
-
-/* Both vector paths: the scores of keys t .. past + R - 1 (those after the last full block), one
- * at a time, each row's max over the keys it sees kept in smax. */
-static inline __attribute__((always_inline)) void tail_scores(
-    const uint8_t *K, const float *ks, const float *bias, int bias_stride, int past, int R, int half, int t,
-    int8_t qlo[][128], int8_t qhi[][128], const float *qs, const int *qsum, float *scores, int s_stride, float *smax) {
-    for (; t < past + R; t++) {
-        const uint8_t *k = K + (size_t)t * half;
-        for (int r = 0; r < R; r++) {
-            int acc = 0;
-            for (int j = 0; j < half; j++) acc += (k[j] & 15) * qlo[r][j] + (k[j] >> 4) * qhi[r][j];
-            const float s = (float)(acc - qsum[r]) * qs[r] * ks[t] + bias[r * bias_stride + t];
-            scores[r * s_stride + t] = s;
-            if (t <= past + r && s > smax[r]) smax[r] = s;
-        }
-    }
-}
-
-/* ---- plain C: any CPU, any even head size ---- */
+/* ---- plain C: any CPU ---- */
 static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
                           const float *vs, const float *bias, int bias_stride, int past, int S, int D,
                           float *scores, float *out, int out_stride) {
     const int half = D / 2;
     const float scale = 1.0f / sqrtf((float)D);
+    uint8_t row[128];
     for (int r = 0; r < S; r++) {
         const float *qr = q + r * q_stride, *br = bias + r * bias_stride;
         float *o = out + r * out_stride;
@@ -113,9 +107,9 @@ static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const 
         int qsum8;
         const float qs = quantize_query(qr, D, qi, &qsum8) * scale;
         for (int t = 0; t < n; t++) {
-            const uint8_t *k = K + (size_t)t * half;
+            cgls_get_row4(K, 0, t, half, row);
             int acc = 0;
-            for (int j = 0; j < half; j++) acc += (k[j] & 15) * qi[j] + (k[j] >> 4) * qi[j + half];
+            for (int j = 0; j < half; j++) acc += (row[j] & 15) * qi[j] + (row[j] >> 4) * qi[j + half];
             const float s = (float)(acc - qsum8) * qs * ks[t] + br[t];
             scores[t] = s;
             if (s > mx) mx = s;
@@ -123,266 +117,23 @@ static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const 
         const float sum = cgls_exp_sum(scores, n, mx);
         for (int d = 0; d < D; d++) o[d] = 0.f;
         for (int t = 0; t < n; t++) {
-            const uint8_t *v = V + (size_t)t * half;
+            cgls_get_row4(V, 1, t, half, row);
             const float w = scores[t] * vs[t];
             for (int j = 0; j < half; j++) {
-                o[j] += w * (float)((v[j] & 15) - 8);
-                o[j + half] += w * (float)((v[j] >> 4) - 8);
+                o[j] += w * (float)((row[j] & 15) - 8);
+                o[j + half] += w * (float)((row[j] >> 4) - 8);
             }
         }
         for (int d = 0; d < D; d++) o[d] /= sum;
     }
 }
 
-#if CGLS_X86
-#include <immintrin.h>
-
-#define TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx2,fma")))
-
-#include "vexp.h" /* exp_512 */
-
-TARGET static inline __m512i hadd_512(__m512i a, __m512i b) { /* per 128 bits: [a0+a1, a2+a3, b0+b1, b2+b3] */
-    __m512 x = _mm512_castsi512_ps(a), y = _mm512_castsi512_ps(b);
-    return _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0))),
-                            _mm512_castps_si512(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1))));
-}
-
-/* acc + the products of a's and b's pairs of int16 (vpdpwssd) / of a's unsigned and b's signed
- * quads of bytes (vpdpbusd). As asm with the accumulator tied: GCC surrounds the intrinsics with
- * register copies in these loops. */
-TARGET static inline __m512i dpwssd(__m512i acc, __m512i a, __m512i b) {
-    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-    return acc;
-}
-TARGET static inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-    return acc;
-}
-
-/* chunk c (32 bytes) of rows t and t + 1 in one register: low half row t, high half row t + 1 */
-TARGET static inline __m512i load_pair(const uint8_t *K, int half, int t, int c, __mmask32 m) {
-    const uint8_t *a = K + (size_t)t * half + 32 * c;
-    if (half == 32) return _mm512_loadu_si512(a);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(m, a)), _mm256_maskz_loadu_epi8(m, a + half), 1);
-}
-
-/* Rows t and t + 1 of a chunk (x: low half row t, high half row t + 1) -> p[0..3], 16-bit pairs
- * (row t, row t + 1) of each value: nibbles -> bytes, then per 128-bit lane 8 values of row t and
- * the same 8 of row t + 1 (one qword permute), spread into zero-extended words (one byte shuffle
- * each for values i = 0-3 and 4-7 of the lane). p[0], p[1]: low nibbles; p[2], p[3]: high. */
-TARGET static inline void pair_words(__m512i x, __m512i m4, __m512i *p) {
-    const __m512i pairq = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
-    const __m512i spread0 = _mm512_broadcast_i32x4(_mm_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1));
-    const __m512i spread1 = _mm512_broadcast_i32x4(_mm_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1));
-    const __m512i L = _mm512_permutexvar_epi64(pairq, _mm512_and_si512(x, m4));
-    const __m512i H = _mm512_permutexvar_epi64(pairq, _mm512_and_si512(_mm512_srli_epi16(x, 4), m4));
-    p[0] = _mm512_shuffle_epi8(L, spread0);
-    p[1] = _mm512_shuffle_epi8(L, spread1);
-    p[2] = _mm512_shuffle_epi8(H, spread0);
-    p[3] = _mm512_shuffle_epi8(H, spread1);
-}
-
-/* One chunk's int32 sums over keys t0 .. end - 1 into acc[r][0..3] (see attend4_values16). */
-TARGET static inline __attribute__((always_inline)) void values16_block(
-    const uint8_t *V, int half, int c, __mmask32 m, int t0, int end, int R, int16_t *const *wq, __m512i acc[][4]) {
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-        for (int g = 0; g < 4; g++) acc[r][g] = _mm512_setzero_si512();
-    __m512i acc1[4]; /* one row: every other pair of rows goes here, two chains per accumulator */
-    for (int g = 0; g < 4; g++) acc1[g] = _mm512_setzero_si512();
-    int t = t0;
-    for (; t + 3 < end; t += 4) {
-        _mm_prefetch((const char *)(V + (size_t)(t + V_AHEAD) * half + 32 * c), _MM_HINT_T0);
-        _mm_prefetch((const char *)(V + (size_t)(t + 2 + V_AHEAD) * half + 32 * c), _MM_HINT_T0);
-        __m512i p[4], u[4];
-        pair_words(load_pair(V, half, t, c, m), m4, p);
-        pair_words(load_pair(V, half, t + 2, c, m), m4, u);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            int32_t w0, w1;
-            memcpy(&w0, wq[r] + t, 4);
-            memcpy(&w1, wq[r] + t + 2, 4);
-            const __m512i W0 = _mm512_set1_epi32(w0), W1 = _mm512_set1_epi32(w1);
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; g++) {
-                acc[r][g] = dpwssd(acc[r][g], p[g], W0);
-                if (R == 1)
-                    acc1[g] = dpwssd(acc1[g], u[g], W1);
-                else
-                    acc[r][g] = dpwssd(acc[r][g], u[g], W1);
-            }
-        }
-    }
-    for (; t < end; t += 2) { /* the last rows; an odd one alone: its partner is itself, weighing 0 */
-        const uint8_t *va = V + (size_t)t * half + 32 * c;
-        __m512i x;
-        int32_t w2[ROWS];
-        if (t + 1 < end) {
-            x = load_pair(V, half, t, c, m);
-            for (int r = 0; r < R; r++) memcpy(&w2[r], wq[r] + t, 4);
-        } else {
-            const __m256i a = _mm256_maskz_loadu_epi8(m, va);
-            x = _mm512_inserti64x4(_mm512_castsi256_si512(a), a, 1);
-            for (int r = 0; r < R; r++) w2[r] = (uint16_t)wq[r][t];
-        }
-        __m512i p[4];
-        pair_words(x, m4, p);
-        for (int r = 0; r < R; r++) {
-            const __m512i W = _mm512_set1_epi32(w2[r]);
-            for (int g = 0; g < 4; g++) acc[r][g] = dpwssd(acc[r][g], p[g], W);
-        }
-    }
-    for (int g = 0; g < 4; g++) acc[0][g] = _mm512_add_epi32(acc[0][g], acc1[g]);
-}
-
-/* The value pass with 15-bit integer weights: wq[t] = round(w[t] * 16383 / max w), written over
- * the row's float weights (an int16 array in the same memory). Rows t and t + 1 go through one
- * multiply-add (vpdpwssd): their nibbles interleaved into 16-bit pairs, times the pair of weights,
- * summed into int32 lanes: about half the instructions of converting every value to float. A lane
- * sums at most 2 x 16383 x 15 per pair of rows, so the int32 sums are taken over blocks of
- * V16_MAX_KEYS keys (one block up to CodeGen's 2048 positions) and added up in fp32. The dims
- * come out of the byte interleave in the order 0-7, 16-23 | 8-15, 24-31 and are put back in place. */
-#define V16_MAX_KEYS 8192
-TARGET static inline __attribute__((always_inline)) void attend4_values16(
-    const uint8_t *V, int half, int nc, int n, int R, float *scores, int s_stride, const float *wmax,
-    const float *inv, float *out, int out_stride) {
-    int16_t *wq[ROWS];
-    float wscale[ROWS];
-    int wqsum[ROWS];
-    for (int r = 0; r < R; r++) {
-        float *s = scores + r * s_stride;
-        wq[r] = (int16_t *)s; /* in place, front to back: each block is read before its bytes are written */
-        const float f = wmax[r] > 0.f ? 16383.f / wmax[r] : 0.f;
-        wscale[r] = wmax[r] / 16383.f;
-        __m512i sum = _mm512_setzero_si512();
-        for (int u = 0; u < n; u += 16) {
-            __mmask16 m = n - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - u)) - 1);
-            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + u), _mm512_set1_ps(f)));
-            q = _mm512_maskz_mov_epi32(m, q);
-            _mm512_mask_cvtepi32_storeu_epi16(wq[r] + u, m, q);
-            sum = _mm512_add_epi32(sum, q);
-        }
-        wqsum[r] = _mm512_reduce_add_epi32(sum);
-    }
-    /* accumulators 0, 1 (2, 3: the high nibbles) hold, lane by lane, the values 0-3, 8-11, 16-19,
-     * 24-27 and 4-7, 12-15, 20-23, 28-31 of the chunk (pair_words) */
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int c = 0; c < nc; c++) {
-        const int valid = half - 32 * c < 32 ? half - 32 * c : 32;
-        const __mmask32 m = valid == 32 ? 0xFFFFFFFFu : (1u << valid) - 1;
-        __m512 sum[ROWS][4]; /* the blocks' sums, in the accumulators' lane order */
-        for (int r = 0; r < R; r++)
-            for (int g = 0; g < 4; g++) sum[r][g] = _mm512_setzero_ps();
-        for (int t0 = 0; t0 < n; t0 += V16_MAX_KEYS) { /* int32 sums per block of keys */
-            __m512i acc[ROWS][4];
-            values16_block(V, half, c, m, t0, n - t0 < V16_MAX_KEYS ? n : t0 + V16_MAX_KEYS, R, wq, acc);
-            for (int r = 0; r < R; r++)
-                for (int g = 0; g < 4; g++) sum[r][g] = _mm512_add_ps(sum[r][g], _mm512_cvtepi32_ps(acc[r][g]));
-        }
-        for (int r = 0; r < R; r++) {
-            float *o = out + r * out_stride;
-            const __m512 off = _mm512_set1_ps(8.f * (float)wqsum[r]), sc = _mm512_set1_ps(wscale[r] * inv[r]);
-            for (int part = 0; part < 2; part++) { /* low nibbles: values 32c..; high: half + 32c.. */
-                const __m512 x = sum[r][2 * part], y = sum[r][2 * part + 1];
-                const __m512 seq[2] = {_mm512_permutex2var_ps(x, first, y), _mm512_permutex2var_ps(x, second, y)};
-                for (int g = 0; g < 2; g++) {
-                    const int lanes = valid - 16 * g;
-                    if (lanes <= 0) continue;
-                    const __mmask16 mk = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1);
-                    float *dst = o + (part ? half : 0) + 32 * c + 16 * g;
-                    _mm512_mask_storeu_ps(dst, mk, _mm512_mul_ps(_mm512_sub_ps(seq[g], off), sc));
-                }
-            }
-        }
-    }
-}
-
-TARGET static inline __attribute__((always_inline)) void attend4_rows(
-    const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks, const float *vs,
-    const float *bias, int bias_stride, int past, int R, int D, float *scores, int s_stride, float *out, int out_stride) {
-    const int half = D / 2, nc = (half + 31) / 32, n = past + R;
-    const float scale = 1.0f / sqrtf((float)D);
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i perm = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-
-    /* the query rows as int8 with a scale per row, laid out per 32-byte chunk of a cached row:
-     * chunk c's low nibbles are values 32c.., its high ones half + 32c.. */
-    int8_t qlo[ROWS][128] __attribute__((aligned(64))), qhi[ROWS][128] __attribute__((aligned(64)));
-    float qs[ROWS];
-    int qsum[ROWS];
-    split_queries(q, q_stride, R, D, scale, qlo, qhi, qs, qsum);
-
-    /* key pass: 16 keys a block, two keys a register; per row 8 accumulators, reduced in a tree;
-     * each row's largest score (over the keys it sees) kept for the softmax */
-    __m512 vmax[ROWS];
-    for (int r = 0; r < R; r++) vmax[r] = _mm512_set1_ps(-3e38f);
-    int t = 0;
-    for (; t + 16 <= n; t += 16) {
-        for (int off = 0; off < 16 * half; off += 64) _mm_prefetch((const char *)(K + (size_t)(t + K_AHEAD) * half + off), _MM_HINT_T2);
-        for (int r = 0; r < R; r++) {
-            __m512i A[8];
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) A[i] = _mm512_setzero_si512();
-            for (int c = 0; c < nc; c++) {
-                const int valid = half - 32 * c < 32 ? half - 32 * c : 32;
-                const __mmask32 m = valid == 32 ? 0xFFFFFFFFu : (1u << valid) - 1;
-                const __m512i Ql = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)(qlo[r] + 32 * c)));
-                const __m512i Qh = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)(qhi[r] + 32 * c)));
-#pragma GCC unroll 8
-                for (int i = 0; i < 8; i++) {
-                    __m512i x = load_pair(K, half, t + 2 * i, c, m);
-                    __m512i lo = _mm512_and_si512(x, m4), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
-                    A[i] = dpbusd(dpbusd(A[i], lo, Ql), hi, Qh);
-                }
-            }
-            __m512i C0 = hadd_512(hadd_512(A[0], A[1]), hadd_512(A[2], A[3]));
-            __m512i C1 = hadd_512(hadd_512(A[4], A[5]), hadd_512(A[6], A[7]));
-            __m512i dot = _mm512_add_epi32(_mm512_shuffle_i32x4(C0, C1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                           _mm512_shuffle_i32x4(C0, C1, _MM_SHUFFLE(3, 1, 3, 1)));
-            dot = _mm512_sub_epi32(_mm512_permutexvar_epi32(perm, dot), _mm512_set1_epi32(qsum[r]));
-            __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(qs[r]), _mm512_loadu_ps(ks + t)));
-            s = _mm512_add_ps(s, _mm512_loadu_ps(bias + r * bias_stride + t));
-            _mm512_storeu_ps(scores + r * s_stride + t, s);
-            const int seen = past + r + 1 - t; /* keys of this block the row sees */
-            vmax[r] = _mm512_mask_max_ps(vmax[r], seen >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << seen) - 1), vmax[r], s);
-        }
-    }
-    float smax[ROWS];
-    for (int r = 0; r < R; r++) smax[r] = _mm512_reduce_max_ps(vmax[r]);
-    tail_scores(K, ks, bias, bias_stride, past, R, half, t, qlo, qhi, qs, qsum, scores, s_stride, smax);
-
-    /* softmax and weights in one pass per row: p = e^(s - max) over the keys it sees (the later
-     * rows' keys weigh 0), w = p * the value row's scale */
-    float inv[ROWS], wmax[ROWS];
-    for (int r = 0; r < R; r++) {
-        float *s = scores + r * s_stride;
-        const int seen = past + r + 1;
-        const __m512 vm = _mm512_set1_ps(smax[r]);
-        __m512 psum = _mm512_setzero_ps(), mx = _mm512_setzero_ps();
-        for (int u = 0; u < n; u += 16) {
-            __mmask16 m = seen - u >= 16 ? (__mmask16)0xFFFF : seen > u ? (__mmask16)((1u << (seen - u)) - 1) : 0;
-            __mmask16 all = n - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - u)) - 1);
-            __m512 e = _mm512_maskz_mov_ps(m, exp_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + u), vm)));
-            __m512 w = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, vs + u));
-            _mm512_mask_storeu_ps(s + u, all, w);
-            psum = _mm512_add_ps(psum, e);
-            mx = _mm512_max_ps(mx, w);
-        }
-        inv[r] = 1.f / _mm512_reduce_add_ps(psum);
-        wmax[r] = _mm512_reduce_max_ps(mx);
-    }
-
-    attend4_values16(V, half, nc, n, R, scores, s_stride, wmax, inv, out, out_stride); /* the value pass */
-}
-
 /* A head's S query rows in groups of up to ROWS, each group one pass of ROWS_FN over the keys
- * and values; the switch gives the compiler a constant row count to unroll by. */
+ * and values; the switch gives the compiler a constant row count to unroll by. The scores'
+ * rows are padded to whole blocks of 16 keys (CGLS_SCRATCH). */
 #define HEAD_BODY(ROWS_FN)                                                                                             \
     for (int r0 = 0; r0 < S; r0 += ROWS) {                                                                             \
-        const int R = S - r0 < ROWS ? S - r0 : ROWS, p = past + r0, st = past + S;                                    \
+        const int R = S - r0 < ROWS ? S - r0 : ROWS, p = past + r0, st = CGLS_PAD16(past + S);                        \
         const float *qr = q + r0 * q_stride, *br = bias + r0 * bias_stride;                                            \
         float *orow = out + r0 * out_stride;                                                                           \
         switch (R) {                                                                                                   \
@@ -393,6 +144,216 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows(
         }                                                                                                              \
     }
 
+#if CGLS_X86
+#include <immintrin.h>
+
+#define TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+#include "vexp.h" /* exp_512 */
+
+/* acc + the products of a's unsigned and b's signed quads of bytes (vpdpbusd). As asm with the
+ * accumulator tied: GCC surrounds the intrinsic with register copies in these loops. */
+TARGET static inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
+TARGET static inline __m512i bcast4(const void *p) { /* 4 bytes at p in every 32-bit lane */
+    int32_t x;
+    memcpy(&x, p, 4);
+    return _mm512_set1_epi32(x);
+}
+
+/* A lane sums at most 4 x 255 x 15 a quad (a weight part times a nibble), so the int32 sums go
+ * over at most this many blocks of 16 keys (one block up to 262144 keys), added in fp32. */
+#define VB_MAX 16384
+
+/* The value pass for rows r0 .. r0 + RN - 1 and chunks c0 .. c0 + CN - 1 (16 lanes of bytes each,
+ * chunk c at 64c in a quad): the outputs' dims 16c .. (low nibbles) and half + 16c .. (high), in
+ * order. A block of 16 keys is 4 quads, a register per chunk each (a byte's 4 keys in each 32-bit
+ * lane), times the quad's weights (vpdpbusd: the weights unsigned, in two parts, wq >> 8 and
+ * wq & 255, the nibbles signed). fresh (the rows' first group of chunks): the softmax is done here,
+ * a block at a time, so that its arithmetic overlaps the values' reads: w = e^(s - m1) x the value
+ * scale, wq = round(w f), written over the block's scores (8 bytes a quad: the 4 high parts, then
+ * the 4 low; its 32 bytes land on floats already read) for the later groups; the row's sum of
+ * e^(s - m1) and of wq make its off (the values' +8, weighed) and sc (the scale back). */
+TARGET static inline __attribute__((always_inline)) void values_group(const uint8_t *V, const float *vs, int half, int c0,
+                                                                     const int CN, int n, int past, int r0, const int RN,
+                                                                     const int fresh, float *scores, int s_stride,
+                                                                     const float *m1, const float *f, float *off,
+                                                                     float *sc, float *out, int out_stride) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __mmask16 lm[2];
+    for (int cc = 0; cc < CN; cc++) {
+        const int lanes = half - 16 * (c0 + cc);
+        lm[cc] = lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1);
+    }
+    uint8_t *w8[2];
+    __m512 psum[2];
+    __m512i isum[2];
+    for (int rr = 0; rr < RN; rr++) {
+        w8[rr] = (uint8_t *)(scores + (r0 + rr) * s_stride);
+        psum[rr] = _mm512_setzero_ps();
+        isum[rr] = _mm512_setzero_si512();
+    }
+    __m512 fs[2][2][4];
+    for (int rr = 0; rr < RN; rr++)
+        for (int cc = 0; cc < CN; cc++)
+            for (int k = 0; k < 4; k++) fs[rr][cc][k] = _mm512_setzero_ps();
+    const int nb = (n + 15) / 16;
+    for (int b0 = 0; b0 < nb; b0 += VB_MAX) { /* int32 sums per VB_MAX blocks, added in fp32 */
+        const int b1 = nb - b0 < VB_MAX ? nb : b0 + VB_MAX;
+        __m512i acc[2][2][4];
+        for (int rr = 0; rr < RN; rr++)
+            for (int cc = 0; cc < CN; cc++)
+                for (int k = 0; k < 4; k++) acc[rr][cc][k] = _mm512_setzero_si512();
+        for (int b = b0; b < b1; b++) {
+            const int u = 16 * b;
+            if (fresh)
+                for (int rr = 0; rr < RN; rr++) {
+                    const float *s = scores + (r0 + rr) * s_stride;
+                    const int seen = past + r0 + rr + 1;
+                    const __mmask16 m = seen - u >= 16 ? (__mmask16)0xFFFF : seen > u ? (__mmask16)((1u << (seen - u)) - 1) : 0;
+                    const __m512 e = _mm512_maskz_mov_ps(m, exp_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + u), _mm512_set1_ps(m1[r0 + rr]))));
+                    psum[rr] = _mm512_add_ps(psum[rr], e);
+                    const __m512i wq = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, vs + u)),
+                                                                        _mm512_set1_ps(f[r0 + rr])));
+                    isum[rr] = _mm512_add_epi32(isum[rr], wq);
+                    const __m128i hi = _mm512_cvtepi32_epi8(_mm512_srli_epi32(wq, 8));
+                    const __m128i lo = _mm512_cvtepi32_epi8(_mm512_and_si512(wq, _mm512_set1_epi32(255)));
+                    _mm_storeu_si128((__m128i *)(w8[rr] + 2 * u), _mm_unpacklo_epi32(hi, lo));
+                    _mm_storeu_si128((__m128i *)(w8[rr] + 2 * u + 16), _mm_unpackhi_epi32(hi, lo));
+                }
+            for (int k = 0; k < 4; k++) {
+                const int qd = 4 * b + k;
+                const uint8_t *p = V + (size_t)qd * 4 * (size_t)half + 64 * c0;
+                __m512i lo[2], hi[2];
+                for (int cc = 0; cc < CN; cc++) {
+                    _mm_prefetch((const char *)(p + (size_t)V_AHEAD * half + 64 * cc), _MM_HINT_T0);
+                    const __m512i x = _mm512_maskz_loadu_epi32(lm[cc], p + 64 * cc);
+                    lo[cc] = _mm512_and_si512(x, m4);
+                    hi[cc] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
+                }
+                for (int rr = 0; rr < RN; rr++) {
+                    const __m512i wh = bcast4(w8[rr] + 8 * (size_t)qd), wl = bcast4(w8[rr] + 8 * (size_t)qd + 4);
+                    for (int cc = 0; cc < CN; cc++) {
+                        acc[rr][cc][0] = dpbusd(acc[rr][cc][0], wh, lo[cc]);
+                        acc[rr][cc][1] = dpbusd(acc[rr][cc][1], wl, lo[cc]);
+                        acc[rr][cc][2] = dpbusd(acc[rr][cc][2], wh, hi[cc]);
+                        acc[rr][cc][3] = dpbusd(acc[rr][cc][3], wl, hi[cc]);
+                    }
+                }
+            }
+        }
+        for (int rr = 0; rr < RN; rr++)
+            for (int cc = 0; cc < CN; cc++)
+                for (int k = 0; k < 4; k++) fs[rr][cc][k] = _mm512_add_ps(fs[rr][cc][k], _mm512_cvtepi32_ps(acc[rr][cc][k]));
+    }
+    if (fresh)
+        for (int rr = 0; rr < RN; rr++) {
+            off[r0 + rr] = 8.f * (float)_mm512_reduce_add_epi32(isum[rr]);
+            sc[r0 + rr] = 1.f / (f[r0 + rr] * _mm512_reduce_add_ps(psum[rr]));
+        }
+    const __m512 h = _mm512_set1_ps(256.f);
+    for (int rr = 0; rr < RN; rr++) {
+        float *o = out + (r0 + rr) * out_stride;
+        const __m512 vo = _mm512_set1_ps(off[r0 + rr]), vsc = _mm512_set1_ps(sc[r0 + rr]);
+        for (int cc = 0; cc < CN; cc++) {
+            const __m512 lo = _mm512_fmadd_ps(fs[rr][cc][0], h, fs[rr][cc][1]);
+            const __m512 hi = _mm512_fmadd_ps(fs[rr][cc][2], h, fs[rr][cc][3]);
+            _mm512_mask_storeu_ps(o + 16 * (c0 + cc), lm[cc], _mm512_mul_ps(_mm512_sub_ps(lo, vo), vsc));
+            _mm512_mask_storeu_ps(o + half + 16 * (c0 + cc), lm[cc], _mm512_mul_ps(_mm512_sub_ps(hi, vo), vsc));
+        }
+    }
+}
+
+TARGET static inline __attribute__((always_inline)) void attend4_rows(
+    const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks, const float *vs,
+    const float *bias, int bias_stride, int past, int R, int D, float *scores, int s_stride, float *out, int out_stride) {
+    const int half = D / 2, G = half / 4, n = past + R;
+    const float scale = 1.0f / sqrtf((float)D);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8((char)0xF0);
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+
+    int8_t qi[ROWS][256];
+    float qs[ROWS];
+    int qsum[ROWS];
+    for (int r = 0; r < R; r++) qs[r] = quantize_query(q + r * q_stride, D, qi[r], &qsum[r]) * scale;
+
+    /* key pass: a block of 16 keys is half / 4 registers, a key per 32-bit lane (4 of its bytes);
+     * the low nibbles and the high ones (masked in place: 16x) times the query's matching bytes,
+     * each into its own two accumulators. Per row, over the keys it sees: the largest score, and
+     * the largest s log2(e) + floor(log2(value scale)), which bounds the weights (values_group). */
+    __m512 vmax[ROWS], vbound[ROWS];
+    for (int r = 0; r < R; r++) vmax[r] = vbound[r] = _mm512_set1_ps(-3e38f);
+    for (int t = 0; t < n; t += 16) {
+        const uint8_t *blk = K + (size_t)t * half;
+        for (int o = 0; o < 16 * half; o += 64) _mm_prefetch((const char *)(blk + (size_t)K_AHEAD * half + o), _MM_HINT_T2);
+        __m512i L0[ROWS], L1[ROWS], H0[ROWS], H1[ROWS];
+        for (int r = 0; r < R; r++) L0[r] = L1[r] = H0[r] = H1[r] = _mm512_setzero_si512();
+        int g = 0;
+        for (; g + 1 < G; g += 2) {
+            const __m512i x0 = _mm512_loadu_si512(blk + 64 * g), x1 = _mm512_loadu_si512(blk + 64 * g + 64);
+            const __m512i lo0 = _mm512_and_si512(x0, m4), hi0 = _mm512_and_si512(x0, mf0);
+            const __m512i lo1 = _mm512_and_si512(x1, m4), hi1 = _mm512_and_si512(x1, mf0);
+            for (int r = 0; r < R; r++) {
+                L0[r] = dpbusd(L0[r], lo0, bcast4(qi[r] + 4 * g));
+                H0[r] = dpbusd(H0[r], hi0, bcast4(qi[r] + half + 4 * g));
+                L1[r] = dpbusd(L1[r], lo1, bcast4(qi[r] + 4 * g + 4));
+                H1[r] = dpbusd(H1[r], hi1, bcast4(qi[r] + half + 4 * g + 4));
+            }
+        }
+        if (g < G) {
+            const __m512i x0 = _mm512_loadu_si512(blk + 64 * g);
+            const __m512i lo0 = _mm512_and_si512(x0, m4), hi0 = _mm512_and_si512(x0, mf0);
+            for (int r = 0; r < R; r++) {
+                L0[r] = dpbusd(L0[r], lo0, bcast4(qi[r] + 4 * g));
+                H0[r] = dpbusd(H0[r], hi0, bcast4(qi[r] + half + 4 * g));
+            }
+        }
+        const __mmask16 valid = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+        const __m512 vexp = _mm512_getexp_ps(_mm512_maskz_loadu_ps(valid, vs + t));
+        for (int r = 0; r < R; r++) {
+            __m512i dot = _mm512_add_epi32(_mm512_add_epi32(L0[r], L1[r]), _mm512_srai_epi32(_mm512_add_epi32(H0[r], H1[r]), 4));
+            dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(qsum[r]));
+            __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(qs[r]), _mm512_maskz_loadu_ps(valid, ks + t)));
+            s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(valid, bias + r * bias_stride + t));
+            _mm512_mask_storeu_ps(scores + r * s_stride + t, valid, s);
+            const int seen = past + r + 1 - t; /* keys of this block the row sees */
+            const __mmask16 sm = seen >= 16 ? (__mmask16)0xFFFF : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
+            vmax[r] = _mm512_mask_max_ps(vmax[r], sm, vmax[r], s);
+            vbound[r] = _mm512_mask_max_ps(vbound[r], sm, vbound[r], _mm512_fmadd_ps(s, log2e, vexp));
+        }
+    }
+
+    /* per row: the weights e^(s - m1) x scale are below 2^(bound - m1 log2(e) + 1), so wq = w f
+     * with f = 32767 / that is at most 32767 (15 bits) and the largest at least half of it */
+    float m1[ROWS], f[ROWS], off[ROWS], sc[ROWS];
+    for (int r = 0; r < R; r++) {
+        m1[r] = _mm512_reduce_max_ps(vmax[r]);
+        const float bound = _mm512_reduce_max_ps(vbound[r]) - m1[r] * 1.44269504088896341f + 1.f;
+        f[r] = 32767.f * exp2f(-bound);
+    }
+
+    /* the value pass, with the softmax in its first group of chunks: rows and chunks in groups of
+     * two, their 16 accumulators in registers */
+    const int nc = (half + 15) / 16;
+    for (int c0 = 0; c0 < nc; c0 += 2) {
+        const int two = nc - c0 >= 2, fresh = c0 == 0;
+        for (int r0 = 0; r0 < R; r0 += 2) {
+            if (R - r0 >= 2) {
+                if (two)
+                    values_group(V, vs, half, c0, 2, n, past, r0, 2, fresh, scores, s_stride, m1, f, off, sc, out, out_stride);
+                else
+                    values_group(V, vs, half, c0, 1, n, past, r0, 2, fresh, scores, s_stride, m1, f, off, sc, out, out_stride);
+            } else if (two)
+                values_group(V, vs, half, c0, 2, n, past, r0, 1, fresh, scores, s_stride, m1, f, off, sc, out, out_stride);
+            else
+                values_group(V, vs, half, c0, 1, n, past, r0, 1, fresh, scores, s_stride, m1, f, off, sc, out, out_stride);
+        }
+    }
+}
+
 TARGET static void attend4_head_avx512(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
                                        const float *vs, const float *bias, int bias_stride, int past, int S, int D,
                                        float *scores, float *out, int out_stride) {
@@ -400,23 +361,13 @@ TARGET static void attend4_head_avx512(const float *q, int q_stride, const uint8
 }
 #undef TARGET
 
-/* ---- AVX2: the same algorithm on 256-bit registers, for CPUs without AVX-512 VNNI ----
+/* ---- AVX2: the same layout on 256-bit registers, for CPUs without AVX-512 VNNI ----
  * The key pass multiplies nibbles by the int8 query with vpmaddubsw (unsigned x signed bytes,
  * pairs summed to int16: at most 2 x 15 x 127 per pair, two of them added, no saturation) and
- * vpmaddwd by ones; the value pass is vpmaddwd on 16-bit pairs of two rows' values, times their
- * 15-bit weights, as the AVX-512 path. Rows are read in chunks of 16 bytes (and a last one of 8:
- * head sizes a multiple of 16). */
+ * vpmaddwd by ones. The value pass spreads a register of quads (a byte's 4 keys per 32-bit lane)
+ * into 16-bit pairs of keys (0, 2) and (1, 3) with shifts and masks, times their 14-bit weights
+ * with vpmaddwd. */
 #define TARGET __attribute__((target("avx2,fma")))
-
-/* chunk c (16 bytes, or the last 8) of rows t and t + 1: low lane row t, high lane row t + 1 */
-TARGET static inline __m256i load_pair2(const uint8_t *K, int half, int t, int c) {
-    const uint8_t *a = K + (size_t)t * half + 16 * c;
-    if (half - 16 * c >= 16)
-        return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
-                                       _mm_loadu_si128((const __m128i *)(a + half)), 1);
-    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)a)),
-                                   _mm_loadl_epi64((const __m128i *)(a + half)), 1);
-}
 
 TARGET static inline float hmax_ps(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -440,162 +391,144 @@ TARGET static inline int hsum_epi32(__m256i a) {
 }
 
 /* lanes below n set (of 8) */
-TARGET static inline __m256 lanes_below(int n) {
-    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+TARGET static inline __m256i lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* One chunk's int32 sums over keys t0 .. end - 1 into acc[r][0..3]: per lane pairs of words
- * (row t, row t + 1) of values 0-3 | 8-11 (acc 0), 4-7 | 12-15 (1) of the chunk's low nibbles,
- * and the same of the high ones (2, 3). */
-TARGET static inline __attribute__((always_inline)) void values16_block2(
-    const uint8_t *V, int half, int c, int t0, int end, int R, int16_t *const *wq, __m256i acc[][4]) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const __m256i spread0 = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, -1, 8, -1, 1, -1, 9, -1, 2, -1, 10, -1, 3, -1, 11, -1));
-    const __m256i spread1 = _mm256_broadcastsi128_si256(_mm_setr_epi8(4, -1, 12, -1, 5, -1, 13, -1, 6, -1, 14, -1, 7, -1, 15, -1));
-    for (int r = 0; r < R; r++)
-        for (int g = 0; g < 4; g++) acc[r][g] = _mm256_setzero_si256();
-    for (int t = t0; t < end; t += 2) { /* an odd last row alone: its partner is itself, weighing 0 */
-        _mm_prefetch((const char *)(V + (size_t)(t + V_AHEAD) * half + 16 * c), _MM_HINT_T0);
-        __m256i x;
-        int32_t w2[ROWS];
-        if (t + 1 < end) {
-            x = load_pair2(V, half, t, c);
-            for (int r = 0; r < R; r++) memcpy(&w2[r], wq[r] + t, 4);
-        } else {
-            const uint8_t *a = V + (size_t)t * half + 16 * c;
-            const __m128i one = half - 16 * c >= 16 ? _mm_loadu_si128((const __m128i *)a) : _mm_loadl_epi64((const __m128i *)a);
-            x = _mm256_inserti128_si256(_mm256_castsi128_si256(one), one, 1);
-            for (int r = 0; r < R; r++) w2[r] = (uint16_t)wq[r][t];
+TARGET static inline __m256i bcast4_256(const void *p) {
+    int32_t x;
+    memcpy(&x, p, 4);
+    return _mm256_set1_epi32(x);
+}
+
+/* vpmaddwd's int32 sums: at most 2 x 2 x 16383 x 15 a lane per quad, so blocks of this many quads */
+#define VQ_MAX2 2048
+
+/* The value pass for rows r0 .. r0 + RN - 1 and chunk c (8 lanes of bytes, at 32c in a quad; the
+ * last one 4 where half is not a multiple of 8), w16: the weights, per quad keys 0, 2, 1, 3. */
+TARGET static inline __attribute__((always_inline)) void values_group2(const uint8_t *V, int half, int c, int nq, int r0,
+                                                                      const int RN, int16_t *const *w16, const float *off,
+                                                                      const float *sc, float *out, int out_stride) {
+    const __m256i m = _mm256_set1_epi32(0x000F000F);
+    const int lanes = half - 8 * c < 8 ? half - 8 * c : 8;
+    const __m256i lm = lanes_below(lanes);
+    __m256 fs[2][2];
+    for (int rr = 0; rr < RN; rr++) fs[rr][0] = fs[rr][1] = _mm256_setzero_ps();
+    for (int q0 = 0; q0 < nq; q0 += VQ_MAX2) {
+        const int q1 = nq - q0 < VQ_MAX2 ? nq : q0 + VQ_MAX2;
+        __m256i acc[2][2];
+        for (int rr = 0; rr < RN; rr++) acc[rr][0] = acc[rr][1] = _mm256_setzero_si256();
+        for (int qd = q0; qd < q1; qd++) {
+            const uint8_t *b = V + (size_t)qd * 4 * (size_t)half + 32 * c;
+            _mm_prefetch((const char *)(b + (size_t)V_AHEAD * half), _MM_HINT_T0);
+            const __m256i x = lanes == 8 ? _mm256_loadu_si256((const __m256i *)b) : _mm256_maskload_epi32((const int *)b, lm);
+            /* words: (key 0, key 2) and (key 1, key 3) of the low nibbles, then of the high ones */
+            const __m256i a = _mm256_and_si256(x, m), bb = _mm256_and_si256(_mm256_srli_epi16(x, 8), m);
+            const __m256i ch = _mm256_and_si256(_mm256_srli_epi16(x, 4), m), d = _mm256_and_si256(_mm256_srli_epi16(x, 12), m);
+            for (int rr = 0; rr < RN; rr++) {
+                const __m256i w02 = bcast4_256(w16[r0 + rr] + 4 * (size_t)qd), w13 = bcast4_256(w16[r0 + rr] + 4 * (size_t)qd + 2);
+                acc[rr][0] = _mm256_add_epi32(acc[rr][0], _mm256_add_epi32(_mm256_madd_epi16(a, w02), _mm256_madd_epi16(bb, w13)));
+                acc[rr][1] = _mm256_add_epi32(acc[rr][1], _mm256_add_epi32(_mm256_madd_epi16(ch, w02), _mm256_madd_epi16(d, w13)));
+            }
         }
-        /* per lane: 8 values of row t and the same 8 of row t + 1, then spread into word pairs */
-        const __m256i L = _mm256_permute4x64_epi64(_mm256_and_si256(x, m4), _MM_SHUFFLE(3, 1, 2, 0));
-        const __m256i H = _mm256_permute4x64_epi64(_mm256_and_si256(_mm256_srli_epi16(x, 4), m4), _MM_SHUFFLE(3, 1, 2, 0));
-        const __m256i p[4] = {_mm256_shuffle_epi8(L, spread0), _mm256_shuffle_epi8(L, spread1),
-                              _mm256_shuffle_epi8(H, spread0), _mm256_shuffle_epi8(H, spread1)};
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const __m256i W = _mm256_set1_epi32(w2[r]);
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; g++) acc[r][g] = _mm256_add_epi32(acc[r][g], _mm256_madd_epi16(p[g], W));
-        }
+        for (int rr = 0; rr < RN; rr++)
+            for (int k = 0; k < 2; k++) fs[rr][k] = _mm256_add_ps(fs[rr][k], _mm256_cvtepi32_ps(acc[rr][k]));
+    }
+    for (int rr = 0; rr < RN; rr++) {
+        float *o = out + (r0 + rr) * out_stride;
+        const __m256 vo = _mm256_set1_ps(off[r0 + rr]), vs = _mm256_set1_ps(sc[r0 + rr]);
+        _mm256_maskstore_ps(o + 8 * c, lm, _mm256_mul_ps(_mm256_sub_ps(fs[rr][0], vo), vs));
+        _mm256_maskstore_ps(o + half + 8 * c, lm, _mm256_mul_ps(_mm256_sub_ps(fs[rr][1], vo), vs));
     }
 }
 
 TARGET static inline __attribute__((always_inline)) void attend4_rows2(
     const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks, const float *vs,
     const float *bias, int bias_stride, int past, int R, int D, float *scores, int s_stride, float *out, int out_stride) {
-    const int half = D / 2, nc = (half + 15) / 16, n = past + R;
+    const int half = D / 2, G = half / 4, n = past + R;
     const float scale = 1.0f / sqrtf((float)D);
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
 
-    int8_t qlo[ROWS][128] __attribute__((aligned(32))), qhi[ROWS][128] __attribute__((aligned(32)));
+    int8_t qi[ROWS][256];
     float qs[ROWS];
     int qsum[ROWS];
-    split_queries(q, q_stride, R, D, scale, qlo, qhi, qs, qsum);
+    for (int r = 0; r < R; r++) qs[r] = quantize_query(q + r * q_stride, D, qi[r], &qsum[r]) * scale;
 
-    /* key pass: 8 keys a block, two keys a register */
-    float smax[ROWS];
+    /* key pass: a block of 16 keys, 8 a register (a key per 32-bit lane) */
     __m256 vmax[ROWS];
     for (int r = 0; r < R; r++) vmax[r] = _mm256_set1_ps(-3e38f);
-    int t = 0;
-    for (; t + 8 <= n; t += 8) {
-        for (int off = 0; off < 8 * half; off += 64) _mm_prefetch((const char *)(K + (size_t)(t + K_AHEAD) * half + off), _MM_HINT_T2);
+    for (int t = 0; t < n; t += 16) {
+        const uint8_t *blk = K + (size_t)t * half;
+        for (int off = 0; off < 16 * half; off += 64) _mm_prefetch((const char *)(blk + (size_t)K_AHEAD * half + off), _MM_HINT_T2);
         for (int r = 0; r < R; r++) {
-            __m256i A[4];
-            for (int i = 0; i < 4; i++) A[i] = _mm256_setzero_si256();
-            for (int c = 0; c < nc; c++) {
-                const __m256i Ql = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(qlo[r] + 16 * c)));
-                const __m256i Qh = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(qhi[r] + 16 * c)));
-#pragma GCC unroll 4
-                for (int i = 0; i < 4; i++) {
-                    const __m256i x = load_pair2(K, half, t + 2 * i, c);
-                    const __m256i lo = _mm256_and_si256(x, m4), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
-                    const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo, Ql), _mm256_maddubs_epi16(hi, Qh));
-                    A[i] = _mm256_add_epi32(A[i], _mm256_madd_epi16(prod, ones));
-                }
+            __m256i A0 = _mm256_setzero_si256(), A1 = _mm256_setzero_si256();
+            for (int g = 0; g < G; g++) {
+                const __m256i ql = bcast4_256(qi[r] + 4 * g), qh = bcast4_256(qi[r] + half + 4 * g);
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * g));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32));
+                const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(x0, m4), ql),
+                                                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(x0, 4), m4), qh));
+                const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(x1, m4), ql),
+                                                    _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(x1, 4), m4), qh));
+                A0 = _mm256_add_epi32(A0, _mm256_madd_epi16(p0, ones));
+                A1 = _mm256_add_epi32(A1, _mm256_madd_epi16(p1, ones));
             }
-            /* per lane [A0, A1, A2, A3] sums: keys t, t+2, t+4, t+6 | t+1, t+3, t+5, t+7 */
-            __m256i dot = _mm256_hadd_epi32(_mm256_hadd_epi32(A[0], A[1]), _mm256_hadd_epi32(A[2], A[3]));
-            dot = _mm256_sub_epi32(_mm256_permutevar8x32_epi32(dot, perm), _mm256_set1_epi32(qsum[r]));
-            __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(qs[r]), _mm256_loadu_ps(ks + t)));
-            s = _mm256_add_ps(s, _mm256_loadu_ps(bias + r * bias_stride + t));
-            _mm256_storeu_ps(scores + r * s_stride + t, s);
-            vmax[r] = _mm256_max_ps(vmax[r], _mm256_blendv_ps(_mm256_set1_ps(-3e38f), s, lanes_below(past + r + 1 - t)));
+            const __m256 qsr = _mm256_set1_ps(qs[r]);
+            for (int h = 0; h < 2; h++) {
+                const int u = t + 8 * h;
+                const __m256i valid = lanes_below(n - u);
+                const __m256i dot = _mm256_sub_epi32(h ? A1 : A0, _mm256_set1_epi32(qsum[r]));
+                __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(qsr, _mm256_maskload_ps(ks + u, valid)));
+                s = _mm256_add_ps(s, _mm256_maskload_ps(bias + r * bias_stride + u, valid));
+                _mm256_maskstore_ps(scores + r * s_stride + u, valid, s);
+                vmax[r] = _mm256_max_ps(vmax[r], _mm256_blendv_ps(_mm256_set1_ps(-3e38f), s,
+                                                                  _mm256_castsi256_ps(lanes_below(past + r + 1 - u))));
+            }
         }
     }
-    for (int r = 0; r < R; r++) smax[r] = hmax_ps(vmax[r]);
-    tail_scores(K, ks, bias, bias_stride, past, R, half, t, qlo, qhi, qs, qsum, scores, s_stride, smax);
 
-    /* softmax and weights, then the weights as 15-bit integers in place (see attend4_values16) */
-    float inv[ROWS], wscale[ROWS];
-    int wqsum[ROWS];
-    int16_t *wq[ROWS];
+    /* softmax and weights, then the weights as 14-bit integers in place, per quad keys 0, 2, 1, 3 */
+    float off[ROWS], sc[ROWS];
+    int16_t *w16[ROWS];
+    const __m256i order = _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7);
     for (int r = 0; r < R; r++) {
         float *s = scores + r * s_stride;
         const int seen = past + r + 1;
-        const __m256 vm = _mm256_set1_ps(smax[r]);
+        const __m256 vm = _mm256_set1_ps(hmax_ps(vmax[r]));
         __m256 psum = _mm256_setzero_ps(), mx = _mm256_setzero_ps();
-        int u = 0;
-        for (; u + 8 <= n; u += 8) {
-            const __m256 keep = lanes_below(seen - u);
-            const __m256 e = _mm256_and_ps(keep, exp_256(_mm256_sub_ps(_mm256_and_ps(keep, _mm256_loadu_ps(s + u)), vm)));
-            const __m256 w = _mm256_mul_ps(e, _mm256_loadu_ps(vs + u));
-            _mm256_storeu_ps(s + u, w);
+        for (int u = 0; u < n; u += 8) {
+            const __m256 keep = _mm256_castsi256_ps(lanes_below(seen - u));
+            const __m256i all = lanes_below(n - u);
+            const __m256 e = _mm256_and_ps(keep, exp_256(_mm256_sub_ps(_mm256_and_ps(keep, _mm256_maskload_ps(s + u, all)), vm)));
+            const __m256 w = _mm256_mul_ps(e, _mm256_maskload_ps(vs + u, all));
+            _mm256_maskstore_ps(s + u, all, w);
             psum = _mm256_add_ps(psum, e);
             mx = _mm256_max_ps(mx, w);
         }
-        float sum = hsum_ps(psum), wmax = hmax_ps(mx);
-        for (; u < n; u++) {
-            const float e = u < seen ? expf(s[u] - smax[r]) : 0.f, w = e * vs[u];
-            s[u] = w;
-            sum += e;
-            wmax = w > wmax ? w : wmax;
-        }
-        inv[r] = 1.f / sum;
-        wq[r] = (int16_t *)s;
-        const float f = wmax > 0.f ? 16383.f / wmax : 0.f;
-        wscale[r] = wmax / 16383.f;
+        const float wmax = hmax_ps(mx), f = wmax > 0.f ? 16383.f / wmax : 0.f;
+        w16[r] = (int16_t *)s;
         __m256i isum = _mm256_setzero_si256();
-        int total = 0;
-        for (u = 0; u + 8 <= n; u += 8) {
-            const __m256i qv = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + u), _mm256_set1_ps(f)));
-            const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(qv, qv), _MM_SHUFFLE(3, 1, 2, 0));
-            _mm_storeu_si128((__m128i *)(wq[r] + u), _mm256_castsi256_si128(packed));
-            isum = _mm256_add_epi32(isum, qv);
+        for (int u = 0; u < n; u += 8) {
+            const __m256i all = lanes_below(n - u);
+            const __m256i wq = _mm256_and_si256(all, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_maskload_ps(s + u, all), _mm256_set1_ps(f))));
+            isum = _mm256_add_epi32(isum, wq);
+            const __m256i o = _mm256_permutevar8x32_epi32(wq, order);
+            const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(o, o), _MM_SHUFFLE(3, 1, 2, 0));
+            _mm_storeu_si128((__m128i *)(w16[r] + u), _mm256_castsi256_si128(packed));
         }
-        for (; u < n; u++) {
-            const int v = (int)nearbyintf(s[u] * f);
-            wq[r][u] = (int16_t)v;
-            total += v;
-        }
-        wqsum[r] = total + hsum_epi32(isum);
+        off[r] = 8.f * (float)hsum_epi32(isum);
+        sc[r] = wmax / 16383.f / hsum_ps(psum);
     }
 
-    /* the value pass: int32 sums per block of V16_MAX_KEYS keys, added in fp32 */
-    for (int c = 0; c < nc; c++) {
-        const int valid = half - 16 * c < 16 ? half - 16 * c : 16;
-        __m256 sum[ROWS][4];
-        for (int r = 0; r < R; r++)
-            for (int g = 0; g < 4; g++) sum[r][g] = _mm256_setzero_ps();
-        for (int t0 = 0; t0 < n; t0 += V16_MAX_KEYS) {
-            __m256i acc[ROWS][4];
-            values16_block2(V, half, c, t0, n - t0 < V16_MAX_KEYS ? n : t0 + V16_MAX_KEYS, R, wq, acc);
-            for (int r = 0; r < R; r++)
-                for (int g = 0; g < 4; g++) sum[r][g] = _mm256_add_ps(sum[r][g], _mm256_cvtepi32_ps(acc[r][g]));
+    /* the value pass: per chunk of 8 bytes of the rows, rows in pairs */
+    const int nq = (n + 3) / 4, nc = (half + 7) / 8;
+    for (int c = 0; c < nc; c++)
+        for (int r0 = 0; r0 < R; r0 += 2) {
+            if (R - r0 >= 2)
+                values_group2(V, half, c, nq, r0, 2, w16, off, sc, out, out_stride);
+            else
+                values_group2(V, half, c, nq, r0, 1, w16, off, sc, out, out_stride);
         }
-        for (int r = 0; r < R; r++) {
-            float *o = out + r * out_stride;
-            const __m256 off = _mm256_set1_ps(8.f * (float)wqsum[r]), sc = _mm256_set1_ps(wscale[r] * inv[r]);
-            for (int part = 0; part < 2; part++) { /* low nibbles: values 16c..; high: half + 16c.. */
-                const __m256 x = sum[r][2 * part], y = sum[r][2 * part + 1];
-                const __m256 seq[2] = {_mm256_permute2f128_ps(x, y, 0x20), _mm256_permute2f128_ps(x, y, 0x31)};
-                float *dst = o + (part ? half : 0) + 16 * c;
-                for (int g = 0; g < 2 && 8 * g < valid; g++)
-                    _mm256_storeu_ps(dst + 8 * g, _mm256_mul_ps(_mm256_sub_ps(seq[g], off), sc));
-            }
-        }
-    }
 }
 
 TARGET static void attend4_head_avx2(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
@@ -653,11 +586,11 @@ void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uin
                        float *out, int out_stride) {
 #if CGLS_X86
     const int path = cgls_attend4_vector();
-    if (path == 2 && D % 2 == 0 && D <= 256) {
+    if (path == 2) {
         attend4_head_avx512(q, q_stride, K, V, ks, vs, bias, bias_stride, past, S, D, scores, out, out_stride);
         return;
     }
-    if (path >= 1 && D % 16 == 0 && D <= 256) {
+    if (path == 1) {
         attend4_head_avx2(q, q_stride, K, V, ks, vs, bias, bias_stride, past, S, D, scores, out, out_stride);
         return;
     }

@@ -1,14 +1,23 @@
 /* Decode attention over a 4-bit KV cache with a scale per token and head.
  *
- * A cached row (one token, one head) of D values is D/2 bytes: byte j holds value j in its low
- * nibble and value j + D/2 in its high one, each stored as round(x / scale) + 8 (0 .. 15), with
- * scale = max|x| / 7 over the row (one float per token and head, kept beside the cache).
+ * A token's row (one head) of D values is D/2 bytes: byte j holds value j in its low nibble and
+ * value j + D/2 in its high one, each stored as round(x / scale) + 8 (0 .. 15), with scale =
+ * max|x| / 7 over the row (one float per token and head, kept beside the cache).
  *   score[t] = (q . k_t) / sqrt(D) + bias[t],   out = sum_t softmax(score)[t] v_t
+ * A head's cache holds the rows in the order its passes read them (D a multiple of 8, the
+ * positions a multiple of 16; a group of rows takes the bytes the same rows would take one after
+ * another, so a prefix of positions rounded up to 16 is a prefix of the bytes):
+ *   keys:   blocks of 16 tokens, each [D/8][16][4]: 4 bytes of each token in turn, so a 32-bit
+ *           lane is a key (4 of its products summed in one instruction, vpdpbusd);
+ *   values: quads of 4 tokens, each [D/2][4]: a byte of each of the 4 tokens in turn, so a 32-bit
+ *           lane is one byte of the quad's rows (4 terms of the weighted sum in one instruction).
  * Every path quantizes the query to int8 (a scale per row; its error is a small part of the 4-bit
- * keys' own), so the key pass is integer dot products, the keys' scales applied per token after.
- * The AVX-512 path (it needs VNNI) does them with vpdpbusd, and the value pass with 15-bit
- * integer weights, two cached rows per vpdpwssd; the AVX2 path does the same with vpmaddubsw and
- * vpmaddwd. Other CPUs use the plain loop, which is several times slower.
+ * keys' own), so the key pass is integer dot products, the keys' scales applied per token after;
+ * the value pass weighs with integer weights of 14 bits or more. The AVX-512 path (it needs VNNI)
+ * does both passes with vpdpbusd and masks, no shuffles, and the softmax inside the value pass
+ * (its arithmetic then overlaps the values' reads; the weights scaled by a bound on the largest,
+ * to at most 32767, in two byte parts); the AVX2 path uses vpmaddubsw and vpmaddwd, the weights
+ * w * 16383 / max w. Other CPUs use the plain loop, which is several times slower.
  */
 #ifndef CODEGEN_LS_ATTEND4_H
 #define CODEGEN_LS_ATTEND4_H
@@ -18,24 +27,31 @@
 
 #include "attend.h"
 
-/* As cgls_attend_head, on the 4-bit cache: K, V the head's rows [past + S][D/2] bytes, ks, vs
- * the head's per-token scales [past + S]; D even, at most 256. */
+/* As cgls_attend_head, on the 4-bit cache: K, V the head's caches (the layouts above, bytes for
+ * past + S positions rounded up to 16), ks, vs the head's per-token scales [past + S]; D a
+ * multiple of 8, at most 256. */
 void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
                        const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
                        float *out, int out_stride);
 
-/* n cached rows [n][D/2] bytes with their scales [n] -> out [n][D] floats: (nibble - 8) * scale */
-void cgls_dequantize_rows4(const uint8_t *src, const float *scale, int64_t n, int D, float *out);
+/* x [D] -> a row of D/2 bytes and *scale, as above (round half to even; max|x| below 1e-30 counts
+ * as 1e-30). The graph's prompt path quantizes the same way, op for op. */
+void cgls_quantize_row4(const float *x, int D, uint8_t *row, float *scale);
 
-/* x [D] -> dst [D/2] bytes and *scale, as above (round half to even; max|x| below 1e-30 counts as
- * 1e-30). The graph's prompt path quantizes the same way, op for op. */
-void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale);
+/* token t's row (half = D/2 bytes) into / out of a head's cache; values: 0 the keys' layout, 1
+ * the values' */
+void cgls_put_row4(uint8_t *cache, int values, int64_t t, int half, const uint8_t *row);
+void cgls_get_row4(const uint8_t *cache, int values, int64_t t, int half, uint8_t *row);
+
+/* a head's first n positions (values: as in cgls_put_row4) with their scales [n] -> out [n][D]
+ * floats: (nibble - 8) * scale */
+void cgls_dequantize_rows4(const uint8_t *src, int values, const float *scale, int64_t n, int D, float *out);
 
 /* out [D] = x [D] times R [D][D] (row-major): the rotation the cache's keys and the queries get */
 void cgls_rotate(const float *x, const float *R, int D, float *out);
 
-/* the path cgls_attend4_head takes: 2 AVX-512 VNNI, 1 AVX2 (D a multiple of 16), 0 plain C (at
- * most the limit of cgls_limit_isa_level) */
+/* the path cgls_attend4_head takes: 2 AVX-512 VNNI, 1 AVX2, 0 plain C (at most the limit of
+ * cgls_limit_isa_level) */
 int cgls_attend4_vector(void);
 
 /* the same for the best path this CPU has, whatever the limit */

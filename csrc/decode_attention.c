@@ -137,8 +137,11 @@ static void attend_head(const Work *w, size_t index) { /* one head, all its rows
             const int64_t t = w->past + s;
             cgls_rotate(w->q + s * E + h * D, w->rotation, (int)D, qrot + s * D);
             cgls_rotate(w->key + s * E + h * D, w->rotation, (int)D, krot);
-            cgls_quantize_row4(krot, (int)D, K + t * half, ks + t);
-            cgls_quantize_row4(w->value + s * E + h * D, (int)D, V + t * half, vs + t);
+            uint8_t row[128];
+            cgls_quantize_row4(krot, (int)D, row, ks + t);
+            cgls_put_row4(K, 0, t, (int)half, row);
+            cgls_quantize_row4(w->value + s * E + h * D, (int)D, row, vs + t);
+            cgls_put_row4(V, 1, t, (int)half, row);
         }
         cgls_attend4_head(qrot, (int)D, K, V, ks, vs, w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D, scratch,
                           w->out + h * D, (int)E);
@@ -153,8 +156,8 @@ static void attend_head(const Work *w, size_t index) { /* one head, all its rows
  * its largest score (e^(s - max) times the value scale) fall under float's normal range, and each
  * instruction on them takes a microcode assist: in a model-like harness with scores that wide, the
  * decode step's growth from 64 to 2000 keys was 4.2 ms with them and 2.3 ms flushed. Such weights
- * are far below what the value pass resolves (the 4-bit cache weighs with 15-bit integers scaled
- * to the largest weight), so flushing them changes nothing. */
+ * are far below what the value pass resolves (the 4-bit cache weighs with 14- or 15-bit integers
+ * scaled to the largest weight), so flushing them changes nothing. */
 static void attend_task(void *user, size_t index) {
 #if CGLS_X86
     const unsigned int csr = _mm_getcsr();
@@ -211,7 +214,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 }
 
 /* ---- codegen_ls.DecodeAttentionQ4: the same on the 4-bit cache (attend4.h) ----
- * Inputs: 0 query, 1 key, 2 value float [1, S, H*D]; 3 past_key, 4 past_value uint8 [1, H, cap, D/2];
+ * Inputs: 0 query, 1 key, 2 value float [1, S, H*D]; 3 past_key, 4 past_value uint8 [1, H, cap, D/2]
+ *   (attend4.h's layouts: D a multiple of 8, cap of 16);
  *   5 past_key_scale, 6 past_value_scale float [1, H, cap, 1] (a scale per token and head);
  *   7 seqlens_k int32 [1]; 8 total_sequence_length int32 []; 9 attention_bias float [1, 1, S, total];
  *   10 key_rotation float [D, D]: the cache holds the keys as kR, and the scores are (qR).(kR).
@@ -224,7 +228,8 @@ static OrtStatus *compute4(void *kernel, OrtKernelContext *ctx) {
     CHECK(read_inputs(ctx, op, N_IN4, SEQLENS, &in));
     const int64_t S = in.S, E = in.E, H = in.H, cap = in.cap, half = in.dims[3][3], D = 2 * half;
     if (H * D != E) return fail_op(op, "query width is not heads x head size (past's last dimension is D/2)");
-    if (D > 256) return fail_op(op, "head size over 256");
+    if (D > 256 || D % 8) return fail_op(op, "head size: a multiple of 8, at most 256");
+    if (cap % 16) return fail_op(op, "past_key/past_value: positions (cap) a multiple of 16");
     if (in.rank[ROTATION] != 2 || in.dims[ROTATION][0] != D || in.dims[ROTATION][1] != D)
         return fail_op(op, "key_rotation [D, D]");
     for (int i = 5; i <= 6; i++)
@@ -242,26 +247,27 @@ static OrtStatus *compute4(void *kernel, OrtKernelContext *ctx) {
     return run_heads(ctx, op, &w);
 }
 
-/* ---- codegen_ls.Dequantize4: the prompt path's read of the 4-bit cache ----
- * Inputs: 0 past uint8 [1, H, cap, D/2]; 1 its scales float [1, H, cap, 1]; 2 past_len int64 [1].
- * Output: float [1, H, past_len, D], (nibble - 8) * scale (attend4.h's format): one pass, where
- * the same in ONNX elementwise ops took eight over the data. Work is split by head. */
+/* ---- codegen_ls.DequantizeKeys4 / DequantizeValues4: the prompt path's read of the 4-bit cache ----
+ * Inputs: 0 past uint8 [1, H, cap, D/2] (the keys' or the values' layout, attend4.h); 1 its scales
+ * float [1, H, cap, 1]; 2 past_len int64 [1]. Output: float [1, H, past_len, D], (nibble - 8) *
+ * scale: one pass, where the same in ONNX elementwise ops took eight over the data. Work is split
+ * by head. */
 typedef struct Unpack {
     const uint8_t *src;
     const float *scale;
     float *out;
     int64_t cap, n, D;
+    int values;
 } Unpack;
 
 static void dequantize_task(void *user, size_t index) {
     const Unpack *u = (const Unpack *)user;
     const int64_t h = (int64_t)index;
-    cgls_dequantize_rows4(u->src + h * u->cap * (u->D / 2), u->scale + h * u->cap, u->n, (int)u->D, u->out + h * u->n * u->D);
+    cgls_dequantize_rows4(u->src + h * u->cap * (u->D / 2), u->values, u->scale + h * u->cap, u->n, (int)u->D,
+                          u->out + h * u->n * u->D);
 }
 
-static OrtStatus *compute_dequantize4(void *kernel, OrtKernelContext *ctx) {
-    (void)kernel;
-    static const char *op = "Dequantize4";
+static OrtStatus *dequantize4(OrtKernelContext *ctx, const char *op, int values) {
     void *data[3];
     int64_t dims[3][4];
     size_t rank[3], n_in;
@@ -284,7 +290,8 @@ static OrtStatus *compute_dequantize4(void *kernel, OrtKernelContext *ctx) {
     void *o;
     CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, 0, out_dims, 4, &out));
     CHECK(CGLS_GetTensorMutableData(g_api)(out, &o));
-    Unpack u = {(const uint8_t *)data[0], (const float *)data[1], (float *)o, cap, n, 2 * dims[0][3]};
+    if (cap % 16) return fail_op(op, "past: positions (cap) a multiple of 16");
+    Unpack u = {(const uint8_t *)data[0], (const float *)data[1], (float *)o, cap, n, 2 * dims[0][3], values};
     if (n == 0) return NULL;
     return CGLS_KernelContext_ParallelFor(g_api)(ctx, dequantize_task, (size_t)H, 0, &u);
 }
@@ -310,7 +317,16 @@ static int op4_input_type(const CglsCustomOp *op, size_t i) {
     return i == 3 || i == 4 ? CGLS_UINT8 : i == 7 || i == 8 ? CGLS_INT32 : CGLS_FLOAT;
 }
 static int op4_output_type(const CglsCustomOp *op, size_t i) { (void)op; return i == 1 || i == 2 ? CGLS_UINT8 : CGLS_FLOAT; }
-static const char *dq4_name(const CglsCustomOp *op) { (void)op; return "Dequantize4"; }
+static OrtStatus *compute_dequantize_keys4(void *kernel, OrtKernelContext *ctx) {
+    (void)kernel;
+    return dequantize4(ctx, "DequantizeKeys4", 0);
+}
+static OrtStatus *compute_dequantize_values4(void *kernel, OrtKernelContext *ctx) {
+    (void)kernel;
+    return dequantize4(ctx, "DequantizeValues4", 1);
+}
+static const char *dqk4_name(const CglsCustomOp *op) { (void)op; return "DequantizeKeys4"; }
+static const char *dqv4_name(const CglsCustomOp *op) { (void)op; return "DequantizeValues4"; }
 static size_t dq4_n_inputs(const CglsCustomOp *op) { (void)op; return 3; }
 static size_t dq4_n_outputs(const CglsCustomOp *op) { (void)op; return 1; }
 static int dq4_input_type(const CglsCustomOp *op, size_t i) { (void)op; return i == 0 ? CGLS_UINT8 : i == 1 ? CGLS_FLOAT : CGLS_INT64; }
@@ -336,8 +352,10 @@ static void op_destroy(void *kernel) { (void)kernel; }
     }
 static const CglsCustomOp g_op = DESCRIPTOR(op_name, op_input_type, op_n_inputs, op_output_type, op_n_outputs, compute);
 static const CglsCustomOp g_op4 = DESCRIPTOR(op4_name, op4_input_type, op4_n_inputs, op4_output_type, op4_n_outputs, compute4);
-static const CglsCustomOp g_dq4 = DESCRIPTOR(dq4_name, dq4_input_type, dq4_n_inputs, dq4_output_type, dq4_n_outputs,
-                                             compute_dequantize4);
+static const CglsCustomOp g_dqk4 = DESCRIPTOR(dqk4_name, dq4_input_type, dq4_n_inputs, dq4_output_type, dq4_n_outputs,
+                                              compute_dequantize_keys4);
+static const CglsCustomOp g_dqv4 = DESCRIPTOR(dqv4_name, dq4_input_type, dq4_n_inputs, dq4_output_type, dq4_n_outputs,
+                                              compute_dequantize_values4);
 
 CGLS_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(CGLS_ORT_API_VERSION);
@@ -347,7 +365,8 @@ CGLS_EXPORT OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtAp
     CHECK(CGLS_CreateCustomOpDomain(api)("codegen_ls", &domain));
     CHECK(CGLS_CustomOpDomain_Add(api)(domain, &g_op));
     CHECK(CGLS_CustomOpDomain_Add(api)(domain, &g_op4));
-    CHECK(CGLS_CustomOpDomain_Add(api)(domain, &g_dq4));
+    CHECK(CGLS_CustomOpDomain_Add(api)(domain, &g_dqk4));
+    CHECK(CGLS_CustomOpDomain_Add(api)(domain, &g_dqv4));
     return CGLS_AddCustomOpDomain(api)(options, domain);
 }
 

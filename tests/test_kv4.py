@@ -22,7 +22,7 @@ pytest.importorskip("torch")
 from codegen_ls import backends, kernels  # noqa: E402
 from codegen_ls.backends import GqaBackend  # noqa: E402
 from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
-from codegen_ls.errors import ModelError  # noqa: E402
+from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
 from codegen_ls.export import export, random_checkpoint  # noqa: E402
 from codegen_ls.modeldir import read_manifest  # noqa: E402
 from samples import decode_run  # noqa: E402
@@ -135,21 +135,28 @@ def test_export_picks_the_4bit_cache_by_default_only_where_it_runs_fast(tmp_path
 
 @needs_kernel
 @pytest.mark.skipif(kernels.library() is None or kernels.library()[1] == "generic", reason="no AVX2 here")  # type: ignore[index]
-def test_engine_warns_where_avx2_has_no_path_for_the_head_size(tmp_path_factory: pytest.TempPathFactory, best_path_after: None,
-                                                               monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
-    """The AVX2 path takes heads of a multiple of 16: on AVX2 alone (``CODEGEN_LS_KERNEL=avx2``), a
-    4-bit model with heads of 40 runs the plain C loop, and loading it says so; heads of 32 do not.
-    The model still completes."""
-    monkeypatch.setenv("CODEGEN_LS_KERNEL", "avx2")
-    for n_embd, slow in ((160, True), (128, False)):
-        model = tiny(tmp_path_factory, n_embd, 4)
+def test_head_sizes_the_4bit_cache_takes(tmp_path_factory: pytest.TempPathFactory, best_path_after: None,
+                                         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Its layout takes heads of a multiple of 8, and every path runs them: on AVX2 alone
+    (``CODEGEN_LS_KERNEL=avx2``) heads of 40 load with no warning and complete; on the plain C
+    loop (``generic``) loading warns that it is slow. Heads of 20: ``--kv-bits 4`` is a clear
+    error and auto picks int8."""
+    for setting, warns in (("avx2", False), ("generic", True)):
+        monkeypatch.setenv("CODEGEN_LS_KERNEL", setting)
+        model = tiny(tmp_path_factory, 160, 4)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="codegen_ls.engine"):
             engine = Engine(model, EngineOptions(threads=1))
-        assert kernels.path4(head_dim=n_embd // 4) == ("generic, slow" if slow else "avx2")
-        assert ("slow plain C loop" in caplog.text and f"heads of {n_embd // 4}" in caplog.text) == slow
+        assert kernels.path4(head_dim=40) == ("avx2" if setting == "avx2" else "generic, slow")
+        assert ("slow plain C loop" in caplog.text) == warns
         assert len(engine.generate([5, 6, 7, 8], max_new_tokens=4).candidates[0].token_ids) == 4
+    monkeypatch.setenv("CODEGEN_LS_KERNEL", "")
+    base = tmp_path_factory.mktemp("head20")
+    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=256, n_embd=80, n_layer=1, n_head=4, tokenizer=TOKENIZER)
+    with pytest.raises(CodegenLsError, match="multiple of 8"):
+        export(str(src), base / "four", kv_bits=4)
+    assert kernels.path4(head_dim=20) is None
+    assert export(str(src), base / "auto").extra["kv_dtype"] == "int8"
 
 
 # -- the op alone, against numpy -------------------------------------------------------------
@@ -204,14 +211,14 @@ def test_the_op_matches_a_numpy_reference(path: str, head: int, rows: int, best_
 def test_the_op_quantizes_new_rows_exactly_as_numpy(path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a signed permutation as the rotation (exact in floating point), the new rows' bytes and
     scales are bit-identical to numpy's quantization of the rotated keys and of the values."""
-    check_op(path, 64, 3, 2, 40, 20, monkeypatch, exact=True)
+    check_op(path, 64, 3, 2, 48, 21, monkeypatch, exact=True)
 
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
 def test_the_op_past_8192_keys(path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past 8192 keys the value pass's int32 sums (which could overflow) go per block, added in fp32."""
-    check_op(path, 64, 2, 1, 8300, 8290, monkeypatch)
+    """A long cache (8290 keys, past the old value pass's per-block int32 sums): still the reference."""
+    check_op(path, 64, 2, 1, 8304, 8290, monkeypatch)
 
 
 @needs_kernel
@@ -223,7 +230,7 @@ def test_the_op_on_widely_spread_scores_flushes_denormals_only_inside(path: str,
     reference, and the calling thread's floating point is as it was (denormals survive numpy)."""
     tiny = np.array([1e-39], np.float32)
     assert (tiny * np.float32(1.0))[0] > 0
-    check_op(path, 64, 3, 3, 300, 280, monkeypatch, query_scale=40.0)
+    check_op(path, 64, 3, 3, 304, 280, monkeypatch, query_scale=40.0)
     assert (tiny * np.float32(1.0))[0] > 0 and (tiny + tiny)[0] == np.float32(2e-39)
 
 
@@ -250,11 +257,12 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
     bias = np.zeros((1, 1, rows, n), np.float32)
     bias[0, 0, :, past:] = np.triu(np.full((rows, rows), -1e9, np.float32), 1)
     bias[0, 0, :, 7] = -1e9  # a masked key in the prompt
-    feed = {"query": q, "key": k, "value": v, "past_key": pk.copy(), "past_value": pv.copy(),
+    feed = {"query": q, "key": k, "value": v, "past_key": kernels.layout4(pk, False), "past_value": kernels.layout4(pv, True),
             "past_key_scale": pks[..., None].copy(), "past_value_scale": pvs[..., None].copy(),
             "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32), "attention_bias": bias,
             "key_rotation": rot}
     out, ok, ov, oks, ovs = op_session(h, head // 2).run(None, feed)
+    ok, ov = kernels.rows4(ok, False), kernels.rows4(ov, True)  # the cache's layout -> rows
 
     # the new rows are quantized into positions past .. n-1; the rest of the cache is kept
     rotated = (k.reshape(rows, h, head).transpose(1, 0, 2).astype(np.float64) @ rot).astype(np.float32)
@@ -287,19 +295,26 @@ def test_bad_input_to_the_op_is_a_clear_error() -> None:
     sess = op_session(2, 8)
     f = np.zeros
     feed = {"query": f((1, 1, 32), np.float32), "key": f((1, 1, 32), np.float32), "value": f((1, 1, 32), np.float32),
-            "past_key": f((1, 2, 20, 8), np.uint8), "past_value": f((1, 2, 20, 8), np.uint8),
-            "past_key_scale": f((1, 2, 20, 1), np.float32), "past_value_scale": f((1, 2, 20, 1), np.float32),
+            "past_key": f((1, 2, 32, 8), np.uint8), "past_value": f((1, 2, 32, 8), np.uint8),
+            "past_key_scale": f((1, 2, 32, 1), np.float32), "past_value_scale": f((1, 2, 32, 1), np.float32),
             "seqlens_k": np.array([9], np.int32), "total_sequence_length": np.array(10, np.int32),
             "attention_bias": f((1, 1, 1, 10), np.float32), "key_rotation": np.eye(16, dtype=np.float32)}
     assert sess.run(None, feed)[0].shape == (1, 1, 32)
-    bad = dict(feed, past_value_scale=f((1, 2, 19, 1), np.float32))
+    bad = dict(feed, past_value_scale=f((1, 2, 31, 1), np.float32))
     with pytest.raises(Exception, match="codegen_ls.DecodeAttentionQ4: past_key_scale/past_value_scale"):
         sess.run(None, bad)
     with pytest.raises(Exception, match="key_rotation \\[D, D\\]"):
         sess.run(None, dict(feed, key_rotation=np.eye(8, dtype=np.float32)))
     with pytest.raises(Exception, match="seqlens_k out of range"):
-        sess.run(None, dict(feed, seqlens_k=np.array([30], np.int32), total_sequence_length=np.array(31, np.int32),
-                            attention_bias=f((1, 1, 1, 31), np.float32)))
+        sess.run(None, dict(feed, seqlens_k=np.array([40], np.int32), total_sequence_length=np.array(41, np.int32),
+                            attention_bias=f((1, 1, 1, 41), np.float32)))
+    with pytest.raises(Exception, match="positions \\(cap\\) a multiple of 16"):
+        sess.run(None, dict(feed, past_key=f((1, 2, 24, 8), np.uint8), past_value=f((1, 2, 24, 8), np.uint8),
+                            past_key_scale=f((1, 2, 24, 1), np.float32), past_value_scale=f((1, 2, 24, 1), np.float32)))
+    with pytest.raises(Exception, match="head size: a multiple of 8"):
+        sess.run(None, dict(feed, query=f((1, 1, 12), np.float32), key=f((1, 1, 12), np.float32), value=f((1, 1, 12), np.float32),
+                            past_key=f((1, 2, 32, 3), np.uint8), past_value=f((1, 2, 32, 3), np.uint8),
+                            key_rotation=np.eye(6, dtype=np.float32)))
     assert sess.run(None, feed)[0].shape == (1, 1, 32)  # and it goes on
 
 
@@ -337,6 +352,8 @@ def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, row
         spread = float(a.std())
         assert np.abs(b - a).max() < 0.05 * spread
     for j, (a, b) in enumerate(zip(ref_cache, got_cache)):
+        if j % 4 < 2:  # keys, values: the cache's layout -> rows
+            a, b = kernels.rows4(a, j % 4 == 1), kernels.rows4(b, j % 4 == 1)
         if j in (1, 3):  # layer 0: values and their scales
             np.testing.assert_array_equal(a[:, :, :end], b[:, :, :end])
         elif j in (0, 2):  # its keys: the prompt's the same; the decoded ones rotated by the kernel and by
@@ -410,13 +427,16 @@ def test_a_4bit_model_of_the_earlier_format_is_a_clear_error(model_dir: Path, tm
 
 
 @needs_kernel
-def test_the_prompt_paths_dequantize_op_matches_numpy_and_rejects_bad_input() -> None:
-    """``codegen_ls.Dequantize4`` (the prompt branch's read of the cache): the first past_len rows
-    of every head as (nibble - 8) * scale, exactly numpy's; a bad shape or length is a clear error."""
+@pytest.mark.parametrize("values", [False, True])
+def test_the_prompt_paths_dequantize_ops_match_numpy_and_reject_bad_input(values: bool) -> None:
+    """``codegen_ls.DequantizeKeys4`` / ``DequantizeValues4`` (the prompt branch's reads of the
+    cache, one per layout): the first past_len rows of every head as (nibble - 8) * scale,
+    exactly numpy's; a bad shape or length is a clear error."""
     from onnx import TensorProto, helper
 
+    op = kernels.DEQUANTIZE4_NAMES[values]
     names, types = ["past", "scale", "past_len"], [TensorProto.UINT8, TensorProto.FLOAT, TensorProto.INT64]
-    node = helper.make_node(kernels.DEQUANTIZE4_NAME, names, ["out"], domain=kernels.DOMAIN)
+    node = helper.make_node(op, names, ["out"], domain=kernels.DOMAIN)
     graph = helper.make_graph([node], "dq4", [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
@@ -424,12 +444,33 @@ def test_the_prompt_paths_dequantize_op_matches_numpy_and_rejects_bad_input() ->
     assert kernels.register(so, required=True)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
-    for head in (16, 48, 64):
-        packed, scale = quantize4(rng.normal(0, 1, (1, 3, 50, head)).astype(np.float32))
+    for head in (16, 40, 64):
+        rows, scale = quantize4(rng.normal(0, 1, (1, 3, 64, head)).astype(np.float32))
+        packed = kernels.layout4(rows, values)
+        assert not np.array_equal(packed, rows)  # the layout is not the rows' order
         out = sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([37], np.int64)})[0]
-        np.testing.assert_array_equal(out, dequantize4(packed[:, :, :37], scale[:, :, :37]))
+        np.testing.assert_array_equal(out, dequantize4(rows[:, :, :37], scale[:, :, :37]))
     assert sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([0], np.int64)})[0].shape == (1, 3, 0, 64)
-    with pytest.raises(Exception, match="codegen_ls.Dequantize4: past_len out of range"):
-        sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([51], np.int64)})
-    with pytest.raises(Exception, match="codegen_ls.Dequantize4: past .* scales"):
-        sess.run(None, {"past": packed, "scale": scale[:, :, :49, None], "past_len": np.array([3], np.int64)})
+    with pytest.raises(Exception, match=f"codegen_ls.{op}: past_len out of range"):
+        sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([65], np.int64)})
+    with pytest.raises(Exception, match=f"codegen_ls.{op}: past .* scales"):
+        sess.run(None, {"past": packed, "scale": scale[:, :, :63, None], "past_len": np.array([3], np.int64)})
+    with pytest.raises(Exception, match=f"codegen_ls.{op}: past: positions .* multiple of 16"):
+        sess.run(None, {"past": packed[:, :, :50], "scale": scale[:, :, :50, None], "past_len": np.array([3], np.int64)})
+
+
+def test_the_layout_keeps_groups_of_rows_in_place_and_inverts() -> None:
+    """kernels.layout4 / rows4: inverse of each other; a prefix of positions rounded up to 16 is a
+    prefix of the bytes (what the engine's copies of a cache's first positions rely on); keys:
+    token t's bytes 4g .. 4g+3 at block t // 16, chunk g, lane t % 16; values: byte j of token t at
+    quad t // 4, 4j + t % 4."""
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 256, (2, 64, 20), dtype=np.uint8)  # heads of 40
+    for values in (False, True):
+        packed = kernels.layout4(rows, values)
+        np.testing.assert_array_equal(kernels.rows4(packed, values), rows)
+        np.testing.assert_array_equal(kernels.layout4(rows[:, :32], values), packed[:, :32])
+    keys, vals = kernels.layout4(rows, False).reshape(2, -1), kernels.layout4(rows, True).reshape(2, -1)
+    t, j = 37, 9
+    assert keys[1, (t // 16) * 16 * 20 + (j // 4) * 64 + (t % 16) * 4 + j % 4] == rows[1, t, j]
+    assert vals[1, (t // 4) * 4 * 20 + 4 * j + t % 4] == rows[1, t, j]
