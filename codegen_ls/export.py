@@ -245,7 +245,7 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
 def default_kv_bits(graph: str = "gqa", quantize_int8: bool = True, head_dim: int = 64) -> int:
     """The KV cache's bits when ``--kv-bits`` is not given: 4 for a quantized gqa graph where our
     kernel runs the 4-bit cache's attention vectorized here (library built and not turned off;
-    AVX-512 VNNI, or AVX2 for head sizes a multiple of 16, as CodeGen's all are), which is faster
+    AVX-512 VNNI, or AVX2; head sizes a multiple of 8, as CodeGen's all are), which is faster
     at long context and half the memory; else 8, which runs fast anywhere."""
     fast4 = graph == "gqa" and quantize_int8 and not kernels.disabled_by_env() and kernels.vector4(True, head_dim)
     return 4 if fast4 else 8

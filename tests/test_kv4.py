@@ -369,6 +369,34 @@ def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, row
 
 
 @needs_kernel
+def test_a_reused_and_regrown_cache_holds_the_same_rows_as_a_fresh_one(head_size_model: Path) -> None:
+    """The engine's writes into the 4-bit cache's blocks: a prompt reused from an unaligned
+    position (53), its buffers regrown (the kept positions copied in whole blocks), prompt chunks
+    starting off a block, and a few tokens through the kernel at 470 hold the rows of one fresh
+    prefill of the same tokens. Not bit for bit: the int8 MatMuls quantize each chunk's inputs with
+    a scale of their own, so chunking moves a few nibbles by a level (a row in the wrong place
+    would move most of them by many); the last logits agree closely."""
+    rng = np.random.default_rng(7)
+    ids = [int(t) for t in rng.integers(1, 8192, 475)]
+    be = backend(head_size_model)
+    _, state = be.prefill(None, 0, ids[:53] + [7] * 47, 99, None)
+    room = state.room
+    be.prefill(state, 53, ids[:470], 469, None)
+    assert state.room > room  # regrown
+    got, _ = be.prefill(state, 470, ids, 474, None)  # 5 tokens: the decode op writes them
+    ref, fresh = backend(head_size_model).prefill(None, 0, ids, 474, None)
+    assert np.abs(got[-1] - ref[-1]).max() < 0.05 * float(ref[-1].std())
+    for j in range(8):  # layers 0 and 1: keys, values, their scales
+        a, b = fresh.buffers[j][0], state.buffers[j][0]
+        if j % 4 < 2:  # the cache's layout -> rows -> nibbles
+            a, b = (np.concatenate([x & 15, x >> 4], axis=-1).astype(int)[:, :475]
+                    for x in (kernels.rows4(a, j % 4 == 1), kernels.rows4(b, j % 4 == 1)))
+            assert np.abs(a - b).max() <= 1 and np.mean(a != b) < 0.08, j
+        else:
+            np.testing.assert_allclose(b[:, :475], a[:, :475], rtol=0.05)
+
+
+@needs_kernel
 def test_greedy_agrees_with_the_fp32_model(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> None:
     fp32 = tiny(tmp_path_factory, 128, 4, kv_bits=8, quantize=False)
     int8 = tiny(tmp_path_factory, 128, 4, kv_bits=8)
