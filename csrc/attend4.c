@@ -168,21 +168,65 @@ TARGET static inline __m512i bcast4(const void *p) { /* 4 bytes at p in every 32
  * over at most this many blocks of 16 keys (one block up to 262144 keys), added in fp32. */
 #define VB_MAX 16384
 
+/* Block k's weights for rows r0 .. r0 + RN - 1 (the softmax, a block at a time): w = e^(s - m1)
+ * x the value scale, wq = round(w f) (at most 32767), written over the block's scores as 8 bytes a
+ * quad, the 4 keys' high bytes wq >> 8 then their low ones wq & 255 (the block's 32 bytes land on
+ * floats already read); their sums into psum (of e^(s - m1)) and isum (of wq). Whether any is not 0. */
+TARGET static inline __attribute__((always_inline)) int block_weights(float *scores, int s_stride, const float *vs,
+                                                                     int past, int r0, const int RN, int k,
+                                                                     const float *m1, const float *f, __m512 *psum,
+                                                                     __m512i *isum) {
+    const int u = 16 * k;
+    __mmask16 any = 0;
+    for (int rr = 0; rr < RN; rr++) {
+        float *s = scores + (r0 + rr) * s_stride;
+        const int seen = past + r0 + rr + 1;
+        const __mmask16 m = seen - u >= 16 ? (__mmask16)0xFFFF : seen > u ? (__mmask16)((1u << (seen - u)) - 1) : 0;
+        const __m512 e = _mm512_maskz_mov_ps(m, exp_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + u), _mm512_set1_ps(m1[r0 + rr]))));
+        psum[rr] = _mm512_add_ps(psum[rr], e);
+        const __m512i wq = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, vs + u)),
+                                                            _mm512_set1_ps(f[r0 + rr])));
+        isum[rr] = _mm512_add_epi32(isum[rr], wq);
+        any |= _mm512_test_epi32_mask(wq, wq);
+        const __m128i hi = _mm512_cvtepi32_epi8(_mm512_srli_epi32(wq, 8));
+        const __m128i lo = _mm512_cvtepi32_epi8(_mm512_and_si512(wq, _mm512_set1_epi32(255)));
+        uint8_t *w = (uint8_t *)s + 2 * (size_t)u;
+        _mm_storeu_si128((__m128i *)w, _mm_unpacklo_epi32(hi, lo));
+        _mm_storeu_si128((__m128i *)(w + 16), _mm_unpackhi_epi32(hi, lo));
+    }
+    return any != 0;
+}
+
+/* whether any of block k's stored weights (block_weights) is not 0 */
+TARGET static inline __attribute__((always_inline)) int block_live(uint8_t *const *w8, const int RN, int k) {
+    __m256i x = _mm256_setzero_si256();
+    for (int rr = 0; rr < RN; rr++) x = _mm256_or_si256(x, _mm256_loadu_si256((const __m256i *)(w8[rr] + 32 * (size_t)k)));
+    return !_mm256_testz_si256(x, x);
+}
+
+/* the value pass's lines of block k (4 quads), chunks c0 .. c0 + CN - 1, into L1 */
+TARGET static inline __attribute__((always_inline)) void prefetch_block(const uint8_t *V, int half, int c0, const int CN, int k) {
+    const uint8_t *p = V + (size_t)k * 16 * (size_t)half + 64 * c0;
+    for (int q = 0; q < 4; q++)
+        for (int cc = 0; cc < CN; cc++) _mm_prefetch((const char *)(p + (size_t)q * 4 * half + 64 * cc), _MM_HINT_T0);
+}
+
 /* The value pass for rows r0 .. r0 + RN - 1 and chunks c0 .. c0 + CN - 1 (16 lanes of bytes each,
  * chunk c at 64c in a quad): the outputs' dims 16c .. (low nibbles) and half + 16c .. (high), in
  * order. A block of 16 keys is 4 quads, a register per chunk each (a byte's 4 keys in each 32-bit
- * lane), times the quad's weights (vpdpbusd: the weights unsigned, in two parts, wq >> 8 and
- * wq & 255, the nibbles signed). fresh (the rows' first group of chunks): the softmax is done here,
- * a block at a time, so that its arithmetic overlaps the values' reads: w = e^(s - m1) x the value
- * scale, wq = round(w f), written over the block's scores (8 bytes a quad: the 4 high parts, then
- * the 4 low; its 32 bytes land on floats already read) for the later groups; the row's sum of
- * e^(s - m1) and of wq make its off (the values' +8, weighed) and sc (the scale back). */
+ * lane), times the quad's weights (vpdpbusd: the weights unsigned, in two byte parts, the nibbles
+ * signed). fresh (the rows' first group of chunks): the softmax is done here, so that its
+ * arithmetic overlaps the values' reads (block_weights), V_AHEAD keys ahead of the sums, and a
+ * block's values are fetched ahead only where one of its weights is not 0. A block whose weights
+ * are all 0 adds nothing and is skipped, so peaked attention reads fewer values. The rows' sums of
+ * e^(s - m1) and of wq make their off (the values' +8, weighed) and sc (the scale back). */
 TARGET static inline __attribute__((always_inline)) void values_group(const uint8_t *V, const float *vs, int half, int c0,
                                                                      const int CN, int n, int past, int r0, const int RN,
                                                                      const int fresh, float *scores, int s_stride,
                                                                      const float *m1, const float *f, float *off,
                                                                      float *sc, float *out, int out_stride) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const int ahead = V_AHEAD / 16; /* blocks */
     __mmask16 lm[2];
     for (int cc = 0; cc < CN; cc++) {
         const int lanes = half - 16 * (c0 + cc);
@@ -201,6 +245,9 @@ TARGET static inline __attribute__((always_inline)) void values_group(const uint
         for (int cc = 0; cc < CN; cc++)
             for (int k = 0; k < 4; k++) fs[rr][cc][k] = _mm512_setzero_ps();
     const int nb = (n + 15) / 16;
+    for (int k = 0; k < ahead && k < nb; k++)
+        if (fresh ? block_weights(scores, s_stride, vs, past, r0, RN, k, m1, f, psum, isum) : block_live(w8, RN, k))
+            prefetch_block(V, half, c0, CN, k);
     for (int b0 = 0; b0 < nb; b0 += VB_MAX) { /* int32 sums per VB_MAX blocks, added in fp32 */
         const int b1 = nb - b0 < VB_MAX ? nb : b0 + VB_MAX;
         __m512i acc[2][2][4];
@@ -208,28 +255,15 @@ TARGET static inline __attribute__((always_inline)) void values_group(const uint
             for (int cc = 0; cc < CN; cc++)
                 for (int k = 0; k < 4; k++) acc[rr][cc][k] = _mm512_setzero_si512();
         for (int b = b0; b < b1; b++) {
-            const int u = 16 * b;
-            if (fresh)
-                for (int rr = 0; rr < RN; rr++) {
-                    const float *s = scores + (r0 + rr) * s_stride;
-                    const int seen = past + r0 + rr + 1;
-                    const __mmask16 m = seen - u >= 16 ? (__mmask16)0xFFFF : seen > u ? (__mmask16)((1u << (seen - u)) - 1) : 0;
-                    const __m512 e = _mm512_maskz_mov_ps(m, exp_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + u), _mm512_set1_ps(m1[r0 + rr]))));
-                    psum[rr] = _mm512_add_ps(psum[rr], e);
-                    const __m512i wq = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, vs + u)),
-                                                                        _mm512_set1_ps(f[r0 + rr])));
-                    isum[rr] = _mm512_add_epi32(isum[rr], wq);
-                    const __m128i hi = _mm512_cvtepi32_epi8(_mm512_srli_epi32(wq, 8));
-                    const __m128i lo = _mm512_cvtepi32_epi8(_mm512_and_si512(wq, _mm512_set1_epi32(255)));
-                    _mm_storeu_si128((__m128i *)(w8[rr] + 2 * u), _mm_unpacklo_epi32(hi, lo));
-                    _mm_storeu_si128((__m128i *)(w8[rr] + 2 * u + 16), _mm_unpackhi_epi32(hi, lo));
-                }
-            for (int k = 0; k < 4; k++) {
-                const int qd = 4 * b + k;
+            const int k = b + ahead;
+            if (k < nb && (fresh ? block_weights(scores, s_stride, vs, past, r0, RN, k, m1, f, psum, isum) : block_live(w8, RN, k)))
+                prefetch_block(V, half, c0, CN, k);
+            if (!block_live(w8, RN, b)) continue;
+            for (int q = 0; q < 4; q++) {
+                const int qd = 4 * b + q;
                 const uint8_t *p = V + (size_t)qd * 4 * (size_t)half + 64 * c0;
                 __m512i lo[2], hi[2];
                 for (int cc = 0; cc < CN; cc++) {
-                    _mm_prefetch((const char *)(p + (size_t)V_AHEAD * half + 64 * cc), _MM_HINT_T0);
                     const __m512i x = _mm512_maskz_loadu_epi32(lm[cc], p + 64 * cc);
                     lo[cc] = _mm512_and_si512(x, m4);
                     hi[cc] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
@@ -366,7 +400,7 @@ TARGET static void attend4_head_avx512(const float *q, int q_stride, const uint8
  * pairs summed to int16: at most 2 x 15 x 127 per pair, two of them added, no saturation) and
  * vpmaddwd by ones. The value pass spreads a register of quads (a byte's 4 keys per 32-bit lane)
  * into 16-bit pairs of keys (0, 2) and (1, 3) with shifts and masks, times their 14-bit weights
- * with vpmaddwd. */
+ * with vpmaddwd; a quad whose weights are all 0 is skipped. */
 #define TARGET __attribute__((target("avx2,fma")))
 
 TARGET static inline float hmax_ps(__m256 v) {
@@ -421,6 +455,13 @@ TARGET static inline __attribute__((always_inline)) void values_group2(const uin
         for (int qd = q0; qd < q1; qd++) {
             const uint8_t *b = V + (size_t)qd * 4 * (size_t)half + 32 * c;
             _mm_prefetch((const char *)(b + (size_t)V_AHEAD * half), _MM_HINT_T0);
+            uint64_t live = 0; /* a quad whose weights are all 0 adds nothing */
+            for (int rr = 0; rr < RN; rr++) {
+                uint64_t w;
+                memcpy(&w, w16[r0 + rr] + 4 * (size_t)qd, 8);
+                live |= w;
+            }
+            if (!live) continue;
             const __m256i x = lanes == 8 ? _mm256_loadu_si256((const __m256i *)b) : _mm256_maskload_epi32((const int *)b, lm);
             /* words: (key 0, key 2) and (key 1, key 3) of the low nibbles, then of the high ones */
             const __m256i a = _mm256_and_si256(x, m), bb = _mm256_and_si256(_mm256_srli_epi16(x, 8), m);
