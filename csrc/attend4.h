@@ -17,7 +17,8 @@
  * does both passes with vpdpbusd and masks, no shuffles, and the softmax inside the value pass
  * (its arithmetic then overlaps the values' reads; the weights scaled by a bound on the largest,
  * to at most 32767, in two byte parts); the AVX2 path uses vpmaddubsw and vpmaddwd, the weights
- * w * 16383 / max w. Other CPUs use the plain loop, which is several times slower.
+ * w * 16383 / max w. Both skip the values whose weights all round to 0 (exact: they add nothing).
+ * Other CPUs use the plain loop, which is several times slower.
  */
 #ifndef CODEGEN_LS_ATTEND4_H
 #define CODEGEN_LS_ATTEND4_H
