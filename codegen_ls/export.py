@@ -292,8 +292,8 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     if auto and graph == "gqa" and quantize_int8:
         _step(f"KV cache: 4-bit unless the check below finds it costs this checkpoint too much (our kernel runs it here "
               f"with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs fast on any CPU)" if kv_bits == 4 else
-              f"KV cache: int8 (the 4-bit cache's fast kernel needs the compiled library and AVX2 or AVX-512 VNNI, "
-              f"and heads a multiple of 8, here {head_dim}: not all here)")
+              f"KV cache: int8 (the 4-bit cache needs heads a multiple of 8, here {head_dim}, and to run fast the "
+              f"compiled kernel with AVX2 or AVX-512 VNNI: not both here)")
     if kv_bits == 4 and not kernels.fits4(head_dim):
         raise CodegenLsError(f"a 4-bit KV cache needs heads a multiple of 8 (at most 256); this checkpoint's are {head_dim}: "
                              "use --kv-bits 8")
