@@ -37,19 +37,20 @@ H, D, LAYERS, CAP, E = 16, 64, 20, 2080, 1024
 
 
 def quantize4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., D] -> ([..., D/2] uint8, [...] float32): the 4-bit cache's rows (attend4.h; the
+    """[..., D] -> ([..., D/2] uint8, [...] float16): the 4-bit cache's rows (attend4.h; the
     cache keeps them in its layout, kernels.layout4)."""
     half = x.shape[-1] // 2
-    scale = (np.maximum(np.abs(x).max(axis=-1), np.float32(1e-30)) / np.float32(7)).astype(np.float32)
+    scale = np.clip(np.maximum(np.abs(x).max(axis=-1), np.float32(1e-30)) / np.float32(7), np.float32(2.0 ** -14),
+                    np.float32(65504)).astype(np.float32)
     q = (np.clip(np.rint(x / scale[..., None]), -8, 7) + 8).astype(np.uint8)
-    return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8), scale
+    return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8), scale.astype(np.float16)
 
 
 def graph(spread: float, with_op: bool, rows: int = 1) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    f, u8, i32 = TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT32
+    f, f16, u8, i32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.UINT8, TensorProto.INT32
     # int8 weights of magnitude ~73: a GEMV output's spread is ~73 sqrt(1024) x its scale
     qkv_scale = spread / (73.0 * 32.0)
     inits = [numpy_helper.from_array(key_rotation(D), "rotation"),
@@ -70,7 +71,7 @@ def graph(spread: float, with_op: bool, rows: int = 1) -> bytes:
         nodes.append(helper.make_node("Split", [f"qkv{i}"], [f"q{i}", f"k{i}", f"v{i}"], axis=2, num_outputs=3))
         past = [f"past_key.{i}", f"past_value.{i}", f"past_key_scale.{i}", f"past_value_scale.{i}"]
         present = [p.replace("past", "present") for p in past]
-        for name, out, t, last in zip(past, present, [u8, u8, f, f], [D // 2, D // 2, 1, 1]):
+        for name, out, t, last in zip(past, present, [u8, u8, f16, f16], [D // 2, D // 2, 1, 1]):
             inputs.append(helper.make_tensor_value_info(name, t, [1, H, CAP, last]))
             outputs.append(helper.make_tensor_value_info(out, t, [1, H, CAP, last]))
         if with_op:

@@ -371,7 +371,7 @@ class FlatBackend(Backend):
 class GqaState:
     """A document's KV cache: the buffers GroupQueryAttention (or our kernel) reads and writes in
     place, in the graph's order, each ``[1, H, room, X]``: per layer keys and values (X = D: int8
-    or fp32; a 4-bit cache: X = D/2 bytes, then its per-token key and value scales, X = 1).
+    or fp32; a 4-bit cache: X = D/2 bytes, then its per-token key and value scales, float16, X = 1).
     Positions ``[0, length)`` hold the prompt; a decode writes its rows' tokens after them
     (scratch, overwritten by the next prompt).
     """
@@ -427,7 +427,7 @@ class GqaBackend(Backend):
             raise ModelError("ONNX model is not a gqa graph of this manifest (inputs/layers differ)")
         shape = inputs["past_key.0"].shape
         self.n_head = int(shape[1])
-        types = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(float)": np.float32}
+        types = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(float)": np.float32, "tensor(float16)": np.float16}
         self.layout = [(types[inputs[name].type], int(inputs[name].shape[3])) for name, _ in self.caches]  # dtype, X
         self.head_dim = 2 * int(shape[3]) if four_bit else int(shape[3])
         # per buffer: None, or (a 4-bit cache's keys or values) whether its rows are values, for

@@ -348,8 +348,8 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
             inputs += [helper.make_tensor_value_info(x, cache_type, [1, n_head, "cap", d // 2 if kv_int4 else d]) for x in (pk, pv)]
             outputs += [helper.make_tensor_value_info(x, cache_type, None) for x in (ok, ov)]
             if kv_int4:
-                inputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, n_head, "cap", 1]) for x in gqa_scale_names(n_layer)[i]]
-                outputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in gqa_scale_out_names(n_layer)[i]]
+                inputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT16, [1, n_head, "cap", 1]) for x in gqa_scale_names(n_layer)[i]]
+                outputs += [helper.make_tensor_value_info(x, TensorProto.FLOAT16, None) for x in gqa_scale_out_names(n_layer)[i]]
         functions = [decode_attention_function(helper, n_head)] if kv_int8 is not None else None
         return _finish(helper, g, inputs, outputs, graph, functions), attention_matmuls
     inputs = [
@@ -385,9 +385,10 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
 
     ``int4``: the cache is 4-bit with a scale per token and head (``csrc/attend4.h``: a row of D
     values is D/2 bytes, value j in the low nibble of byte j and value j + D/2 in the high one,
-    as round(x / scale) + 8, scale = max|x| / 7; the buffers ``uint8 [1, H, cap, D/2]`` hold the
-    rows in the kernel's blocks, :func:`codegen_ls.kernels.layout4`; the scales are
-    ``past_key_scale.L`` / ``past_value_scale.L`` ``[1, H, cap, 1]``), and it holds the keys
+    as round(x / scale) + 8, scale = max|x| / 7 clamped to float16's normal range; the buffers
+    ``uint8 [1, H, cap, D/2]`` hold the rows in the kernel's blocks,
+    :func:`codegen_ls.kernels.layout4`; the scales are float16, ``past_key_scale.L`` /
+    ``past_value_scale.L`` ``[1, H, cap, 1]``), and it holds the keys
     rotated, kR (``key_rotation``; the scores use qR). Both branches rotate (the kernel inside
     its op: a few thousand multiply-adds a row, cheaper there than two more graph nodes a layer
     every decode step). Its decode branch is ``DecodeAttentionQ4``, which only our kernel
@@ -454,14 +455,17 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
             rows = pre.op("Reshape", [x, bshd])  # [1, S, H, D]
             amax = pre.op("Max", [pre.op("ReduceMax", [pre.op("Abs", [rows])], axes=[-1], keepdims=1),
                                   pre.const(f"{name}_tiny", np.array(1e-30, np.float32))])
-            row_scale = pre.op("Div", [amax, pre.const(f"{name}_seven", np.array(7, np.float32))])  # [1, S, H, 1]
+            row_scale = pre.op("Clip", [pre.op("Div", [amax, pre.const(f"{name}_seven", np.array(7, np.float32))]),
+                                        pre.const(f"{name}_scale_min", np.array(2.0 ** -14, np.float32)),
+                                        pre.const(f"{name}_scale_max", np.array(65504, np.float32))])  # [1, S, H, 1]
             qv = pre.op("Clip", [pre.op("Round", [pre.op("Div", [rows, row_scale])]),
                                  pre.const(f"{name}_lo4", np.array(-8, np.float32)), pre.const(f"{name}_hi4", np.array(7, np.float32))])
             qv = pre.op("Add", [qv, pre.const(f"{name}_eight", np.array(8, np.float32))])
             lo, hi = pre.op("Split", [qv, pre.const(f"{name}_halves", np.array([d // 2, d // 2], np.int64))], 2, axis=-1)
             packed = pre.op("Add", [lo, pre.op("Mul", [hi, pre.const(f"{name}_sixteen", np.array(16, np.float32))])])
             pre.op("Reshape", [pre.op("Cast", [packed], to=TensorProto.UINT8), pre.const(f"{name}_shape_packed", np.array([0, 0, e // 2], np.int64))], [out])
-            new_scales.append(pre.op("Reshape", [row_scale, pre.const(f"{name}_shape_scale", np.array([0, 0, n_head], np.int64))],
+            new_scales.append(pre.op("Reshape", [pre.op("Cast", [row_scale], to=TensorProto.FLOAT16),
+                                                 pre.const(f"{name}_shape_scale", np.array([0, 0, n_head], np.int64))],
                                      [f"pre{i}.new_{name}_scale"]))
         elif scale is None:
             pre.op("Identity", [x], [out])
@@ -474,8 +478,9 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
         new_kv.append(out)
     f32: int = TensorProto.FLOAT
     cache: int = TensorProto.UINT8 if int4 else TensorProto.FLOAT if scales is None else TensorProto.INT8
-    then_out: list[tuple[str, int]] = [(pre_attn, f32), (new_kv[0], cache), (new_kv[1], cache)] + [(x, f32) for x in new_scales]
-    else_out: list[tuple[str, int]] = [(dec_out[0], f32), (dec_out[1], cache), (dec_out[2], cache)] + [(x, f32) for x in dec_out[3:]]
+    f16: int = TensorProto.FLOAT16  # the 4-bit cache's scales
+    then_out: list[tuple[str, int]] = [(pre_attn, f32), (new_kv[0], cache), (new_kv[1], cache)] + [(x, f16) for x in new_scales]
+    else_out: list[tuple[str, int]] = [(dec_out[0], f32), (dec_out[1], cache), (dec_out[2], cache)] + [(x, f16) for x in dec_out[3:]]
     outs = [f"attn.{i}", pk_out, pv_out] + ([os_k, os_v] if int4 else [])
     return str(g.op("If", ["prompt_path"], outs, name=f"attention.{i}", then_branch=pre.subgraph(f"prompt{i}", then_out),
                     else_branch=dec.subgraph(f"decode{i}", else_out))[0])

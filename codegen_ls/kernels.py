@@ -35,8 +35,9 @@ OP4 = f"{DOMAIN}.{OP4_NAME}"
 # the 4-bit cache's prompt-path reads (the same library), one per layout (keys, values)
 DEQUANTIZE4_NAMES = ("DequantizeKeys4", "DequantizeValues4")
 # the 4-bit cache's layout (csrc/attend4.h), recorded in the manifest's extra.kv4_layout: the
-# rows in the order the kernel's passes read them (keys in blocks of 16 tokens, values in quads)
-KV4_LAYOUT = "blocked-16-4"
+# rows in the order the kernel's passes read them (keys in blocks of 16 tokens, values in quads),
+# the per-token scales float16
+KV4_LAYOUT = "blocked-16-4, float16 scales"
 KV4_BLOCK = 16  # the cache's positions: a multiple of this (its head size: a multiple of 8)
 ONNXRUNTIME_ATTENTION = "onnxruntime GroupQueryAttention"
 LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}  # the library's vector paths

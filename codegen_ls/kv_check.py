@@ -54,12 +54,14 @@ class KvCheck:
 
 def fake_quantize(x: Any, bits: int, scale: Any | None = None) -> Any:
     """``x`` (a torch tensor ``[..., D]``) through a signed ``bits``-bit grid: ``scale`` (static,
-    broadcast) or, when None, each row's largest magnitude over the grid's top level."""
+    broadcast) or, when None, each row's largest magnitude over the grid's top level, clamped to
+    float16's normal range and read back as the float16 the 4-bit cache keeps (csrc/attend4.h)."""
     import torch
 
     top = 2 ** (bits - 1) - 1
     if scale is None:
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / top
+        scale = (x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / top).clamp(2.0 ** -14, 65504.0)
+        return torch.clamp(torch.round(x / scale), -top - 1, top) * scale.half().float()
     return torch.clamp(torch.round(x / scale), -top - 1, top) * scale
 
 

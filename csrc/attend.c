@@ -189,7 +189,7 @@ static void attend_head_plain(const float *q, int q_stride, const int8_t *K, con
     }
 }
 
-static int g_isa = -1;  /* what the CPU has: 2 AVX-512, 1 AVX2 + FMA, 0 neither */
+static int g_isa = -1;  /* what the CPU has: 2 AVX-512, 1 AVX2 + FMA + F16C, 0 neither */
 static int g_limit = 2; /* the most the caller allows (cgls_limit_isa_level) */
 
 void cgls_limit_isa_level(int level) { g_limit = level; }
@@ -206,7 +206,7 @@ int cgls_isa_best(void) {
         g_isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
                     ? 2
-                : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 1
                                                                                   : 0;
 #else
         g_isa = 0;

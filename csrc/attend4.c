@@ -36,12 +36,38 @@ void cgls_get_row4(const uint8_t *cache, int values, int64_t t, int half, uint8_
         for (int j = 0; j < half; j += 4) memcpy(row + j, cache + key_at(t, half, j), 4);
 }
 
-void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale) {
+uint16_t cgls_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7FFFFFFFu;
+    if (x < 0x38800000u || x > 0x477FEFFFu) /* outside the halves' normal range: 0 / 65504 (the scales never are) */
+        return (uint16_t)(sign | (x < 0x38800000u ? 0u : 0x7BFFu));
+    uint32_t h = (x >> 13) - (112u << 10); /* the exponent rebased, the top 10 bits of the mantissa */
+    const uint32_t rest = x & 0x1FFFu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++; /* to nearest, ties to even (a carry is right) */
+    return (uint16_t)(sign | h);
+}
+
+float cgls_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) { /* 0 or subnormal */
+        const float v = (float)m * 5.9604644775390625e-08f; /* 2^-24 */
+        return sign ? -v : v;
+    }
+    const uint32_t x = sign | (e == 31 ? 0x7F800000u | (m << 13) : ((e + 112u) << 23) | (m << 13));
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+void cgls_quantize_row4(const float *x, int D, uint8_t *dst, uint16_t *scale) {
     const int half = D / 2;
     float amax = 1e-30f;
     for (int d = 0; d < D; d++) amax = fabsf(x[d]) > amax ? fabsf(x[d]) : amax;
-    const float s = amax / 7.0f;
-    *scale = s;
+    float s = amax / 7.0f;
+    s = s < CGLS_SCALE4_MIN ? CGLS_SCALE4_MIN : s > CGLS_SCALE4_MAX ? CGLS_SCALE4_MAX : s;
+    *scale = cgls_half(s);
     for (int j = 0; j < half; j++) {
         float lo = nearbyintf(x[j] / s), hi = nearbyintf(x[j + half] / s);
         lo = lo < -8.f ? -8.f : lo > 7.f ? 7.f : lo;
@@ -50,13 +76,13 @@ void cgls_quantize_row4(const float *x, int D, uint8_t *dst, float *scale) {
     }
 }
 
-void cgls_dequantize_rows4(const uint8_t *src, int values, const float *scale, int64_t n, int D, float *out) {
+void cgls_dequantize_rows4(const uint8_t *src, int values, const uint16_t *scale, int64_t n, int D, float *out) {
     const int half = D / 2;
     uint8_t b[128];
     for (int64_t t = 0; t < n; t++) {
         cgls_get_row4(src, values, t, half, b);
         float *o = out + t * D;
-        const float s = scale[t];
+        const float s = cgls_float(scale[t]);
         for (int j = 0; j < half; j++) {
             o[j] = (float)((int)(b[j] & 15) - 8) * s;
             o[j + half] = (float)((int)(b[j] >> 4) - 8) * s;
@@ -92,8 +118,8 @@ static float quantize_query(const float *q, int D, int8_t *qi, int *qsum8) {
 }
 
 /* ---- plain C: any CPU ---- */
-static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
-                          const float *vs, const float *bias, int bias_stride, int past, int S, int D,
+static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const uint16_t *ks,
+                          const uint16_t *vs, const float *bias, int bias_stride, int past, int S, int D,
                           float *scores, float *out, int out_stride) {
     const int half = D / 2;
     const float scale = 1.0f / sqrtf((float)D);
@@ -110,7 +136,7 @@ static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const 
             cgls_get_row4(K, 0, t, half, row);
             int acc = 0;
             for (int j = 0; j < half; j++) acc += (row[j] & 15) * qi[j] + (row[j] >> 4) * qi[j + half];
-            const float s = (float)(acc - qsum8) * qs * ks[t] + br[t];
+            const float s = (float)(acc - qsum8) * qs * cgls_float(ks[t]) + br[t];
             scores[t] = s;
             if (s > mx) mx = s;
         }
@@ -118,7 +144,7 @@ static void attend4_plain(const float *q, int q_stride, const uint8_t *K, const 
         for (int d = 0; d < D; d++) o[d] = 0.f;
         for (int t = 0; t < n; t++) {
             cgls_get_row4(V, 1, t, half, row);
-            const float w = scores[t] * vs[t];
+            const float w = scores[t] * cgls_float(vs[t]);
             for (int j = 0; j < half; j++) {
                 o[j] += w * (float)((row[j] & 15) - 8);
                 o[j + half] += w * (float)((row[j] >> 4) - 8);
@@ -158,6 +184,11 @@ TARGET static inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
     return acc;
 }
 
+/* 16 scales (halves) at p as floats, the lanes outside m 0 */
+TARGET static inline __m512 load_scales(__mmask16 m, const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
 TARGET static inline __m512i bcast4(const void *p) { /* 4 bytes at p in every 32-bit lane */
     int32_t x;
     memcpy(&x, p, 4);
@@ -172,7 +203,7 @@ TARGET static inline __m512i bcast4(const void *p) { /* 4 bytes at p in every 32
  * x the value scale, wq = round(w f) (at most 32767), written over the block's scores as 8 bytes a
  * quad, the 4 keys' high bytes wq >> 8 then their low ones wq & 255 (the block's 32 bytes land on
  * floats already read); their sums into psum (of e^(s - m1)) and isum (of wq). Whether any is not 0. */
-TARGET static inline __attribute__((always_inline)) int block_weights(float *scores, int s_stride, const float *vs,
+TARGET static inline __attribute__((always_inline)) int block_weights(float *scores, int s_stride, const uint16_t *vs,
                                                                      int past, int r0, const int RN, int k,
                                                                      const float *m1, const float *f, __m512 *psum,
                                                                      __m512i *isum) {
@@ -184,7 +215,7 @@ TARGET static inline __attribute__((always_inline)) int block_weights(float *sco
         const __mmask16 m = seen - u >= 16 ? (__mmask16)0xFFFF : seen > u ? (__mmask16)((1u << (seen - u)) - 1) : 0;
         const __m512 e = _mm512_maskz_mov_ps(m, exp_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + u), _mm512_set1_ps(m1[r0 + rr]))));
         psum[rr] = _mm512_add_ps(psum[rr], e);
-        const __m512i wq = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, vs + u)),
+        const __m512i wq = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e, load_scales(m, vs + u)),
                                                             _mm512_set1_ps(f[r0 + rr])));
         isum[rr] = _mm512_add_epi32(isum[rr], wq);
         any |= _mm512_test_epi32_mask(wq, wq);
@@ -220,7 +251,7 @@ TARGET static inline __attribute__((always_inline)) void prefetch_block(const ui
  * block's values are fetched ahead only where one of its weights is not 0. A block whose weights
  * are all 0 adds nothing and is skipped, so peaked attention reads fewer values. The rows' sums of
  * e^(s - m1) and of wq make their off (the values' +8, weighed) and sc (the scale back). */
-TARGET static inline __attribute__((always_inline)) void values_group(const uint8_t *V, const float *vs, int half, int c0,
+TARGET static inline __attribute__((always_inline)) void values_group(const uint8_t *V, const uint16_t *vs, int half, int c0,
                                                                      const int CN, int n, int past, int r0, const int RN,
                                                                      const int fresh, float *scores, int s_stride,
                                                                      const float *m1, const float *f, float *off,
@@ -302,7 +333,7 @@ TARGET static inline __attribute__((always_inline)) void values_group(const uint
 }
 
 TARGET static inline __attribute__((always_inline)) void attend4_rows(
-    const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks, const float *vs,
+    const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const uint16_t *ks, const uint16_t *vs,
     const float *bias, int bias_stride, int past, int R, int D, float *scores, int s_stride, float *out, int out_stride) {
     const int half = D / 2, G = half / 4, n = past + R;
     const float scale = 1.0f / sqrtf((float)D);
@@ -346,11 +377,11 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows(
             }
         }
         const __mmask16 valid = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1);
-        const __m512 vexp = _mm512_getexp_ps(_mm512_maskz_loadu_ps(valid, vs + t));
+        const __m512 vexp = _mm512_getexp_ps(load_scales(valid, vs + t)), ks16 = load_scales(valid, ks + t);
         for (int r = 0; r < R; r++) {
             __m512i dot = _mm512_add_epi32(_mm512_add_epi32(L0[r], L1[r]), _mm512_srai_epi32(_mm512_add_epi32(H0[r], H1[r]), 4));
             dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(qsum[r]));
-            __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(qs[r]), _mm512_maskz_loadu_ps(valid, ks + t)));
+            __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(qs[r]), ks16));
             s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(valid, bias + r * bias_stride + t));
             _mm512_mask_storeu_ps(scores + r * s_stride + t, valid, s);
             const int seen = past + r + 1 - t; /* keys of this block the row sees */
@@ -388,8 +419,8 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows(
     }
 }
 
-TARGET static void attend4_head_avx512(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
-                                       const float *vs, const float *bias, int bias_stride, int past, int S, int D,
+TARGET static void attend4_head_avx512(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const uint16_t *ks,
+                                       const uint16_t *vs, const float *bias, int bias_stride, int past, int S, int D,
                                        float *scores, float *out, int out_stride) {
     HEAD_BODY(attend4_rows)
 }
@@ -401,7 +432,7 @@ TARGET static void attend4_head_avx512(const float *q, int q_stride, const uint8
  * vpmaddwd by ones. The value pass spreads a register of quads (a byte's 4 keys per 32-bit lane)
  * into 16-bit pairs of keys (0, 2) and (1, 3) with shifts and masks, times their 14-bit weights
  * with vpmaddwd; a quad whose weights are all 0 is skipped. */
-#define TARGET __attribute__((target("avx2,fma")))
+#define TARGET __attribute__((target("avx2,fma,f16c")))
 
 TARGET static inline float hmax_ps(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -427,6 +458,12 @@ TARGET static inline int hsum_epi32(__m256i a) {
 /* lanes below n set (of 8) */
 TARGET static inline __m256i lanes_below(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* 8 scales (halves) at p as floats, the lanes outside m (a lanes_below) 0; the cache's scales
+ * have room for whole blocks of 16, so the 16 bytes are there to read */
+TARGET static inline __m256 load_scales2(__m256i m, const uint16_t *p) {
+    return _mm256_and_ps(_mm256_castsi256_ps(m), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
 }
 
 TARGET static inline __m256i bcast4_256(const void *p) {
@@ -484,7 +521,7 @@ TARGET static inline __attribute__((always_inline)) void values_group2(const uin
 }
 
 TARGET static inline __attribute__((always_inline)) void attend4_rows2(
-    const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks, const float *vs,
+    const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const uint16_t *ks, const uint16_t *vs,
     const float *bias, int bias_stride, int past, int R, int D, float *scores, int s_stride, float *out, int out_stride) {
     const int half = D / 2, G = half / 4, n = past + R;
     const float scale = 1.0f / sqrtf((float)D);
@@ -519,7 +556,7 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows2(
                 const int u = t + 8 * h;
                 const __m256i valid = lanes_below(n - u);
                 const __m256i dot = _mm256_sub_epi32(h ? A1 : A0, _mm256_set1_epi32(qsum[r]));
-                __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(qsr, _mm256_maskload_ps(ks + u, valid)));
+                __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(qsr, load_scales2(valid, ks + u)));
                 s = _mm256_add_ps(s, _mm256_maskload_ps(bias + r * bias_stride + u, valid));
                 _mm256_maskstore_ps(scores + r * s_stride + u, valid, s);
                 vmax[r] = _mm256_max_ps(vmax[r], _mm256_blendv_ps(_mm256_set1_ps(-3e38f), s,
@@ -541,7 +578,7 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows2(
             const __m256 keep = _mm256_castsi256_ps(lanes_below(seen - u));
             const __m256i all = lanes_below(n - u);
             const __m256 e = _mm256_and_ps(keep, exp_256(_mm256_sub_ps(_mm256_and_ps(keep, _mm256_maskload_ps(s + u, all)), vm)));
-            const __m256 w = _mm256_mul_ps(e, _mm256_maskload_ps(vs + u, all));
+            const __m256 w = _mm256_mul_ps(e, load_scales2(all, vs + u));
             _mm256_maskstore_ps(s + u, all, w);
             psum = _mm256_add_ps(psum, e);
             mx = _mm256_max_ps(mx, w);
@@ -572,8 +609,8 @@ TARGET static inline __attribute__((always_inline)) void attend4_rows2(
         }
 }
 
-TARGET static void attend4_head_avx2(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
-                                     const float *vs, const float *bias, int bias_stride, int past, int S, int D,
+TARGET static void attend4_head_avx2(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const uint16_t *ks,
+                                     const uint16_t *vs, const float *bias, int bias_stride, int past, int S, int D,
                                      float *scores, float *out, int out_stride) {
     HEAD_BODY(attend4_rows2)
 }
@@ -584,7 +621,7 @@ TARGET static void attend4_head_avx2(const float *q, int q_stride, const uint8_t
 __attribute__((target("avx512f"))) static void rotate_avx512(const float *x, const float *R, int D, float *out) {
     rotate_body(x, R, D, out);
 }
-__attribute__((target("avx2,fma"))) static void rotate_avx2(const float *x, const float *R, int D, float *out) {
+__attribute__((target("avx2,fma,f16c"))) static void rotate_avx2(const float *x, const float *R, int D, float *out) {
     rotate_body(x, R, D, out);
 }
 #endif
@@ -622,8 +659,8 @@ int cgls_attend4_vector(void) { return path4(cgls_isa_level()); }
 
 int cgls_attend4_best(void) { return path4(cgls_isa_best()); }
 
-void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
-                       const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
+void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const uint16_t *ks,
+                       const uint16_t *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
                        float *out, int out_stride) {
 #if CGLS_X86
     const int path = cgls_attend4_vector();

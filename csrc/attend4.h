@@ -2,7 +2,8 @@
  *
  * A token's row (one head) of D values is D/2 bytes: byte j holds value j in its low nibble and
  * value j + D/2 in its high one, each stored as round(x / scale) + 8 (0 .. 15), with scale =
- * max|x| / 7 over the row (one float per token and head, kept beside the cache).
+ * max|x| / 7 over the row, clamped to float16's normal range [2^-14, 65504] and kept beside the
+ * cache as a float16 (one per token and head; the rounding uses the float scale).
  *   score[t] = (q . k_t) / sqrt(D) + bias[t],   out = sum_t softmax(score)[t] v_t
  * A head's cache holds the rows in the order its passes read them (D a multiple of 8, the
  * positions a multiple of 16; a group of rows takes the bytes the same rows would take one after
@@ -29,24 +30,32 @@
 #include "attend.h"
 
 /* As cgls_attend_head, on the 4-bit cache: K, V the head's caches (the layouts above, bytes for
- * past + S positions rounded up to 16), ks, vs the head's per-token scales [past + S]; D a
- * multiple of 8, at most 256. */
-void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const float *ks,
-                       const float *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
+ * past + S positions rounded up to 16), ks, vs the head's per-token scales (float16 bits, room
+ * for past + S rounded up to 16); D a multiple of 8, at most 256. */
+void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const uint16_t *ks,
+                       const uint16_t *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
                        float *out, int out_stride);
 
-/* x [D] -> a row of D/2 bytes and *scale, as above (round half to even; max|x| below 1e-30 counts
- * as 1e-30). The graph's prompt path quantizes the same way, op for op. */
-void cgls_quantize_row4(const float *x, int D, uint8_t *row, float *scale);
+#define CGLS_SCALE4_MIN 6.103515625e-05f /* 2^-14: float16's least normal number */
+#define CGLS_SCALE4_MAX 65504.f         /* float16's largest */
+
+/* x [D] -> a row of D/2 bytes and *scale (float16 bits), as above (round half to even; max|x|
+ * below 1e-30 counts as 1e-30). The graph's prompt path quantizes the same way, op for op. */
+void cgls_quantize_row4(const float *x, int D, uint8_t *row, uint16_t *scale);
+
+/* float <-> float16 bits, round to nearest even (cgls_half: inside the normal range; below it 0,
+ * above it 65504) */
+uint16_t cgls_half(float x);
+float cgls_float(uint16_t h);
 
 /* token t's row (half = D/2 bytes) into / out of a head's cache; values: 0 the keys' layout, 1
  * the values' */
 void cgls_put_row4(uint8_t *cache, int values, int64_t t, int half, const uint8_t *row);
 void cgls_get_row4(const uint8_t *cache, int values, int64_t t, int half, uint8_t *row);
 
-/* a head's first n positions (values: as in cgls_put_row4) with their scales [n] -> out [n][D]
- * floats: (nibble - 8) * scale */
-void cgls_dequantize_rows4(const uint8_t *src, int values, const float *scale, int64_t n, int D, float *out);
+/* a head's first n positions (values: as in cgls_put_row4) with their scales [n] (float16 bits)
+ * -> out [n][D] floats: (nibble - 8) * scale */
+void cgls_dequantize_rows4(const uint8_t *src, int values, const uint16_t *scale, int64_t n, int D, float *out);
 
 /* out [D] = x [D] times R [D][D] (row-major): the rotation the cache's keys and the queries get */
 void cgls_rotate(const float *x, const float *R, int D, float *out);

@@ -111,14 +111,16 @@ static OrtStatus *outputs(OrtKernelContext *ctx, const Inputs *in, int n_cache, 
 }
 
 typedef struct Work {
-    const float *q, *ks, *vs, *bias;
+    const float *q, *ks, *vs, *bias; /* ks, vs: the int8 cache's per-channel scales */
     const void *K, *V;
     float *out, *scratch;
     int64_t S, H, D, cap, total, past;
     int four_bit;
     /* the 4-bit cache: the new keys and values [1, S, E] and the rotation R [D][D]; the head's
-     * task rotates its query rows and new keys (qR, kR), and quantizes its new rows in place */
+     * task rotates its query rows and new keys (qR, kR), and quantizes its new rows in place;
+     * its per-token scales (float16 bits) */
     const float *key, *value, *rotation;
+    uint16_t *ks4, *vs4;
 } Work;
 
 static size_t scratch_floats(const Work *w) { /* a head's: scores, then (4-bit) its rotated query rows and one key */
@@ -132,7 +134,7 @@ static void attend_head(const Work *w, size_t index) { /* one head, all its rows
         const int64_t half = D / 2;
         float *qrot = scratch + CGLS_SCRATCH(w->past, w->S), *krot = qrot + w->S * D;
         uint8_t *K = (uint8_t *)w->K + h * w->cap * half, *V = (uint8_t *)w->V + h * w->cap * half;
-        float *ks = (float *)w->ks + h * w->cap, *vs = (float *)w->vs + h * w->cap;
+        uint16_t *ks = w->ks4 + h * w->cap, *vs = w->vs4 + h * w->cap;
         for (int64_t s = 0; s < w->S; s++) {
             const int64_t t = w->past + s;
             cgls_rotate(w->q + s * E + h * D, w->rotation, (int)D, qrot + s * D);
@@ -209,14 +211,14 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
             cgls_quantize_row(value + s * E + h * D, vs + h * D, (int)D, pv + at);
         }
     Work w = {(const float *)in.data[0], ks, vs, (const float *)in.data[7], pk, pv, (float *)o[0], NULL, S, H, D, cap,
-              in.total, past, 0, NULL, NULL, NULL};
+              in.total, past, 0, NULL, NULL, NULL, NULL, NULL};
     return run_heads(ctx, op, &w);
 }
 
 /* ---- codegen_ls.DecodeAttentionQ4: the same on the 4-bit cache (attend4.h) ----
  * Inputs: 0 query, 1 key, 2 value float [1, S, H*D]; 3 past_key, 4 past_value uint8 [1, H, cap, D/2]
  *   (attend4.h's layouts: D a multiple of 8, cap of 16);
- *   5 past_key_scale, 6 past_value_scale float [1, H, cap, 1] (a scale per token and head);
+ *   5 past_key_scale, 6 past_value_scale float16 [1, H, cap, 1] (a scale per token and head);
  *   7 seqlens_k int32 [1]; 8 total_sequence_length int32 []; 9 attention_bias float [1, 1, S, total];
  *   10 key_rotation float [D, D]: the cache holds the keys as kR, and the scores are (qR).(kR).
  * Outputs: 0 output float [1, S, H*D]; 1 present_key, 2 present_value, 3 present_key_scale,
@@ -236,25 +238,25 @@ static OrtStatus *compute4(void *kernel, OrtKernelContext *ctx) {
         if (in.rank[i] != 4 || in.dims[i][0] != 1 || in.dims[i][1] != H || in.dims[i][2] != cap || in.dims[i][3] != 1)
             return fail_op(op, "past_key_scale/past_value_scale [1, H, cap, 1]");
     void *o[5];
-    const size_t cache = (size_t)(H * cap * half), scales = sizeof(float) * (size_t)(H * cap);
+    const size_t cache = (size_t)(H * cap * half), scales = sizeof(uint16_t) * (size_t)(H * cap);
     const size_t bytes[4] = {cache, cache, scales, scales};
     CHECK(outputs(ctx, &in, 4, bytes, o));
     uint8_t *pk = (uint8_t *)o[1], *pv = (uint8_t *)o[2];
-    float *pks = (float *)o[3], *pvs = (float *)o[4];
 
-    Work w = {(const float *)in.data[0], pks, pvs, (const float *)in.data[BIAS], pk, pv, (float *)o[0], NULL, S, H, D,
-              cap, in.total, in.n - S, 1, (const float *)in.data[1], (const float *)in.data[2], (const float *)in.data[ROTATION]};
+    Work w = {(const float *)in.data[0], NULL, NULL, (const float *)in.data[BIAS], pk, pv, (float *)o[0], NULL, S, H, D,
+              cap, in.total, in.n - S, 1, (const float *)in.data[1], (const float *)in.data[2], (const float *)in.data[ROTATION],
+              (uint16_t *)o[3], (uint16_t *)o[4]};
     return run_heads(ctx, op, &w);
 }
 
 /* ---- codegen_ls.DequantizeKeys4 / DequantizeValues4: the prompt path's read of the 4-bit cache ----
  * Inputs: 0 past uint8 [1, H, cap, D/2] (the keys' or the values' layout, attend4.h); 1 its scales
- * float [1, H, cap, 1]; 2 past_len int64 [1]. Output: float [1, H, past_len, D], (nibble - 8) *
+ * float16 [1, H, cap, 1]; 2 past_len int64 [1]. Output: float [1, H, past_len, D], (nibble - 8) *
  * scale: one pass, where the same in ONNX elementwise ops took eight over the data. Work is split
  * by head. */
 typedef struct Unpack {
     const uint8_t *src;
-    const float *scale;
+    const uint16_t *scale;
     float *out;
     int64_t cap, n, D;
     int values;
@@ -291,7 +293,7 @@ static OrtStatus *dequantize4(OrtKernelContext *ctx, const char *op, int values)
     CHECK(CGLS_KernelContext_GetOutput(g_api)(ctx, 0, out_dims, 4, &out));
     CHECK(CGLS_GetTensorMutableData(g_api)(out, &o));
     if (cap % 16) return fail_op(op, "past: positions (cap) a multiple of 16");
-    Unpack u = {(const uint8_t *)data[0], (const float *)data[1], (float *)o, cap, n, 2 * dims[0][3], values};
+    Unpack u = {(const uint8_t *)data[0], (const uint16_t *)data[1], (float *)o, cap, n, 2 * dims[0][3], values};
     if (n == 0) return NULL;
     return CGLS_KernelContext_ParallelFor(g_api)(ctx, dequantize_task, (size_t)H, 0, &u);
 }
@@ -314,9 +316,12 @@ static const char *op4_name(const CglsCustomOp *op) { (void)op; return "DecodeAt
 static size_t op4_n_outputs(const CglsCustomOp *op) { (void)op; return 5; }
 static int op4_input_type(const CglsCustomOp *op, size_t i) {
     (void)op;
-    return i == 3 || i == 4 ? CGLS_UINT8 : i == 7 || i == 8 ? CGLS_INT32 : CGLS_FLOAT;
+    return i == 3 || i == 4 ? CGLS_UINT8 : i == 5 || i == 6 ? CGLS_FLOAT16 : i == 7 || i == 8 ? CGLS_INT32 : CGLS_FLOAT;
 }
-static int op4_output_type(const CglsCustomOp *op, size_t i) { (void)op; return i == 1 || i == 2 ? CGLS_UINT8 : CGLS_FLOAT; }
+static int op4_output_type(const CglsCustomOp *op, size_t i) {
+    (void)op;
+    return i == 1 || i == 2 ? CGLS_UINT8 : i == 3 || i == 4 ? CGLS_FLOAT16 : CGLS_FLOAT;
+}
 static OrtStatus *compute_dequantize_keys4(void *kernel, OrtKernelContext *ctx) {
     (void)kernel;
     return dequantize4(ctx, "DequantizeKeys4", 0);
@@ -329,7 +334,7 @@ static const char *dqk4_name(const CglsCustomOp *op) { (void)op; return "Dequant
 static const char *dqv4_name(const CglsCustomOp *op) { (void)op; return "DequantizeValues4"; }
 static size_t dq4_n_inputs(const CglsCustomOp *op) { (void)op; return 3; }
 static size_t dq4_n_outputs(const CglsCustomOp *op) { (void)op; return 1; }
-static int dq4_input_type(const CglsCustomOp *op, size_t i) { (void)op; return i == 0 ? CGLS_UINT8 : i == 1 ? CGLS_FLOAT : CGLS_INT64; }
+static int dq4_input_type(const CglsCustomOp *op, size_t i) { (void)op; return i == 0 ? CGLS_UINT8 : i == 1 ? CGLS_FLOAT16 : CGLS_INT64; }
 static int dq4_output_type(const CglsCustomOp *op, size_t i) { (void)op; (void)i; return CGLS_FLOAT; }
 static int g_kernel; /* stateless: every kernel instance is this */
 static OrtStatus *op_create(const CglsCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {

@@ -29,7 +29,7 @@ typedef struct OrtApiBase {
 } OrtApiBase;
 
 enum { CGLS_ORT_OK = 0, CGLS_ORT_FAIL = 1, CGLS_ORT_INVALID_ARGUMENT = 2 };
-enum { CGLS_FLOAT = 1, CGLS_UINT8 = 2, CGLS_INT8 = 3, CGLS_INT32 = 6, CGLS_INT64 = 7 }; /* ONNXTensorElementDataType */
+enum { CGLS_FLOAT = 1, CGLS_UINT8 = 2, CGLS_INT8 = 3, CGLS_INT32 = 6, CGLS_INT64 = 7, CGLS_FLOAT16 = 10 }; /* ONNXTensorElementDataType */
 enum { CGLS_REQUIRED = 0 };                             /* OrtCustomOpInputOutputCharacteristic */
 
 struct CglsCustomOp;
