@@ -416,13 +416,11 @@ def print_targets(graphs: list[str], results: dict[str, float], flatness: dict[s
 
 def kv_bytes_per_token(engine: Engine, context: int) -> float:
     """Bytes of KV cache one decode step reads at ``context`` tokens (keys and values, all layers;
-    the 4-bit cache: half a byte a value plus a scale per token, head and keys/values: float16,
-    or float32 in exports before its kv4_layout named float16)."""
+    the 4-bit cache: half a byte a value plus a float16 scale per token, head and keys/values)."""
     m = engine.manifest
     kv = str(m.extra.get("kv_dtype", "float32"))
     if kv == "int4":
-        scale = 2 if "float16" in str(m.extra.get("kv4_layout", "")) else 4
-        return 2.0 * m.n_layer * m.n_head * context * (m.head_dim / 2 + scale)
+        return 2.0 * m.n_layer * m.n_head * context * (m.head_dim / 2 + 2)
     itemsize = {"int8": 1, "float16": 2}.get(kv, 4)
     return 2.0 * m.n_layer * m.n_head * m.head_dim * context * itemsize
 

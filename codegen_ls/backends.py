@@ -399,6 +399,11 @@ class GqaDecode:
     steps: int = 0
 
 
+def _whole_blocks(n: int) -> int:
+    """``n`` positions rounded up to the 4-bit cache's blocks (kernels.KV4_BLOCK)."""
+    return -(-n // kernels.KV4_BLOCK) * kernels.KV4_BLOCK
+
+
 DECODE_ROOM = 2 * ROUND  # positions a prefill reserves after the prompt for a decode's rows (3 x 48 fit)
 PROMPT_PATH_MIN = 16  # runs of this many tokens take the graph's MatMul path (prompt chunks, long drafts)
 
@@ -432,8 +437,8 @@ class GqaBackend(Backend):
         self.head_dim = 2 * int(shape[3]) if four_bit else int(shape[3])
         # per buffer: None, or (a 4-bit cache's keys or values) whether its rows are values, for
         # kernels.layout4: the kernel keeps them in its own blocks of positions
-        self.packed = [(name.startswith("past_value.") if four_bit and name.split(".")[0] in ("past_key", "past_value")
-                        else None) for name, _ in self.caches]
+        self.packed = [(kind == "value" if four_bit and kind in ("key", "value") else None)
+                       for _ in range(n_layer) for kind in kinds]
         if self.n_head != n_head:
             raise ModelError("manifest does not match the ONNX model (heads)")
         self.logits_name = session.get_outputs()[0].name
@@ -449,7 +454,7 @@ class GqaBackend(Backend):
         if want <= state.room and (not shrink or state.room <= want + 4 * ROUND):
             return
         new = self._alloc(want)
-        keep = -(-keep // kernels.KV4_BLOCK) * kernels.KV4_BLOCK  # whole blocks (rooms are multiples of ROUND)
+        keep = _whole_blocks(keep)  # rooms are multiples of ROUND
         for old, dst in zip(state.buffers, new.buffers):
             dst[:, :, :keep, :] = old[:, :, :keep, :]
         state.buffers, state.bindings = new.buffers, {}
@@ -495,7 +500,7 @@ class GqaBackend(Backend):
                 if values is None:
                     buf[0, :, past:past + s, :] = rows
                 else:  # the 4-bit cache: the whole blocks the chunk touches, in rows, then back in the layout
-                    a, b = past // kernels.KV4_BLOCK * kernels.KV4_BLOCK, -(-(past + s) // kernels.KV4_BLOCK) * kernels.KV4_BLOCK
+                    a, b = past // kernels.KV4_BLOCK * kernels.KV4_BLOCK, _whole_blocks(past + s)
                     span = kernels.rows4(buf[0, :, a:b, :], values)
                     span[:, past - a:past - a + s, :] = rows
                     buf[0, :, a:b, :] = kernels.layout4(span, values)

@@ -257,7 +257,7 @@ TARGET static inline __attribute__((always_inline)) void values_group(const uint
                                                                      const float *m1, const float *f, float *off,
                                                                      float *sc, float *out, int out_stride) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const int ahead = V_AHEAD / 16; /* blocks */
+    const int ahead = V_AHEAD / 16; /* blocks, fewer than 32 (the live bits) */
     __mmask16 lm[2];
     for (int cc = 0; cc < CN; cc++) {
         const int lanes = half - 16 * (c0 + cc);
@@ -276,9 +276,12 @@ TARGET static inline __attribute__((always_inline)) void values_group(const uint
         for (int cc = 0; cc < CN; cc++)
             for (int k = 0; k < 4; k++) fs[rr][cc][k] = _mm512_setzero_ps();
     const int nb = (n + 15) / 16;
+    uint32_t live = 0; /* bit k % 32: whether block k has a weight that is not 0 (the next `ahead` blocks) */
     for (int k = 0; k < ahead && k < nb; k++)
-        if (fresh ? block_weights(scores, s_stride, vs, past, r0, RN, k, m1, f, psum, isum) : block_live(w8, RN, k))
+        if (fresh ? block_weights(scores, s_stride, vs, past, r0, RN, k, m1, f, psum, isum) : block_live(w8, RN, k)) {
+            live |= 1u << (k & 31);
             prefetch_block(V, half, c0, CN, k);
+        }
     for (int b0 = 0; b0 < nb; b0 += VB_MAX) { /* int32 sums per VB_MAX blocks, added in fp32 */
         const int b1 = nb - b0 < VB_MAX ? nb : b0 + VB_MAX;
         __m512i acc[2][2][4];
@@ -287,9 +290,13 @@ TARGET static inline __attribute__((always_inline)) void values_group(const uint
                 for (int k = 0; k < 4; k++) acc[rr][cc][k] = _mm512_setzero_si512();
         for (int b = b0; b < b1; b++) {
             const int k = b + ahead;
-            if (k < nb && (fresh ? block_weights(scores, s_stride, vs, past, r0, RN, k, m1, f, psum, isum) : block_live(w8, RN, k)))
+            if (k < nb && (fresh ? block_weights(scores, s_stride, vs, past, r0, RN, k, m1, f, psum, isum) : block_live(w8, RN, k))) {
+                live |= 1u << (k & 31);
                 prefetch_block(V, half, c0, CN, k);
-            if (!block_live(w8, RN, b)) continue;
+            }
+            const uint32_t bit = 1u << (b & 31);
+            if (!(live & bit)) continue;
+            live &= ~bit;
             for (int q = 0; q < 4; q++) {
                 const int qd = 4 * b + q;
                 const uint8_t *p = V + (size_t)qd * 4 * (size_t)half + 64 * c0;
