@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "codegen_ls._decode_attention",
+            "codegen_ls.engine._decode_attention",
             sources=["csrc/attend.c", "csrc/attend4.c", "csrc/decode_attention.c"],
             depends=["csrc/attend.h", "csrc/attend4.h", "csrc/attend_body.h", "csrc/ort_abi.h"],
             extra_compile_args=["-O3", "-std=c11", "-fvisibility=hidden"],

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
 
 
 def main() -> None:

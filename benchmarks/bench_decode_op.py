@@ -30,8 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from codegen_ls import kernels  # noqa: E402
-from codegen_ls.graph_builder import key_rotation  # noqa: E402
+from codegen_ls.engine import kernels  # noqa: E402
+from codegen_ls.export.graph_builder import key_rotation  # noqa: E402
 
 H, D, LAYERS, CAP, E = 16, 64, 20, 2080, 1024
 

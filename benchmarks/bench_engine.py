@@ -45,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
 
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
 SHAPES: dict[str, dict[str, int]] = {
@@ -95,7 +95,7 @@ def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
     gqa-kv8, gqa-int4-kv4, flat, flat-int4, flat-kv16, flat-int4-kv16; ``-ort``: the same model
     without our decode-attention kernel; ``kv4`` / ``kv8``: ``--kv-bits 4`` / ``8``, else the
     export's default, which for gqa picks by this machine), reused when built."""
-    from codegen_ls.export import default_kv_bits, export, random_checkpoint
+    from codegen_ls.export.pipeline import default_kv_bits, export, random_checkpoint
 
     base = workdir / shape
     parts = variant.split("-")

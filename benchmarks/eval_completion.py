@@ -7,11 +7,11 @@ lines of all files), the cursor at a random point between its indentation and it
 character. The rest of the line is the *target* and is deleted from the document (the lines
 after it stay), as if the user were typing that line.
 
-Modes (each through :class:`codegen_ls.completer.Completer` unless said otherwise):
+Modes (each through :class:`codegen_ls.suggest.pipeline.Completer` unless said otherwise):
 
 greedy       one greedy candidate, no lookup (ranking cannot reorder a single candidate)
 ranked       ``numCandidates`` model candidates + ranking, no lookup
-lookup-only  the lookup's best draft, unverified, no model (:func:`codegen_ls.lookup.lookup_only`)
+lookup-only  the lookup's best draft, unverified, no model (:func:`codegen_ls.suggest.drafts.lookup_only`)
 combined     ranked + model-verified lookup candidates
 
 Metrics: exact match (first line of the top suggestion == target, trailing whitespace ignored),
@@ -40,14 +40,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from codegen_ls.completer import Completer, CompletionRequest
-from codegen_ls.context import TokenCounter, build_context, decide_mode, token_budget
-from codegen_ls.engine import Engine, EngineOptions
-from codegen_ls.modeldir import resolve_model_dir
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest
+from codegen_ls.suggest.context import TokenCounter, build_context, decide_mode, token_budget
+from codegen_ls.engine.engine import Engine, EngineOptions
+from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.settings import Settings
 
 try:
-    from codegen_ls import lookup
+    from codegen_ls.suggest import drafts as lookup
 except ImportError:  # optional module
     lookup = None  # type: ignore[assignment]
 

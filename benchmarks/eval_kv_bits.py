@@ -5,7 +5,7 @@ and 4 bits, and with a scale per token and head instead (what ``--kv-bits 4`` st
 round, clip to -8..7), with the keys as they are and rotated as the export stores them, on the
 first 1024 tokens of held-out standard-library modules (the eval's); then the attention scores'
 error from 4-bit keys, per layer, unrotated and rotated. The export's ``--kv-bits auto`` runs a
-shorter check itself (``codegen_ls.kv_check``: the loss with each cache, on 2048 tokens) before
+shorter check itself (``codegen_ls.export.kv_check``: the loss with each cache, on 2048 tokens) before
 it picks the 4-bit cache; this is the longer look, on held-out text.
 
     python benchmarks/eval_kv_bits.py build/train/final     # the embedded model's checkpoint
@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from eval_completion import heldout_files  # noqa: E402
 
-from codegen_ls import kv_check  # noqa: E402
-from codegen_ls.export import calibration_batches  # noqa: E402
-from codegen_ls.graph_builder import KV_HEADROOM, kv_scales  # noqa: E402
+from codegen_ls.export import kv_check  # noqa: E402
+from codegen_ls.export.pipeline import calibration_batches  # noqa: E402
+from codegen_ls.export.graph_builder import KV_HEADROOM, kv_scales  # noqa: E402
 
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
 
@@ -63,7 +63,7 @@ def main() -> None:
         static = torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / (2 ** (bits - 1) - 1)) if scales == "static" else None
         return kv_check.fake_quantize(x, bits, static)
 
-    from codegen_ls.graph_builder import key_rotation
+    from codegen_ls.export.graph_builder import key_rotation
 
     rot = torch.from_numpy(key_rotation(int(cfg.n_embd // cfg.n_head)))
 

@@ -127,7 +127,7 @@ def parse_location(location: str) -> tuple[Path, int, int]:
 
 def cmd_complete(args: argparse.Namespace) -> int:
     path, line, col = parse_location(args.location)
-    from codegen_ls.completer import Completer, CompletionRequest
+    from codegen_ls.suggest.pipeline import Completer, CompletionRequest
     from codegen_ls.settings import Settings
 
     try:
@@ -200,9 +200,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import onnxruntime as ort
 
-    from codegen_ls import kernels
-    from codegen_ls.completer import Completer, CompletionRequest
-    from codegen_ls.modeldir import read_manifest, resolve_model_dir, verify_files
+    from codegen_ls.engine import kernels
+    from codegen_ls.suggest.pipeline import Completer, CompletionRequest
+    from codegen_ls.engine.modeldir import read_manifest, resolve_model_dir, verify_files
     from codegen_ls.settings import Settings
 
     print(f"codegen-ls {__version__} on Python {platform.python_version()} ({platform.platform()})")
@@ -243,10 +243,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from codegen_ls.modeldir import read_manifest, resolve_model_dir, verify_files
+    from codegen_ls.engine.modeldir import read_manifest, resolve_model_dir, verify_files
 
     if args.model_command == "export":
-        from codegen_ls.export import export
+        from codegen_ls.export.pipeline import export
 
         export(args.src, args.out, quantize_int8=not args.no_quantize, force=args.force, graph=args.graph,
                int4=args.int4, name=args.name, kv_fp16=args.kv_fp16,
@@ -265,7 +265,7 @@ def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from codegen_ls import server
+    from codegen_ls.lsp import server
 
     tcp = None
     if args.tcp:

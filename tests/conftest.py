@@ -213,7 +213,7 @@ def best_path_after() -> Iterator[None]:
     """A test that forces a lesser decode-attention kernel path (``CODEGEN_LS_KERNEL=avx2`` or
     ``generic``) gives the process its best one back: the path is process-wide."""
     yield
-    from codegen_ls import kernels
+    from codegen_ls.engine import kernels
 
     loaded = kernels._load()
     if loaded is not None:

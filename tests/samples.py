@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.context import Context, TokenCounter, build_context
-from codegen_ls.engine import Tokenizer
+from codegen_ls.suggest.context import Context, TokenCounter, build_context
+from codegen_ls.engine.engine import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "codegen-ls-small"

@@ -86,7 +86,7 @@ def test_doctor_reports_versions_model_and_a_timed_completion() -> None:
         assert needle in out.stdout
     manifest = json.loads((ROOT / "models" / "codegen-ls-small" / "manifest.json").read_text())
     assert f"graph: {manifest['extra']['graph']}  KV cache: {manifest['extra']['kv_dtype']}" in out.stdout
-    from codegen_ls import kernels  # which decode attention runs, and why
+    from codegen_ls.engine import kernels  # which decode attention runs, and why
 
     assert f"decode-attention kernel: {kernels.status()}" in out.stdout
     lib = kernels.library()
@@ -107,13 +107,14 @@ def test_wheel_contains_the_embedded_model(tmp_path: Path) -> None:
         assert f"codegen_ls/default_model/{name}" in names
     assert not any("torch" in n or "transformers" in n for n in names)
     if shutil.which("cc") or shutil.which("gcc"):  # the optional decode-attention kernel was built into it
-        assert any(n.startswith("codegen_ls/_decode_attention") for n in names), build.stderr
+        assert any(n.startswith("codegen_ls/engine/_decode_attention") for n in names), build.stderr
 
 
 def test_serving_path_never_imports_torch_or_transformers() -> None:
     code = (
         "import sys, contextlib, io\n"
-        "from codegen_ls import cli, server\n"
+        "from codegen_ls import cli\n"
+        "from codegen_ls.lsp import server\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    assert cli.main(['complete', 'examples/demo.py:41:22']) == 0\n"
         "bad = sorted(m for m in ('torch', 'transformers', 'optimum') if m in sys.modules)\n"

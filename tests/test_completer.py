@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from codegen_ls import postprocess, ranking
-from codegen_ls.completer import Completer, CompletionRequest, CompletionResult, Suggestion, _lookup_texts
-from codegen_ls.context import line_window, offset_of
-from codegen_ls.engine import Candidate, Engine, Generation, GenerationStats
+from codegen_ls.suggest import postprocess, ranking
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion, _lookup_texts
+from codegen_ls.suggest.context import line_window, offset_of
+from codegen_ls.engine.engine import Candidate, Engine, Generation, GenerationStats
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.settings import Settings
 from samples import CODE, MODEL
@@ -225,7 +225,7 @@ def test_keystrokes_reuse_the_kv_cache(completer: Completer) -> None:
 
 
 class FakeLookup:
-    """Stands in for codegen_ls.lookup: one verified candidate continuing the cursor."""
+    """Stands in for codegen_ls.suggest.drafts: one verified candidate continuing the cursor."""
 
     def __init__(self, engine: Engine, text: str) -> None:
         self.engine, self.text, self.calls = engine, text, []  # type: ignore[var-annotated]
@@ -238,7 +238,7 @@ class FakeLookup:
 
 
 def test_lookup_candidates_are_merged_and_keep_their_source(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    import codegen_ls.completer as completer_module
+    import codegen_ls.suggest.pipeline as completer_module
 
     fake = FakeLookup(engine, "self.name.title())")
     monkeypatch.setattr(completer_module, "_lookup", fake)
@@ -322,7 +322,7 @@ def test_end_of_a_ten_megabyte_file_is_answered(engine: Engine, monkeypatch: pyt
 
 def test_lookup_is_given_exactly_the_text_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The completer slices the documents to lookup's windows: the drafts are the same as with the whole texts."""
-    from codegen_ls import lookup
+    from codegen_ls.suggest import drafts as lookup
 
     monkeypatch.setattr(lookup, "WINDOW_CHARS", 20_000)  # small windows: a 300 kB document is sliced
     monkeypatch.setattr(lookup, "OTHER_DOC_CHARS", 30_000)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codegen_ls import context as context_module
-from codegen_ls.context import (
+from codegen_ls.suggest import context as context_module
+from codegen_ls.suggest.context import (
     Context,
     Indent,
     TokenCounter,
@@ -22,7 +22,7 @@ from codegen_ls.context import (
     sanitize,
     token_budget,
 )
-from codegen_ls.engine import Tokenizer
+from codegen_ls.engine.engine import Tokenizer
 from samples import BOS, CODE, REPO
 
 

@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
-from codegen_ls.backends import FlatState, GqaState, PastState  # noqa: E402
-from codegen_ls.engine import (  # noqa: E402
+from codegen_ls.engine.backends import FlatState, GqaState, PastState  # noqa: E402
+from codegen_ls.engine.engine import (  # noqa: E402
     Engine,
     EngineOptions,
     PromptCache,
@@ -30,7 +30,7 @@ from codegen_ls.engine import (  # noqa: E402
     sample_token,
 )
 from codegen_ls.errors import Cancelled  # noqa: E402
-from codegen_ls.export import export, random_checkpoint  # noqa: E402
+from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -245,7 +245,7 @@ def test_qkv_reorder_matches_transformers_split() -> None:
     """graph_builder.qkv_weight vs CodeGenAttention's own reshape/split/_split_heads."""
     from transformers.models.codegen.modeling_codegen import CodeGenAttention, CodeGenConfig
 
-    from codegen_ls.graph_builder import qkv_weight
+    from codegen_ls.export.graph_builder import qkv_weight
 
     attn = CodeGenAttention(CodeGenConfig(n_embd=96, n_head=12, rotary_dim=4, n_positions=8), layer_idx=0)
     x = torch.randn(2, 5, 96)

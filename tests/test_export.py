@@ -1,9 +1,9 @@
-"""``codegen-ls model export`` through :func:`codegen_ls.export.export`: errors, safety, manifest.
+"""``codegen-ls model export`` through :func:`codegen_ls.export.pipeline.export`: errors, safety, manifest.
 
 Behaviours of the CLI command, tested on the function it calls: one clear error line for an
 offline hub id, :class:`ModelError` for non-CodeGen checkpoints, pickled ``.bin`` weights loaded
 only with ``weights_only=True`` (a malicious pickle runs nothing), external data for big models,
-and manifest checksums checked with :func:`codegen_ls.modeldir.verify_files`.
+and manifest checksums checked with :func:`codegen_ls.engine.modeldir.verify_files`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
-from codegen_ls import kernels  # noqa: E402
-from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.engine import kernels  # noqa: E402
+from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
-from codegen_ls.export import export, random_checkpoint  # noqa: E402
-from codegen_ls.modeldir import read_manifest, verify_files  # noqa: E402
+from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
+from codegen_ls.engine.modeldir import read_manifest, verify_files  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"

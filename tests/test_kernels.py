@@ -1,4 +1,4 @@
-"""Our decode-attention kernel (``csrc/``, :mod:`codegen_ls.kernels`) against onnxruntime's
+"""Our decode-attention kernel (``csrc/``, :mod:`codegen_ls.engine.kernels`) against onnxruntime's
 GroupQueryAttention, on the same exported int8 ``gqa`` model (a tiny random CodeGen): the graph's
 ``codegen_ls.DecodeAttention`` nodes run our kernel when the library is registered and the
 function body (GroupQueryAttention) when it is not."""
@@ -15,11 +15,11 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codegen_ls import kernels  # noqa: E402
-from codegen_ls.backends import GqaBackend  # noqa: E402
-from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
-from codegen_ls.export import export, random_checkpoint  # noqa: E402
-from codegen_ls.modeldir import read_manifest  # noqa: E402
+from codegen_ls.engine import kernels  # noqa: E402
+from codegen_ls.engine.backends import GqaBackend  # noqa: E402
+from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
+from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
 from samples import decode_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

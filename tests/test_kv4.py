@@ -19,12 +19,12 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codegen_ls import backends, kernels  # noqa: E402
-from codegen_ls.backends import GqaBackend  # noqa: E402
-from codegen_ls.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.engine import backends, kernels  # noqa: E402
+from codegen_ls.engine.backends import GqaBackend  # noqa: E402
+from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
-from codegen_ls.export import export, random_checkpoint  # noqa: E402
-from codegen_ls.modeldir import read_manifest  # noqa: E402
+from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
+from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
 from samples import decode_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_keys_are_stored_rotated_which_keeps_scores_and_spreads_outlier_channels
     rest of its row one or two 4-bit levels, has its scores' quantization error cut several times."""
     import onnx
 
-    from codegen_ls.graph_builder import key_rotation
+    from codegen_ls.export.graph_builder import key_rotation
 
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
     r = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == "key_rotation"))
@@ -145,7 +145,7 @@ def test_head_sizes_the_4bit_cache_takes(tmp_path_factory: pytest.TempPathFactor
         monkeypatch.setenv("CODEGEN_LS_KERNEL", setting)
         model = tiny(tmp_path_factory, 160, 4)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="codegen_ls.engine"):
+        with caplog.at_level(logging.WARNING, logger="codegen_ls.engine.engine"):
             engine = Engine(model, EngineOptions(threads=1))
         assert kernels.path4(head_dim=40) == ("avx2" if setting == "avx2" else "generic, slow")
         assert ("slow plain C loop" in caplog.text) == warns
@@ -242,7 +242,7 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
     the rotated keys kR and the values (``exact``: R a signed permutation, bit-identical; else the
     export's rotation, whose sums the op and numpy round apart: all but a few nibbles the same and
     none a level apart), and the output as attention over the op's cache with the query qR."""
-    from codegen_ls.graph_builder import key_rotation
+    from codegen_ls.export.graph_builder import key_rotation
 
     monkeypatch.setenv("CODEGEN_LS_KERNEL", path)
     rng = np.random.default_rng(head * 10 + rows)

@@ -1,4 +1,4 @@
-"""The export's check of what the 4-bit KV cache costs a checkpoint (``codegen_ls.kv_check``),
+"""The export's check of what the 4-bit KV cache costs a checkpoint (``codegen_ls.export.kv_check``),
 which ``--kv-bits auto`` runs before it picks that cache:
 
 - its 4-bit quantization is the cache's format (the numpy reference of ``test_kv4``)
@@ -15,10 +15,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from codegen_ls import kernels, kv_check  # noqa: E402
-from codegen_ls.export import calibration_batches, export, random_checkpoint  # noqa: E402
-from codegen_ls.graph_builder import kv_scales  # noqa: E402
-from codegen_ls.modeldir import read_manifest  # noqa: E402
+from codegen_ls.engine import kernels  # noqa: E402
+from codegen_ls.export import kv_check  # noqa: E402
+from codegen_ls.export.pipeline import calibration_batches, export, random_checkpoint  # noqa: E402
+from codegen_ls.export.graph_builder import kv_scales  # noqa: E402
+from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
 from test_kv4 import dequantize4, quantize4  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,4 +78,4 @@ def test_auto_export_follows_the_check(checkpoint: Path, tmp_path: Path, toleran
     assert read_manifest(tmp_path / "auto").extra["kv_check"] == record
     explicit = export(str(checkpoint), tmp_path / "four", kv_bits=4)
     assert explicit.extra["kv_dtype"] == "int4" and "kv_check" not in explicit.extra
-    assert "codegen_ls.kv_check" not in capsys.readouterr().err
+    assert "codegen_ls.export.kv_check" not in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Lookup drafts (codegen_ls.lookup): sources, ordering, time bounds, and model verification.
+"""Lookup drafts (codegen_ls.suggest.drafts): sources, ordering, time bounds, and model verification.
 
 The pure tests need no model. The verification tests use the embedded dev model and assert
 behaviour, never quality: expected cuts are computed from the model's own greedy choices.
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codegen_ls.errors import Cancelled
-from codegen_ls.lookup import (
+from codegen_ls.suggest.drafts import (
     Draft,
     accepted_length,
     align_draft,
@@ -198,7 +198,7 @@ def test_accepted_length_rule() -> None:
 def engine():  # type: ignore[no-untyped-def]
     if not (MODEL_DIR / "manifest.json").exists():
         pytest.skip("embedded model missing")
-    from codegen_ls.engine import Engine, EngineOptions
+    from codegen_ls.engine.engine import Engine, EngineOptions
 
     return Engine(MODEL_DIR, EngineOptions(threads=1))
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codegen_ls.context import Indent, decide_mode
-from codegen_ls.postprocess import MAX_LINES, clean, fit_suffix, make_stop, scan_brackets, stop_multi, stop_single
+from codegen_ls.suggest.context import Indent, decide_mode
+from codegen_ls.suggest.postprocess import MAX_LINES, clean, fit_suffix, make_stop, scan_brackets, stop_multi, stop_single
 from samples import ctx_of
 
 SPACES = Indent(False, 4)
@@ -189,7 +189,7 @@ _docs = st.sampled_from([
 @settings(max_examples=300, deadline=None)
 @given(doc=_docs, raw=_code, finish=st.sampled_from(["stop", "eos", "length", "deadline"]), model_frame=st.booleans())
 def test_clean_never_crashes_and_keeps_its_promises(doc: str, raw: str, finish: str, model_frame: bool) -> None:
-    from codegen_ls.ranking import Item, rank
+    from codegen_ls.suggest.ranking import Item, rank
 
     ctx = ctx_of(doc)
     mode = decide_mode(ctx)[0]

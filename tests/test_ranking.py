@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from codegen_ls import postprocess, ranking
-from codegen_ls.context import build_context, decide_mode, line_window
-from codegen_ls.postprocess import clean
-from codegen_ls.ranking import (
+from codegen_ls.suggest import postprocess, ranking
+from codegen_ls.suggest.context import build_context, decide_mode, line_window
+from codegen_ls.suggest.postprocess import clean
+from codegen_ls.suggest.ranking import (
     AGREEMENT_BONUS,
     MAX_CONFIDENCE,
     SYNTAX_ERROR_PENALTY,

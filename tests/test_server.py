@@ -16,7 +16,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcMethodNotFound
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from codegen_ls.server import editor_indentation
+from codegen_ls.lsp.server import editor_indentation
 from conftest import SERVER_CMD, RawClient, server_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -25,8 +25,8 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
-from codegen_ls.context import Context
-from codegen_ls.postprocess import Brackets, leading_ws, scan_brackets
+from codegen_ls.suggest.context import Context
+from codegen_ls.suggest.postprocess import Brackets, leading_ws, scan_brackets
 
 SYNTAX_ERROR_PENALTY = 1.5  # the completed code is no longer a valid (possibly incomplete) program
 BRACKET_PENALTY = 0.5  # per new closing bracket that matches nothing ...

@@ -3,10 +3,10 @@
 Pipeline (needs the ``export`` extra: torch, transformers, optimum-onnx; serving never imports it):
 
 1. resolve SRC: a local checkpoint directory, or a hub id downloaded when online;
-2. build our own graph from the transformers model (:mod:`codegen_ls.graph_builder`):
+2. build our own graph from the transformers model (:mod:`codegen_ls.export.graph_builder`):
    ``--graph gqa`` (the default; GroupQueryAttention over one in-place cache per layer: when
    quantized a 4-bit cache where our kernel runs it fast and it costs the checkpoint little
-   (:mod:`codegen_ls.kv_check`), else int8, its scales calibrated here on standard-library
+   (:mod:`codegen_ls.export.kv_check`), else int8, its scales calibrated here on standard-library
    source) or ``--graph flat``; or export with past key/values through optimum-onnx (``--graph optimum``,
    ``text-generation-with-past``, the reference);
 3. int8 dynamic quantization with ``onnxruntime.quantization`` (``--no-quantize`` keeps fp32;
@@ -31,10 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from codegen_ls import kernels, kv_check
-from codegen_ls.kv_check import KvCheck
+from codegen_ls.engine import kernels
+from codegen_ls.export import kv_check
+from codegen_ls.export.kv_check import KvCheck
 from codegen_ls.errors import CodegenLsError, ModelError
-from codegen_ls.modeldir import Manifest, read_manifest, sha256, write_manifest
+from codegen_ls.engine.modeldir import Manifest, read_manifest, sha256, write_manifest
 
 INT4_BLOCK = 32  # MatMulNBits block size of --int4
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
@@ -196,11 +197,11 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
                   int4: bool, kv_fp16: bool = False, graph: str = "flat",
                   tokenizer: Path | None = None, kv_bits: int = 8,
                   check_kv4: bool = False) -> tuple[list[str], bool, int, KvCheck | None]:
-    """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.graph_builder`) from the
+    """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.export.graph_builder`) from the
     transformers model; a quantized ``gqa`` graph gets an int8 KV cache, calibrated here on text
     encoded with ``tokenizer`` (the exported ``tokenizer.json``), or with ``kv_bits`` 4 a 4-bit
     one (a scale per token: nothing to calibrate). ``check_kv4`` (``--kv-bits auto``): first
-    check what the 4-bit cache costs the checkpoint (:mod:`codegen_ls.kv_check`) and take the
+    check what the 4-bit cache costs the checkpoint (:mod:`codegen_ls.export.kv_check`) and take the
     int8 one instead where it costs too much.
 
     Returns (attention MatMul names to keep in fp32, whether external data was used, the KV
@@ -209,7 +210,7 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
     import torch
     from transformers import CodeGenForCausalLM
 
-    from codegen_ls.graph_builder import build_graph, kv_scales, save
+    from codegen_ls.export.graph_builder import build_graph, kv_scales, save
 
     try:
         model = CodeGenForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
@@ -220,7 +221,7 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
             batches = calibration_batches(tokenizer, int(cfg.n_positions), int(cfg.vocab_size))
             scales = kv_scales(model, batches)
             if check_kv4:
-                _step("      checking what the 4-bit KV cache costs this checkpoint (codegen_ls.kv_check) ...")
+                _step("      checking what the 4-bit KV cache costs this checkpoint (codegen_ls.export.kv_check) ...")
                 result = kv_check.check(model, batches, scales)
                 loss = result.loss
                 verdict = "the 4-bit cache" if result.four_bit_ok else (
@@ -256,7 +257,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
            name: str | None = None, kv_fp16: bool = False, kv_bits: int | None = None) -> Manifest:
     """Export ``src`` into ``out`` and return the manifest written there.
 
-    ``graph``: ``gqa`` (our graph on GroupQueryAttention, :mod:`codegen_ls.graph_builder`; with
+    ``graph``: ``gqa`` (our graph on GroupQueryAttention, :mod:`codegen_ls.export.graph_builder`; with
     ``quantize_int8`` its KV cache is int8 too), ``flat`` (our graph with shared-prefix fp32 KV
     buffers) or ``optimum`` (optimum-onnx's export, the reference); the manifest records it as
     ``extra.graph`` (and the cache's type as ``extra.kv_dtype``) and the engine picks its
@@ -266,7 +267,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     the gqa cache 4-bit with a scale per token and head: half the int8 cache's memory and
     bandwidth, for a little accuracy; only our compiled kernel runs its decode attention. None
     (the default): :func:`default_kv_bits`, 4 where this machine runs that kernel fast and
-    :mod:`codegen_ls.kv_check` finds it costs the checkpoint little, else 8.
+    :mod:`codegen_ls.export.kv_check` finds it costs the checkpoint little, else 8.
 
     ``external_data``: None decides by size (ONNX external data when the fp32 export is past
     ~1.8 GB, as 2 GB is the protobuf limit); True/False force it (tests use True to cover the
@@ -312,7 +313,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
         exclude: list[str] = []
         checked = None
         if graph in ("flat", "gqa"):
-            _step(f"[1/3] building the {graph} ONNX graph of {source} (codegen_ls.graph_builder) ...")
+            _step(f"[1/3] building the {graph} ONNX graph of {source} (codegen_ls.export.graph_builder) ...")
             exclude, external_data, kv_bits, checked = _export_graph(
                 source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph, out / "tokenizer.json", kv_bits,
                 check_kv4=auto and kv_bits == 4)

@@ -2,8 +2,8 @@
 
 ``codegen-ls serve`` speaks LSP over stdio (or ``--tcp HOST:PORT``); stdout carries nothing but
 the protocol. State lives on :class:`CodegenLanguageServer`; handlers are thin: read the
-document and settings, delegate to the :class:`~codegen_ls.completer.Completer` on the one
-inference thread (:mod:`codegen_ls.server_worker`), convert the result. This module and its
+document and settings, delegate to the :class:`~codegen_ls.suggest.pipeline.Completer` on the one
+inference thread (:mod:`codegen_ls.lsp.worker`), convert the result. This module and its
 ``server_*`` helpers are the only places that speak lsprotocol; positions cross the border
 (UTF-16 by default, UTF-8/UTF-32 when negotiated <-> code points) only through pygls' document
 helpers.
@@ -36,11 +36,11 @@ from pygls.lsp.server import LanguageServer
 from pygls.workspace import ServerTextPosition, ServerTextRange, TextDocument
 
 from codegen_ls import __version__
-from codegen_ls.completer import Completer, CompletionRequest, CompletionResult, Suggestion
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion
 from codegen_ls.errors import CodegenLsError
-from codegen_ls.modeldir import resolve_model_dir
-from codegen_ls.server_protocol import CodegenLsProtocol, DaemonStdinReader, LspWorkspace
-from codegen_ls.server_worker import InferenceWorker
+from codegen_ls.engine.modeldir import resolve_model_dir
+from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, DaemonStdinReader, LspWorkspace
+from codegen_ls.lsp.worker import InferenceWorker
 from codegen_ls.settings import NAMESPACE, Settings, parse_settings
 
 log = logging.getLogger(__name__)
@@ -501,7 +501,7 @@ def serve(tcp: tuple[str, int] | None = None, model: str | None = None, threads:
     return ls.exit_code
 
 
-if __name__ == "__main__":  # ``python -m codegen_ls.server [--tcp HOST:PORT] [--model DIR] ...``
+if __name__ == "__main__":  # ``python -m codegen_ls.lsp.server [--tcp HOST:PORT] [--model DIR] ...``
     from codegen_ls.cli import main
 
     raise SystemExit(main(["serve", *sys.argv[1:]]))

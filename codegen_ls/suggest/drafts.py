@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codegen_ls.engine import Candidate, Engine, StopFn, Tokenizer, common_prefix
+from codegen_ls.engine.engine import Candidate, Engine, StopFn, Tokenizer, common_prefix
 from codegen_ls.errors import Cancelled
 
 WINDOW_CHARS = 200_000  # looked at on each side of the cursor (~2500 lines of 80 characters)

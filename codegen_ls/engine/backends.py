@@ -1,6 +1,6 @@
 """The engine's ways of running a CodeGen ONNX graph, chosen by the manifest's graph kind.
 
-* :class:`GqaBackend` (``graph: gqa``, the default export, see :mod:`codegen_ls.graph_builder`):
+* :class:`GqaBackend` (``graph: gqa``, the default export, see :mod:`codegen_ls.export.graph_builder`):
   one KV cache per layer (int8 when quantized) that GroupQueryAttention reads and writes in
   place when decoding (prompt chunks take the graph's MatMul path and are copied in); N
   candidates are N query positions of one run, sharing the prompt's cache.
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls import kernels
+from codegen_ls.engine import kernels
 from codegen_ls.errors import Cancelled, ModelError
 
 CancelFn = Callable[[], bool] | None

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.graph_builder import key_rotation
+from codegen_ls.export.graph_builder import key_rotation
 
 KV4_TOLERANCE = 0.03  # nats: the 4-bit cache's loss may be this much above the int8 cache's
 CHECK_WINDOWS = 2  # calibration windows (of up to 1024 tokens) the check runs on

@@ -15,12 +15,12 @@ gelu_new, fc_out) reads the same LayerNorm output, and both are added to the res
 the run's tokens go to positions ``total - S .. total - 1`` and attend to ``0 .. total - 1``
 through an additive ``attention_bias`` ``[1, 1, S, total]`` (causal included). Batch is always
 1: N candidates are N query positions of a step, and the bias lets each see only the prompt and
-its own tokens (see :class:`codegen_ls.backends.GqaBackend`). Quantized, the cache is **int8**
+its own tokens (see :class:`codegen_ls.engine.backends.GqaBackend`). Quantized, the cache is **int8**
 with static per-channel scales (from :func:`kv_scales`): a quarter of the fp32 cache's memory
 and bandwidth, which at 2048 tokens of a 350M model is as large as its int8 weights. Each layer's
 attention is an ``If`` on the ``prompt_path`` input: decode runs (a few rows) use
 ``com.microsoft.GroupQueryAttention`` (kv_num_heads = num_heads) on an fp32 cache and
-``codegen_ls.DecodeAttention`` on an int8 one (our kernel, :mod:`codegen_ls.kernels`, or where it
+``codegen_ls.DecodeAttention`` on an int8 one (our kernel, :mod:`codegen_ls.engine.kernels`, or where it
 is not loaded the ONNX function of that name, whose body is GroupQueryAttention); the engine
 binds ``present_*`` = ``past_*`` so the op writes the new keys and values in place; prompt
 chunks use two MatMuls over the dequantized cache and return the chunk's quantized keys and values
@@ -48,10 +48,10 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.kernels import DOMAIN as KERNEL_DOMAIN
-from codegen_ls.kernels import DEQUANTIZE4_NAMES
-from codegen_ls.kernels import OP4_NAME as DECODE_ATTENTION_Q4
-from codegen_ls.kernels import OP_NAME as DECODE_ATTENTION
+from codegen_ls.engine.kernels import DOMAIN as KERNEL_DOMAIN
+from codegen_ls.engine.kernels import DEQUANTIZE4_NAMES
+from codegen_ls.engine.kernels import OP4_NAME as DECODE_ATTENTION_Q4
+from codegen_ls.engine.kernels import OP_NAME as DECODE_ATTENTION
 
 OPSET = 17
 IR_VERSION = 9
@@ -387,7 +387,7 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     values is D/2 bytes, value j in the low nibble of byte j and value j + D/2 in the high one,
     as round(x / scale) + 8, scale = max|x| / 7 clamped to float16's normal range; the buffers
     ``uint8 [1, H, cap, D/2]`` hold the rows in the kernel's blocks,
-    :func:`codegen_ls.kernels.layout4`; the scales are float16, ``past_key_scale.L`` /
+    :func:`codegen_ls.engine.kernels.layout4`; the scales are float16, ``past_key_scale.L`` /
     ``past_value_scale.L`` ``[1, H, cap, 1]``), and it holds the keys
     rotated, kR (``key_rotation``; the scores use qR). Both branches rotate (the kernel inside
     its op: a few thousand multiply-adds a row, cheaper there than two more graph nodes a layer
@@ -490,7 +490,7 @@ def decode_attention_function(helper: Any, n_head: int) -> Any:
     """``codegen_ls.DecodeAttention`` as an ONNX function whose body is onnxruntime's
     ``GroupQueryAttention`` on the int8 cache (static per-channel scales). onnxruntime inlines it
     unless a registered kernel claims the node: the engine registers ours
-    (:mod:`codegen_ls.kernels`) where it was built, so the same file runs with or without it."""
+    (:mod:`codegen_ls.engine.kernels`) where it was built, so the same file runs with or without it."""
     inputs = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
               "attention_bias", "k_scale", "v_scale"]
     outputs = ["output", "present_key", "present_value"]

@@ -10,7 +10,7 @@ UTF-16 positions with pygls' document helpers.
 Type-ahead cache (per document): typing (or erasing) characters along the last shown suggestion,
 on the same line, is answered from that suggestion with no model call (source "typeahead").
 
-Lookup: when ``codegen_ls.lookup`` is present and ``Settings.lookup`` is on, its model-verified
+Lookup: when ``codegen_ls.suggest.drafts`` is present and ``Settings.lookup`` is on, its model-verified
 drafts join the model's candidates before ranking; one score across sources.
 
 INTERFACE CONTRACT (stable; the server and CLI are written against it): CompletionRequest,
@@ -27,17 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 
-from codegen_ls.context import Context, TokenCounter, build_context, decide_mode, sanitize, token_budget
-from codegen_ls.engine import Candidate, Engine, EngineOptions
+from codegen_ls.suggest.context import Context, TokenCounter, build_context, decide_mode, sanitize, token_budget
+from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
 from codegen_ls.errors import CodegenLsError, ModelError
-from codegen_ls.modeldir import resolve_model_dir
-from codegen_ls.postprocess import clean, make_stop
-from codegen_ls.ranking import Item, rank
+from codegen_ls.engine.modeldir import resolve_model_dir
+from codegen_ls.suggest.postprocess import clean, make_stop
+from codegen_ls.suggest.ranking import Item, rank
 from codegen_ls.settings import Settings
 
 _lookup: ModuleType | None
 try:
-    from codegen_ls import lookup as _lookup
+    from codegen_ls.suggest import drafts as _lookup
 except ImportError:  # the lookup module is optional
     _lookup = None
 

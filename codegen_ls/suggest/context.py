@@ -23,7 +23,7 @@ When the cursor line holds only whitespace before the cursor (a fresh, auto-inde
 whitespace is *held* out of the prompt (:attr:`Context.held`), which then ends with the newline:
 byte-level BPE merges a newline with the following indentation (``"\\n   "`` + ``" return"``), so
 a prompt ending in ``"\\n    "`` is a tokenization the model never saw. The model writes the
-indentation itself and :mod:`codegen_ls.postprocess` aligns it with what the user typed.
+indentation itself and :mod:`codegen_ls.suggest.postprocess` aligns it with what the user typed.
 
 :func:`decide_mode` chooses ``none`` / ``single`` / ``multi`` before any model call (llm-ls'
 ``should_complete``).

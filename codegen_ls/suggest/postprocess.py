@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from codegen_ls.context import Context, Indent, is_block_header
+from codegen_ls.suggest.context import Context, Indent, is_block_header
 
 StopFn = Callable[[str], "int | None"]
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-MODULE = "codegen_ls._decode_attention"
+MODULE = "codegen_ls.engine._decode_attention"
 DOMAIN, OP_NAME = "codegen_ls", "DecodeAttention"  # the node the graph builder writes
 OP = f"{DOMAIN}.{OP_NAME}"  # recorded in the manifest's extra.decode_attention
 OP4_NAME = "DecodeAttentionQ4"  # the same on a 4-bit cache (a scale per token): only this library runs it

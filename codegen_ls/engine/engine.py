@@ -1,10 +1,10 @@
 """ONNX CodeGen inference: prompt cache with KV reuse, N candidates from one prefill, log-probs.
 
-The engine knows nothing about LSP. It loads a model directory (see :mod:`codegen_ls.modeldir`),
+The engine knows nothing about LSP. It loads a model directory (see :mod:`codegen_ls.engine.modeldir`),
 keeps one KV-cache snapshot per document (LRU, bounded in bytes), reuses the longest common token
 prefix of each new prompt (llama.cpp's ``cache_prompt``), and generates candidates: the greedy one
 plus samples, all from ONE shared prefill. How the ONNX graph is run (and what a KV snapshot
-is) belongs to the backend the manifest's graph kind selects (:mod:`codegen_ls.backends`).
+is) belongs to the backend the manifest's graph kind selects (:mod:`codegen_ls.engine.backends`).
 
 Input and output names are read from the session; no layer count or shape is hard-coded.
 """
@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls import kernels
-from codegen_ls.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
+from codegen_ls.engine import kernels
+from codegen_ls.engine.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
 from codegen_ls.errors import Cancelled, ModelError
-from codegen_ls.modeldir import Manifest, read_manifest
+from codegen_ls.engine.modeldir import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +221,14 @@ class EngineOptions:
     cache_bytes: int = 512 * 1024 * 1024
     prefill_chunk: int = 128  # tokens per prefill run, so cancel/deadline are checked in between (and
     # the attention scores of one run, chunk x context x heads, stay small: 16 MB at 2048 x 16 heads)
-    native_kernel: bool = True  # our decode-attention kernel where built (codegen_ls.kernels)
+    native_kernel: bool = True  # our decode-attention kernel where built (codegen_ls.engine.kernels)
 
 
 class Engine:
     """A loaded model: ONNX session + tokenizer + prompt cache. Thread-safe (one call at a time).
 
     The graph kind in the manifest (``extra.graph``: ``optimum`` when absent, ``flat`` or ``gqa``)
-    selects the backend (:mod:`codegen_ls.backends`); generation, sampling, stop rules and the
+    selects the backend (:mod:`codegen_ls.engine.backends`); generation, sampling, stop rules and the
     prompt cache are the same for all.
     """
 
