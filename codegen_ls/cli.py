@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the language server. stdout carries only the protocol; logs go to stderr or --log-file.")
     s.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
     s.add_argument("--stdio", action="store_true", help="LSP over stdio (the default)")
+    s.add_argument("--allow-remote", action="store_true",
+                   help="let --tcp listen on an address other machines can reach (0.0.0.0, a LAN address): "
+                        "there is no authentication, whoever connects first can read the documents sent")
+    s.add_argument("--debug-requests", action="store_true",
+                   help="answer codegenLs/debugDocument (a document's text as the server holds it): for tests")
     _model_arg(s)
     _log_args(s)
 
@@ -273,7 +278,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not host or not port.isdigit():
             raise CodegenLsError(f"--tcp expects HOST:PORT, got '{args.tcp}'")
         tcp = (host, int(port))
-    return server.serve(tcp=tcp, model=args.model, threads=args.threads)
+        if not _is_loopback(host):
+            if not args.allow_remote:
+                raise CodegenLsError(f"refusing to listen on {host}: other machines could connect and read the "
+                                     "documents sent; use 127.0.0.1, or pass --allow-remote to accept that")
+            print(f"codegen-ls: warning: listening on {host}:{port} with --allow-remote: any machine that reaches "
+                  "this port can connect first and read the documents sent (no authentication)", file=sys.stderr)
+    return server.serve(tcp=tcp, model=args.model, threads=args.threads, debug_requests=args.debug_requests)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve to anything
+        return False
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-SERVER_CMD = [sys.executable, "-m", "codegen_ls", "serve"]
-"""How every test starts the language server (stdio)."""
+SERVER_CMD = [sys.executable, "-m", "codegen_ls", "serve", "--debug-requests"]
+"""How every test starts the language server (stdio; ``codegenLs/debugDocument`` answered)."""
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models" / "codegen-ls-small"

@@ -648,3 +648,72 @@ def test_random_jsonrpc_messages_are_answered(rpc_server: ThreadedServer, messag
                 assert len(c.null_id_errors) > before or not raw.strip(), raw
     rpc_server.call(run)
     assert c.proc.returncode is None
+
+
+# -------------------------------------------------------------------------------------------------
+# Framing and document versions
+# -------------------------------------------------------------------------------------------------
+
+
+async def test_bad_framing_never_makes_the_server_deaf():
+    """After each malformed frame, the next well-formed request is answered (pygls' own reader
+    went deaf after the first); a lowercase header is a header; a huge length is refused with the
+    request's own id and never read into memory; the process stays up."""
+    c = await RawClient.start()
+    try:
+        await c.initialize(wait_ready=False)
+        await c.open("file:///a.py", SOURCE)
+
+        def body(msg_id: int) -> bytes:
+            return json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "codegenLs/debugDocument",
+                               "params": {"uri": "file:///a.py"}}).encode()
+        bad = {
+            "too short": lambda b: b"Content-Length: %d\r\n\r\n" % (len(b) - 7) + b,
+            "too long": lambda b: b"Content-Length: %d\r\n\r\n" % (len(b) + 40) + b,
+            "negative": lambda b: b"Content-Length: -3\r\n\r\n" + b,
+            "not a number": lambda b: b"Content-Length: 12x\r\n\r\n" + b,
+            "no header": lambda b: b,
+            "no Content-Length": lambda b: b"Content-Type: application/json\r\n\r\n" + b,
+            "HTTP": lambda b: b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % len(b) + b,
+        }
+        for name, make in bad.items():
+            assert c.writer is not None
+            c.writer.write(make(body(10_000 + len(name))))
+            await c.writer.drain()
+            reply = await c.request("codegenLs/debugDocument", {"uri": "file:///a.py"}, timeout=20)
+            assert reply["result"]["text"] == SOURCE, name
+        assert c.null_id_errors and all(e["error"]["code"] == PARSE_ERROR for e in c.null_id_errors)
+        # case-insensitive header names: answered like any request
+        c.writer.write(b"content-length: %d\r\n\r\n" % len(body(20_000)) + body(20_000))
+        assert "result" in await c.response(20_000, timeout=20)
+        # Content-Length: 100000000000000 (the process used to exit): its id gets an error
+        c.writer.write(b"Content-Length: 100000000000000\r\n\r\n" + body(30_000)[:-1])
+        assert error_code(await c.response(30_000, timeout=20)) == INVALID_REQUEST
+        reply = await c.request("codegenLs/debugDocument", {"uri": "file:///a.py"}, timeout=20)
+        assert reply["result"]["text"] == SOURCE
+        assert c.proc.returncode is None
+    finally:
+        await c.close()
+
+
+async def test_old_document_versions_are_ignored_and_null_versions_applied():
+    c = await RawClient.start()
+    try:
+        await c.initialize(wait_ready=False)
+        uri = "file:///v.py"
+        await c.open(uri, "a = 1\n", version=5)
+
+        async def change(version: int | None, text: str) -> str:
+            await c.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
+                                                      "contentChanges": [{"text": text}]})
+            return (await c.request("codegenLs/debugDocument", {"uri": uri}))["result"]["text"]
+        assert await change(6, "a = 2\n") == "a = 2\n"
+        for old in (4, 5, 3):  # older than the document: ignored
+            assert await change(old, f"stale = {old}\n") == "a = 2\n"
+        assert await change(None, "a = 3\n") == "a = 3\n"  # no version: applied (was dropped)
+        reply = await c.request("codegenLs/debugDocument", {"uri": uri})
+        assert reply["result"]["version"] == 6
+        assert await change(7, "a = 4\n") == "a = 4\n"
+        assert c.stderr_text().count("older than the document") == 1  # logged once
+    finally:
+        await c.close()

@@ -9,19 +9,22 @@ pygls leaves a few holes that a server facing real editors (and fuzzers) must cl
   with ``"id": null`` (JSON-RPC 2.0, section 5);
 * documents split lines like :meth:`str.splitlines` (form feed, U+2028, ...), while LSP only
   knows ``\\n``, ``\\r\\n`` and ``\\r``: positions and incremental edits would drift;
-* stdin is read on a pool thread that is joined at exit, so a server whose client stops
-  talking after ``exit`` would never terminate. We read on one daemon thread instead.
+* pygls' read loop goes deaf after one bad header; ours (:mod:`codegen_ls.lsp.framing`,
+  :mod:`codegen_ls.lsp.transport`) resynchronises, and its problems are answered here (``-32700``);
+* pygls applies an edit whatever its document version: an older one is ignored here (logged once
+  a document), and one with ``version: null`` is applied (lsprotocol would refuse it);
+* positions convert through pygls' codec loops, character by character in Python: documents
+  here use :class:`~codegen_ls.lsp.convert.FastPositionCodec`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import logging
-import queue
 import re
-import threading
-from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote
 
 import attrs
 import cattrs
@@ -37,6 +40,9 @@ from pygls.exceptions import (
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.json_rpc import JsonRPCNotification, JsonRPCRequestMessage, JsonRPCResponseMessage
 from pygls.workspace import TextDocument, Workspace
+
+from codegen_ls.lsp.convert import FastPositionCodec
+from codegen_ls.lsp.framing import Problem
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +67,28 @@ class LspTextDocument(TextDocument):
     positions past a line's end clamped to it and lines past the end to the end (LSP).
     """
 
-    _lines_of: tuple[str, tuple[str, ...]] | None = None
+    _lines_of: tuple[str, tuple[str, ...], list[int]] | None = None  # (source, lines, line start offsets)
+
+    def _split(self) -> tuple[str, tuple[str, ...], list[int]]:
+        source = self.source
+        if self._lines_of is None or self._lines_of[0] is not source:
+            lines = split_lines(source)
+            self._lines_of = (source, lines, [0, *itertools.accumulate(map(len, lines))])
+        return self._lines_of
 
     @property
     def lines(self) -> Sequence[str]:
-        source = self.source
-        if self._lines_of is None or self._lines_of[0] is not source:
-            self._lines_of = (source, split_lines(source))
-        return self._lines_of[1]
+        return self._split()[1]
 
     def lsp_offset(self, position: types.Position) -> int:
         """Code-point offset of a client position, clamped into the document."""
-        lines = self.lines
+        _, lines, starts = self._split()
         if position.line >= len(lines):
             return len(self.source)
         width = self.position_codec.client_num_units(lines[position.line].rstrip("\r\n"))
         column = self.position_codec.position_from_client_units(
             lines, types.Position(position.line, min(position.character, width))).character
-        return sum(map(len, lines[: position.line])) + column
+        return starts[position.line] + column
 
     def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
         start, end = self.lsp_offset(change.range.start), self.lsp_offset(change.range.end)
@@ -87,7 +97,12 @@ class LspTextDocument(TextDocument):
 
 
 class LspWorkspace(Workspace):
-    """A pygls workspace that creates :class:`LspTextDocument` documents."""
+    """A pygls workspace that creates :class:`LspTextDocument` documents, converting positions with
+    :class:`~codegen_ls.lsp.convert.FastPositionCodec`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._position_codec = FastPositionCodec(encoding=self._position_encoding)
 
     @classmethod
     def like(cls, other: Workspace) -> LspWorkspace:
@@ -122,6 +137,7 @@ class CodegenLsProtocol(LanguageServerProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.initialize_received = False
+        self._version_noted: set[str] = set()  # documents whose out-of-order edit was logged
 
     def structure_message(self, data: dict[str, Any]) -> Any:
         # ``json.loads`` calls this hook for every object, innermost first: keep plain dicts and
@@ -149,6 +165,7 @@ class CodegenLsProtocol(LanguageServerProtocol):
         if has_id and self._is_notification(method):
             self.reply_error(msg_id, JsonRpcInvalidRequest(f"Invalid Request: {method} is a notification"))
             return
+        unversioned = method == types.TEXT_DOCUMENT_DID_CHANGE and self._null_version(message)
         try:
             structured = self._structure(message)
         except Exception as exc:
@@ -159,6 +176,8 @@ class CodegenLsProtocol(LanguageServerProtocol):
             return
         if method == types.INITIALIZE:
             self.initialize_received = True
+        if method == types.TEXT_DOCUMENT_DID_CHANGE and not unversioned and self._stale_edit(structured.params):
+            return
         try:
             super().handle_message(structured)
         except Exception as exc:  # a handler failed before pygls could answer
@@ -185,6 +204,36 @@ class CodegenLsProtocol(LanguageServerProtocol):
                 self.reply_error(msg_id, JsonRpcInvalidRequest("Invalid Request: initialize was already received"))
             return False
         return True
+
+    def _null_version(self, message: dict[str, Any]) -> bool:
+        """A didChange with ``"version": null`` gets the document's own version (lsprotocol wants an
+        integer): the edit is applied, the version kept. True when it was null."""
+        params = message.get("params")
+        if not isinstance(params, dict):
+            return False
+        doc_id = params.get("textDocument")
+        if not (isinstance(doc_id, dict) and "version" in doc_id and doc_id["version"] is None
+                and isinstance(doc_id.get("uri"), str)):
+            return False
+        doc = self.workspace.text_documents.get(unquote(doc_id["uri"]))
+        version = doc.version if doc is not None and isinstance(doc.version, int) else 0
+        message["params"] = {**params, "textDocument": {**doc_id, "version": version}}
+        self._note_version(doc_id["uri"], "an edit without a version (null): applied, the version kept")
+        return True
+
+    def _stale_edit(self, params: types.DidChangeTextDocumentParams) -> bool:
+        """Whether an edit is for an older version than the document's (it is ignored)."""
+        doc = self.workspace.text_documents.get(unquote(params.text_document.uri))
+        if doc is None or not isinstance(doc.version, int) or params.text_document.version >= doc.version:
+            return False
+        self._note_version(params.text_document.uri, f"ignoring edits for version {params.text_document.version}, "
+                                                     f"older than the document's {doc.version}")
+        return True
+
+    def _note_version(self, uri: str, what: str) -> None:
+        if uri not in self._version_noted:  # once a document: a confused client would flood the log
+            self._version_noted.add(uri)
+            log.warning("%s: %s (logged once a document)", uri, what)
 
     def _is_notification(self, method: str) -> bool:
         message_type = self.get_message_type(method)
@@ -219,6 +268,15 @@ class CodegenLsProtocol(LanguageServerProtocol):
         """Send an error response; ``msg_id`` None is written as ``"id": null``."""
         self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": {"code": error.code, "message": error.message}})
 
+    def framing_error(self, problem: Problem) -> None:
+        """Bytes the framing reader could not take as a message: a refused request with a known id
+        gets its own error (-32600), anything else a Parse error with ``"id": null``."""
+        log.warning("framing: %s", problem.message)
+        if problem.msg_id is not None:
+            self.reply_error(problem.msg_id, JsonRpcInvalidRequest(f"Invalid Request: {problem.message}"))
+        else:
+            self.reply_error(None, JsonRpcParseError(f"Parse error: {problem.message}"))
+
     def on_transport_error(self, error: Exception, source: Any = None) -> None:
         """Error handler of the read loop: a body that is not JSON gets a Parse error."""
         if isinstance(error, (ValueError, RecursionError)):
@@ -226,51 +284,3 @@ class CodegenLsProtocol(LanguageServerProtocol):
             self.reply_error(None, JsonRpcParseError(f"Parse error: {_first_line(error)}"))
         else:
             log.error("transport error: %r", error)
-
-
-# ---------------------------------------------------------------------------------------------
-# stdin
-# ---------------------------------------------------------------------------------------------
-
-
-class DaemonStdinReader:
-    """pygls' ``AsyncReader`` over a binary stream, read on one daemon thread.
-
-    A daemon thread never keeps the process alive: after ``exit`` (or when the client is gone)
-    the server terminates even if the client never closes our stdin.
-    """
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self._jobs: queue.SimpleQueue[tuple[Callable[[], bytes], asyncio.Future[bytes]]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="codegen-ls-stdin", daemon=True)
-        self._thread.start()
-
-    def readline(self) -> asyncio.Future[bytes]:
-        return self._submit(self._stream.readline)
-
-    def readexactly(self, n: int) -> asyncio.Future[bytes]:
-        return self._submit(lambda: self._stream.read(n))
-
-    def _submit(self, fn: Callable[[], bytes]) -> asyncio.Future[bytes]:
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._jobs.put((fn, future))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            fn, future = self._jobs.get()
-            try:
-                data = fn()
-            except Exception as exc:  # a broken stdin is the end of the session
-                log.warning("reading stdin failed: %r", exc)
-                data = b""
-            try:
-                future.get_loop().call_soon_threadsafe(_set_if_pending, future, data)
-            except RuntimeError:  # loop closed
-                return
-
-
-def _set_if_pending(future: asyncio.Future[bytes], data: bytes) -> None:
-    if not future.done():
-        future.set_result(data)

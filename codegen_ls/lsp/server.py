@@ -10,13 +10,15 @@ helpers.
 
 Custom messages: the ``codegenLs/status`` notification (``state``: loading | ready | error,
 ``message``, ``model``, ``lastLatencyMs``) on every state change and after each completion, and
-the ``codegenLs/debugDocument`` request (``{"uri"}`` -> ``{"text", "version"}``) for tests.
+the ``codegenLs/debugDocument`` request (``{"uri"}`` -> ``{"text", "version"}``) for tests, answered
+only by ``serve --debug-requests`` (it hands out a document's text).
+
+Over ``--tcp`` exactly one client is served (:mod:`codegen_ls.lsp.transport`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -31,7 +33,7 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote
 
 from lsprotocol import types
-from pygls.io_ import StdoutWriter, run_async
+from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.workspace import ServerTextPosition, ServerTextRange, TextDocument
 
@@ -39,7 +41,8 @@ from codegen_ls import __version__
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion
 from codegen_ls.errors import CodegenLsError
 from codegen_ls.engine.modeldir import resolve_model_dir
-from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, DaemonStdinReader, LspWorkspace
+from codegen_ls.lsp import transport
+from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, LspWorkspace
 from codegen_ls.lsp.worker import InferenceWorker
 from codegen_ls.settings import NAMESPACE, Settings, parse_settings
 
@@ -243,37 +246,22 @@ class CodegenLanguageServer(LanguageServer):
 
     # -- transport -----------------------------------------------------------------------------
     def start_io(self, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
-        """pygls' ``start_io``, reading stdin on a daemon thread and answering bad JSON."""
+        """pygls' ``start_io`` with our read loop: stdin on a daemon thread, framing that resynchronises."""
         stop = self._stop_event = threading.Event()
         self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
-        self._run(self._read_loop(DaemonStdinReader(stdin or sys.stdin.buffer), stop))
+        source = transport.StdinSource(stdin or sys.stdin.buffer)
+        self._run(transport.pump(source.read, self.protocol, stop))
 
     def start_tcp(self, host: str, port: int) -> None:
-        """pygls' ``start_tcp`` (one client, then exit), answering bad JSON like ``start_io``."""
+        """One client on ``host:port`` (its first message an ``initialize`` request), then exit."""
         stop = self._stop_event = threading.Event()
-
-        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.protocol.set_writer(writer)  # type: ignore[arg-type]
-            await self._read_loop(reader, stop)
-            stop.set()
-            assert self._server is not None
-            self._server.close()
-
-        async def listen() -> None:
-            self._server = await asyncio.start_server(connection, host, port)
-            log.info("listening on %s", ", ".join(str(s.getsockname()) for s in self._server.sockets))
-            with contextlib.suppress(asyncio.CancelledError):
-                async with self._server:
-                    await self._server.serve_forever()
-        self._run(listen())
-
-    async def _read_loop(self, reader: Any, stop: threading.Event) -> None:
-        await run_async(stop_event=stop, reader=reader, protocol=self.protocol, logger=log,
-                        error_handler=self.protocol.on_transport_error)
+        self._run(transport.serve_tcp(host, port, self.protocol, stop))
 
     def _run(self, main: Any) -> None:
         try:
-            asyncio.run(main)
+            code = asyncio.run(main)
+            if isinstance(code, int):  # serve_tcp: how its client left
+                self.exit_code = code
         except BrokenPipeError:
             log.info("the client closed the connection")
         except SystemExit as exc:  # the exit notification
@@ -453,8 +441,10 @@ def on_debug_document(ls: CodegenLanguageServer, params: Any) -> dict[str, Any] 
     return {"text": doc.source, "version": doc.version, "indentation": ls.indentation.get(doc.uri)}
 
 
-def create_server(model: str | None = None, completer: Completer | None = None, threads: int = 0) -> CodegenLanguageServer:
-    """A server with every feature registered (one per session)."""
+def create_server(model: str | None = None, completer: Completer | None = None, threads: int = 0,
+                  debug_requests: bool = False) -> CodegenLanguageServer:
+    """A server with every feature registered (one per session); ``debug_requests``: also
+    ``codegenLs/debugDocument``, which hands out a document's text (tests only)."""
     ls = CodegenLanguageServer(model, completer, threads)
     ls.feature(types.INITIALIZE)(on_initialize)
     ls.feature(types.INITIALIZED)(on_initialized)
@@ -467,7 +457,8 @@ def create_server(model: str | None = None, completer: Completer | None = None, 
         trigger_characters=[".", "(", "[", ",", "=", ":"]))(on_completion)
     ls.feature(types.SHUTDOWN)(on_shutdown)
     ls.feature(types.EXIT)(on_exit)
-    ls.feature(DEBUG_DOCUMENT)(on_debug_document)
+    if debug_requests:
+        ls.feature(DEBUG_DOCUMENT)(on_debug_document)
     return ls
 
 
@@ -476,7 +467,8 @@ def create_server(model: str | None = None, completer: Completer | None = None, 
 # -------------------------------------------------------------------------------------------------
 
 
-def serve(tcp: tuple[str, int] | None = None, model: str | None = None, threads: int = 0) -> int:
+def serve(tcp: tuple[str, int] | None = None, model: str | None = None, threads: int = 0,
+          debug_requests: bool = False) -> int:
     """Run the server until the client exits or goes away; return the process exit code.
 
     ``model`` and ``threads`` (``--model``, ``--threads``) apply while the client's settings
@@ -485,15 +477,15 @@ def serve(tcp: tuple[str, int] | None = None, model: str | None = None, threads:
     Over stdio the protocol gets a private copy of the stdout descriptor and descriptor 1 is
     pointed at stderr, so a stray ``print`` or a native library's chatter cannot corrupt it.
     """
-    ls = create_server(model, threads=threads)
+    ls = create_server(model, threads=threads, debug_requests=debug_requests)
     if tcp is not None:
         ls.start_tcp(*tcp)
-        return ls.exit_code
-    protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    sys.stdout = sys.stderr
-    ls.start_io(sys.stdin.buffer, protocol_out)
+    else:
+        protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        sys.stdout = sys.stderr
+        ls.start_io(sys.stdin.buffer, protocol_out)
     if not ls.worker.close(timeout=0.0):  # still inside onnxruntime (a model load): finalizing
         log.warning("exiting while the model is still loading")  # the interpreter now would abort
         logging.shutdown()
