@@ -31,19 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from codegen_ls.engine import kernels  # noqa: E402
-from codegen_ls.export.graph_builder import key_rotation  # noqa: E402
+from codegen_ls.engine.kvcache import key_rotation, layout4, quantize4  # noqa: E402
 
 H, D, LAYERS, CAP, E = 16, 64, 20, 2080, 1024
-
-
-def quantize4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., D] -> ([..., D/2] uint8, [...] float16): the 4-bit cache's rows (attend4.h; the
-    cache keeps them in its layout, kernels.layout4)."""
-    half = x.shape[-1] // 2
-    scale = np.clip(np.maximum(np.abs(x).max(axis=-1), np.float32(1e-30)) / np.float32(7), np.float32(2.0 ** -14),
-                    np.float32(65504)).astype(np.float32)
-    q = (np.clip(np.rint(x / scale[..., None]), -8, 7) + 8).astype(np.uint8)
-    return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8), scale.astype(np.float16)
 
 
 def graph(spread: float, with_op: bool, rows: int = 1) -> bytes:
@@ -117,7 +107,7 @@ def main() -> None:
     for _ in range(LAYERS):
         pk, pks = quantize4(rng.normal(0, args.spread, (1, H, CAP, D)).astype(np.float32))
         pv, pvs = quantize4(rng.normal(0, 1, (1, H, CAP, D)).astype(np.float32))
-        caches.append([kernels.layout4(pk, False), kernels.layout4(pv, True), pks[..., None].copy(), pvs[..., None].copy()])
+        caches.append([layout4(pk, False), layout4(pv, True), pks[..., None].copy(), pvs[..., None].copy()])
     out_name = sess.get_outputs()[0].name
 
     def binding(past: int) -> object:

@@ -63,7 +63,7 @@ def main() -> None:
         static = torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / (2 ** (bits - 1) - 1)) if scales == "static" else None
         return kv_check.fake_quantize(x, bits, static)
 
-    from codegen_ls.export.graph_builder import key_rotation
+    from codegen_ls.engine.kvcache import key_rotation
 
     rot = torch.from_numpy(key_rotation(int(cfg.n_embd // cfg.n_head)))
 

@@ -36,6 +36,9 @@ void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uin
                        const uint16_t *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
                        float *out, int out_stride);
 
+/* The format's one owner is codegen_ls/engine/kvcache.py (layout, rotation, reference quantizer,
+ * manifest tags); these constants, CGLS_PAD16's block of 16 and the 1e-30 floor copy its values
+ * (tests/test_kv4.py checks that they agree). */
 #define CGLS_SCALE4_MIN 6.103515625e-05f /* 2^-14: float16's least normal number */
 #define CGLS_SCALE4_MAX 65504.f         /* float16's largest */
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codegen_ls.engine import backends, kernels  # noqa: E402
+from codegen_ls.engine import backends, kernels, kvcache  # noqa: E402
 from codegen_ls.engine.backends import GqaBackend  # noqa: E402
 from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.engine.kvcache import dequantize4, key_rotation, quantize4  # noqa: E402
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
 from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
@@ -83,12 +85,11 @@ def test_a_4bit_cache_needs_the_gqa_graph_and_quantization(tmp_path: Path) -> No
 
 
 def test_keys_are_stored_rotated_which_keeps_scores_and_spreads_outlier_channels(model_dir: Path) -> None:
-    """Queries and keys go through the same orthogonal R (graph_builder.key_rotation) before the
+    """Queries and keys go through the same orthogonal R (kvcache.key_rotation) before the
     cache: (qR).(kR) = q.k, and a key with one channel 10x the others, which unrotated leaves the
     rest of its row one or two 4-bit levels, has its scores' quantization error cut several times."""
     import onnx
 
-    from codegen_ls.export.graph_builder import key_rotation
 
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
     r = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == "key_rotation"))
@@ -160,21 +161,6 @@ def test_head_sizes_the_4bit_cache_takes(tmp_path_factory: pytest.TempPathFactor
 
 
 # -- the op alone, against numpy -------------------------------------------------------------
-def quantize4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., D] float32 -> ([..., D/2] uint8, [...] float16 scales): the format of attend4.h (the
-    rounding with the float scale, clamped to float16's normal range)."""
-    half = x.shape[-1] // 2
-    scale = np.clip(np.maximum(np.abs(x).max(axis=-1), np.float32(1e-30)) / np.float32(7), np.float32(2.0 ** -14),
-                    np.float32(65504)).astype(np.float32)
-    q = (np.clip(np.rint(x / scale[..., None]), -8, 7) + 8).astype(np.uint8)
-    return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8), scale.astype(np.float16)
-
-
-def dequantize4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    vals = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float32) - 8
-    return vals * scale[..., None]
-
-
 def quantize_query(q: np.ndarray) -> np.ndarray:
     """The kernel's query: int8 with a scale per row (its error is a small part of the 4-bit keys')."""
     amax = np.maximum(np.abs(q).max(axis=-1, keepdims=True), np.float32(1e-30)).astype(np.float32)
@@ -242,7 +228,6 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
     the rotated keys kR and the values (``exact``: R a signed permutation, bit-identical; else the
     export's rotation, whose sums the op and numpy round apart: all but a few nibbles the same and
     none a level apart), and the output as attention over the op's cache with the query qR."""
-    from codegen_ls.export.graph_builder import key_rotation
 
     monkeypatch.setenv("CODEGEN_LS_KERNEL", path)
     rng = np.random.default_rng(head * 10 + rows)
@@ -259,12 +244,12 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
     bias = np.zeros((1, 1, rows, n), np.float32)
     bias[0, 0, :, past:] = np.triu(np.full((rows, rows), -1e9, np.float32), 1)
     bias[0, 0, :, 7] = -1e9  # a masked key in the prompt
-    feed = {"query": q, "key": k, "value": v, "past_key": kernels.layout4(pk, False), "past_value": kernels.layout4(pv, True),
+    feed = {"query": q, "key": k, "value": v, "past_key": kvcache.layout4(pk, False), "past_value": kvcache.layout4(pv, True),
             "past_key_scale": pks[..., None].copy(), "past_value_scale": pvs[..., None].copy(),
             "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32), "attention_bias": bias,
             "key_rotation": rot}
     out, ok, ov, oks, ovs = op_session(h, head // 2).run(None, feed)
-    ok, ov = kernels.rows4(ok, False), kernels.rows4(ov, True)  # the cache's layout -> rows
+    ok, ov = kvcache.rows4(ok, False), kvcache.rows4(ov, True)  # the cache's layout -> rows
 
     # the new rows are quantized into positions past .. n-1; the rest of the cache is kept
     rotated = (k.reshape(rows, h, head).transpose(1, 0, 2).astype(np.float64) @ rot).astype(np.float32)
@@ -355,7 +340,7 @@ def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, row
         assert np.abs(b - a).max() < 0.05 * spread
     for j, (a, b) in enumerate(zip(ref_cache, got_cache)):
         if j % 4 < 2:  # keys, values: the cache's layout -> rows
-            a, b = kernels.rows4(a, j % 4 == 1), kernels.rows4(b, j % 4 == 1)
+            a, b = kvcache.rows4(a, j % 4 == 1), kvcache.rows4(b, j % 4 == 1)
         if j in (1, 3):  # layer 0: values and their scales
             np.testing.assert_array_equal(a[:, :, :end], b[:, :, :end])
         elif j in (0, 2):  # its keys: the prompt's the same; the decoded ones rotated by the kernel and by
@@ -392,7 +377,7 @@ def test_a_reused_and_regrown_cache_holds_the_same_rows_as_a_fresh_one(head_size
         a, b = fresh.buffers[j][0], state.buffers[j][0]
         if j % 4 < 2:  # the cache's layout -> rows -> nibbles
             a, b = (np.concatenate([x & 15, x >> 4], axis=-1).astype(int)[:, :475]
-                    for x in (kernels.rows4(a, j % 4 == 1), kernels.rows4(b, j % 4 == 1)))
+                    for x in (kvcache.rows4(a, j % 4 == 1), kvcache.rows4(b, j % 4 == 1)))
             assert np.abs(a - b).max() <= 1 and np.mean(a != b) < 0.08, j
         else:
             np.testing.assert_allclose(b[:, :475].astype(np.float32), a[:, :475].astype(np.float32), rtol=0.05)
@@ -476,7 +461,7 @@ def test_the_prompt_paths_dequantize_ops_match_numpy_and_reject_bad_input(values
     rng = np.random.default_rng(3)
     for head in (16, 40, 64):
         rows, scale = quantize4(rng.normal(0, 1, (1, 3, 64, head)).astype(np.float32))
-        packed = kernels.layout4(rows, values)
+        packed = kvcache.layout4(rows, values)
         assert not np.array_equal(packed, rows)  # the layout is not the rows' order
         out = sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([37], np.int64)})[0]
         np.testing.assert_array_equal(out, dequantize4(rows[:, :, :37], scale[:, :, :37]))
@@ -490,17 +475,34 @@ def test_the_prompt_paths_dequantize_ops_match_numpy_and_reject_bad_input(values
 
 
 def test_the_layout_keeps_groups_of_rows_in_place_and_inverts() -> None:
-    """kernels.layout4 / rows4: inverse of each other; a prefix of positions rounded up to 16 is a
+    """kvcache.layout4 / rows4: inverse of each other; a prefix of positions rounded up to 16 is a
     prefix of the bytes (what the engine's copies of a cache's first positions rely on); keys:
     token t's bytes 4g .. 4g+3 at block t // 16, chunk g, lane t % 16; values: byte j of token t at
     quad t // 4, 4j + t % 4."""
     rng = np.random.default_rng(5)
     rows = rng.integers(0, 256, (2, 64, 20), dtype=np.uint8)  # heads of 40
     for values in (False, True):
-        packed = kernels.layout4(rows, values)
-        np.testing.assert_array_equal(kernels.rows4(packed, values), rows)
-        np.testing.assert_array_equal(kernels.layout4(rows[:, :32], values), packed[:, :32])
-    keys, vals = kernels.layout4(rows, False).reshape(2, -1), kernels.layout4(rows, True).reshape(2, -1)
+        packed = kvcache.layout4(rows, values)
+        np.testing.assert_array_equal(kvcache.rows4(packed, values), rows)
+        np.testing.assert_array_equal(kvcache.layout4(rows[:, :32], values), packed[:, :32])
+    keys, vals = kvcache.layout4(rows, False).reshape(2, -1), kvcache.layout4(rows, True).reshape(2, -1)
     t, j = 37, 9
     assert keys[1, (t // 16) * 16 * 20 + (j // 4) * 64 + (t % 16) * 4 + j % 4] == rows[1, t, j]
     assert vals[1, (t // 4) * 4 * 20 + 4 * j + t % 4] == rows[1, t, j]
+
+
+def test_the_c_side_keeps_the_formats_constants() -> None:
+    """csrc/ keeps its own copies of the 4-bit format's constants; they are kvcache's (the op's
+    bytes against kvcache.quantize4 above check the arithmetic)."""
+    attend4_h, attend_h = (REPO / "csrc" / "attend4.h").read_text(), (REPO / "csrc" / "attend.h").read_text()
+    assert "codegen_ls/engine/kvcache.py" in attend4_h
+
+    def define(text: str, name: str) -> str:
+        found = re.search(rf"#define {name}(?!\w)(.*?)(/\*|$)", text, re.M)
+        assert found, name
+        return found.group(1).strip()
+
+    assert float(define(attend4_h, "CGLS_SCALE4_MIN").rstrip("f")) == kvcache.SCALE_MIN
+    assert float(define(attend4_h, "CGLS_SCALE4_MAX").rstrip("f")) == kvcache.SCALE_MAX
+    assert define(attend_h, r"CGLS_PAD16\(n\)") == f"(((n) + {kvcache.BLOCK - 1}) & ~{kvcache.BLOCK - 1})"
+    assert f"float amax = {kvcache.TINY:g}f" in (REPO / "csrc" / "attend4.c").read_text()

@@ -16,11 +16,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from codegen_ls.engine import kernels  # noqa: E402
+from codegen_ls.engine.kvcache import dequantize4, quantize4  # noqa: E402
 from codegen_ls.export import kv_check  # noqa: E402
 from codegen_ls.export.pipeline import calibration_batches, export, random_checkpoint  # noqa: E402
 from codegen_ls.export.graph_builder import kv_scales  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
-from test_kv4 import dequantize4, quantize4  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"

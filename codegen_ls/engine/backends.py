@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.engine import kernels
+from codegen_ls.engine import kvcache
 from codegen_ls.errors import Cancelled, ModelError
 
 CancelFn = Callable[[], bool] | None
@@ -399,11 +399,6 @@ class GqaDecode:
     steps: int = 0
 
 
-def _whole_blocks(n: int) -> int:
-    """``n`` positions rounded up to the 4-bit cache's blocks (kernels.KV4_BLOCK)."""
-    return -(-n // kernels.KV4_BLOCK) * kernels.KV4_BLOCK
-
-
 DECODE_ROOM = 2 * ROUND  # positions a prefill reserves after the prompt for a decode's rows (3 x 48 fit)
 PROMPT_PATH_MIN = 16  # runs of this many tokens take the graph's MatMul path (prompt chunks, long drafts)
 
@@ -436,7 +431,7 @@ class GqaBackend(Backend):
         self.layout = [(types[inputs[name].type], int(inputs[name].shape[3])) for name, _ in self.caches]  # dtype, X
         self.head_dim = 2 * int(shape[3]) if four_bit else int(shape[3])
         # per buffer: None, or (a 4-bit cache's keys or values) whether its rows are values, for
-        # kernels.layout4: the kernel keeps them in its own blocks of positions
+        # kvcache.layout4: the kernel keeps them in its own blocks of positions
         self.packed = [(kind == "value" if four_bit and kind in ("key", "value") else None)
                        for _ in range(n_layer) for kind in kinds]
         if self.n_head != n_head:
@@ -454,7 +449,7 @@ class GqaBackend(Backend):
         if want <= state.room and (not shrink or state.room <= want + 4 * ROUND):
             return
         new = self._alloc(want)
-        keep = _whole_blocks(keep)  # rooms are multiples of ROUND
+        keep = kvcache.whole_blocks(keep)  # rooms are multiples of ROUND
         for old, dst in zip(state.buffers, new.buffers):
             dst[:, :, :keep, :] = old[:, :, :keep, :]
         state.buffers, state.bindings = new.buffers, {}
@@ -500,10 +495,10 @@ class GqaBackend(Backend):
                 if values is None:
                     buf[0, :, past:past + s, :] = rows
                 else:  # the 4-bit cache: the whole blocks the chunk touches, in rows, then back in the layout
-                    a, b = past // kernels.KV4_BLOCK * kernels.KV4_BLOCK, _whole_blocks(past + s)
-                    span = kernels.rows4(buf[0, :, a:b, :], values)
+                    a, b = kvcache.block_start(past), kvcache.whole_blocks(past + s)
+                    span = kvcache.rows4(buf[0, :, a:b, :], values)
                     span[:, past - a:past - a + s, :] = rows
-                    buf[0, :, a:b, :] = kernels.layout4(span, values)
+                    buf[0, :, a:b, :] = kvcache.layout4(span, values)
         return np.asarray(outs[0].numpy()[0])
 
     def prefill(self, state: GqaState | None, keep: int, ids: Sequence[int], logits_from: int,

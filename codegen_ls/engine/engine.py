@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.engine import kernels
+from codegen_ls.engine import kernels, kvcache
 from codegen_ls.engine.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.engine.modeldir import Manifest, read_manifest
@@ -254,7 +254,7 @@ class Engine:
         if op == kernels.OP:
             kernel = kernels.register(so, self.options.native_kernel)
         elif op == kernels.OP4:  # a 4-bit cache: only our kernel reads it
-            if not self.manifest.extra.get("key_rotation") or self.manifest.extra.get("kv4_layout") != kernels.KV4_LAYOUT:
+            if not kvcache.manifest_ok(self.manifest.extra):
                 raise ModelError(f"{self.model_dir}: its 4-bit KV cache is the format of an earlier codegen-ls (keys not "
                                  "rotated, or rows not in the kernel's blocks), which this version does not read; export "
                                  "the model again")

@@ -11,9 +11,10 @@ them applies: the plain C path would be slower than onnxruntime's kernel (so on 
 onnxruntime's runs). ``CODEGEN_LS_KERNEL=off`` turns it off (``avx2`` / ``generic`` force a lesser path).
 
 It also implements ``codegen_ls.DecodeAttentionQ4``, the decode attention of a 4-bit cache
-(``codegen-ls model export --kv-bits 4``, ``csrc/attend4.c``). No onnxruntime kernel reads that
-format, so such a model needs this library (:func:`register` with ``required``); its vector paths
-need AVX-512 VNNI or AVX2 (:func:`path4`), elsewhere a plain C loop runs it, slowly.
+(``codegen-ls model export --kv-bits 4``, ``csrc/attend4.c``; the format is owned by
+:mod:`codegen_ls.engine.kvcache`). No onnxruntime kernel reads that format, so such a model needs
+this library (:func:`register` with ``required``); its vector paths need AVX-512 VNNI or AVX2
+(:func:`path4`), elsewhere a plain C loop runs it, slowly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
+from codegen_ls.engine import kvcache
 
 MODULE = "codegen_ls.engine._decode_attention"
 DOMAIN, OP_NAME = "codegen_ls", "DecodeAttention"  # the node the graph builder writes
@@ -34,11 +35,6 @@ OP4_NAME = "DecodeAttentionQ4"  # the same on a 4-bit cache (a scale per token):
 OP4 = f"{DOMAIN}.{OP4_NAME}"
 # the 4-bit cache's prompt-path reads (the same library), one per layout (keys, values)
 DEQUANTIZE4_NAMES = ("DequantizeKeys4", "DequantizeValues4")
-# the 4-bit cache's layout (csrc/attend4.h), recorded in the manifest's extra.kv4_layout: the
-# rows in the order the kernel's passes read them (keys in blocks of 16 tokens, values in quads),
-# the per-token scales float16
-KV4_LAYOUT = "blocked-16-4, float16 scales"
-KV4_BLOCK = 16  # the cache's positions: a multiple of this (its head size: a multiple of 8)
 ONNXRUNTIME_ATTENTION = "onnxruntime GroupQueryAttention"
 LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}  # the library's vector paths
 log = logging.getLogger(__name__)
@@ -77,39 +73,11 @@ def path4(best: bool = False, head_dim: int | None = None) -> str | None:
     ``best``: the best this CPU has, whatever the limit): ``avx512-vnni``, ``avx2`` or
     ``generic, slow`` (a plain C loop, several times slower); None where the library is not
     built, or for heads of ``head_dim`` that the cache's layout does not take (a multiple of 8, at
-    most 256: :func:`fits4`)."""
+    most 256: :func:`kvcache.fits`)."""
     loaded = _load()
-    if loaded is None or (head_dim is not None and not fits4(head_dim)):
+    if loaded is None or (head_dim is not None and not kvcache.fits(head_dim)):
         return None
     return PATHS4.get(int(loaded[2].cgls_isa4_best() if best else loaded[2].cgls_isa4()), PATHS4[0])
-
-
-def fits4(head_dim: int) -> bool:
-    """Whether heads of ``head_dim`` can have the 4-bit cache (its layout: a multiple of 8, at most 256)."""
-    return head_dim % 8 == 0 and 0 < head_dim <= 256
-
-
-def layout4(rows: np.ndarray, values: bool) -> np.ndarray:
-    """Rows of the 4-bit cache ``[..., T, D/2]`` (byte j: value j in the low nibble, j + D/2 in the
-    high one; T a multiple of 16) -> the same bytes in the cache's layout (csrc/attend4.h): keys in
-    blocks of 16 tokens ``[D/8][16][4]``, values in quads of 4 tokens ``[D/2][4]``. Either way a
-    group of rows keeps its place, so the result has the rows' shape."""
-    *lead, t, half = rows.shape
-    if values:
-        x = rows.reshape(*lead, t // 4, 4, half).swapaxes(-1, -2)
-    else:
-        x = rows.reshape(*lead, t // 16, 16, half // 4, 4).swapaxes(-2, -3)
-    return np.ascontiguousarray(x).reshape(rows.shape)
-
-
-def rows4(cache: np.ndarray, values: bool) -> np.ndarray:
-    """The inverse of :func:`layout4`: a cache's bytes ``[..., T, D/2]`` -> its rows."""
-    *lead, t, half = cache.shape
-    if values:
-        x = cache.reshape(*lead, t // 4, half, 4).swapaxes(-1, -2)
-    else:
-        x = cache.reshape(*lead, t // 16, half // 4, 16, 4).swapaxes(-2, -3)
-    return np.ascontiguousarray(x).reshape(cache.shape)
 
 
 def vector4(best: bool = False, head_dim: int | None = None) -> bool:

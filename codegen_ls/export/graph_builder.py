@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from codegen_ls.engine import kvcache
 from codegen_ls.engine.kernels import DOMAIN as KERNEL_DOMAIN
 from codegen_ls.engine.kernels import DEQUANTIZE4_NAMES
 from codegen_ls.engine.kernels import OP4_NAME as DECODE_ATTENTION_Q4
@@ -69,19 +70,6 @@ def tail_names(n_layer: int) -> list[tuple[str, str]]:
 
 def tail_out_names(n_layer: int) -> list[tuple[str, str]]:
     return [(f"tail_key_out.{i}", f"tail_value_out.{i}") for i in range(n_layer)]
-
-
-def key_rotation(d: int, seed: int = 0) -> np.ndarray:
-    """A fixed random orthogonal ``[d, d]`` matrix R (QR of a seeded Gaussian; float32).
-
-    The 4-bit cache stores keys and queries as kR and qR: (qR).(kR) = q.k, but a row's scale is
-    its largest magnitude, and keys have outlier channels (in the embedded model up to 7x a head's
-    median channel) which, unrotated, leave the other channels a few levels. R spreads each
-    channel over all of them: on the embedded model it cuts the scores' quantization error
-    (relative mean square) by 1.1-1.8x per layer. Values have no such channels and are not rotated."""
-    a = np.random.default_rng(seed).standard_normal((d, d))
-    qm, r = np.linalg.qr(a)
-    return (qm * np.sign(np.diag(r))).astype(np.float32)
 
 
 def qkv_weight(w: np.ndarray, n_head: int, mp_num: int = 4) -> np.ndarray:
@@ -232,7 +220,7 @@ def build_graph(model: Any, *, int8_embedding: bool = False, int4_block: int = 0
             or (kv_int4 and (kv_int8 is not None or d % 2))):
         raise ValueError(f"unsupported graph options: {graph}, kv_fp16={kv_fp16}, kv_int8={kv_int8 is not None}, kv_int4={kv_int4}")
     if kv_int4:
-        g.const("key_rotation", key_rotation(d))
+        g.const("key_rotation", kvcache.key_rotation(d))
     if graph == "gqa":  # positions already in the cache before this run: total - S
         s_len = g.op("Shape", ["input_ids"], start=1, end=2, name="shape_s")
         total = g.op("Reshape", [g.op("Cast", ["total_sequence_length"], to=TensorProto.INT64, name="total_i64"),
@@ -387,7 +375,7 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
     values is D/2 bytes, value j in the low nibble of byte j and value j + D/2 in the high one,
     as round(x / scale) + 8, scale = max|x| / 7 clamped to float16's normal range; the buffers
     ``uint8 [1, H, cap, D/2]`` hold the rows in the kernel's blocks,
-    :func:`codegen_ls.engine.kernels.layout4`; the scales are float16, ``past_key_scale.L`` /
+    :func:`codegen_ls.engine.kvcache.layout4`; the scales are float16, ``past_key_scale.L`` /
     ``past_value_scale.L`` ``[1, H, cap, 1]``), and it holds the keys
     rotated, kR (``key_rotation``; the scores use qR). Both branches rotate (the kernel inside
     its op: a few thousand multiply-adds a row, cheaper there than two more graph nodes a layer
@@ -454,13 +442,14 @@ def _gqa_attention(g: _Graph, i: int, n_layer: int, n_head: int, d: int, q: str,
         if int4:  # per token and head: scale = max|x| / 7, round(x / scale) + 8, two a byte
             rows = pre.op("Reshape", [x, bshd])  # [1, S, H, D]
             amax = pre.op("Max", [pre.op("ReduceMax", [pre.op("Abs", [rows])], axes=[-1], keepdims=1),
-                                  pre.const(f"{name}_tiny", np.array(1e-30, np.float32))])
-            row_scale = pre.op("Clip", [pre.op("Div", [amax, pre.const(f"{name}_seven", np.array(7, np.float32))]),
-                                        pre.const(f"{name}_scale_min", np.array(2.0 ** -14, np.float32)),
-                                        pre.const(f"{name}_scale_max", np.array(65504, np.float32))])  # [1, S, H, 1]
+                                  pre.const(f"{name}_tiny", np.array(kvcache.TINY, np.float32))])
+            row_scale = pre.op("Clip", [pre.op("Div", [amax, pre.const(f"{name}_seven", np.array(kvcache.LEVELS, np.float32))]),
+                                        pre.const(f"{name}_scale_min", np.array(kvcache.SCALE_MIN, np.float32)),
+                                        pre.const(f"{name}_scale_max", np.array(kvcache.SCALE_MAX, np.float32))])  # [1, S, H, 1]
             qv = pre.op("Clip", [pre.op("Round", [pre.op("Div", [rows, row_scale])]),
-                                 pre.const(f"{name}_lo4", np.array(-8, np.float32)), pre.const(f"{name}_hi4", np.array(7, np.float32))])
-            qv = pre.op("Add", [qv, pre.const(f"{name}_eight", np.array(8, np.float32))])
+                                 pre.const(f"{name}_lo4", np.array(-kvcache.LEVELS - 1, np.float32)),
+                                 pre.const(f"{name}_hi4", np.array(kvcache.LEVELS, np.float32))])
+            qv = pre.op("Add", [qv, pre.const(f"{name}_eight", np.array(kvcache.OFFSET, np.float32))])
             lo, hi = pre.op("Split", [qv, pre.const(f"{name}_halves", np.array([d // 2, d // 2], np.int64))], 2, axis=-1)
             packed = pre.op("Add", [lo, pre.op("Mul", [hi, pre.const(f"{name}_sixteen", np.array(16, np.float32))])])
             pre.op("Reshape", [pre.op("Cast", [packed], to=TensorProto.UINT8), pre.const(f"{name}_shape_packed", np.array([0, 0, e // 2], np.int64))], [out])

@@ -6,7 +6,7 @@ caches stores them:
 
 * ``int8``: a static scale per channel from the calibration (:func:`graph_builder.kv_scales`),
   round, clip to -128..127;
-* ``int4``: keys and queries rotated (:func:`graph_builder.key_rotation`), then each token's
+* ``int4``: keys and queries rotated (:func:`codegen_ls.engine.kvcache.key_rotation`), then each token's
   head vector its own scale (its largest magnitude / 7), round, clip to -8..7; values the same,
   unrotated.
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen_ls.export.graph_builder import key_rotation
+from codegen_ls.engine import kvcache
 
 KV4_TOLERANCE = 0.03  # nats: the 4-bit cache's loss may be this much above the int8 cache's
 CHECK_WINDOWS = 2  # calibration windows (of up to 1024 tokens) the check runs on
@@ -55,12 +55,13 @@ class KvCheck:
 def fake_quantize(x: Any, bits: int, scale: Any | None = None) -> Any:
     """``x`` (a torch tensor ``[..., D]``) through a signed ``bits``-bit grid: ``scale`` (static,
     broadcast) or, when None, each row's largest magnitude over the grid's top level, clamped to
-    float16's normal range and read back as the float16 the 4-bit cache keeps (csrc/attend4.h)."""
+    float16's normal range and read back as the float16 the 4-bit cache keeps (the constants of
+    :mod:`codegen_ls.engine.kvcache`, whose :func:`~codegen_ls.engine.kvcache.quantize4` is the numpy reference)."""
     import torch
 
     top = 2 ** (bits - 1) - 1
     if scale is None:
-        scale = (x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / top).clamp(2.0 ** -14, 65504.0)
+        scale = (x.abs().amax(dim=-1, keepdim=True).clamp(min=kvcache.TINY) / top).clamp(kvcache.SCALE_MIN, kvcache.SCALE_MAX)
         return torch.clamp(torch.round(x / scale), -top - 1, top) * scale.half().float()
     return torch.clamp(torch.round(x / scale), -top - 1, top) * scale
 
@@ -73,7 +74,7 @@ def quantized_cache(model: Any, mode: str, int8_scales: list[tuple[np.ndarray, n
     from transformers.models.codegen import modeling_codegen
 
     original = modeling_codegen.CodeGenAttention._attn
-    rotation = torch.from_numpy(key_rotation(int(model.config.n_embd // model.config.n_head)))
+    rotation = torch.from_numpy(kvcache.key_rotation(int(model.config.n_embd // model.config.n_head)))
     scales = [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in int8_scales]
 
     def attn(self: Any, query: Any, key: Any, value: Any, attention_mask: Any = None, head_mask: Any = None) -> Any:

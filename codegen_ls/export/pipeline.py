@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from codegen_ls.engine import kernels
+from codegen_ls.engine import kernels, kvcache
 from codegen_ls.export import kv_check
 from codegen_ls.export.kv_check import KvCheck
 from codegen_ls.errors import CodegenLsError, ModelError
@@ -295,7 +295,7 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
               f"with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs fast on any CPU)" if kv_bits == 4 else
               f"KV cache: int8 (the 4-bit cache needs heads a multiple of 8, here {head_dim}, and to run fast the "
               f"compiled kernel with AVX2 or AVX-512 VNNI: not both here)")
-    if kv_bits == 4 and not kernels.fits4(head_dim):
+    if kv_bits == 4 and not kvcache.fits(head_dim):
         raise CodegenLsError(f"a 4-bit KV cache needs heads a multiple of 8 (at most 256); this checkpoint's are {head_dim}: "
                              "use --kv-bits 8")
     if kv_bits == 4 and not kernels.vector4(best=True, head_dim=head_dim):
@@ -361,8 +361,7 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
         manifest.extra["decode_attention"] = kernels.OP
     if graph == "gqa" and kv_dtype == "int4":  # our op, which only our kernel implements
         manifest.extra["decode_attention"] = kernels.OP4
-        manifest.extra["key_rotation"] = True  # the format: keys stored as kR (the op's 11th input)
-        manifest.extra["kv4_layout"] = kernels.KV4_LAYOUT  # and its rows in the kernel's order
+        manifest.extra.update(kvcache.manifest_flags())  # the format: keys stored as kR, rows in the kernel's order
     if checked is not None:  # --kv-bits auto: what the 4-bit cache cost the checkpoint
         manifest.extra["kv_check"] = checked.to_json()
     write_manifest(out, manifest)
