@@ -717,3 +717,45 @@ async def test_old_document_versions_are_ignored_and_null_versions_applied():
         assert c.stderr_text().count("older than the document") == 1  # logged once
     finally:
         await c.close()
+
+
+async def test_long_line_does_not_starve_other_documents():
+    """A 3 MB line: typing on it is answered, and a small document's request right behind it is
+    not delayed by an order of magnitude (position conversion was a Python loop on the event
+    loop: 6 s a keystroke at 2 MB, for both). Timings: benchmarks/bench_long_line.py."""
+    c = await RawClient.start()
+    try:
+        await c.initialize({"codegenLs": {"numCandidates": 1, "maxNewTokens": 8}})
+        small = "import os\n\n\ndef names(root):\n    return os."
+        long_line = "x = '" + ("a" * 99 + "é") * 30_000
+        width = utf16_len(long_line)
+        await c.open("file:///small.py", small)
+        await c.open("file:///long.py", long_line)
+        small_at = inline_params("file:///small.py", 4, 14, trigger=1)
+        assert "result" in await c.request("textDocument/inlineCompletion", inline_params("file:///long.py", 0, width, 1))
+        loop = asyncio.get_running_loop()
+        alone, behind = [], []
+        for version in range(2, 5):
+            t0 = loop.time()
+            await c.request("textDocument/inlineCompletion", small_at)
+            alone.append(loop.time() - t0)
+            t0 = loop.time()
+            await c.notify("textDocument/didChange", {"textDocument": {"uri": "file:///long.py", "version": version},
+                                                      "contentChanges": [{"range": {"start": {"line": 0, "character": width},
+                                                                                    "end": {"line": 0, "character": width}},
+                                                                          "text": "z"}]})
+            width += 1
+            long_id, small_id = c.next_id(), c.next_id()
+            await c.send({"jsonrpc": "2.0", "id": long_id, "method": "textDocument/inlineCompletion",
+                          "params": inline_params("file:///long.py", 0, width, 1)})
+            await c.send({"jsonrpc": "2.0", "id": small_id, "method": "textDocument/inlineCompletion", "params": small_at})
+            assert "result" in await c.response(small_id, 60)
+            behind.append(c.arrival[small_id] - t0)
+            assert "result" in await c.response(long_id, 60)
+        alone_s, behind_s = sorted(alone)[1], sorted(behind)[1]
+        print(f"\nsmall document: {alone_s * 1000:.0f} ms alone, {behind_s * 1000:.0f} ms behind a keystroke on a 3 MB line")
+        assert behind_s < 10 * alone_s + 1.0
+        reply = await c.request("codegenLs/debugDocument", {"uri": "file:///long.py"})
+        assert reply["result"]["text"] == long_line + "zzz"
+    finally:
+        await c.close()
