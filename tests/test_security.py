@@ -4,8 +4,17 @@ onnxruntime's telemetry. (The protocol's own hostile-input tests are in test_rob
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from samples import REPO
+
+MODEL_DIR = REPO / "models" / "codegen-ls-small"
 
 
 def test_vscode_settings_that_run_code_are_machine_scoped() -> None:
@@ -15,3 +24,56 @@ def test_vscode_settings_that_run_code_are_machine_scoped() -> None:
     declared = package["contributes"]["configuration"]["properties"]
     for name in ("serverPath", "serverArgs", "modelPath"):
         assert declared[f"codegenLs.{name}"].get("scope") == "machine", name
+
+
+# -------------------------------------------------------------------------------------------------
+# onnxruntime telemetry
+# -------------------------------------------------------------------------------------------------
+
+SESSION = """
+import sys, time
+import codegen_ls
+from codegen_ls.engine.engine import Engine
+engine = Engine(sys.argv[1])
+print(engine.generate("def add(a, b):\\n    return", max_new_tokens=8).candidates[0].text)
+time.sleep(2)
+"""
+
+
+def private_env(home: Path, **extra: str) -> dict[str, str]:
+    """This environment without ORT_DISABLE_TELEMETRY (codegen-ls must set it itself), with a
+    private home and cache directory."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "CODEGEN_LS_MODEL")}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / "cache"), **extra)
+    return env
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_onnxruntime_telemetry_is_off(tmp_path: Path) -> None:
+    """A model session (and ``codegen-ls complete``) leaves the telemetry store untouched and
+    opens no network socket. The control shows onnxruntime alone writes that store here."""
+    control = tmp_path / "control"
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], env=private_env(control), check=True, timeout=120)
+    if not files_under(control):
+        pytest.skip("this onnxruntime build keeps no telemetry store (built without telemetry?)")
+    assert any(".onnxruntime" in f for f in files_under(control)), files_under(control)
+
+    strace = shutil.which("strace")
+    runs = {"engine": [sys.executable, "-c", SESSION, str(MODEL_DIR)],
+            "complete": [sys.executable, "-m", "codegen_ls", "complete", str(REPO / "examples" / "demo.py") + ":41:22"]}
+    for name, cmd in runs.items():
+        home = tmp_path / name
+        trace = tmp_path / f"{name}.strace"
+        if strace:
+            cmd = [strace, "-f", "-qq", "-e", "trace=socket,connect", "-o", str(trace), *cmd]
+        done = subprocess.run(cmd, env=private_env(home), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        foreign = [f for f in files_under(home) if "codegen-ls" not in Path(f).parts]  # ours: local state
+        assert foreign == [], (name, foreign)
+        if strace:
+            calls = trace.read_text()
+            inet = [ln for ln in calls.splitlines() if "AF_INET" in ln]
+            assert not inet, (name, inet[:5])
