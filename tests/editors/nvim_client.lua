@@ -10,7 +10,7 @@ local ns = api.nvim_create_namespace('codegen_ls_ghost')
 
 -- The fake server. `answer(line, col)` (col: byte column of the cursor) returns the suggestions
 -- for the word before the cursor as {text, extra = units past the cursor the range covers}.
-local fake = { requests = {}, cancelled = {}, delay = 20, answer = function() return {} end }
+local fake = { requests = {}, cancelled = {}, notified = {}, executed = {}, delay = 20, answer = function() return {} end }
 
 local function word_start(line, col)
   local s = col
@@ -26,13 +26,16 @@ local function respond(params)
   local col = vim.str_byteindex(line, 'utf-16', params.position.character, false)
   local start = vim.str_utfindex(line, 'utf-16', word_start(line, col), false)
   local items = {}
-  for _, s in ipairs(fake.answer(line, col)) do
+  for i, s in ipairs(fake.answer(line, col)) do
     items[#items + 1] = {
       insertText = s[1],
       range = {
         start = { line = row, character = start },
         ['end'] = { line = row, character = params.position.character + (s.extra or 0) },
       },
+      -- as codegen-ls sends them: the editor runs it on accept
+      command = { title = 'accepted', command = 'codegenLs.accept',
+                  arguments = { { id = #fake.requests, index = i - 1, source = 'greedy', latencyMs = 42, tokens = 7 } } },
     }
   end
   return { items = items }
@@ -53,7 +56,8 @@ local function fake_server(dispatchers)
       end
       if method == 'initialize' then
         vim.schedule(function()
-          reply(nil, { capabilities = { positionEncoding = 'utf-16', textDocumentSync = 1, inlineCompletionProvider = true } })
+          reply(nil, { capabilities = { positionEncoding = 'utf-16', textDocumentSync = 1, inlineCompletionProvider = true,
+                                         executeCommandProvider = { commands = { 'codegenLs.accept' } } } })
         end)
       elseif method == 'textDocument/inlineCompletion' then
         table.insert(fake.requests, { id = id, params = params })
@@ -66,6 +70,9 @@ local function fake_server(dispatchers)
           end
         end, fake.delay)
       else
+        if method == 'workspace/executeCommand' then
+          table.insert(fake.executed, params)
+        end
         vim.schedule(function()
           reply(nil, vim.NIL)
         end)
@@ -73,6 +80,7 @@ local function fake_server(dispatchers)
       return true, id
     end,
     notify = function(method, params)
+      table.insert(fake.notified, { method = method, params = params })
       if method == '$/cancelRequest' then
         fake.cancelled[params.id] = true
       elseif method == 'exit' then
@@ -161,9 +169,9 @@ local function main()
     feed('ide')
     wait_for('ghost', function() return ghost() == 'f f():\n    return 1' end)
     check(#marks()[1][4].virt_lines == 1, 'second line not drawn as virt_lines')
-    feed('<C-l>')
+    feed('<M-C-Right>')
     wait_for('first line', function() return line() == 'def f():' and ghost() == '\n    return 1' end)
-    feed('<C-l>')
+    feed('<M-C-Right>')
     wait_for('second line', function()
       return table.concat(api.nvim_buf_get_lines(0, 0, -1, true), '\n') == 'def f():\n    return 1'
     end)
@@ -269,13 +277,113 @@ local function main()
     feed('<M-\\>')
     wait_for('explicit request', function() return #fake.requests == n + 3 end)
     check(fake.requests[n + 3].params.context.triggerKind == 1, 'explicit request not triggerKind 1')
-    feed('<C-e>')
+    feed('<C-]>')
     wait_for('dismiss key', function() return #marks() == 0 end)
   end)
 
   case('status notification', function()
     fake.dispatchers.notification('codegenLs/status', { state = 'ready', message = 'ok', model = 'fake', lastLatencyMs = 42 })
     wait_for('status', function() return cg.statusline() == 'codegen-ls ready 42ms' end)
+  end)
+
+  case('events: shown, partial accept, accept runs the item command; info string', function()
+    new_buffer({ '' })
+    cg.config.show_info = true
+    fake.answer = function(l, col)
+      return l:sub(1, col) == 'pri' and { { 'print(value)' } } or {}
+    end
+    local notified, executed = #fake.notified, #fake.executed
+    feed('ipri')
+    wait_for('ghost', function() return vim.startswith(ghost() or '', 'nt(value)') end)
+    check(ghost():find('42 ms · 7 tok · greedy', 1, true), 'no info string in %q', ghost())
+    local function sent(method)
+      for i = notified + 1, #fake.notified do
+        if fake.notified[i].method == method then
+          return fake.notified[i].params
+        end
+      end
+    end
+    local shown = wait_for('didShowCompletion', function() return sent('codegenLs/didShowCompletion') end)
+    check(shown.item.index == 0 and shown.item.source == 'greedy', 'shown: %s', vim.inspect(shown))
+    feed('<C-Right>')
+    local partial = wait_for('didPartiallyAcceptCompletion', function() return sent('codegenLs/didPartiallyAcceptCompletion') end)
+    check(partial.kind == 'word' and partial.acceptedLength == 5 and partial.item.index == 0, 'partial: %s', vim.inspect(partial))
+    check(#fake.executed == executed, 'command run on a partial accept')
+    feed('<Tab>')
+    wait_for('accept', function() return line() == 'print(value)' end)
+    local cmd = wait_for('executeCommand', function() return fake.executed[executed + 1] end)
+    check(cmd.command == 'codegenLs.accept' and cmd.arguments[1].index == 0, 'command: %s', vim.inspect(cmd))
+    cg.config.show_info = false
+  end)
+
+  case('without a suggestion each key is the user mapping, the built-in key, or nothing', function()
+    vim.cmd.edit(vim.fn.fnameescape(vim.fn.tempname() .. '.txt'))
+    -- a buffer-local mapping made before the client attached (replaced, then the fallback) ...
+    vim.cmd([[inoremap <buffer> <Plug>(user-word) WORD]])
+    vim.cmd([[imap <buffer> <C-Right> <Plug>(user-word)]])
+    -- ... and global ones, made after setup() (nvim-cmp and snippet plugins map <Tab>)
+    vim.keymap.set('i', '<Tab>', function() return 'USER' end, { expr = true })
+    vim.cmd([[inoremap <Plug>(user-next) NEXT]])
+    vim.cmd([[imap <M-]> <Plug>(user-next)]])
+    vim.cmd([[iabbrev <buffer> teh the]])
+    vim.bo.filetype = 'python'
+    vim.bo.indentexpr, vim.bo.autoindent = '', false
+    wait_for('attach', function() return vim.lsp.get_clients({ bufnr = 0, name = 'codegen_ls' })[1] ~= nil end)
+    fake.answer = function() return {} end
+    local n = #fake.requests
+    feed('ia')
+    wait_for('request', function() return #fake.requests > n end)
+    H.idle(100)
+    check(not cg.visible(), 'ghost shown for an empty answer')
+    feed('<Tab>')
+    wait_for('user <Tab>', function() return line() == 'aUSER' end)
+    feed('<C-Right>')
+    wait_for('user <C-Right>', function() return line() == 'aUSERWORD' end)
+    feed(' teh<C-]>')
+    wait_for('abbreviation by <C-]>', function() return line() == 'aUSERWORD the' end)
+    feed('<M-]>')
+    wait_for('user <M-]>', function() return line() == 'aUSERWORD theNEXT' end)
+    feed('<M-C-Right><M-[>')
+    H.idle(100)
+    check(line() == 'aUSERWORD theNEXT' and api.nvim_get_mode().mode == 'i', 'unmapped Alt keys: %q %s', line(), api.nvim_get_mode().mode)
+    -- with a suggestion, the key is ours
+    fake.answer = function(l, col) return l:sub(1, col):match('the$') and { { 'then' } } or {} end
+    feed('<CR>the')
+    wait_for('ghost', function() return ghost() == 'n' end)
+    feed('<Tab>')
+    wait_for('accept', function() return line() == 'then' end)
+    vim.keymap.del('i', '<Tab>')
+    vim.keymap.del('i', '<M-]>')
+  end)
+
+  case('b:codegen_ls_enabled and :CodegenLs enable/disable/toggle', function()
+    new_buffer({ '' })
+    fake.answer = function(l, col) return { { l:sub(1, col):match('[%w_]*$') .. 'X' } } end
+    vim.b.codegen_ls_enabled = false
+    local n = #fake.requests
+    feed('iab')
+    H.idle(200)
+    check(#fake.requests == n and not cg.visible(), 'request in a disabled buffer')
+    feed('<Tab>')
+    wait_for('tab', function() return line() == 'ab\t' end)
+    vim.cmd('CodegenLs enable buffer')
+    feed('c')
+    wait_for('ghost after enable', function() return ghost() == 'X' end)
+    vim.cmd('CodegenLs disable')
+    check(not cg.visible() and #marks() == 0, 'ghost left after :CodegenLs disable')
+    n = #fake.requests
+    feed('d')
+    H.idle(200)
+    check(#fake.requests == n, 'request while disabled globally')
+    vim.cmd('CodegenLs toggle')
+    check(cg.enabled(), 'toggle did not enable')
+    feed('e')
+    wait_for('ghost after toggle', function() return ghost() == 'X' end)
+    cg.config.filetypes = { python = false }
+    check(not cg.enabled(), 'filetypes = { python = false } ignored')
+    cg.config.filetypes = { ['*'] = true }
+    local lines = require('codegen_ls.commands').status_lines()
+    check(lines[2]:find('suggestions here: on', 1, true), 'status: %s', table.concat(lines, '\n'))
   end)
 
   H.finish(true)

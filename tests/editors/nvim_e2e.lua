@@ -1,11 +1,11 @@
--- End-to-end test of the Neovim client (editors/nvim) against a codegen-ls server.
+-- End-to-end test of the Neovim client (editors/nvim) against the codegen-ls server, set up by
+-- the README's snippet (the init.lua Neovim starts with; `codegen-ls` on PATH).
 -- Run by tests/test_nvim.py as:
---   nvim --headless --clean -u NONE -c 'luafile tests/editors/nvim_e2e.lua'
+--   nvim --headless -u <README snippet> -i NONE -c 'luafile tests/editors/nvim_e2e.lua'
 -- Inputs (environment):
---   CODEGEN_LS_E2E_REPO    repository root (editors/nvim goes on 'runtimepath')
+--   CODEGEN_LS_E2E_REPO    repository root
 --   CODEGEN_LS_E2E_FILE    Python file to edit; the text is typed at the end of its last line
 --   CODEGEN_LS_E2E_TYPE    text to type there
---   CODEGEN_LS_E2E_CMD     JSON list: the server command
 --   CODEGEN_LS_E2E_RESULT  where to write the JSON result
 --   CODEGEN_LS_E2E_TIMEOUT_MS  per wait (default 60000)
 -- Exit status: 0 when every check passed, 1 otherwise (details in the result file).
@@ -48,15 +48,13 @@ local function main()
     end,
   })
 
-  local ghost = require('codegen_ls')
-  ghost.setup({ debounce_ms = 50, native = false }) -- this plugin's ghost text, also on 0.12+
+  local ghost = require('codegen_ls') -- set up by the README snippet
+  -- Slow shared CI machines: give the model time, keep suggestions short (a user's settings).
   vim.lsp.config('codegen_ls', {
-    cmd = vim.json.decode(assert(env.CODEGEN_LS_E2E_CMD)),
-    -- Slow shared CI machines: give the model time, keep suggestions short.
+    cmd = { 'codegen-ls', 'serve', '--debug-requests' }, -- from PATH; + codegenLs/debugDocument
     settings = { codegenLs = { deadlineMs = 30000, maxNewTokens = 16, numCandidates = 2 } },
     init_options = { codegenLs = { deadlineMs = 30000, maxNewTokens = 16, numCandidates = 2 } },
   })
-  vim.lsp.enable('codegen_ls')
 
   vim.g.python_recommended_style = 0 -- keep ftplugin/python.vim from setting shiftwidth 4
   vim.o.shiftwidth, vim.o.expandtab = 3, true -- what the buffer inherits: the server must learn it
@@ -114,6 +112,32 @@ local function main()
   local drawn = table.concat(vim.tbl_map(function(chunk) return chunk[1] end, marks[1][4].virt_text or {}))
   check(vim.startswith(drawn, first_line), 'drawn %q is not the ghost %q', drawn, first_line)
 
+  -- From here on suggestions come only when asked for (<M-\>), so what is shown cannot change
+  -- between reading it here and the key press.
+  ghost.config.auto_trigger = false
+
+  -- Cycle: <M-]> shows the next suggestion (the same one when there is one), <M-[> goes back.
+  local function selected()
+    for i, it in ipairs(ghost.current()) do
+      if it.selected then
+        return i, it
+      end
+    end
+  end
+  local function drawn_text()
+    local m = api.nvim_buf_get_extmarks(0, api.nvim_create_namespace('codegen_ls_ghost'), 0, -1, { details = true })[1]
+    return m and table.concat(vim.tbl_map(function(chunk) return chunk[1] end, m[4].virt_text or {})) or nil
+  end
+  local n = #items
+  H.feed('<M-]>')
+  wait_for('the next suggestion', function()
+    local i, it = selected()
+    return i == (n > 1 and 2 or 1) and vim.startswith(drawn_text() or '', vim.split(it.ghost, '\n')[1])
+  end)
+  H.feed('<M-[>')
+  wait_for('the first suggestion again', function() return selected() == 1 end)
+  result.cycled = n
+
   -- Accept with <Tab> (the default keymap).
   local tick = api.nvim_buf_get_changedtick(0)
   H.feed('<Tab>')
@@ -154,7 +178,95 @@ local function main()
   check(vim.deep_equal(result.server_indentation, { 3, true }), 'server indentation %s, expected {3, true}',
     vim.inspect(result.server_indentation))
 
+  local accepted = { whole = 1, word = 0, line = 0 }
+
+  -- Ask (<M-\>) on a new line, accept a word (<C-Right>), then the rest of a line (<M-C-Right>).
+  local function ask()
+    if not ghost.visible() then
+      H.feed('<M-\\>')
+    end
+    return wait_for('a suggestion (asked)', function()
+      return ghost.visible() and select(2, selected())
+    end)
+  end
+  local function accept_part(key, what, pattern_list)
+    local it = ask()
+    local line_before, row = api.nvim_get_current_line(), api.nvim_win_get_cursor(0)[1]
+    local part
+    for _, pat in ipairs(pattern_list) do
+      part = part or it.ghost:match(pat)
+    end
+    part = part or it.ghost
+    local whole = part == it.ghost
+    accepted[whole and 'whole' or what] = accepted[whole and 'whole' or what] + 1
+    local all = api.nvim_buf_get_lines(0, 0, -1, true)
+    local head = table.concat(vim.list_slice(all, 1, row - 1), '\n')
+    local tail = table.concat(vim.list_slice(all, row + 1), '\n')
+    local want = (row > 1 and head .. '\n' or '') .. line_before .. part .. (row < #all and '\n' .. tail or '')
+    H.feed(key)
+    wait_for('accepted ' .. what, function() return buffer_text() == want end)
+    result[what] = { ghost = it.ghost, part = part, whole = whole }
+  end
+  H.feed('<CR>def add(a, b):<CR>    return a')
+  wait_for('typed', function() return api.nvim_get_current_line() == '    return a' end)
+  accept_part('<C-Right>', 'word', { '^[ \t]*[%w_]+', '^[ \t]*[^%w_%s]+', '^%s+' })
+  accept_part('<M-C-Right>', 'line', { '^\n[^\n]*', '^[^\n]+' })
+
+  -- Dismiss (<C-]>): nothing shown, nothing written.
+  H.feed('<CR><CR>def mul(a, b):<CR>    return a')
+  wait_for('typed', function() return api.nvim_get_current_line() == '    return a' end)
+  ask()
+  local text = buffer_text()
+  H.feed('<C-]>')
+  wait_for('dismissed', function() return not ghost.visible() end)
+  check(buffer_text() == text, '<C-]> changed the buffer')
+
+  -- No suggestion shown: each key does what it does in a buffer codegen-ls is not attached to.
+  vim.cmd('iabbrev teh the')
+  local keys = ' teh<C-]><Tab>x<C-Right>y'
+  local function snapshot()
+    return { lines = api.nvim_buf_get_lines(0, 0, -1, true), cursor = api.nvim_win_get_cursor(0), mode = api.nvim_get_mode().mode }
+  end
+  local function type_keys(k)
+    local tick = api.nvim_buf_get_changedtick(0)
+    H.feed(k)
+    wait_for('keys typed', function() return api.nvim_buf_get_changedtick(0) ~= tick end)
+    H.idle(200)
+    return snapshot()
+  end
+  H.feed('<Esc>')
+  wait_for('normal mode', function() return api.nvim_get_mode().mode == 'n' end)
+  local real, lines, cur = api.nvim_get_current_buf(), api.nvim_buf_get_lines(0, 0, -1, true), api.nvim_win_get_cursor(0)
+  local opts = {}
+  for _, o in ipairs({ 'expandtab', 'tabstop', 'shiftwidth', 'softtabstop' }) do
+    opts[o] = vim.bo[real][o]
+  end
+  vim.cmd('enew')
+  vim.bo.buftype = 'nofile' -- never attached
+  for o, v in pairs(opts) do
+    vim.bo[o] = v
+  end
+  api.nvim_buf_set_lines(0, 0, -1, true, lines)
+  api.nvim_win_set_cursor(0, cur)
+  local want = type_keys('A' .. keys)
+  H.feed('<Esc>')
+  vim.cmd('buffer ' .. real)
+  api.nvim_win_set_cursor(0, cur)
+  ghost.dismiss()
+  check(not ghost.visible(), 'a suggestion is shown')
+  local got = type_keys('A' .. keys)
+  result.fallback = { want = want, got = got }
+  check(vim.deep_equal(want, got), 'keys without a suggestion differ from a buffer without codegen-ls')
+  H.feed('<M-C-Right><M-]><M-[>')
+  H.idle(200)
+  check(vim.deep_equal(snapshot(), got), 'unmapped Alt keys did something')
+
   vim.cmd('stopinsert')
+  vim.cmd('checkhealth codegen_ls')
+  local health = buffer_text()
+  result.health = health
+  check(health:find('codegen%-ls %d') and health:find('manifest:', 1, true) and not health:find('ERROR'),
+    ':checkhealth codegen_ls: %s', health)
   result.final_status = vim.g.codegen_ls_status
   H.finish(true)
 end

@@ -1,16 +1,22 @@
 -- Ghost-text inline completion for codegen-ls (LSP 3.18 textDocument/inlineCompletion).
 --
---   require('codegen_ls').setup({ ... })   -- see `defaults` below
+--   require('codegen_ls').setup({ ... })   -- see `defaults` below and :help codegen-ls
 --   vim.lsp.enable('codegen_ls')           -- config in lsp/codegen_ls.lua
 --
--- On Neovim >= 0.12 the built-in vim.lsp.inline_completion is used (set `native = false` to use
--- this module's own implementation instead); on 0.11 this module requests, draws and accepts
--- suggestions itself.
+-- This module requests, draws and accepts suggestions itself, on Neovim 0.11 and 0.12 alike.
+-- `native = true` hands drawing to 0.12's vim.lsp.inline_completion instead, where it exists;
+-- only accept, next/prev and request are mapped then (its API has no partial accept nor
+-- dismiss). Accepts run the item's LSP `command` (the server counts them); partial accepts and
+-- shown suggestions are reported with codegenLs/didPartiallyAcceptCompletion and
+-- codegenLs/didShowCompletion.
 local api = vim.api
+local keymaps = require('codegen_ls.keymaps')
 
 local M = {}
 
 local METHOD = 'textDocument/inlineCompletion'
+local SHOWN = 'codegenLs/didShowCompletion'
+local PARTIAL = 'codegenLs/didPartiallyAcceptCompletion'
 local TRIGGER_INVOKED, TRIGGER_AUTOMATIC = 1, 2 -- lsp.InlineCompletionTriggerKind
 local REQUEST_CANCELLED = -32800
 
@@ -19,18 +25,21 @@ local group = api.nvim_create_augroup('codegen_ls', { clear = true })
 
 local defaults = {
   client_name = 'codegen_ls', -- the LSP client (vim.lsp.config name) to ask
-  native = true, -- use vim.lsp.inline_completion where Neovim has it (>= 0.12)
-  auto_trigger = true, -- request while typing; otherwise only with .request()
+  native = false, -- true: 0.12's vim.lsp.inline_completion draws (accept, next/prev, request only)
+  auto_trigger = true, -- request while typing; otherwise only with .request() / the request key
   debounce_ms = 150,
   virt_text_pos = 'inline', -- first line of the suggestion: 'inline' or 'overlay'
   hl_group = 'CodegenLsGhost', -- grey unless your colorscheme defines it
-  keymaps = { -- insert mode; false disables one. Each falls back to the key's own action.
+  show_info = false, -- after the suggestion: latency, tokens, source (llama.vim's show_info)
+  filetypes = { ['*'] = true }, -- per filetype: false disables (b:codegen_ls_enabled overrides)
+  keymaps = { -- insert mode; false disables one. Without a suggestion each key does what it
+    -- did before (your mapping, else the built-in key), or nothing where that would write text.
     accept = '<Tab>',
     accept_word = '<C-Right>',
-    accept_line = '<C-l>',
+    accept_line = '<M-C-Right>',
     next = '<M-]>',
     prev = '<M-[>',
-    dismiss = '<C-e>',
+    dismiss = '<C-]>',
     request = '<M-\\>',
   },
 }
@@ -43,6 +52,8 @@ M.config = vim.deepcopy(defaults)
 ---@field start_col integer    byte column of range.start
 ---@field replace_after string buffer text between the cursor and range.end, replaced on accept
 ---@field raw table            the item as the server sent it
+---@field client_id integer
+---@field shown boolean?       didShowCompletion sent
 
 local state = {
   bufnr = nil, ---@type integer?
@@ -56,6 +67,30 @@ local state = {
 
 local function native()
   return M.config.native and vim.lsp.inline_completion ~= nil and vim.lsp.inline_completion.enable ~= nil
+end
+
+local function truthy(v)
+  return v ~= nil and v ~= false and v ~= 0
+end
+
+--- Whether suggestions are on for `bufnr`: g:codegen_ls_enabled (:CodegenLs enable/disable), then
+--- b:codegen_ls_enabled (:CodegenLs enable/disable buffer), then `filetypes` of setup().
+---@param bufnr? integer
+---@return boolean
+function M.enabled(bufnr)
+  bufnr = bufnr or api.nvim_get_current_buf()
+  if vim.g.codegen_ls_enabled ~= nil and not truthy(vim.g.codegen_ls_enabled) then
+    return false
+  end
+  local b = vim.b[bufnr].codegen_ls_enabled
+  if b ~= nil then
+    return truthy(b)
+  end
+  local ft = M.config.filetypes[vim.bo[bufnr].filetype]
+  if ft == nil then
+    ft = M.config.filetypes['*']
+  end
+  return ft ~= false
 end
 
 ---@param bufnr integer
@@ -158,6 +193,10 @@ local function render()
   if state.show_index and #valid > 1 then
     table.insert(lines[#lines], { (' (%d/%d)'):format(index, #valid), 'NonText' })
   end
+  local info = M.config.show_info and M.info(item)
+  if info then
+    table.insert(lines[#lines], { '  ' .. info, 'NonText' })
+  end
   local row, col = cursor()
   api.nvim_buf_set_extmark(state.bufnr, ns, row, col, {
     virt_text = lines[1],
@@ -166,6 +205,47 @@ local function render()
     hl_mode = 'combine',
     priority = 200,
   })
+  if not item.shown then
+    item.shown = true
+    M._report(item, SHOWN, {})
+  end
+end
+
+--- The reference the server put in the item's command (its first argument), or nil.
+local function ref_of(item)
+  local cmd = type(item.raw.command) == 'table' and item.raw.command or nil
+  local arg = cmd and type(cmd.arguments) == 'table' and cmd.arguments[1]
+  return type(arg) == 'table' and arg or nil
+end
+
+--- Tell the server about a suggestion (shown, partly accepted): `method` with {item = reference}.
+function M._report(item, method, extra)
+  local ref = ref_of(item)
+  local client = ref and vim.lsp.get_client_by_id(item.client_id)
+  if client and not client:is_stopped() then
+    client:notify(method, vim.tbl_extend('force', { item = ref }, extra))
+  end
+end
+
+--- "123 ms · 16 tok · greedy" from the item's command arguments (nil when the server sent none).
+---@param item codegen_ls.Item
+---@return string?
+function M.info(item)
+  local ref = ref_of(item)
+  if not ref then
+    return nil
+  end
+  local parts = {}
+  if type(ref.latencyMs) == 'number' then
+    parts[#parts + 1] = ('%d ms'):format(ref.latencyMs)
+  end
+  if type(ref.tokens) == 'number' then
+    parts[#parts + 1] = ('%d tok'):format(ref.tokens)
+  end
+  if type(ref.source) == 'string' then
+    parts[#parts + 1] = ref.source
+  end
+  return #parts > 0 and table.concat(parts, ' · ') or nil
 end
 
 local function to_item(bufnr, raw, encoding, row, col)
@@ -203,7 +283,7 @@ function M.request(trigger_kind)
   end
   local bufnr = api.nvim_get_current_buf()
   local client = get_client(bufnr)
-  if not client then
+  if not client or not M.enabled(bufnr) then
     return
   end
   cancel_pending()
@@ -235,7 +315,11 @@ function M.request(trigger_kind)
       result = {}
     end
     for _, raw in ipairs(result.items or result) do
-      items[#items + 1] = to_item(bufnr, raw, client.offset_encoding, row, col)
+      local item = to_item(bufnr, raw, client.offset_encoding, row, col)
+      if item then
+        item.client_id = client.id
+        items[#items + 1] = item
+      end
     end
     if #items > 0 then -- (an empty answer keeps what is still on offer, e.g. after accept_word)
       state.items, state.index, state.show_index = items, 1, false
@@ -254,7 +338,8 @@ local function schedule_request()
   state.timer = state.timer or assert(vim.uv.new_timer())
   state.timer:stop()
   state.timer:start(M.config.debounce_ms, 0, vim.schedule_wrap(function()
-    if api.nvim_get_mode().mode:find('^i') and get_client(api.nvim_get_current_buf()) then
+    local buf = api.nvim_get_current_buf()
+    if api.nvim_get_mode().mode:find('^i') and get_client(buf) and M.enabled(buf) then
       M.request(TRIGGER_AUTOMATIC)
     end
   end))
@@ -276,7 +361,8 @@ end
 
 function M.visible()
   if native() then
-    return false
+    local id = api.nvim_get_namespaces()['nvim.lsp.inline_completion']
+    return id ~= nil and #api.nvim_buf_get_extmarks(0, id, 0, -1, { limit = 1 }) > 0
   end
   local item = state.items[state.index]
   return item ~= nil and ghost_of(item) ~= nil
@@ -316,6 +402,11 @@ function M.accept()
   api.nvim_buf_set_text(0, item.start_row, item.start_col, end_row, end_col, lines)
   local er, ec = end_of(item.start_row, item.start_col, lines)
   api.nvim_win_set_cursor(0, { er + 1, ec })
+  -- The editor runs the item's command on accept (the server records it), as VS Code does.
+  local client = vim.lsp.get_client_by_id(item.client_id or -1)
+  if client and type(item.raw.command) == 'table' and not client:is_stopped() then
+    client:exec_cmd(item.raw.command, { bufnr = api.nvim_get_current_buf() })
+  end
   return true
 end
 
@@ -335,8 +426,14 @@ function M.accept_part(what)
   else
     part = ghost:match('^[ \t]*[%w_]+') or ghost:match('^[ \t]*[^%w_%s]+') or ghost:match('^%s+')
   end
-  insert_at_cursor(part or ghost)
+  part = part or ghost
+  if part == ghost then -- the last piece: a whole accept (range replaced, command run)
+    return M.accept()
+  end
+  insert_at_cursor(part)
   state.tick = nil -- typing, not a cursor motion: the ghost stays (TextChangedI redraws it)
+  local accepted = #item.text - #(ghost_of(item) or '')
+  M._report(item, PARTIAL, { kind = what, acceptedLength = vim.fn.strchars(item.text:sub(1, accepted)) })
   render()
   return true
 end
@@ -347,7 +444,8 @@ function M.accept_line() return M.accept_part('line') end
 ---@param count integer
 function M.cycle(count)
   if native() then
-    pcall(vim.lsp.inline_completion.select, { count = count })
+    local ic = vim.lsp.inline_completion
+    pcall(ic.select or ic.jump, { count = count }) -- renamed during 0.12's development
     return
   end
   local n = #state.items
@@ -389,24 +487,23 @@ local actions = {
 }
 M._actions = actions
 
-local function set_keymaps(bufnr)
-  for name, lhs in pairs(M.config.keymaps) do
-    if lhs and actions[name] then
-      vim.keymap.set('i', lhs, function()
-        -- Suggestion shown (or an action that needs none): run it via <Cmd> (buffer edits are
-        -- not allowed in an expr mapping); otherwise the key does what it does without us.
-        local cmd = ('<Cmd>lua require("codegen_ls")._actions[%q]()<CR>'):format(name)
-        if native() then
-          if name == 'accept' then
-            return vim.lsp.inline_completion.get() and '' or lhs
-          end
-          return (name == 'next' or name == 'prev' or name == 'request') and cmd or lhs
-        end
-        local needs_suggestion = name ~= 'request' and name ~= 'next' and name ~= 'prev'
-        return (needs_suggestion and not M.visible()) and lhs or cmd
-      end, { buffer = bufnr, expr = true, replace_keycodes = true, desc = 'codegen-ls: ' .. name })
-    end
+-- What each key does: 'run' the action, or 'fallback' (the key without this plugin), or nothing.
+local function decide(name)
+  local bufnr = api.nvim_get_current_buf()
+  if not M.enabled(bufnr) or not get_client(bufnr) then
+    return 'fallback'
   end
+  if native() then -- 0.12's own: only what its API does as the key says
+    if name == 'request' then
+      return M.visible() and nil or 'run'
+    end
+    local ok = name == 'accept' or name == 'next' or name == 'prev'
+    return (ok and M.visible()) and 'run' or 'fallback'
+  end
+  if name == 'request' then
+    return 'run'
+  end
+  return M.visible() and 'run' or 'fallback'
 end
 
 local function on_attach(bufnr, client)
@@ -416,7 +513,11 @@ local function on_attach(bufnr, client)
   if native() then
     pcall(vim.lsp.inline_completion.enable, true, { bufnr = bufnr })
   end
-  set_keymaps(bufnr)
+  local maps = M.config.keymaps
+  if native() then -- nothing in its API accepts a part, or dismisses
+    maps = vim.tbl_extend('force', maps, { accept_word = false, accept_line = false, dismiss = false })
+  end
+  keymaps.set(bufnr, maps, decide)
 end
 
 ---@param opts? table see `defaults`
@@ -476,6 +577,39 @@ function M.setup(opts)
       M.dismiss()
     end,
   })
+  api.nvim_create_autocmd('FileType', {
+    group = group,
+    callback = function(args)
+      vim.schedule(function() -- after vim.lsp.enable() of the same init.lua
+        if api.nvim_buf_is_valid(args.buf) then
+          require('codegen_ls.commands').check_binary(args.buf)
+        end
+      end)
+    end,
+  })
+  require('codegen_ls.commands').create()
+end
+
+--- Turn suggestions on/off: everywhere (`scope` nil) or for one buffer (`scope = 'buffer'`).
+---@param value boolean|'toggle'
+---@param scope? 'buffer'
+function M.set_enabled(value, scope)
+  local bufnr = api.nvim_get_current_buf()
+  if value == 'toggle' then
+    value = not M.enabled(bufnr)
+    if value and scope ~= 'buffer' then -- turning on everywhere also lifts this buffer's off
+      vim.b[bufnr].codegen_ls_enabled = nil
+    end
+  end
+  if scope == 'buffer' then
+    vim.b[bufnr].codegen_ls_enabled = value
+  else
+    vim.g.codegen_ls_enabled = value
+  end
+  if not value then
+    stop_timer()
+    M.dismiss()
+  end
 end
 
 return M
