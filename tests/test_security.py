@@ -77,3 +77,50 @@ def test_onnxruntime_telemetry_is_off(tmp_path: Path) -> None:
             calls = trace.read_text()
             inet = [ln for ln in calls.splitlines() if "AF_INET" in ln]
             assert not inet, (name, inet[:5])
+
+
+# -------------------------------------------------------------------------------------------------
+# The model directory
+# -------------------------------------------------------------------------------------------------
+
+
+def test_manifest_paths_stay_inside_the_model_directory(tmp_path: Path) -> None:
+    from codegen_ls.engine.modeldir import read_manifest
+    from codegen_ls.errors import ModelError
+
+    manifest = json.loads((MODEL_DIR / "manifest.json").read_text())
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "link.json").symlink_to(outside)
+    for field, name in (("tokenizer", "/etc/passwd"), ("tokenizer", "../outside.json"), ("onnx", "sub/../../x.onnx"),
+                        ("tokenizer", "link.json"), ("onnx", "C:\\model.onnx"), ("tokenizer", 7)):
+        (tmp_path / "m" / "manifest.json").write_text(json.dumps({**manifest, field: name}))
+        with pytest.raises(ModelError, match="outside the model directory|file name must be"):
+            read_manifest(tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({**manifest, "files": {"../outside.json": "0" * 64}}))
+    with pytest.raises(ModelError, match="outside the model directory"):
+        read_manifest(tmp_path / "m")
+
+
+def test_checksums_are_verified_at_load_once_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from codegen_ls.engine import modeldir
+    from codegen_ls.engine.engine import Engine
+    from codegen_ls.errors import ModelError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model)
+    hashed: list[str] = []
+    real_sha256 = modeldir.sha256
+    monkeypatch.setattr(modeldir, "sha256", lambda path: hashed.append(path.name) or real_sha256(path))
+    Engine(model)
+    assert sorted(hashed) == ["model.onnx", "tokenizer.json"]
+    Engine(model)  # verified before, files unchanged: not hashed again
+    modeldir._verified.clear()  # a new process: the stamp file remembers
+    Engine(model)
+    assert len(hashed) == 2
+    tokenizer = model / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes() + b" ")  # still a valid tokenizer, not the exported file
+    with pytest.raises(ModelError, match="checksum mismatch for tokenizer.json"):
+        Engine(model)

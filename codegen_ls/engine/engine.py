@@ -26,7 +26,7 @@ import numpy as np
 from codegen_ls.engine import kernels, kvcache
 from codegen_ls.engine.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
 from codegen_ls.errors import Cancelled, ModelError
-from codegen_ls.engine.modeldir import Manifest, read_manifest
+from codegen_ls.engine.modeldir import Manifest, read_manifest, verify_at_load
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,7 @@ class Engine:
         self.options = options or EngineOptions()
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = read_manifest(self.model_dir)
+        verify_at_load(self.model_dir, self.manifest)  # checksums, on a directory's first load
         self.tokenizer = Tokenizer(self.model_dir / self.manifest.tokenizer)
         self.graph = str(self.manifest.extra.get("graph", "optimum"))
         if self.graph not in BACKENDS:
