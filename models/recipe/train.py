@@ -28,11 +28,14 @@ import json
 import math
 import os
 import random
+import sys
 import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))  # corpus.py, warmstart.py
 
 EOS = "<|endoftext|>"
 
@@ -80,6 +83,19 @@ def read(path: Path) -> str | None:
         return None
 
 
+def stdlib_files() -> list[tuple[str, str, str]]:
+    """(path, text, split) of the stdlib part of the corpus: split ``train`` or ``heldout``."""
+    root = stdlib_dir()
+    train_files, held_files = list_files(root)
+    out = []
+    for files, split in ((train_files, "train"), (held_files, "heldout")):
+        for path in files:
+            text = read(path)
+            if text:
+                out.append((str(path.relative_to(root)), text, split))
+    return out
+
+
 def build_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -109,34 +125,79 @@ def encode_all(tok_path: Path, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.uint16)
 
 
-def prepare(out: Path, vocab_size: int) -> dict:
+FIM_TOKENS = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>"]  # StarCoder's names; the export detects them
+
+
+def prepare(out: Path, args: argparse.Namespace) -> dict:
+    """Corpus (corpus.py), tokenizer (the init model's plus the FIM tokens, or trained here), token streams."""
     meta_path = out / "data.json"
     if meta_path.exists():
         return json.loads(meta_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    root = stdlib_dir()
-    train_files, held_files = list_files(root)
-    train_texts = [t for t in (read(p) for p in train_files) if t]
-    held_texts = [t for t in (read(p) for p in held_files) if t]
-    print(f"corpus: {len(train_texts)} train files, {len(held_texts)} held-out files from {root}")
+    import corpus as corpus_mod
+
+    files_path = args.corpus / "files.jsonl"
+    if not files_path.exists():
+        corpus_mod.build(args.corpus, stdlib_files())
+    docs = [json.loads(line) for line in files_path.read_text().splitlines()]
+    by_split = {s: [d["text"] for d in docs if d["split"] == s] for s in ("train", "heldout", "eval")}
+    rng = random.Random(args.seed)
+    rng.shuffle(by_split["train"])  # packages and the stdlib interleaved in the packed stream
     tok_path = out / "tokenizer.json"
-    build_tokenizer(train_texts, vocab_size, tok_path)
-    train_ids = encode_all(tok_path, train_texts)
-    held_ids = encode_all(tok_path, held_texts)
-    np.save(out / "train.npy", train_ids)
-    np.save(out / "val.npy", held_ids)
+    if args.init:
+        from tokenizers import AddedToken, Tokenizer
+
+        tok = Tokenizer.from_file(str(args.init / "tokenizer.json"))
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in FIM_TOKENS])
+        tok.save(str(tok_path))
+    else:
+        build_tokenizer(by_split["train"], args.vocab, tok_path)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size()
+    for split, name in (("train", "train"), ("heldout", "val"), ("eval", "val_eval")):
+        np.save(out / f"{name}.npy", encode_all(tok_path, by_split[split]))
+    summary = json.loads((args.corpus / "corpus.json").read_text())
     meta = {
-        "stdlib": str(root),
-        "train_files": len(train_texts),
-        "heldout_files": [str(p.relative_to(root)) for p in held_files],
-        "train_bytes": sum(len(t.encode()) for t in train_texts),
-        "train_tokens": int(len(train_ids)),
-        "val_tokens": int(len(held_ids)),
-        "vocab_size": vocab_size,
+        "corpus": str(args.corpus),
+        "packages": summary["packages"],
+        "train_files": len(by_split["train"]),
+        "train_bytes": sum(len(t.encode()) for t in by_split["train"]),
+        "train_tokens": int(len(np.load(out / "train.npy"))),
+        "val_tokens": int(len(np.load(out / "val.npy"))),
+        "val_eval_tokens": int(len(np.load(out / "val_eval.npy"))),
+        "vocab_size": vocab,
+        "excluded": summary["excluded"],
     }
     meta_path.write_text(json.dumps(meta, indent=2))
-    print(json.dumps({k: v for k, v in meta.items() if k != "heldout_files"}))
+    print(json.dumps({k: v for k, v in meta.items() if k != "packages"}))
     return meta
+
+
+def fim_row(row: np.ndarray, rng: np.random.Generator, ids: dict[str, int], eos: int) -> np.ndarray:
+    """Fill-in-the-middle on the longest document piece of a window (same length out).
+
+    PSM: ``<fim_prefix> p <fim_suffix> s <fim_middle> m <eos>``; SPM (StarCoder's variant):
+    ``<fim_prefix><fim_suffix> s <fim_middle> p m <eos>`` -- the form the engine sends, since typing
+    only extends its end. Half of the middles are short (up to 48 tokens: the rest of a line or a few
+    lines, what the editor asks for), half are any length.
+    """
+    n = len(row)
+    cuts = [-1] + [int(i) for i in np.flatnonzero(row == eos)] + [n]
+    a, b = max(zip(cuts[:-1], cuts[1:]), key=lambda ab: ab[1] - ab[0])
+    piece = row[a + 1:b]
+    if len(piece) < 16:
+        return row
+    i = int(rng.integers(0, len(piece)))
+    span = int(rng.integers(1, 49)) if rng.random() < 0.5 else int(rng.integers(1, len(piece) - i + 1))
+    j = min(len(piece), i + span)
+    pre, mid, suf = piece[:i], piece[i:j], piece[j:]
+    P, M, S = ids["<fim_prefix>"], ids["<fim_middle>"], ids["<fim_suffix>"]
+    if rng.random() < 0.5:
+        fim = np.concatenate([[P], pre, [S], suf, [M], mid, [eos]])
+    else:
+        fim = np.concatenate([[P, S], suf, [M], pre, mid, [eos]])
+    return np.concatenate([row[:a + 1], fim, row[b:]])[:n].astype(row.dtype)
 
 
 def patch_fast_attention() -> None:
@@ -165,19 +226,29 @@ def train(args: argparse.Namespace) -> None:
     from transformers import CodeGenConfig, CodeGenForCausalLM, PreTrainedTokenizerFast
 
     out: Path = args.out
-    meta = prepare(out, args.vocab)
+    meta = prepare(out, args)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     patch_fast_attention()
 
     train_ids = torch.from_numpy(np.load(out / "train.npy").astype(np.int64))
     val_ids = torch.from_numpy(np.load(out / "val.npy").astype(np.int64))
+    val_eval_ids = torch.from_numpy(np.load(out / "val_eval.npy").astype(np.int64))
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    special = {t: tokenizer.token_to_id(t) for t in [EOS, *FIM_TOKENS]}
     cfg = CodeGenConfig(
-        vocab_size=args.vocab, n_positions=2048, n_ctx=2048, n_embd=args.d_model, n_layer=args.layers,
+        vocab_size=meta["vocab_size"], n_positions=2048, n_ctx=2048, n_embd=args.d_model, n_layer=args.layers,
         n_head=args.heads, rotary_dim=args.rotary_dim, n_inner=None, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
     )
     model = CodeGenForCausalLM(cfg)
+    if args.init and not (out / "ckpt.pt").exists():
+        from warmstart import load_into
+
+        load_into(model, args.init, meta["vocab_size"] - 8192)
+        print(f"warm start from {args.init}")
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -193,23 +264,24 @@ def train(args: argparse.Namespace) -> None:
         opt.load_state_dict(ck["opt"])
         step, log = ck["step"], ck["log"]
         print(f"resumed from step {step}")
-    rng = np.random.default_rng(args.seed)
-    for _ in range(step):  # replay the window sampler so a resumed run sees the same data
-        rng.integers(0, len(train_ids) - args.seq - 1, size=args.batch)
-
     vrng = np.random.default_rng(1234)
-    val_starts = vrng.integers(0, len(val_ids) - args.seq - 1, size=args.val_windows)
+    val_sets = {"val_loss": (val_ids, vrng.integers(0, len(val_ids) - args.seq - 1, size=args.val_windows)),
+                "val_eval_loss": (val_eval_ids, vrng.integers(0, len(val_eval_ids) - args.seq - 1, size=args.val_windows))}
     fwd = torch.compile(model) if args.compile else model
 
-    def evaluate() -> float:
+    def evaluate() -> dict[str, float]:
+        """Plain next-token loss on the held-out stdlib modules and on the EVAL packages."""
         model.eval()
-        losses = []
+        res = {}
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for i in range(0, len(val_starts), args.batch):
-                x = torch.stack([val_ids[s:s + args.seq] for s in val_starts[i:i + args.batch]])
-                losses.append(float(model(input_ids=x, labels=x).loss))
+            for key, (ids, starts) in val_sets.items():
+                losses = []
+                for i in range(0, len(starts), args.batch):
+                    x = torch.stack([ids[s:s + args.seq] for s in starts[i:i + args.batch]])
+                    losses.append(float(model(input_ids=x, labels=x).loss))
+                res[key] = round(float(np.mean(losses)), 4)
         model.train()
-        return float(np.mean(losses))
+        return res
 
     def save(final: bool = False) -> None:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}, ckpt_path)
@@ -229,9 +301,16 @@ def train(args: argparse.Namespace) -> None:
     model.train()
     t_start = time.time()
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, mininterval=5)
+    train_np = train_ids.numpy()
+    if step == 0 and args.init:
+        log.append({"step": 0, **evaluate()})
+        print(f"before training: {log[-1]}")
     while step < args.steps:
-        starts = rng.integers(0, len(train_ids) - args.seq - 1, size=args.batch)
-        x = torch.stack([train_ids[s:s + args.seq] for s in starts])
+        rng = np.random.default_rng([args.seed, step])  # per step: a resumed run sees the same data
+        starts = rng.integers(0, len(train_np) - args.seq - 1, size=args.batch)
+        rows = [train_np[s:s + args.seq] for s in starts]
+        rows = [fim_row(r, rng, special, special[EOS]) if rng.random() < args.fim_rate else r for r in rows]
+        x = torch.from_numpy(np.stack(rows))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         t0 = time.time()
@@ -245,9 +324,10 @@ def train(args: argparse.Namespace) -> None:
         dt = time.time() - t0
         entry = {"step": step, "loss": round(float(loss), 4), "tok_s": round(x.numel() / dt), "elapsed_s": round(time.time() - t_start)}
         if step % args.eval_every == 0 or step == args.steps:
-            entry["val_loss"] = round(evaluate(), 4)
+            entry.update(evaluate())
         log.append(entry)
-        bar.set_postfix(loss=entry["loss"], val=entry.get("val_loss", ""), tok_s=entry["tok_s"])
+        bar.set_postfix(loss=entry["loss"], val=entry.get("val_loss", ""), val3p=entry.get("val_eval_loss", ""),
+                        tok_s=entry["tok_s"])
         bar.update(1)
         if step % args.ckpt_every == 0 and step < args.steps:
             save()
@@ -278,10 +358,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--prepare-only", action="store_true")
+    p.add_argument("--corpus", type=Path, default=Path("build/corpus"), help="corpus.py's cache folder")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this exported model dir (its tokenizer plus the FIM tokens); default: from scratch")
+    p.add_argument("--fim-rate", type=float, default=0.5, help="share of training windows turned into FIM samples")
     args = p.parse_args()
     random.seed(args.seed)
     if args.prepare_only:
-        prepare(args.out, args.vocab)
+        prepare(args.out, args)
         return
     train(args)
 
