@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = msub.add_parser("info", help="print a model directory's manifest and verify its files")
     i.add_argument("dir", metavar="DIR", nargs="?", help="model directory (default: the model in use)")
     _log_args(i)
+    from codegen_ls.cluster.cli import add_parser as add_cluster_parser  # Ray is imported only when it runs
+
+    add_cluster_parser(sub, _log_args)
     return p
 
 
@@ -313,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_complete(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "cluster":
+            from codegen_ls.cluster.cli import run as run_cluster
+
+            return run_cluster(args)
         return cmd_model(args, parser)
     except CodegenLsError as exc:
         print(f"codegen-ls: error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ the defaults plus a list of problems, which the server shows once with ``window/
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -15,6 +16,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 NAMESPACE = "codegenLs"
 MULTILINE_MODES = ("auto", "always", "never")
+BACKENDS = ("local", "remote")
 
 
 @dataclass
@@ -31,6 +33,11 @@ class Settings:
     lookup: bool = True  # candidates copied from lines of this document
     lookup_other_documents: bool = True  # ... and from other open documents
     debounce_ms: int = 0  # server-side wait before starting the model (clients usually debounce)
+    backend: str = "local"  # local | remote (an OpenAI-compatible /v1/completions server)
+    remote_url: str = ""  # the remote backend's base URL, e.g. http://gpu-box:8000
+    remote_model: str = ""  # the ``model`` field sent; empty: the server's first model
+    remote_api_key_env: str = ""  # NAME of the environment variable holding the API key (never the key)
+    remote_fim: bool = False  # send the text after the cursor as ``suffix`` (fill-in-the-middle servers)
 
     def validate(self) -> list[str]:
         problems = []
@@ -52,6 +59,12 @@ class Settings:
             problems.append("threads must be between 0 and 256")
         if not 0 <= self.debounce_ms <= 5000:
             problems.append("debounceMs must be between 0 and 5000")
+        if self.backend not in BACKENDS:
+            problems.append(f"backend must be one of {', '.join(BACKENDS)}")
+        if self.backend == "remote" and not re.match(r"https?://[^/\s]+", self.remote_url):
+            problems.append("remoteUrl must be an http:// or https:// URL when backend is remote")
+        if self.remote_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.remote_api_key_env):
+            problems.append("remoteApiKeyEnv must be the NAME of an environment variable (not the key)")
         return problems
 
 

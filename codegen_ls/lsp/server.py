@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import unquote
 
 from lsprotocol import types
@@ -38,7 +38,8 @@ from pygls.lsp.server import LanguageServer
 from pygls.workspace import ServerTextPosition, ServerTextRange, TextDocument
 
 from codegen_ls import __version__
-from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion
+from codegen_ls.engine.remote import BackendUnavailable, RemoteEngine, RemoteOptions
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion, remote_options
 from codegen_ls.errors import CodegenLsError
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.lsp import transport
@@ -73,6 +74,8 @@ class CodegenLanguageServer(LanguageServer):
         self.model_message = "starting"
         self.model_dir: Path | None = None  # the directory loaded (or tried) last
         self.loaded_key: tuple[str, int] | None = None  # (model directory, threads) of that load
+        self.loaded_remote: RemoteOptions | None = None  # the remote backend of that load (None: local)
+        self.backend_down = False  # the remote backend failed the last request (state "error", still tried)
         self.last_latency_ms: float | None = None
         self.exit_code = 0
         self.initialized = False  # ``initialized`` received: the first model load has started
@@ -95,7 +98,8 @@ class CodegenLanguageServer(LanguageServer):
         if problems:
             log.warning("invalid settings: %s", "; ".join(problems))
             self.show(types.MessageType.Warning, f"codegen-ls: {'; '.join(problems)}. Using the default settings.")
-        return self.model_key() != self.loaded_key or self.model_state == "error"
+        return (self.model_key() != self.loaded_key or remote_options(self.settings) != self.loaded_remote
+                or self.model_state == "error")
 
     def model_key(self) -> tuple[str, int]:
         """(model directory, onnxruntime threads) the settings and ``--model`` ask for."""
@@ -112,12 +116,20 @@ class CodegenLanguageServer(LanguageServer):
         seq = self._load_seq = next(self._loads)
         path, threads = self.loaded_key = self.model_key()
         target = self.model_dir = Path(path)
-        self.set_state("loading", f"loading model {target}")
-        loaded = self.worker.submit(None, lambda cancel: self.completer.load(path, threads=threads))
+        remote = self.loaded_remote = remote_options(self.settings)
+        self.backend_down = False
+        self.set_state("loading", f"loading model {target}" if remote is None else f"connecting to {remote.url}")
+        loaded = self.worker.submit(None, lambda cancel: self.completer.load(path, threads=threads, remote=remote))
         token = await self._progress_begin(f"Loading {target.name}")  # while the worker loads
         try:
             await loaded
             state, message = "ready", f"model {target.name} ready"
+            if remote is not None:  # one look at the server: which it is, and whether it answers
+                engine = cast(RemoteEngine, self.completer.engine)
+                await self.worker.submit(None, lambda cancel: engine.probe(cancel=cancel))
+                message = f"remote backend ready: {engine.description}"
+        except BackendUnavailable as exc:  # loaded, but the server is down: requests keep trying it
+            state, message, self.backend_down = "error", str(exc), True
         except CodegenLsError as exc:
             state, message = "error", str(exc)
         except Exception as exc:  # onnxruntime/tokenizers surprises: still one clear line
@@ -175,7 +187,7 @@ class CodegenLanguageServer(LanguageServer):
         """Run the pipeline for a cursor; None when there is nothing to do or it was superseded."""
         doc = self.document(uri)
         cursor = cursor_position(doc, position) if doc is not None else None
-        if doc is None or cursor is None or self.model_state != "ready":
+        if doc is None or cursor is None or (self.model_state != "ready" and not self.backend_down):
             return None
         ticket = self._tickets[uri] = self._tickets.get(uri, 0) + 1
         if self.settings.debounce_ms > 0:
@@ -190,12 +202,19 @@ class CodegenLanguageServer(LanguageServer):
                                     insert_spaces=insert_spaces)
         try:
             result = await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel))
+        except BackendUnavailable as exc:  # the remote backend is down: one line in the status
+            log.warning("%s", exc)
+            self.backend_down = True
+            self.set_state("error", str(exc))
+            return None
         except Exception:  # a pipeline failure: logged, answered empty, the server keeps serving
             log.exception("completion failed at %s:%d:%d", uri, cursor.line, cursor.character)
             return None
         if result is None or doc.source is not source or self.document(uri) is not doc:
             return None  # superseded, or the document changed meanwhile
         self.last_latency_ms = round((time.perf_counter() - t0) * 1000, 1)
+        if self.backend_down:  # the remote backend answers again
+            self.backend_down, self.model_state = False, "ready"
         self.model_message = f"{len(result.suggestions)} suggestion(s) in {self.last_latency_ms:.0f} ms"
         self.send_status()
         return doc, result

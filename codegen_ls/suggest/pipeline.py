@@ -26,9 +26,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import ModuleType
+from typing import cast
 
 from codegen_ls.suggest.context import Context, TokenCounter, build_context, decide_mode, sanitize, token_budget
 from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
+from codegen_ls.engine.remote import RemoteEngine, RemoteOptions
 from codegen_ls.errors import CodegenLsError, ModelError
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.suggest.postprocess import clean, make_stop
@@ -118,14 +120,21 @@ class Completer:
         self._loader = engine_loader
         self._engine: Engine | None = None
         self._model_path: str | None = None
+        self._remote: RemoteOptions | None = None  # the remote backend in use (None: the local engine)
         self._counter: TokenCounter | None = None
         self._shown: OrderedDict[str, _Shown] = OrderedDict()
         self._lock = threading.RLock()
 
     # -- model -----------------------------------------------------------------------------
-    def load(self, model_path: str | None = None, threads: int = 0) -> Engine:
-        """Load (or replace) the engine; raises :class:`ModelError` with a clear message."""
-        if self._loader is not None:
+    def load(self, model_path: str | None = None, threads: int = 0, remote: RemoteOptions | None = None) -> Engine:
+        """Load (or replace) the engine; raises :class:`ModelError` with a clear message.
+
+        With ``remote``, the engine is a :class:`RemoteEngine` (the model directory only gives the
+        tokenizer); it implements the part of :class:`Engine` the pipeline uses.
+        """
+        if remote is not None:
+            engine = cast(Engine, RemoteEngine(remote, resolve_model_dir(model_path)))
+        elif self._loader is not None:
             try:
                 engine = self._loader(model_path)
             except CodegenLsError:
@@ -135,7 +144,7 @@ class Completer:
         else:
             engine = _default_loader(model_path, threads)
         with self._lock:
-            self._engine, self._model_path = engine, model_path
+            self._engine, self._model_path, self._remote = engine, model_path, remote
             self._counter = TokenCounter(engine.tokenizer)
             self._shown.clear()
         return engine
@@ -163,9 +172,10 @@ class Completer:
     def _engine_for(self, settings: Settings) -> tuple[Engine, TokenCounter, bool]:
         """The engine for ``settings.model_path`` (loaded now if needed: the flag)."""
         with self._lock:
-            loading = self._engine is None or settings.model_path != self._model_path
+            remote = remote_options(settings)
+            loading = self._engine is None or settings.model_path != self._model_path or remote != self._remote
             if loading:
-                self.load(settings.model_path, settings.threads)
+                self.load(settings.model_path, settings.threads, remote)
             assert self._engine is not None and self._counter is not None
             return self._engine, self._counter, loading
 
@@ -195,7 +205,8 @@ class Completer:
         gen = engine.generate(ctx.prompt, doc_key=req.uri, n=settings.num_candidates,
                               max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                               stop=make_stop(ctx, mode, ctx.held), deadline_ms=settings.deadline_ms,
-                              cancel=cancel, heal=True)
+                              cancel=cancel, heal=True,
+                              **({"suffix": ctx.suffix} if isinstance(engine, RemoteEngine) else {}))
         timings["prefill"] = round(gen.stats.prefill_ms, 1)
         timings["decode"] = round(gen.stats.decode_ms, 1)
         items = [self._item(engine, c, ctx, mode, ctx.held, language,
@@ -279,6 +290,13 @@ class Completer:
                 out.append(replace(s, insert_text=s.insert_text[len(typed):], start=(ctx.line, ctx.character),
                                    end=(ctx.line, ctx.character), source="typeahead"))
         return out
+
+
+def remote_options(settings: Settings) -> RemoteOptions | None:
+    """The remote backend the settings ask for (None: the local engine)."""
+    if settings.backend != "remote":
+        return None
+    return RemoteOptions(settings.remote_url, settings.remote_model, settings.remote_api_key_env, settings.remote_fim)
 
 
 def _lookup_texts(req: CompletionRequest, cursor: int, lookup: ModuleType) -> tuple[str, str, dict[str, str]]:

@@ -17,6 +17,11 @@ local settings = {
     lookup = true,
     lookupOtherDocuments = true,
     debounceMs = 0, -- the Lua client debounces already
+    backend = 'local', -- 'local' | 'remote' (an OpenAI-compatible /v1/completions server at remoteUrl)
+    remoteUrl = '',
+    remoteModel = '', -- '': the server's first model
+    remoteApiKeyEnv = '', -- NAME of the environment variable holding the API key
+    remoteFim = false,
   },
 }
 

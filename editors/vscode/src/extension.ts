@@ -16,6 +16,7 @@ const SECTION = 'codegenLs';
 const SERVER_KEYS = [
   'modelPath', 'maxNewTokens', 'numCandidates', 'contextTokens', 'temperature',
   'multiline', 'deadlineMs', 'minConfidence', 'lookup', 'lookupOtherDocuments', 'threads', 'debounceMs',
+  'backend', 'remoteUrl', 'remoteModel', 'remoteApiKeyEnv', 'remoteFim',
 ] as const;
 const LANGUAGES = ['python', 'javascript', 'typescript', 'go', 'rust', 'c', 'cpp', 'java', 'shellscript'];
 
