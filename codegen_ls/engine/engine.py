@@ -179,6 +179,21 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=False))
 
+    def text_of(self, ids: Sequence[int], skip: bytes = b"") -> str:
+        """The text of generated ``ids`` up to its last whole character: the first bytes of a
+        character the next token would complete, and bytes that are not UTF-8, are left out, never
+        shown as U+FFFD (an accept would insert that into the file). ``skip``: leading bytes to
+        drop when the ids start with them (the prompt text token healing regenerates), so the text
+        starts on a character boundary too."""
+        table = self.token_bytes()
+        data = b"".join(table[i] if 0 <= i < len(table) else b"" for i in ids)
+        if skip and data.startswith(skip):
+            data = data[len(skip):]
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:  # a character cut off, or not UTF-8: the text before it
+            return data[: exc.start].decode("utf-8")
+
     @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size())
@@ -398,9 +413,7 @@ class Engine:
                     continue
                 row.ids.append(tok)
                 row.logprobs.append(float(step_logp[slot][tok]))
-                text = self.tokenizer.decode(row.ids)
-                if healed_text:
-                    text = text[len(healed_text):] if text.startswith(healed_text) else text
+                text = self.tokenizer.text_of(row.ids, healed)  # whole characters only (no U+FFFD)
                 row.text = text
                 cut = stop(text) if stop is not None else None
                 if cut is not None:
