@@ -112,6 +112,8 @@ def test_pickled_bin_weights_never_run_code(tmp_path: Path) -> None:
     with pytest.raises(ModelError) as info:
         export(str(src), tmp_path / "bad", quantize_int8=False)
     assert "\n" not in str(info.value) and "weights_only=True" in str(info.value)
+    assert "weights_only=False" not in str(info.value) and "can run any code" in str(info.value)  # why, not torch's advice
+    assert "GLOBAL" in str(info.value)  # what torch refused
     assert not marker.exists()
 
 

@@ -97,11 +97,15 @@ def _check_pickled_weights(src: Path) -> None:
         try:
             torch.load(str(path), map_location="meta", weights_only=True)
         except Exception as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-            why = next((ln for ln in lines if "Unsupported" in ln), lines[0])
-            why = re.sub(r"\x1b\[[0-9;]*m", "", why).removeprefix("WeightsUnpickler error: ").split(". Please")[0]
-            raise ModelError(f"{path} is not a plain PyTorch weights file (refused by "
-                             f"torch.load(weights_only=True): {why}); use safetensors") from None
+            # torch's own text advises retrying with weights_only=False: we never do (and never say so)
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(exc).splitlines()]
+            why = next((ln for ln in lines if re.search(r"unsupported|global", ln, re.I) and "weights_only" not in ln),
+                       "it holds objects other than tensors")
+            why = why.removeprefix("WeightsUnpickler error: ").split(". Please")[0].rstrip(".")
+            raise ModelError(f"{path} is not a plain PyTorch weights file ({why}): codegen-ls reads .bin weights "
+                             "only with torch.load(weights_only=True), never without it, because unpickling such a "
+                             "file can run any code on this machine; use the checkpoint's safetensors, or convert "
+                             "it to safetensors where you trust its source") from None
 
 
 def _save_tokenizer(src: Path, out: Path) -> None:
