@@ -19,10 +19,11 @@ MODEL_DIR = REPO / "models" / "codegen-ls-small"
 
 def test_vscode_settings_that_run_code_are_machine_scoped() -> None:
     """A cloned repository's ``.vscode/settings.json`` must not choose the server binary, its
-    arguments or the model it loads: VS Code ignores workspace values of ``machine`` settings."""
+    arguments, the model it loads, or where the remote backend sends code and which environment
+    variable's key goes with it: VS Code ignores workspace values of ``machine`` settings."""
     package = json.loads((REPO / "editors" / "vscode" / "package.json").read_text(encoding="utf-8"))
     declared = package["contributes"]["configuration"]["properties"]
-    for name in ("serverPath", "serverArgs", "modelPath"):
+    for name in ("serverPath", "serverArgs", "modelPath", "backend", "remoteUrl", "remoteApiKeyEnv"):
         assert declared[f"codegenLs.{name}"].get("scope") == "machine", name
 
 
