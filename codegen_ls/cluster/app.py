@@ -143,6 +143,8 @@ class Ingress:
         for attempt in range(RETRIES + 1):
             try:
                 status, payload = await self.engines.run.remote(route, body, session_id=session)
+                if attempt and isinstance(payload.get("codegen_ls"), dict):
+                    payload["codegen_ls"]["retried"] = attempt  # answered by another replica after a failure
                 return JSONResponse(payload, status)
             except (RayActorError, ActorUnavailableError) as exc:  # the replica died: another one answers
                 last = exc

@@ -1,0 +1,148 @@
+"""The Ray Serve application, for real, on loopback: Ray started here (2 CPUs, a 200 MB object store),
+two replicas of the embedded model behind the session-affinity router.
+
+The language server with ``backend: remote`` gives the local engine's greedy suggestions; a
+document's keystrokes stay on one replica and reuse its KV cache; killing a replica during a burst
+loses no request (each is answered, with a result or an error); ``/infill`` answers in llama.cpp's
+shape.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the cluster tests need Ray Serve: pip install 'codegen-ls[cluster]'")
+serve = pytest.importorskip("ray.serve", reason="the cluster tests need Ray Serve: pip install 'codegen-ls[cluster]'")
+
+from codegen_ls.cluster.app import APP_NAME, ClusterOptions, build_app  # noqa: E402
+from codegen_ls.engine.remote import BackendUnavailable, HttpClient, RemoteEngine, RemoteOptions  # noqa: E402
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest  # noqa: E402
+from conftest import MODEL_DIR, RawClient, server_env  # noqa: E402
+from test_remote import CURSORS, free_port, pipeline_settings, typed_to  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # offline: Ray reports nothing anywhere
+    port = free_port()
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, namespace="serve",
+             log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(ClusterOptions(str(MODEL_DIR), replicas=2, threads=1)), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def complete(http: HttpClient, session: str, prompt: str, max_tokens: int = 8, timeout_ms: float = 60_000) -> dict[str, Any]:
+    return http.call("POST", "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0},
+                     timeout_ms=timeout_ms, session=session)
+
+
+def running_replicas() -> int:
+    status = serve.status().applications[APP_NAME].deployments["Engine"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+async def test_lsp_server_with_the_cluster_gives_the_local_engines_greedy_suggestions(cluster: str) -> None:
+    local = Completer()
+    settings = {"backend": "remote", "remoteUrl": cluster, "numCandidates": 1, "lookup": False,
+                "maxNewTokens": 40, "contextTokens": 1000, "deadlineMs": 20_000}
+    c = await RawClient.start(env=server_env())
+    try:
+        await c.initialize({"codegenLs": settings})
+        status = await c.notification("codegenLs/status", where=lambda p: p["state"] == "ready")
+        assert "codegen-ls cluster" in status["params"]["message"]
+        shown = 0
+        for i, (line, col) in enumerate(CURSORS):
+            uri = f"file:///doc{i}.py"
+            await c.open(uri, typed_to(line, col))
+            reply = await c.request("textDocument/inlineCompletion", {
+                "textDocument": {"uri": uri}, "position": {"line": line, "character": col}, "context": {"triggerKind": 1}})
+            got = [item["insertText"] for item in reply["result"]["items"]]
+            want = local.complete(CompletionRequest(typed_to(line, col), line, col, uri=uri),
+                                  pipeline_settings()).suggestions
+            assert got == [s.insert_text for s in want], (line, col)
+            shown += len(got)
+        assert shown >= len(CURSORS) - 1
+    finally:
+        await c.close()
+
+
+def test_a_documents_keystrokes_stay_on_its_replica_and_reuse_its_cache(cluster: str) -> None:
+    http = HttpClient(cluster)
+    text = typed_to(17, 14)
+    homes: dict[str, set[str]] = {}
+    for s in range(8):
+        session = f"session-{s}"
+        cached = []
+        for k in range(3):  # three keystrokes: the prompt grows by a character each time
+            answer = complete(http, session, text[: len(text) - 6 + k])
+            homes.setdefault(session, set()).add(answer["codegen_ls"]["replica"])
+            cached.append(answer["usage"]["prompt_tokens_details"]["cached_tokens"])
+        assert cached[1] > 0 and cached[2] > 0, (session, cached)
+    assert all(len(r) == 1 for r in homes.values()), homes
+    assert len(set().union(*homes.values())) == 2, "the sessions all hashed to one replica"
+    # the remote backend as the language server uses it: the second keystroke reports cached tokens
+    remote = RemoteEngine(RemoteOptions(cluster), MODEL_DIR)
+    remote.generate("import os\n\n\ndef main():\n    ", doc_key="file:///x.py", max_new_tokens=8, deadline_ms=20_000)
+    second = remote.generate("import os\n\n\ndef main():\n    p", doc_key="file:///x.py", max_new_tokens=8,
+                             deadline_ms=20_000)
+    assert second.stats.cached_tokens > 0
+
+
+def test_infill_speaks_llama_cpp(cluster: str) -> None:
+    http = HttpClient(cluster)
+    body = {"input_prefix": "import os\n\n\ndef home():\n    return ", "input_suffix": "\n", "n_predict": 8,
+            "input_extra": [{"filename": "util.py", "text": "def join(a, b):\n    return a + b\n"}],
+            "t_max_predict_ms": 5000, "cache_prompt": True}
+    first = http.call("POST", "/infill", body, timeout_ms=60_000, session="infill")
+    second = http.call("POST", "/infill", body, timeout_ms=60_000, session="infill")
+    assert second["content"] == first["content"] and second["tokens_cached"] > 0
+    assert first["codegen_ls"]["replica"] == second["codegen_ls"]["replica"]
+
+
+def test_killing_a_replica_during_a_burst_loses_no_request(cluster: str) -> None:
+    http = HttpClient(cluster)
+    text = typed_to(13, 19)
+    sessions = [f"burst-{i}" for i in range(24)]
+    home = {s: complete(http, s, text)["codegen_ls"]["replica"] for s in sessions}  # warm: each session's replica
+    victim = Counter(home.values()).most_common(1)[0][0]
+    assert len(set(home.values())) == 2
+
+    def one(i: int) -> tuple[str, Any]:
+        client = HttpClient(cluster, retries=0)  # the cluster retries, not the client
+        try:
+            return "ok", complete(client, sessions[i % len(sessions)], text + " " * (i % 5), max_tokens=24)
+        except BackendUnavailable as exc:
+            return "error", str(exc)
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(48)]
+        time.sleep(0.5)
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#Engine#{victim}", namespace="serve"), no_restart=True)
+        outcomes = [f.result(timeout=300) for f in futures]  # every request answered, none hangs
+    kinds = Counter(kind for kind, _ in outcomes)
+    served_by = Counter(answer["codegen_ls"]["replica"] for kind, answer in outcomes if kind == "ok")
+    retried = sum(1 for kind, answer in outcomes if kind == "ok" and answer["codegen_ls"].get("retried"))
+    print(f"\n  burst of 48 with replica {victim} killed: {dict(kinds)}, answered by {dict(served_by)}, "
+          f"{retried} sent again after the replica died")
+    assert len(outcomes) == 48
+    assert kinds["ok"] >= 44, outcomes  # the dead replica's requests were sent again to the other one
+    # the cluster heals: Serve replaces the replica and both answer again
+    deadline = time.monotonic() + 240
+    while running_replicas() < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert running_replicas() == 2
+    assert complete(http, "after", text)["choices"][0]["text"] is not None
