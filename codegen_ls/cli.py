@@ -26,6 +26,7 @@ examples:
   codegen-ls complete examples/demo.py:41:22        ranked suggestions at line 41, column 22
   codegen-ls serve                                  LSP over stdio (what editors run)
   codegen-ls doctor                                 versions, model, one timed completion
+  codegen-ls stats                                  local acceptance statistics (never sent anywhere)
   codegen-ls model export ~/ckpt/codegen-350M-mono out/350m   convert a real CodeGen checkpoint
 model resolution: --model DIR, else $CODEGEN_LS_MODEL, else the embedded default model.
 """
@@ -66,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="versions, providers, model manifest and one timed completion (for bug reports)")
     _model_arg(d)
     _log_args(d)
+
+    t = sub.add_parser("stats", help="acceptance rates of the suggestions shown (local statistics, never sent anywhere)",
+                       description="Print acceptance by source, confidence, language and latency, from the counters the "
+                                   "server keeps in $XDG_STATE_HOME/codegen-ls/stats.json.")
+    t.add_argument("--reset", action="store_true", help="delete the statistics file")
+    _log_args(t)
 
     m = sub.add_parser("model", help="export and inspect model directories")
     msub = m.add_subparsers(dest="model_command", metavar="ACTION")
@@ -247,7 +254,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     best = result.suggestions[0].insert_text if result.suggestions else "(none)"
     print(f"timed completion: load {load_ms:.0f} ms, completion {total:.0f} ms, mode {result.mode}, best {best!r}")
     print("  " + "  ".join(f"{k}={v:.1f}" for k, v in result.timings.items()))
+    if completer.speeds is not None:  # measured at load (or read from the cache), and what the target makes of it
+        from codegen_ls.engine import latency
+
+        for line in latency.describe(completer.speeds, settings.latency_target_ms, settings.num_candidates,
+                                     engine.context_length):
+            print(f"latency: {line}")
     return 1 if problems else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from codegen_ls import stats
+
+    if args.reset:
+        stats.state_path().unlink(missing_ok=True)
+        print(f"removed {stats.state_path()}")
+        return 0
+    print("\n".join(stats.report()))
+    return 0
 
 
 def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -316,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_complete(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "stats":
+            return cmd_stats(args)
         if args.command == "cluster":
             from codegen_ls.cluster.cli import run as run_cluster
 

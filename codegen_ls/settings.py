@@ -33,6 +33,8 @@ class Settings:
     lookup: bool = True  # candidates copied from lines of this document
     lookup_other_documents: bool = True  # ... and from other open documents
     debounce_ms: int = 0  # server-side wait before starting the model (clients usually debounce)
+    latency_target_ms: int = 150  # sizes requests to this (engine.latency) where contextTokens/maxNewTokens are default; 0: off
+    adaptive_threshold: bool = False  # raise minConfidence past what this user rarely accepts (local statistics)
     backend: str = "local"  # local | remote (an OpenAI-compatible /v1/completions server)
     remote_url: str = ""  # the remote backend's base URL, e.g. http://gpu-box:8000
     remote_model: str = ""  # the ``model`` field sent; empty: the server's first model
@@ -59,6 +61,8 @@ class Settings:
             problems.append("threads must be between 0 and 256")
         if not 0 <= self.debounce_ms <= 5000:
             problems.append("debounceMs must be between 0 and 5000")
+        if not 0 <= self.latency_target_ms <= 10_000:
+            problems.append("latencyTargetMs must be between 0 and 10000")
         if self.backend not in BACKENDS:
             problems.append(f"backend must be one of {', '.join(BACKENDS)}")
         if self.backend == "remote" and not re.match(r"https?://[^/\s]+", self.remote_url):

@@ -123,6 +123,10 @@ class PromptCache:
     def drop(self, key: str) -> None:
         self._items.pop(key, None)
 
+    def peek(self, key: str) -> _Snapshot | None:
+        """The snapshot, leaving the order alone (safe to call from another thread)."""
+        return self._items.get(key)
+
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._items.values())

@@ -3,7 +3,8 @@
 :func:`measure` times a few short runs of a loaded engine (a cold prompt, a keystroke's few new
 tokens on a cached prompt, decode steps with one and with N candidate rows). The result is cached
 per model and machine in ``$XDG_CACHE_HOME/codegen-ls/speeds.json`` (:func:`speeds_for`), so
-later loads skip the runs. :func:`plan` turns the speeds and a target (``latencyTargetMs``) into a
+later loads skip the runs (for ``MAX_AGE_S``: a machine that was busy when measured is measured
+again). :func:`plan` turns the speeds and a target (``latencyTargetMs``) into a
 prompt budget and a new-token count:
 
 - new tokens: as many decode steps as fit in the target after a keystroke's prefill
@@ -42,6 +43,7 @@ PROBE_TOKENS = 256  # the cold prompt measured (two of the engine's default pref
 PROBE_EXTEND = 4  # a keystroke's new prompt tokens
 PROBE_STEPS = 8  # decode steps measured per row count
 CACHE_ENTRIES = 32  # models x machines remembered
+MAX_AGE_S = 7 * 86400  # measured again after a week (a measurement taken while the machine was busy does not stay)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def speeds_for(engine: Any, threads: int = 0, rows: int = 3, path: Path | None =
     key = machine_key(engine, threads)
     entries = _read(path)
     found = entries.get(key)
-    if isinstance(found, dict):
+    if isinstance(found, dict) and time.time() - float(found.get("when", 0)) < MAX_AGE_S:
         try:
             return Speeds(**{k: v for k, v in found.items() if k != "when"})
         except TypeError:

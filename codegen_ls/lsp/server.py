@@ -44,6 +44,7 @@ from codegen_ls.errors import CodegenLsError
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.lsp import transport
 from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, LspWorkspace
+from codegen_ls.lsp.perceived import Perceived
 from codegen_ls.lsp.worker import InferenceWorker
 from codegen_ls.settings import NAMESPACE, Settings, parse_settings
 
@@ -68,6 +69,8 @@ class CodegenLanguageServer(LanguageServer):
         self.cli_model, self.cli_threads = model, threads
         self.completer = completer or Completer()
         self.worker = InferenceWorker()
+        self.perceived = Perceived(self)  # warm-up, prefetch after accept, continuations, statistics
+        self.last_source: str | None = None  # the last answer's top source, or why it was empty
         self.settings = Settings()
         self.settings_problems: list[str] = []
         self.model_state = "loading"  # loading | ready | error
@@ -108,7 +111,8 @@ class CodegenLanguageServer(LanguageServer):
     def effective_settings(self) -> Settings:
         """The settings, naming the model that was loaded, so the Completer never reloads by itself."""
         path, threads = self.loaded_key or self.model_key()
-        return replace(self.settings, model_path=path, threads=threads)
+        return replace(self.settings, model_path=path, threads=threads,
+                       min_confidence=self.perceived.min_confidence(self.settings))
 
     # -- model ---------------------------------------------------------------------------------
     async def load_model(self) -> None:
@@ -173,7 +177,8 @@ class CodegenLanguageServer(LanguageServer):
 
     def send_status(self) -> None:
         self.protocol.notify(STATUS, {"state": self.model_state, "message": self.model_message,
-                                      "model": str(self.model_dir or ""), "lastLatencyMs": self.last_latency_ms})
+                                      "model": str(self.model_dir or ""), "lastLatencyMs": self.last_latency_ms,
+                                      "lastSource": self.last_source})
 
     def show(self, kind: types.MessageType, message: str) -> None:
         self.window_show_message(types.ShowMessageParams(type=kind, message=message))
@@ -183,12 +188,24 @@ class CodegenLanguageServer(LanguageServer):
         """An open document, or None (pygls' ``get_text_document`` would read unknown URIs from disk)."""
         return self.workspace.text_documents.get(unquote(uri))
 
-    async def complete(self, uri: str, position: types.Position, explicit: bool) -> tuple[TextDocument, CompletionResult] | None:
-        """Run the pipeline for a cursor; None when there is nothing to do or it was superseded."""
+    async def complete(self, uri: str, position: types.Position, explicit: bool,
+                       prefetch: bool = False) -> tuple[TextDocument, CompletionResult] | None:
+        """Run the pipeline for a cursor; None when there is nothing to do or it was superseded.
+
+        ``prefetch``: started by the server after an accept (:mod:`codegen_ls.lsp.perceived`); a
+        request for the same version and cursor joins it instead of running again."""
         doc = self.document(uri)
         cursor = cursor_position(doc, position) if doc is not None else None
         if doc is None or cursor is None or (self.model_state != "ready" and not self.backend_down):
             return None
+        joined = None if prefetch else self.perceived.join(uri, doc, position)
+        if joined is not None:
+            t0 = time.perf_counter()
+            found = await asyncio.shield(joined)
+            if found is not None and self.document(uri) is doc:
+                self.last_latency_ms = round((time.perf_counter() - t0) * 1000, 1)
+                self.perceived.joined(uri, self.last_latency_ms)
+            return found if self.document(uri) is doc else None
         ticket = self._tickets[uri] = self._tickets.get(uri, 0) + 1
         if self.settings.debounce_ms > 0:
             await asyncio.sleep(self.settings.debounce_ms / 1000)
@@ -216,7 +233,13 @@ class CodegenLanguageServer(LanguageServer):
         if self.backend_down:  # the remote backend answers again
             self.backend_down, self.model_state = False, "ready"
         self.model_message = f"{len(result.suggestions)} suggestion(s) in {self.last_latency_ms:.0f} ms"
-        self.send_status()
+        self.last_source = result.suggestions[0].source if result.suggestions else result.reason or result.mode
+        answer = (uri, doc, position, (cursor.line, cursor.character), request, settings, result)
+        if prefetch:  # shown only when a request joins it
+            self.perceived.stash(uri, answer)
+        else:
+            self.send_status()
+            self.perceived.answered(*answer, self.last_latency_ms)
         return doc, result
 
     async def pull_configuration(self, section: str, scope_uri: str | None = None,
@@ -296,6 +319,7 @@ class CodegenLanguageServer(LanguageServer):
 
     def shutdown(self) -> None:
         self.worker.close(timeout=2.0)
+        self.perceived.close()  # the statistics reach their file
         super().shutdown()
 
 
@@ -413,6 +437,7 @@ async def on_did_open(ls: CodegenLanguageServer, params: types.DidOpenTextDocume
     ls.touch(params.text_document.uri)
     ls.surrogates.discard(params.text_document.uri)
     ls.note_text(params.text_document.uri, params.text_document.text)
+    ls.perceived.opened(params.text_document.uri)  # warm-up: prefill its prompt in the background
     await ls.fetch_indentation(params.text_document.uri)
 
 
@@ -421,6 +446,7 @@ def on_did_change(ls: CodegenLanguageServer, params: types.DidChangeTextDocument
     ls.worker.supersede(params.text_document.uri)  # work for the old text is stale
     for change in params.content_changes:
         ls.note_text(params.text_document.uri, change.text)
+    ls.perceived.changed(params.text_document.uri, params)  # an accept (prefetch), a dismissal, a pause ended (warm-up)
 
 
 def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
@@ -428,6 +454,7 @@ def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentPa
     ls.recent.pop(uri, None)
     ls.surrogates.discard(uri)
     ls.indentation.pop(uri, None)
+    ls.perceived.closed(uri)
     ls.worker.supersede(uri)
     ls.worker.submit(None, lambda cancel: ls.completer.forget(uri))  # its caches, on the worker thread
 
@@ -457,7 +484,10 @@ def on_debug_document(ls: CodegenLanguageServer, params: Any) -> dict[str, Any] 
     doc = ls.document(uri) if isinstance(uri, str) else None
     if doc is None:
         return None
-    return {"text": doc.source, "version": doc.version, "indentation": ls.indentation.get(doc.uri)}
+    return {"text": doc.source, "version": doc.version, "indentation": ls.indentation.get(doc.uri),
+            "cachedTokens": ls.completer.cached_tokens(doc.uri),
+            "perceived": {"warmups": ls.perceived.warmups, "prefetched": ls.perceived.prefetched,
+                          "joins": ls.perceived.joins}}
 
 
 def create_server(model: str | None = None, completer: Completer | None = None, threads: int = 0,

@@ -7,6 +7,11 @@ loads). Submitting a job for a key answers every not-yet-started job with the sa
 engine raises :class:`~codegen_ls.errors.Cancelled` at its next decode step. So stale work is
 never queued behind fresh work, and the newest request's latency does not grow with the backlog.
 
+Background jobs (``background=True``: warm-ups, continuations) run only when no other job waits;
+submitting any other job stops a running background job at its next check (a prefill chunk or a
+decode step) and runs first. At most ``BACKGROUND_QUEUE`` background jobs wait (the oldest answered
+``None``): they are guesses about what the user does next, and only the newest are worth the CPU.
+
 Knows nothing of LSP.
 """
 
@@ -24,6 +29,7 @@ from codegen_ls.errors import Cancelled
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+BACKGROUND_QUEUE = 4
 CancelFn = Callable[[], bool]
 
 
@@ -34,6 +40,7 @@ class _Job(Generic[T]):
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[T | None]
     stop: threading.Event = field(default_factory=threading.Event)
+    background: bool = False
 
     def cancelled(self) -> bool:
         return self.stop.is_set()
@@ -68,14 +75,15 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: str | None, fn: Callable[[CancelFn], T]) -> asyncio.Future[T | None]:
+    def submit(self, key: str | None, fn: Callable[[CancelFn], T], background: bool = False) -> asyncio.Future[T | None]:
         """Queue ``fn(cancel)``; the future resolves to its result, or ``None`` if superseded.
 
         Call from the event loop. Cancelling the returned future (``$/cancelRequest`` cancels the
-        handler task awaiting it) stops the job between decode steps.
+        handler task awaiting it) stops the job between decode steps. ``background``: run only when
+        nothing else waits, and give way to any other job (see the module docstring).
         """
         loop = asyncio.get_running_loop()
-        job: _Job[T] = _Job(key, fn, loop, loop.create_future())
+        job: _Job[T] = _Job(key, fn, loop, loop.create_future(), background=background)
         job.future.add_done_callback(lambda f: job.stop.set() if f.cancelled() else None)
         with self._cond:
             if self._closed:
@@ -83,7 +91,18 @@ class InferenceWorker:
                 return job.future
             if key is not None:
                 self._supersede_locked(key)
-            self._queue.append(job)
+            if background:
+                waiting = [j for j in self._queue if j.background]
+                for old in waiting[: max(0, len(waiting) + 1 - BACKGROUND_QUEUE)]:
+                    self._queue.remove(old)
+                    old.resolve(None)
+                    self.superseded += 1
+                self._queue.append(job)
+            else:  # ahead of every waiting background job; a running one gives way
+                at = next((i for i, j in enumerate(self._queue) if j.background), len(self._queue))
+                self._queue.insert(at, job)
+                if self._running is not None and self._running.background:
+                    self._running.stop.set()
             self._cond.notify()
         return job.future
 

@@ -19,6 +19,7 @@ Suggestion, CompletionResult, CancelFn, Completer.load / .engine / .complete.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -29,6 +30,7 @@ from types import ModuleType
 from typing import cast
 
 from codegen_ls.suggest.context import Context, TokenCounter, build_context, decide_mode, sanitize, token_budget
+from codegen_ls.engine import latency
 from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
 from codegen_ls.engine.remote import RemoteEngine, RemoteOptions
 from codegen_ls.errors import CodegenLsError, ModelError
@@ -43,9 +45,12 @@ try:
 except ImportError:  # the lookup module is optional
     _lookup = None
 
+log = logging.getLogger(__name__)
+
 LOOKUP_MIN_MS = 30.0  # time lookup verification always gets, even when the model used the deadline
 LOOKUP_FIND_MS = 10.0  # time for finding drafts in the text
 TYPEAHEAD_DOCUMENTS = 64  # documents whose last suggestions are kept
+CONTINUE_MS = 1500  # deadline of a background continuation (deadline-first)
 HEAL_SEARCH_CHARS = 32  # how far into a candidate's decoded tokens its text may start (token healing)
 LOOKUP_MARGIN_CHARS = 65_536  # > what lookup reads beyond its windows (a line start before, a draft after)
 
@@ -82,6 +87,7 @@ class CompletionResult:
     reason: str = ""  # why nothing / which cache answered
     timings: dict[str, float] = field(default_factory=dict)  # ms: [load,] context, prefill, decode, [lookup,] rank, total
     stats: dict[str, float] = field(default_factory=dict)  # prompt/cached/new tokens, tokens/s, candidates, lookup_candidates
+    more: bool = False  # the top suggestion was cut by the new-token count or the deadline: ``complete(.., more=True)`` goes on
 
 
 CancelFn = Callable[[], bool]
@@ -124,6 +130,7 @@ class Completer:
         self._counter: TokenCounter | None = None
         self._shown: OrderedDict[str, _Shown] = OrderedDict()
         self._lock = threading.RLock()
+        self.speeds: latency.Speeds | None = None  # this machine's, for the latency target (local engine)
 
     # -- model -----------------------------------------------------------------------------
     def load(self, model_path: str | None = None, threads: int = 0, remote: RemoteOptions | None = None) -> Engine:
@@ -143,7 +150,14 @@ class Completer:
                 raise ModelError(f"cannot load model {model_path or '(default)'}: {exc}") from None
         else:
             engine = _default_loader(model_path, threads)
+        speeds = None
+        if remote is None:
+            try:  # measured once per model and machine (cached in the XDG cache directory)
+                speeds = latency.speeds_for(engine, threads)
+            except Exception as exc:  # the target is then off; serving goes on
+                log.warning("cannot measure the model's speed: %r", exc)
         with self._lock:
+            self.speeds = speeds
             self._engine, self._model_path, self._remote = engine, model_path, remote
             self._counter = TokenCounter(engine.tokenizer)
             self._shown.clear()
@@ -162,6 +176,12 @@ class Completer:
     def loaded(self) -> bool:
         return self._engine is not None
 
+    def cached_tokens(self, uri: str) -> int:
+        """Tokens of ``uri``'s prompt in the engine's KV cache (0: none; for tests and logs)."""
+        engine = self._engine
+        snap = engine.cache.peek(uri) if engine is not None and hasattr(engine.cache, "peek") else None
+        return len(snap.ids) if snap is not None else 0
+
     def forget(self, uri: str) -> None:
         """Drop a closed document's caches (type-ahead entry and KV snapshot)."""
         with self._lock:
@@ -179,26 +199,57 @@ class Completer:
             assert self._engine is not None and self._counter is not None
             return self._engine, self._counter, loading
 
+    def sized(self, settings: Settings) -> Settings:
+        """``settings`` with the prompt budget and new-token count that ``latencyTargetMs`` gives
+        this model on this machine (:func:`codegen_ls.engine.latency.plan`), where the user left
+        ``contextTokens`` / ``maxNewTokens`` at their defaults."""
+        engine, speeds = self._engine, self.speeds
+        if engine is None or speeds is None or settings.latency_target_ms <= 0:
+            return settings
+        p = latency.plan(speeds, settings.latency_target_ms, settings.num_candidates, engine.context_length)
+        default = Settings()
+        return replace(settings, context_tokens=p.context_tokens if settings.context_tokens == default.context_tokens
+                       else settings.context_tokens, max_new_tokens=p.max_new_tokens
+                       if settings.max_new_tokens == default.max_new_tokens else settings.max_new_tokens)
+
+    def warm(self, req: CompletionRequest, settings: Settings, cancel: CancelFn | None = None) -> int:
+        """Prefill the prompt a completion at ``req``'s cursor would have (the warm-up), so that
+        the request itself only extends the KV cache; returns the tokens prefilled (0: none)."""
+        return int(self.complete(req, settings, cancel, warm=True).stats.get("prompt_tokens", 0))
+
     # -- completion ------------------------------------------------------------------------
-    def complete(self, req: CompletionRequest, settings: Settings, cancel: CancelFn | None = None) -> CompletionResult:
-        """Suggestions for the cursor in ``req``; raises :class:`Cancelled` when ``cancel()``."""
+    def complete(self, req: CompletionRequest, settings: Settings, cancel: CancelFn | None = None,
+                 more: bool = False, warm: bool = False) -> CompletionResult:
+        """Suggestions for the cursor in ``req``; raises :class:`Cancelled` when ``cancel()``.
+
+        ``more``: the deadline-first continuation of an answer whose ``more`` was set: the same
+        prompt, the new-token count without the latency target's cut, ``CONTINUE_MS`` to run, no
+        type-ahead answer; its suggestions replace the type-ahead entry, so the keystrokes after
+        are answered with the longer text. ``warm``: only prefill this cursor's prompt (:meth:`warm`).
+        """
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         engine, counter, loaded = self._engine_for(settings)
         if loaded:  # the model was loaded for this request: not part of the completion's time
             timings["load"] = _ms(t0)
             t0 = time.perf_counter()
+        planned = self.sized(settings)
+        full_new = settings.max_new_tokens
+        settings = replace(planned, max_new_tokens=full_new, deadline_ms=CONTINUE_MS) if more else planned
         language = req.language_id or "python"  # the models are trained on Python
         bos = engine.tokenizer.decode([engine.eos_id])
         budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
         ctx = build_context(req.text, req.line, req.character, counter, budget, bos_text=bos,
                             tab_size=req.tab_size, insert_spaces=req.insert_spaces)
+        if warm:
+            return self._done(CompletionResult([], "none", "warm", stats={"prompt_tokens": _prefill(engine, ctx, req.uri, cancel)}),
+                              timings, t0)
         mode, reason = decide_mode(ctx, settings.multiline, language)
         timings["context"] = _ms(t0)
         if mode == "none":
             return self._done(CompletionResult([], mode, reason), timings, t0)
 
-        hit = self._typeahead(req.uri, ctx, settings)
+        hit = [] if more else self._typeahead(req.uri, ctx, settings)
         if hit:
             return self._done(CompletionResult(hit, mode, "typeahead"), timings, t0)
 
@@ -236,7 +287,9 @@ class Completer:
         stats = {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.cached_tokens, "new_tokens": st.new_tokens,
                  "tokens_per_s": round(st.tokens_per_s, 1), "candidates": len(gen.candidates),
                  "lookup_candidates": n_lookup}
-        return self._done(CompletionResult(shown, mode, reason if not shown else "", stats=stats), timings, t0)
+        cut = bool(shown) and not more and shown[0].finish_reason in ("length", "deadline") and (
+            shown[0].finish_reason == "deadline" or settings.max_new_tokens < full_new)
+        return self._done(CompletionResult(shown, mode, reason if not shown else "", stats=stats, more=cut), timings, t0)
 
     def _done(self, result: CompletionResult, timings: dict[str, float], t0: float) -> CompletionResult:
         timings["total"] = _ms(t0)
@@ -343,6 +396,17 @@ def _kept_logprobs(engine: Engine, cand: Candidate, kept_chars: int) -> list[flo
         if total >= target:
             return list(lps[: min(len(lps), i + 2)])
     return list(lps)
+
+
+def _prefill(engine: Engine, ctx: Context, key: str, cancel: CancelFn | None) -> int:
+    """Feed ``ctx``'s prompt as ``generate(heal=True)`` would (its last token is left for the request)."""
+    if isinstance(engine, RemoteEngine):
+        return 0
+    ids = engine.tokenizer.encode(ctx.prompt)[:-1]
+    if len(ids) < 2:
+        return 0
+    engine.forward(ids, doc_key=key, cancel=cancel)
+    return len(ids)
 
 
 def _ms(t0: float) -> float:

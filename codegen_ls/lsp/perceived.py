@@ -1,0 +1,237 @@
+"""The moments a user waits, handled on the server side: warm-up, prefetch, continuation, statistics.
+
+- **Warm-up**: when a document is opened, or edited after ``WARM_IDLE_S`` without edits, its prompt
+  (at the edit, the last cursor asked about, or else the end of the document) is prefilled on the
+  inference thread as a background job (:mod:`codegen_ls.lsp.worker`: it gives way to any request
+  and stops between prefill chunks), so the first keystroke only extends the KV cache. A document
+  no longer than the prompt budget is covered for any cursor: its prompt is the document's start.
+- **Prefetch after accept**: a ``didChange`` inserting the text of a suggestion just shown, at its
+  position, starts the completion at the new cursor at once; a request for that cursor (same
+  version) joins it instead of starting another, and later keystrokes along it hit the type-ahead
+  cache.
+- **Deadline-first continuation**: an answer whose top suggestion was cut by the latency target's
+  new-token count or by the deadline is answered as it is; the same request then runs on as a
+  background job with the full new-token count (``Completer.complete(more=True)``), and its longer
+  suggestions serve the following keystrokes from the type-ahead cache.
+- **Statistics** (:mod:`codegen_ls.stats`): the top suggestion of each answer is counted as shown;
+  the edit after it decides accepted / partially accepted / dismissed. ``adaptiveThreshold`` reads
+  them back into ``minConfidence``.
+
+Positions here are the client's (line, units), as the requests and edits carry them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lsprotocol import types
+
+from codegen_ls.stats import Outcome, Stats, edit_outcome
+from codegen_ls.suggest.pipeline import CompletionRequest, CompletionResult
+
+if TYPE_CHECKING:
+    from pygls.workspace import TextDocument
+
+    from codegen_ls.lsp.server import CodegenLanguageServer
+    from codegen_ls.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Answer = tuple[str, "TextDocument", types.Position, tuple[int, int], CompletionRequest, "Settings", CompletionResult]
+"""What ``answered`` takes, but the latency: (uri, document, position, cursor, request, settings, result)."""
+
+WARM_IDLE_S = 2.0  # an edit after this long without one warms the document again
+THRESHOLD_REFRESH_S = 60.0  # the adaptive threshold is recomputed at most this often
+
+
+@dataclass
+class Shown:
+    """The answer last given for a document: where, for which version, what, how fast."""
+
+    version: int
+    line: int
+    character: int  # client units
+    items: list[tuple[str, str, float]]  # (insert text, source, confidence), best first
+    language: str
+    latency_ms: float
+
+
+@dataclass
+class Prefetch:
+    version: int
+    line: int
+    character: int
+    task: asyncio.Task[Any]
+
+
+class Perceived:
+    """Per-session state of the features above; the server's handlers call in."""
+
+    def __init__(self, ls: CodegenLanguageServer, stats: Stats | None = None) -> None:
+        self.ls = ls
+        self.stats = stats or Stats()
+        self.shown: dict[str, Shown] = {}
+        self.prefetches: dict[str, Prefetch] = {}
+        self.stashed: dict[str, Answer] = {}  # a prefetch's answer, until a request joins it
+        self.last_edit: dict[str, float] = {}
+        self.cursor: dict[str, tuple[int, int]] = {}  # last cursor asked about (code points)
+        self.warmups = self.prefetched = self.joins = 0  # counted for logs and tests
+        self._threshold = (0.0, -1e9)  # (value, when computed)
+
+    # -- warm-up -------------------------------------------------------------------------------
+    def warm(self, uri: str, cursor: tuple[int, int] | None = None) -> None:
+        """Prefill ``uri``'s prompt at ``cursor`` (code points; default: the last cursor asked
+        about, else the end of the document) as a background job."""
+        ls = self.ls
+        doc = ls.document(uri)
+        if doc is None or ls.model_state != "ready":
+            return
+        if cursor is None:
+            cursor = self.cursor.get(uri)
+        if cursor is None:
+            lines = doc.lines
+            cursor = (max(0, len(lines) - 1), len(lines[-1].rstrip("\r\n")) if lines else 0)
+        request = CompletionRequest(text=ls.clean(uri, doc.source), line=cursor[0], character=cursor[1], uri=uri,
+                                    language_id=doc.language_id or "")
+        settings = ls.effective_settings()
+        self.warmups += 1
+        future = ls.worker.submit(uri, lambda cancel: ls.completer.warm(request, settings, cancel), background=True)
+        future.add_done_callback(_log_failure)
+
+    def opened(self, uri: str) -> None:
+        self.last_edit[uri] = time.monotonic()
+        self.warm(uri)
+
+    # -- edits ---------------------------------------------------------------------------------
+    def changed(self, uri: str, params: types.DidChangeTextDocumentParams) -> None:
+        """Decide what the edit says about the suggestion shown; prefetch after an accept; warm
+        a document edited again after a pause."""
+        now = time.monotonic()
+        idle = now - self.last_edit.get(uri, now)
+        self.last_edit[uri] = now
+        self.prefetches.pop(uri, None)
+        self.stashed.pop(uri, None)
+        shown = self.shown.pop(uri, None)
+        changes = params.content_changes
+        if shown is not None:
+            accepted = self._judge(shown, params)
+            if accepted is not None:
+                self._prefetch(uri, shown, accepted)
+                return
+        if idle >= WARM_IDLE_S and changes and isinstance(changes[-1], types.TextDocumentContentChangePartial):
+            doc = self.ls.document(uri)
+            if doc is not None:  # the edit's end, in code points
+                change = changes[-1]
+                end = _after(doc, change.range.start, change.text)
+                pos = doc.position_from_client_units(end)
+                self.warm(uri, (pos.line, pos.character))
+
+    def _judge(self, shown: Shown, params: types.DidChangeTextDocumentParams) -> str | None:
+        """Count the outcome of ``shown``; return the inserted text when it was accepted whole."""
+        changes = params.content_changes
+        change = changes[0] if len(changes) == 1 else None
+        at = (isinstance(change, types.TextDocumentContentChangePartial) and change.range.start == change.range.end
+              and (change.range.start.line, change.range.start.character) == (shown.line, shown.character)
+              and params.text_document.version == shown.version + 1)
+        inserted = change.text if at and change is not None else None
+        outcomes = [(edit_outcome(text, inserted), source, confidence)
+                    for text, source, confidence in shown.items] if inserted is not None else []
+        for wanted in (Outcome.ACCEPTED, Outcome.PARTIAL):  # the user may have cycled to another item
+            for outcome, source, confidence in outcomes:
+                if outcome is wanted:
+                    self.stats.record(outcome, source, confidence, shown.language, shown.latency_ms)
+                    return inserted if outcome is Outcome.ACCEPTED else None
+        if any(outcome is None for outcome, _, _ in outcomes):  # one character typed along: the next answer counts
+            return None
+        _, source, confidence = shown.items[0]
+        self.stats.record(Outcome.DISMISSED, source, confidence, shown.language, shown.latency_ms)
+        return None
+
+    def _prefetch(self, uri: str, shown: Shown, inserted: str) -> None:
+        """Start the completion at the cursor after the accepted text, for the request to join."""
+        doc = self.ls.document(uri)
+        if doc is None:
+            return
+        end = _after(doc, types.Position(shown.line, shown.character), inserted)
+        task = asyncio.get_running_loop().create_task(self.ls.complete(uri, end, False, prefetch=True))
+        self.prefetched += 1
+        self.prefetches[uri] = Prefetch(doc.version or 0, end.line, end.character, task)
+
+    def join(self, uri: str, doc: TextDocument, position: types.Position) -> asyncio.Task[Any] | None:
+        """The prefetch running (or done) for exactly this version and cursor, if any."""
+        p = self.prefetches.get(uri)
+        if p is None or p.version != (doc.version or 0) or (p.line, p.character) != (position.line, position.character):
+            return None
+        return p.task
+
+    def stash(self, uri: str, answer: Answer) -> None:
+        self.stashed[uri] = answer
+
+    def joined(self, uri: str, latency_ms: float) -> None:
+        """A request got the prefetch's answer: it is shown now."""
+        answer = self.stashed.pop(uri, None)
+        self.joins += 1
+        if answer is not None:
+            self.answered(*answer, latency_ms)
+
+    def closed(self, uri: str) -> None:
+        shown = self.shown.pop(uri, None)
+        if shown is not None:
+            _, source, confidence = shown.items[0]
+            self.stats.record(Outcome.DISMISSED, source, confidence, shown.language, shown.latency_ms)
+        for table in (self.prefetches, self.stashed, self.last_edit, self.cursor):
+            table.pop(uri, None)  # type: ignore[attr-defined]
+
+    # -- answers -------------------------------------------------------------------------------
+    def answered(self, uri: str, doc: TextDocument, position: types.Position, cursor: tuple[int, int],
+                 request: CompletionRequest, settings: Settings, result: CompletionResult, latency_ms: float) -> None:
+        """An answer went out: count it, remember it for the next edit, continue it if it was cut."""
+        self.cursor[uri] = cursor
+        previous = self.shown.pop(uri, None)
+        if previous is not None:  # asked again elsewhere (or the same place) without an edit
+            _, source, confidence = previous.items[0]
+            self.stats.record(Outcome.DISMISSED, source, confidence, previous.language, previous.latency_ms)
+        if not result.suggestions:
+            return
+        items = [(s.insert_text, s.source, s.confidence) for s in result.suggestions]
+        language = doc.language_id or request.language_id or ""
+        self.shown[uri] = Shown(doc.version or 0, position.line, position.character, items, language, latency_ms)
+        self.stats.record(Outcome.SHOWN, items[0][1], items[0][2], language, latency_ms)
+        if result.more:
+            ls = self.ls
+            future = ls.worker.submit(uri, lambda cancel: ls.completer.complete(request, settings, cancel, more=True),
+                                      background=True)
+            future.add_done_callback(_log_failure)
+
+    def min_confidence(self, settings: Settings) -> float:
+        """``minConfidence``, raised by ``adaptiveThreshold`` where the statistics say so."""
+        if not settings.adaptive_threshold:
+            return settings.min_confidence
+        value, when = self._threshold
+        if time.monotonic() - when > THRESHOLD_REFRESH_S:
+            value = self.stats.adaptive_threshold()
+            self._threshold = (value, time.monotonic())
+        return max(settings.min_confidence, value)
+
+    def close(self) -> None:
+        for uri in list(self.shown):
+            self.closed(uri)
+        self.stats.close()
+
+
+def _after(doc: TextDocument, start: types.Position, text: str) -> types.Position:
+    """The position (client units) just after ``text`` inserted at ``start``."""
+    lines = text.split("\n")
+    units = doc.position_codec.client_num_units(lines[-1].replace("\r", ""))
+    if len(lines) == 1:
+        return types.Position(start.line, start.character + units)
+    return types.Position(start.line + len(lines) - 1, units)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("background job failed: %r", future.exception())

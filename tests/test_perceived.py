@@ -1,0 +1,114 @@
+"""Perceived latency: background jobs give way, warm-up on open, prefetch after accept, the
+deadline-first continuation, statistics of what was shown (real server, real small model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from codegen_ls.engine.latency import Speeds
+from codegen_ls.errors import Cancelled
+from codegen_ls.lsp.worker import InferenceWorker
+from codegen_ls.settings import Settings
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest
+from conftest import MODEL_DIR, RawClient, server_env
+
+URI = "file:///work/perceived.py"
+TEXT = "".join(f"def helper_{i}(value):\n    total = value * {i}\n    return total + {i}\n\n\n" for i in range(24))
+
+
+async def test_background_jobs_give_way_to_requests():
+    worker = InferenceWorker()
+    started, order = threading.Event(), []
+
+    def background(cancel: Any) -> str:
+        started.set()
+        while not cancel():  # a prefill checking its cancel flag between chunks
+            threading.Event().wait(0.005)
+        order.append("background stopped")
+        raise Cancelled("gave way")
+
+    def request(cancel: Any) -> str:
+        order.append("request")
+        return "answer"
+
+    warm = worker.submit("a.py", background, background=True)
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+    answer = await worker.submit("b.py", request)  # another document: the background job stops
+    assert answer == "answer" and await warm is None
+    assert order == ["background stopped", "request"]
+    busy, release = threading.Event(), threading.Event()
+    blocker = worker.submit("c.py", lambda cancel: busy.set() or release.wait(30))
+    await asyncio.get_running_loop().run_in_executor(None, busy.wait, 30)
+    queued = [worker.submit(f"{i}.py", lambda cancel: "late", background=True) for i in range(6)]
+    release.set()
+    results = await asyncio.gather(*queued)
+    assert await blocker and results == [None, None, "late", "late", "late", "late"]  # only the newest 4 wait
+    worker.close(timeout=5)
+
+
+def test_continuation_extends_a_suggestion_cut_by_the_target():
+    completer = Completer()
+    completer.load(str(MODEL_DIR))
+    completer.speeds = Speeds(prefill_ms_per_token=5.0, extend_ms=20.0, step_ms=40.0, step_ms_n=40.0, rows=1)
+    settings = Settings(model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=150)
+    assert completer.sized(settings).max_new_tokens == 8  # a slow machine: few tokens per request
+    text = "import os\n\n\ndef list_python_files(root):\n    "
+    req = CompletionRequest(text=text, line=4, character=4, uri="mem://cont.py")
+    first = completer.complete(req, settings)
+    assert first.suggestions and first.stats["new_tokens"] <= 8 and first.more
+    longer = completer.complete(req, settings, more=True)  # the background continuation
+    assert len(longer.suggestions[0].insert_text) > len(first.suggestions[0].insert_text)
+    again = completer.complete(req, settings)  # the type-ahead cache now holds the longer text
+    assert again.reason == "typeahead" and again.suggestions[0].insert_text == longer.suggestions[0].insert_text
+    explicit = Settings(model_path=str(MODEL_DIR), max_new_tokens=20, context_tokens=512, latency_target_ms=150)
+    assert (completer.sized(explicit).max_new_tokens, completer.sized(explicit).context_tokens) == (20, 512)
+    assert completer.sized(Settings(latency_target_ms=0)).max_new_tokens == 48
+
+
+async def debug(c: RawClient, uri: str = URI) -> dict[str, Any]:
+    return (await c.request("codegenLs/debugDocument", {"uri": uri}))["result"]
+
+
+async def test_warm_up_prefetch_after_accept_and_statistics(tmp_path: Path):
+    env = server_env(XDG_STATE_HOME=str(tmp_path / "state"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    c = await RawClient.start("--model", str(MODEL_DIR), env=env)
+    try:
+        await c.initialize({"codegenLs": {"numCandidates": 1, "lookup": False}})
+        await c.open(URI, TEXT)
+        lines = TEXT.split("\n")
+        for _ in range(600):  # the warm-up prefills the document's prompt in the background
+            state = await debug(c)
+            if state["cachedTokens"] > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert state["cachedTokens"] > 200 and state["perceived"]["warmups"] == 1, state
+
+        # a request, then its suggestion accepted by an edit: the server computes the next one at once
+        end = {"line": len(lines) - 1, "character": 0}
+        reply = await c.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": URI}, "position": end, "context": {"triggerKind": 1}})
+        items = reply["result"]["items"]
+        assert items, reply
+        shown = items[0]["insertText"]
+        await c.notify("textDocument/didChange", {"textDocument": {"uri": URI, "version": 2}, "contentChanges": [
+            {"range": {"start": end, "end": end}, "text": shown}]})
+        after = TEXT + shown
+        tail = after.split("\n")
+        cursor = {"line": len(tail) - 1, "character": len(tail[-1].encode("utf-16-le")) // 2}
+        reply = await c.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": URI}, "position": cursor, "context": {"triggerKind": 2}})
+        assert "result" in reply
+        state = await debug(c)
+        assert state["perceived"]["prefetched"] == 1 and state["perceived"]["joins"] == 1, state
+    finally:
+        await c.close()
+    stats = json.loads((tmp_path / "state" / "codegen-ls" / "stats.json").read_text())
+    totals = [sum(v[i] for v in stats["counts"].values()) for i in range(4)]
+    assert totals[0] >= 1 and totals[1] == 1, stats  # shown, and the one accepted
+    assert all(key.split("|")[2] == "python" for key in stats["counts"])
+    speeds = json.loads((tmp_path / "cache" / "codegen-ls" / "speeds.json").read_text())
+    assert len(speeds) == 1  # measured at load, kept per model and machine
