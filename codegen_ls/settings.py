@@ -30,6 +30,7 @@ class Settings:
     deadline_ms: int = 1000
     min_confidence: float = 0.0  # 0..1; below it nothing is shown
     threads: int = 0  # onnxruntime intra-op threads, 0: all cores
+    prompt_cache_mb: int = 0  # memory for the documents' KV caches (MB); 0: sized to the model, 8 documents at contextTokens
     lookup: bool = True  # candidates copied from lines of this document
     lookup_other_documents: bool = True  # ... and from other open documents
     debounce_ms: int = 0  # server-side wait before starting the model (clients usually debounce)
@@ -59,6 +60,8 @@ class Settings:
             problems.append("minConfidence must be between 0 and 1")
         if not 0 <= self.threads <= 256:
             problems.append("threads must be between 0 and 256")
+        if not 0 <= self.prompt_cache_mb <= 65_536:
+            problems.append("promptCacheMb must be between 0 and 65536")
         if not 0 <= self.debounce_ms <= 5000:
             problems.append("debounceMs must be between 0 and 5000")
         if not 0 <= self.latency_target_ms <= 10_000:

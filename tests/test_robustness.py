@@ -759,3 +759,41 @@ async def test_long_line_does_not_starve_other_documents():
         assert reply["result"]["text"] == long_line + "zzz"
     finally:
         await c.close()
+
+
+# -------------------------------------------------------------------------------------------------
+# Memory
+# -------------------------------------------------------------------------------------------------
+
+
+def test_default_prompt_cache_is_sized_to_the_model():
+    from codegen_ls.engine.engine import AUTO_CACHE_DOCUMENTS, SNAPSHOT_ROOM, kv_bytes_per_token
+    from codegen_ls.engine.modeldir import read_manifest
+
+    manifest = read_manifest(MODEL_DIR)  # int8 cache: 6 layers x 8 heads x 48 x (key + value)
+    assert kv_bytes_per_token(manifest) == 6 * 8 * 48 * 2
+    assert AUTO_CACHE_DOCUMENTS * kv_bytes_per_token(manifest) * (1024 + SNAPSHOT_ROOM) == 45 * 2**20
+
+
+async def test_prompt_cache_memory_stays_within_its_setting():
+    """promptCacheMb bounds the documents' KV caches: 40 completed 60 kB documents (a ~6 MB
+    snapshot each) with a 20 MB limit grow the server's RSS by at most the limit + 4 x their
+    text + 100 MB (docs/security.md), where the old fixed 512 MiB limit kept them all."""
+    c = await RawClient.start()
+    try:
+        await c.initialize({"codegenLs": {"numCandidates": 1, "maxNewTokens": 4, "promptCacheMb": 20}})
+        body = "".join(f"def f_{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(2500))[:60_000]
+        assert "result" in await c.request("textDocument/inlineCompletion", inline_params("file:///warm.py", 0, 0))
+        before = proc_status(c.proc.pid)["VmRSS"]
+        for n in range(40):
+            uri, text = f"file:///m{n}.py", f"# module {n}\n" + body.replace("x * ", f"x * {n} * ") + "\nresult = "
+            await c.open(uri, text)
+            last = text.split("\n")
+            assert "result" in await c.request("textDocument/inlineCompletion",
+                                               inline_params(uri, len(last) - 1, len(last[-1]), trigger=1))
+        grown_mb = (proc_status(c.proc.pid)["VmRSS"] - before) / 1024
+        text_mb = 40 * len(body) / 2**20
+        print(f"\nRSS grew {grown_mb:.0f} MB with 40 completed documents ({text_mb:.1f} MB of text), promptCacheMb 20")
+        assert grown_mb <= 20 + 4 * text_mb + 100
+    finally:
+        await c.close()

@@ -99,6 +99,20 @@ class ForwardResult:
     fed_tokens: int
 
 
+AUTO_CACHE_DOCUMENTS = 8  # promptCacheMb 0: room for this many documents' snapshots at the context budget
+SNAPSHOT_ROOM = 256  # positions a snapshot holds past its prompt (the candidates' rows, rounding)
+
+
+def kv_bytes_per_token(manifest: Manifest) -> int:
+    """Bytes one prompt position takes in a document's KV snapshot: keys and values of every layer
+    and head, in the cache type the manifest names (a 4-bit cache adds a float16 scale per token
+    and head to each)."""
+    kind = str(manifest.extra.get("kv_dtype", "float32"))
+    value_bytes = {"int8": 1.0, "int4": 0.5, "float16": 2.0}.get(kind, 4.0)
+    scales = 2 * 2 if kind == "int4" else 0
+    return int(manifest.n_layer * manifest.n_head * (2 * manifest.head_dim * value_bytes + scales))
+
+
 class PromptCache:
     """One KV snapshot per document key, least recently used evicted past ``max_bytes``."""
 
@@ -122,6 +136,14 @@ class PromptCache:
 
     def drop(self, key: str) -> None:
         self._items.pop(key, None)
+
+    def resize(self, max_bytes: int) -> None:
+        """A new limit: least recently used snapshots go until the rest fit (as in :meth:`put`)."""
+        self.max_bytes = max_bytes
+        while self.nbytes > max_bytes and len(self._items) > 1:
+            self._items.popitem(last=False)
+        if self.nbytes > max_bytes:
+            self._items.clear()
 
     def peek(self, key: str) -> _Snapshot | None:
         """The snapshot, leaving the order alone (safe to call from another thread)."""
@@ -304,6 +326,16 @@ class Engine:
         self.context_length = self.manifest.context_length
         self._lock = threading.RLock()
         self._by_bytes: tuple[list[bytes], np.ndarray] | None = None  # token healing lookup
+
+    def set_cache_limit(self, megabytes: int, context_tokens: int) -> int:
+        """Apply the ``promptCacheMb`` setting; 0 sizes the prompt cache to the model: room for
+        :data:`AUTO_CACHE_DOCUMENTS` documents' snapshots at ``context_tokens``. Returns the bytes."""
+        limit = megabytes << 20 if megabytes > 0 else AUTO_CACHE_DOCUMENTS * kv_bytes_per_token(self.manifest) * (
+            min(context_tokens, self.context_length) + SNAPSHOT_ROOM)
+        if limit != self.cache.max_bytes:
+            with self._lock:
+                self.cache.resize(limit)
+        return limit
 
     @property
     def tokens_fed(self) -> int:

@@ -233,6 +233,8 @@ class Completer:
         if loaded:  # the model was loaded for this request: not part of the completion's time
             timings["load"] = _ms(t0)
             t0 = time.perf_counter()
+        if isinstance(engine, Engine):  # the local engine's prompt cache: promptCacheMb
+            engine.set_cache_limit(settings.prompt_cache_mb, settings.context_tokens)
         planned = self.sized(settings)
         full_new = settings.max_new_tokens
         settings = replace(planned, max_new_tokens=full_new, deadline_ms=CONTINUE_MS) if more else planned

@@ -14,6 +14,7 @@ local settings = {
     deadlineMs = 1000,
     minConfidence = 0.0,
     threads = 0, -- onnxruntime threads, 0: all cores
+    promptCacheMb = 0, -- memory for the documents' KV caches (MB); 0: sized to the model
     lookup = true,
     lookupOtherDocuments = true,
     debounceMs = 0, -- the Lua client debounces already

@@ -15,7 +15,7 @@ const SECTION = 'codegenLs';
 // the server's.
 const SERVER_KEYS = [
   'modelPath', 'maxNewTokens', 'numCandidates', 'contextTokens', 'temperature',
-  'multiline', 'deadlineMs', 'minConfidence', 'lookup', 'lookupOtherDocuments', 'threads', 'debounceMs',
+  'multiline', 'deadlineMs', 'minConfidence', 'lookup', 'lookupOtherDocuments', 'threads', 'promptCacheMb', 'debounceMs',
   'latencyTargetMs', 'adaptiveThreshold',
   'backend', 'remoteUrl', 'remoteModel', 'remoteApiKeyEnv', 'remoteFim',
 ] as const;
