@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 from codegen_ls.engine import kernels, kvcache
 from codegen_ls.engine.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
 from codegen_ls.errors import Cancelled, ModelError
+from codegen_ls.kinds import FinishReason, Source
 from codegen_ls.engine.modeldir import Manifest, read_manifest, verify_at_load
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,9 @@ class Candidate:
     text: str
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "eos" | "stop" | "length" | "deadline"
+    finish_reason: str  # a FinishReason (lookup drafts set theirs too)
     sampled: bool = False
-    source: str = "model"  # "model" for greedy/samples; lookup drafts set their own
+    source: str = Source.MODEL  # the model's greedy/samples; lookup drafts set their own (a Source, maybe +model)
 
     @property
     def logprob_sum(self) -> float:
@@ -52,6 +53,22 @@ class Candidate:
     @property
     def logprob_mean(self) -> float:
         return self.logprob_sum / len(self.logprobs) if self.logprobs else 0.0
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How :meth:`Engine.generate` decodes: candidate 0 is greedy, candidates 1..n-1 samples."""
+
+    n: int = 1
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    stop: StopFn | None = None  # the candidate's text so far -> where to cut it (and stop), or None
+    deadline_ms: float | None = None  # from the call: the rows still decoding end with "deadline"
+    cancel: Callable[[], bool] | None = None  # checked between decode steps: raises Cancelled
+    seed: int | None = 0
+    heal: bool = False  # token healing (text prompts only), see Engine.generate
 
 
 @dataclass
@@ -380,38 +397,25 @@ class Engine:
         return ForwardResult(logits, state, p, len(ids) - p)
 
     # -- generation ------------------------------------------------------------------------
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        doc_key: str = "default",
-        n: int = 1,
-        max_new_tokens: int = 48,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        stop: StopFn | None = None,
-        deadline_ms: float | None = None,
-        cancel: Callable[[], bool] | None = None,
-        seed: int | None = 0,
-        heal: bool = False,
-    ) -> Generation:
+    def generate(self, prompt: str | Sequence[int], options: GenerateOptions | None = None, *,
+                 doc_key: str = "default", **overrides: Any) -> Generation:
         """Candidate 0 is greedy; candidates 1..n-1 are samples. All share one prefill.
 
+        ``options`` says how (:class:`GenerateOptions`); keyword ``overrides`` replace its fields
+        (``engine.generate(ids, max_new_tokens=4)``: a shorthand for tests and scripts).
         ``heal`` (text prompts only): drop the prompt's last token and let the model regenerate
         it, constrained to start with the dropped text (token healing), so a cursor in the
         middle of a word is continued with natural tokens. The dropped text is removed from the
         candidates' text again, so ``text`` always continues the prompt.
         """
+        opts = replace(options or GenerateOptions(), **overrides) if overrides else options or GenerateOptions()
         with self._lock:
-            return self._generate(prompt, doc_key, n, max_new_tokens, temperature, top_k, top_p, stop,
-                                  deadline_ms, cancel, seed, heal)
+            return self._generate(prompt, doc_key, opts)
 
-    def _generate(self, prompt: str | Sequence[int], doc_key: str, n: int, max_new_tokens: int,
-                  temperature: float, top_k: int, top_p: float, stop: StopFn | None,
-                  deadline_ms: float | None, cancel: Callable[[], bool] | None, seed: int | None,
-                  heal: bool) -> Generation:
+    def _generate(self, prompt: str | Sequence[int], doc_key: str, opts: GenerateOptions) -> Generation:
         t0 = time.perf_counter()
+        n, max_new_tokens, stop, deadline_ms, cancel = opts.n, opts.max_new_tokens, opts.stop, opts.deadline_ms, opts.cancel
+        temperature, top_k, top_p, seed, heal = opts.temperature, opts.top_k, opts.top_p, opts.seed, opts.heal
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         healed = b""
         if heal and isinstance(prompt, str) and len(ids) > 1:
@@ -445,7 +449,7 @@ class Engine:
             for slot, r in enumerate(active):
                 row, tok = rows[r], next_tokens[slot]
                 if tok == self.eos_id:
-                    row.finish = "eos"
+                    row.finish = FinishReason.EOS
                     continue
                 row.ids.append(tok)
                 row.logprobs.append(float(step_logp[slot][tok]))
@@ -453,7 +457,7 @@ class Engine:
                 row.text = text
                 cut = stop(text) if stop is not None else None
                 if cut is not None:
-                    row.text, row.finish = text[:cut], "stop"
+                    row.text, row.finish = text[:cut], FinishReason.STOP
                     continue
                 still.append(slot)
             if not still or step == max_new_tokens - 1:
@@ -462,7 +466,7 @@ class Engine:
                 raise Cancelled("cancelled")
             if deadline_ms is not None and (time.perf_counter() - t0) * 1000 > deadline_ms:
                 for slot in still:
-                    rows[active[slot]].finish = "deadline"
+                    rows[active[slot]].finish = FinishReason.DEADLINE
                 still = []
                 break
             if len(still) < len(active):  # drop finished rows from the batch
@@ -476,7 +480,7 @@ class Engine:
         stats.decode_ms = (time.perf_counter() - t_dec) * 1000
         stats.decode_session_ms = self.session_ms - sess0
         stats.new_tokens = sum(len(r.ids) for r in rows)
-        cands = [Candidate(r.text, r.ids, r.logprobs, r.finish or "length", r.sampled) for r in rows]
+        cands = [Candidate(r.text, r.ids, r.logprobs, r.finish or FinishReason.LENGTH, r.sampled) for r in rows]
         return Generation(cands, stats, healed_text)
 
     def _heal_mask(self, healed: bytes) -> np.ndarray:
@@ -519,5 +523,5 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
-    finish: str = ""
+    finish: FinishReason | None = None
 

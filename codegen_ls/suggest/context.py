@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from codegen_ls.kinds import Mode
+
 CHARS_PER_TOKEN_MAX = 8  # characters per token, generous upper bound: sizes the character window
 LINE_STEP = 16  # the prompt starts on a line number that is a multiple of this (KV-cache reuse)
 TOKENS_PER_STEP = 64  # ... or of budget / TOKENS_PER_STEP when smaller (small budgets, finer steps)
@@ -430,8 +432,8 @@ def is_block_header(line: str, language_id: str = "python") -> bool:
     return code.endswith(":") and first in PY_BLOCK_KEYWORDS
 
 
-def decide_mode(ctx: Context, multiline: str = "auto", language_id: str = "python") -> tuple[str, str]:
-    """("none" | "single" | "multi", reason) before any model call.
+def decide_mode(ctx: Context, multiline: str = "auto", language_id: str = "python") -> tuple[Mode, str]:
+    """(:class:`~codegen_ls.kinds.Mode`, reason) before any model call.
 
     none:   the cursor is directly before a word character (inside or in front of an
             identifier), or in the indentation in front of code.
@@ -443,25 +445,25 @@ def decide_mode(ctx: Context, multiline: str = "auto", language_id: str = "pytho
     """
     after = ctx.line_suffix
     if after[:1] and _is_word(after[0]):
-        return "none", "cursor before a word character"
+        return Mode.NONE, "cursor before a word character"
     rest_blank = not after.strip()
     head_blank = ctx.only_whitespace_before
     if head_blank and not rest_blank:
-        return "none", "cursor in the indentation before code"
+        return Mode.NONE, "cursor in the indentation before code"
     if multiline == "never" or not rest_blank:
-        return "single", ""
+        return Mode.SINGLE, ""
     if multiline == "always":
-        return "multi", "multiline always"
+        return Mode.MULTI, "multiline always"
     if head_blank:
         if ctx.prev_line and is_block_opener(ctx.prev_line, language_id):
-            return "multi", "blank line after a block opener"
+            return Mode.MULTI, "blank line after a block opener"
         prev_indent = len(ctx.prev_line) - len(ctx.prev_line.lstrip(" \t"))
         if ctx.held or prev_indent > 0:
-            return "multi", "blank line inside an indented body"
-        return "single", ""
+            return Mode.MULTI, "blank line inside an indented body"
+        return Mode.SINGLE, ""
     if not ctx.line_cut and is_block_header(ctx.line_prefix, language_id):  # (a cut line is no header)
-        return "multi", "end of a block header line"
-    return "single", ""
+        return Mode.MULTI, "end of a block header line"
+    return Mode.SINGLE, ""
 
 
 def token_budget(context_tokens: int, context_length: int, max_new_tokens: int) -> int:

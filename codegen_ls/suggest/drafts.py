@@ -61,6 +61,7 @@ import numpy as np
 
 from codegen_ls.engine.engine import Candidate, Engine, StopFn, Tokenizer, common_prefix
 from codegen_ls.errors import Cancelled
+from codegen_ls.kinds import Source
 
 WINDOW_CHARS = 200_000  # looked at on each side of the cursor (~2500 lines of 80 characters)
 OTHER_DOC_CHARS = 2_000_000  # looked at in each other open document (from its start)
@@ -291,7 +292,7 @@ def _same_document_lines(prefix: str, suffix: str, cur: _Cursor, pattern: re.Pat
             text = _continuation(prefix, m.end(), m.group(1), cur, multiline)
             if _useful(text, cur, multiline):
                 agree = _agreement(prefix, prefix, m.end(), False)
-                yield _Hit(Draft(text, "lookup:line", f"{uri}:-{dist}", dist), agree)
+                yield _Hit(Draft(text, Source.LOOKUP_LINE, f"{uri}:-{dist}", dist), agree)
 
     def below() -> Iterator[_Hit]:
         if cur.next_line < 0:
@@ -304,7 +305,7 @@ def _same_document_lines(prefix: str, suffix: str, cur: _Cursor, pattern: re.Pat
             text = _continuation(suffix, m.end(), m.group(1), cur, multiline)
             if _useful(text, cur, multiline):
                 agree = _agreement(prefix, suffix, m.end(), True)
-                yield _Hit(Draft(text, "lookup:line", f"{uri}:+{dist}", dist), agree)
+                yield _Hit(Draft(text, Source.LOOKUP_LINE, f"{uri}:+{dist}", dist), agree)
 
     if cur.line_start < 0:
         return iter(())
@@ -326,7 +327,7 @@ def _other_documents(prefix: str, documents: dict[str, str], cur: _Cursor, patte
             agree = _agreement(prefix, text, m.end(), False)
             old = best.get(cont)
             if old is None:
-                best[cont] = (-agree, -1, n, Draft(cont, "lookup:doc", f"{uri}:{line}", 0))
+                best[cont] = (-agree, -1, n, Draft(cont, Source.LOOKUP_DOC, f"{uri}:{line}", 0))
             else:
                 best[cont] = (min(old[0], -agree), old[1] - 1, old[2], old[3])
             if n + 1 >= MATCHES_PER_DOC:
@@ -381,7 +382,7 @@ def _ngram_above(prefix: str, gram: str, cur: _Cursor, multiline: bool, uri: str
         last = end
         text = _continuation(prefix, end, _indent_at(prefix, end), cur, multiline)
         if _useful(text, cur, multiline):
-            yield _Hit(Draft(text, "lookup:ngram", f"{uri}:-{dist}", dist), _agreement(prefix, prefix, end, False))
+            yield _Hit(Draft(text, Source.LOOKUP_NGRAM, f"{uri}:-{dist}", dist), _agreement(prefix, prefix, end, False))
         hi = end - 1
 
 
@@ -398,7 +399,7 @@ def _ngram_below(prefix: str, suffix: str, gram: str, cur: _Cursor, multiline: b
         last = end
         text = _continuation(suffix, end, _indent_at(suffix, end), cur, multiline)
         if _useful(text, cur, multiline):
-            yield _Hit(Draft(text, "lookup:ngram", f"{uri}:+{dist}", dist), _agreement(prefix, suffix, end, True))
+            yield _Hit(Draft(text, Source.LOOKUP_NGRAM, f"{uri}:+{dist}", dist), _agreement(prefix, suffix, end, True))
         start = pos + 1
 
 

@@ -34,6 +34,7 @@ from codegen_ls.engine import latency
 from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
 from codegen_ls.engine.remote import RemoteEngine, RemoteOptions
 from codegen_ls.errors import CodegenLsError, ModelError
+from codegen_ls.kinds import Mode, Source
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.suggest.postprocess import clean, make_stop
 from codegen_ls.suggest.ranking import Item, rank
@@ -83,7 +84,7 @@ class Suggestion:
 @dataclass
 class CompletionResult:
     suggestions: list[Suggestion]
-    mode: str  # "none" | "single" | "multi"
+    mode: Mode
     reason: str = ""  # why nothing / which cache answered
     timings: dict[str, float] = field(default_factory=dict)  # ms: [load,] context, prefill, decode, [lookup,] rank, total
     stats: dict[str, float] = field(default_factory=dict)  # prompt/cached/new tokens, tokens/s, candidates, lookup_candidates
@@ -244,11 +245,11 @@ class Completer:
         ctx = build_context(req.text, req.line, req.character, counter, budget, bos_text=bos,
                             tab_size=req.tab_size, insert_spaces=req.insert_spaces)
         if warm:
-            return self._done(CompletionResult([], "none", "warm", stats={"prompt_tokens": _prefill(engine, ctx, req.uri, cancel)}),
+            return self._done(CompletionResult([], Mode.NONE, "warm", stats={"prompt_tokens": _prefill(engine, ctx, req.uri, cancel)}),
                               timings, t0)
         mode, reason = decide_mode(ctx, settings.multiline, language)
         timings["context"] = _ms(t0)
-        if mode == "none":
+        if mode == Mode.NONE:
             return self._done(CompletionResult([], mode, reason), timings, t0)
 
         hit = [] if more else self._typeahead(req.uri, ctx, settings)
@@ -263,7 +264,7 @@ class Completer:
         timings["prefill"] = round(gen.stats.prefill_ms, 1)
         timings["decode"] = round(gen.stats.decode_ms, 1)
         items = [self._item(engine, c, ctx, mode, ctx.held, language,
-                            "sample" if c.sampled else "greedy") for c in gen.candidates]
+                            Source.SAMPLE if c.sampled else Source.GREEDY) for c in gen.candidates]
         n_lookup = 0
         if settings.lookup and _lookup is not None:
             t1 = time.perf_counter()
@@ -343,7 +344,7 @@ class Completer:
         for s in shown.suggestions:
             if s.insert_text.startswith(typed) and len(s.insert_text) > len(typed) and s.confidence >= settings.min_confidence:
                 out.append(replace(s, insert_text=s.insert_text[len(typed):], start=(ctx.line, ctx.character),
-                                   end=(ctx.line, ctx.character), source="typeahead"))
+                                   end=(ctx.line, ctx.character), source=Source.TYPEAHEAD))
         return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from codegen_ls.kinds import FinishReason, Mode
 from codegen_ls.suggest.context import Context, Indent, is_block_header
 
 StopFn = Callable[[str], "int | None"]
@@ -291,7 +292,7 @@ def clean(raw: str, ctx: Context, mode: str, held_out: str = "", finish_reason: 
     if cut_at is not None:
         text = text[:cut_at]
     if mode == "multi":
-        if finish_reason in ("length", "deadline"):  # the last line is unfinished
+        if finish_reason in (FinishReason.LENGTH, FinishReason.DEADLINE):  # the last line is unfinished
             nl = text.rfind("\n")
             if nl > 0 and text[:nl].strip():
                 text, truncated = text[:nl], True
@@ -299,13 +300,13 @@ def clean(raw: str, ctx: Context, mode: str, held_out: str = "", finish_reason: 
         if cut != text:
             text, truncated = cut, True
     overlap = 0
-    if mode == "single":
+    if mode == Mode.SINGLE:
         text, overlap, was_cut = fit_suffix(head, text, ctx.line_suffix, python)
         truncated = truncated or was_cut
     kept = len(text) + overlap
     text = text.rstrip()
     reindented = False
-    if mode == "multi":  # the model's indentation step -> the document's width
+    if mode == Mode.MULTI:  # the model's indentation step -> the document's width
         text, head = _match_width(text, ctx, head, language_id)
     if ctx.only_whitespace_before:  # cursor after whitespace only: align with what was typed
         text, reindented = _align_blank_line(text, ctx.line_prefix, head, ctx.indent)
@@ -322,7 +323,7 @@ def clean(raw: str, ctx: Context, mode: str, held_out: str = "", finish_reason: 
 def _repeats_following(ctx: Context, text: str, mode: str) -> bool:
     """The suggestion only re-types the rest of the line or the next non-blank line(s)."""
     following = _nonblank(ctx.next_lines)
-    if mode == "single" or "\n" not in text:
+    if mode == Mode.SINGLE or "\n" not in text:
         line = (ctx.line_prefix + text + ctx.line_suffix).strip()
         if line == ctx.line_suffix.strip() or text.strip() == ctx.line_suffix.strip():
             return True
