@@ -7,6 +7,7 @@ the defaults plus a list of problems, which the server shows once with ``window/
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -19,55 +20,62 @@ MULTILINE_MODES = ("auto", "always", "never")
 BACKENDS = ("local", "remote")
 
 
+def setting(default: Any, doc: str = "", *, lo: float | None = None, hi: float | None = None,
+            choices: tuple[str, ...] = ()) -> Any:
+    """A :class:`Settings` field: its default, what it does (the README table), its bounds or
+    choices. One table: validation, the README table, the VS Code ``package.json``
+    minimum/maximum/enum and ``tests/test_settings_surface.py`` all read it (:func:`schema`)."""
+    return field(default=default, metadata={"doc": doc, "min": lo, "max": hi, "choices": choices})
+
+
 @dataclass
 class Settings:
-    model_path: str | None = None  # None: $CODEGEN_LS_MODEL, then the embedded default model
-    max_new_tokens: int = 48
-    num_candidates: int = 3
-    context_tokens: int = 1024
-    temperature: float = 0.8
-    multiline: str = "auto"  # auto | always | never
-    deadline_ms: int = 1000
-    min_confidence: float = 0.0  # 0..1; below it nothing is shown
-    threads: int = 0  # onnxruntime intra-op threads, 0: all cores
-    prompt_cache_mb: int = 0  # memory for the documents' KV caches (MB); 0: sized to the model, 8 documents at contextTokens
-    lookup: bool = True  # candidates copied from lines of this document
-    lookup_other_documents: bool = True  # ... and from other open documents
-    debounce_ms: int = 0  # server-side wait before starting the model (clients usually debounce)
-    latency_target_ms: int = 150  # sizes requests to this (engine.latency) where contextTokens/maxNewTokens are default; 0: off
-    adaptive_threshold: bool = False  # raise minConfidence past what this user rarely accepts (local statistics)
-    backend: str = "local"  # local | remote (an OpenAI-compatible /v1/completions server)
-    remote_url: str = ""  # the remote backend's base URL, e.g. http://gpu-box:8000
-    remote_model: str = ""  # the ``model`` field sent; empty: the server's first model
-    remote_api_key_env: str = ""  # NAME of the environment variable holding the API key (never the key)
-    remote_fim: bool = False  # send the text after the cursor as ``suffix`` (fill-in-the-middle servers)
+    model_path: str | None = setting(
+        None, "model directory; empty: `$CODEGEN_LS_MODEL`, then the embedded model (changing it reloads)"
+    )
+    max_new_tokens: int = setting(48, "most tokens generated per suggestion", lo=1, hi=512)
+    num_candidates: int = setting(
+        3, "model candidates from one shared prefill, greedy included; also the most items returned", lo=1, hi=8
+    )
+    context_tokens: int = setting(1024, "token budget of the prompt (text before the cursor)", lo=16, hi=8192)
+    temperature: float = setting(0.8, "sampling temperature of the non-greedy candidates", lo=0, hi=2)
+    multiline: str = setting(
+        "auto",
+        "`auto` (multi-line on an empty line after a block opener or in a body), `always`, `never`",
+        choices=MULTILINE_MODES,
+    )
+    deadline_ms: int = setting(
+        1000, "time budget of one request; decoding stops there and returns what it has", lo=1, hi=60_000
+    )
+    min_confidence: float = setting(0.0, "suggestions whose confidence (0-1) is lower are not shown", lo=0, hi=1)
+    threads: int = setting(0, "onnxruntime threads, 0 = all cores", lo=0, hi=256)
+    prompt_cache_mb: int = setting(
+        0, "memory for the documents' KV caches (MB); 0: sized to the model, 8 documents at contextTokens"
+    )
+    lookup: bool = setting(True, "candidates copied from other lines of the document, scored by the model")
+    lookup_other_documents: bool = setting(True, "also from the other open documents")
+    debounce_ms: int = setting(
+        0, "server-side wait before starting the model (clients debounce already)", lo=0, hi=5000
+    )
+    latency_target_ms: int = setting(
+        150,
+        "sizes requests to this (engine.latency) where contextTokens/maxNewTokens are default; 0: off",
+        lo=0,
+        hi=10_000,
+    )
+    adaptive_threshold: bool = setting(
+        False, "raise minConfidence past what this user rarely accepts (local statistics)"
+    )
+    backend: str = setting(
+        "local", "`local`, or `remote` (an OpenAI-compatible /v1/completions server)", choices=BACKENDS
+    )
+    remote_url: str = setting("", "the remote backend's base URL, e.g. http://gpu-box:8000")
+    remote_model: str = setting("", "the ``model`` field sent; empty: the server's first model")
+    remote_api_key_env: str = setting("", "NAME of the environment variable holding the API key (never the key)")
+    remote_fim: bool = setting(False, "send the text after the cursor as ``suffix`` (fill-in-the-middle servers)")
 
     def validate(self) -> list[str]:
-        problems = []
-        if not 1 <= self.max_new_tokens <= 512:
-            problems.append("maxNewTokens must be between 1 and 512")
-        if not 1 <= self.num_candidates <= 8:
-            problems.append("numCandidates must be between 1 and 8")
-        if not 16 <= self.context_tokens <= 8192:
-            problems.append("contextTokens must be between 16 and 8192")
-        if not 0.0 <= self.temperature <= 2.0:
-            problems.append("temperature must be between 0 and 2")
-        if self.multiline not in MULTILINE_MODES:
-            problems.append(f"multiline must be one of {', '.join(MULTILINE_MODES)}")
-        if not 0 < self.deadline_ms <= 60_000:
-            problems.append("deadlineMs must be between 1 and 60000")
-        if not 0.0 <= self.min_confidence <= 1.0:
-            problems.append("minConfidence must be between 0 and 1")
-        if not 0 <= self.threads <= 256:
-            problems.append("threads must be between 0 and 256")
-        if not 0 <= self.prompt_cache_mb <= 65_536:
-            problems.append("promptCacheMb must be between 0 and 65536")
-        if not 0 <= self.debounce_ms <= 5000:
-            problems.append("debounceMs must be between 0 and 5000")
-        if not 0 <= self.latency_target_ms <= 10_000:
-            problems.append("latencyTargetMs must be between 0 and 10000")
-        if self.backend not in BACKENDS:
-            problems.append(f"backend must be one of {', '.join(BACKENDS)}")
+        problems = _check_bounds(self)
         if self.backend == "remote" and not re.match(r"https?://[^/\s]+", self.remote_url):
             problems.append("remoteUrl must be an http:// or https:// URL when backend is remote")
         if self.remote_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.remote_api_key_env):
@@ -110,9 +118,50 @@ def to_wire(settings: Settings) -> dict[str, Any]:
     return _converter.unstructure(settings)  # type: ignore[no-any-return]
 
 
+def _check_bounds(settings: Settings) -> list[str]:
+    """The problems with ``settings``' values against each field's bounds and choices."""
+    problems = []
+    for f in fields(settings):
+        value, lo, hi, choices = getattr(settings, f.name), f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+        if lo is not None and hi is not None and not lo <= value <= hi:
+            problems.append(f"{_camel(f.name)} must be between {lo:g} and {hi:g}")
+        if choices and value not in choices:
+            problems.append(f"{_camel(f.name)} must be one of {', '.join(choices)}")
+    return problems
+
+
+def schema() -> list[dict[str, Any]]:
+    """Every setting as the editors and the README see it: wire name, type, default, doc, and
+    minimum/maximum or enum where it has them."""
+    out = []
+    for f, default in zip(fields(Settings), asdict(Settings()).values()):
+        entry: dict[str, Any] = {"name": _camel(f.name), "type": str(f.type), "default": default,
+                                 "doc": f.metadata.get("doc", "")}
+        if f.metadata.get("min") is not None:
+            entry["minimum"], entry["maximum"] = f.metadata["min"], f.metadata["max"]
+        if f.metadata.get("choices"):
+            entry["enum"] = list(f.metadata["choices"])
+        out.append(entry)
+    return out
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from :func:`schema` (``python -m codegen_ls.settings``)."""
+    rows = ["| setting (`codegenLs.*`) | default | range | meaning |", "| --- | --- | --- | --- |"]
+    for entry in schema():
+        span = f"{entry['minimum']:g}–{entry['maximum']:g}" if "minimum" in entry else ", ".join(entry.get("enum", []))
+        doc = str(entry["doc"]).replace("|", "\\|")
+        rows.append(f"| `{entry['name']}` | `{json.dumps(entry['default'])}` | {span} | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
 def describe() -> list[tuple[str, str, Any]]:
     """(wire name, type, default) of every setting, for the README table and ``--help``."""
     return [(_camel(f.name), str(f.type), v) for f, v in zip(fields(Settings), asdict(Settings()).values())]
 
 
-__all__ = ["NAMESPACE", "Settings", "parse_settings", "to_wire", "describe", "field"]
+__all__ = ["NAMESPACE", "Settings", "parse_settings", "to_wire", "describe", "schema", "markdown_table",
+           "setting", "field"]
+
+if __name__ == "__main__":  # python -m codegen_ls.settings: the README table
+    print(markdown_table(), end="")
