@@ -112,3 +112,18 @@ async def test_warm_up_prefetch_after_accept_and_statistics(tmp_path: Path):
     assert all(key.split("|")[2] == "python" for key in stats["counts"])
     speeds = json.loads((tmp_path / "cache" / "codegen-ls" / "speeds.json").read_text())
     assert len(speeds) == 1  # measured at load, kept per model and machine
+
+
+def test_the_answer_after_an_accept_is_ready_before_it():
+    completer = Completer()
+    completer.load(str(MODEL_DIR))
+    settings = Settings(model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=0, max_new_tokens=3)
+    text = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        "
+    req = CompletionRequest(text=text, line=6, character=8, uri="mem://ahead.py")
+    shown = completer.complete(req, settings).suggestions[0].insert_text  # cut after 3 tokens: the line goes on
+    ahead = completer.complete_ahead(req, settings, shown)  # a background job while the suggestion is on screen
+    lines = (text + shown).split("\n")
+    accepted = CompletionRequest(text=text + shown, line=len(lines) - 1, character=len(lines[-1]), uri="mem://ahead.py")
+    after = completer.complete(accepted, settings)
+    assert ahead.suggestions and after.reason == "typeahead"
+    assert [s.insert_text for s in after.suggestions] == [s.insert_text for s in ahead.suggestions]

@@ -33,7 +33,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the measurement changes: older entries are measured again
+FORMAT = 2  # bump when the measurement changes: older entries are measured again
 DEFAULT_CONTEXT = 1024  # the budgets without a target (and the most the plan picks)
 DEFAULT_NEW_TOKENS = 48
 MIN_CONTEXT = 256
@@ -85,10 +85,21 @@ def plan(speeds: Speeds, target_ms: float, candidates: int, context_length: int 
     return Plan(context, new, speeds.extend_ms + new * step, context * speeds.prefill_ms_per_token)
 
 
+def _timed(fn: Any, threads: int) -> float:
+    """Milliseconds ``fn()`` takes on this machine's cores: the wall time, or the process's CPU
+    time over its threads where that is less (the machine was busy with other work: its share of
+    the cores is not this model's speed)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return 1000 * min(wall, cpu / max(1, threads))
+
+
 def measure(engine: Any, rows: int = 3) -> Speeds:
     """Time a few short runs of ``engine`` (twice each, the faster kept): about a second for a
     350M model on 2 cores, tens of milliseconds for the embedded one."""
     t0 = time.perf_counter()
+    threads = engine.options.threads or os.cpu_count() or 1
     vocab = min(engine.tokenizer.vocab_size, engine.manifest.vocab_size)
     ids = [engine.eos_id] + [(7919 * i) % (vocab - 1) + 1 for i in range(1, PROBE_TOKENS)]
     extra = [(104729 * i) % (vocab - 1) + 1 for i in range(1, PROBE_EXTEND + 1)]
@@ -99,16 +110,14 @@ def measure(engine: Any, rows: int = 3) -> Speeds:
     for attempt in range(2):
         key = f"codegen-ls:latency-probe:{attempt}"
         try:
-            t = time.perf_counter()
-            engine.forward(ids, doc_key=key)
-            prefill.append((time.perf_counter() - t) * 1000 / len(ids))
-            t = time.perf_counter()
-            engine.forward(ids + extra, doc_key=key)
-            extend.append((time.perf_counter() - t) * 1000)
+            prefill.append(_timed(lambda: engine.forward(ids, doc_key=key), threads) / len(ids))
+            extend.append(_timed(lambda: engine.forward(ids + extra, doc_key=key), threads))
             for n, out in ((1, step1), (rows, stepn)):
-                gen = engine.generate(ids + extra, doc_key=key, n=n, max_new_tokens=PROBE_STEPS + 1, temperature=1.0)
-                if gen.stats.steps:
-                    out.append(gen.stats.decode_ms / gen.stats.steps)
+                gens: list[Any] = []
+                ms = _timed(lambda: gens.append(engine.generate(ids + extra, doc_key=key, n=n, max_new_tokens=PROBE_STEPS + 1,
+                                                                temperature=1.0)), threads)
+                if gens[0].stats.steps:  # the whole call over its steps: its one-token prefill is a step's cost
+                    out.append(ms / (gens[0].stats.steps + 1))
         finally:
             engine.cache.drop(key)
     return Speeds(min(prefill), min(extend), min(step1 or [0.0]), min(stepn or [0.0]), rows,

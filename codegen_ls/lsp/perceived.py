@@ -5,10 +5,12 @@
   inference thread as a background job (:mod:`codegen_ls.lsp.worker`: it gives way to any request
   and stops between prefill chunks), so the first keystroke only extends the KV cache. A document
   no longer than the prompt budget is covered for any cursor: its prompt is the document's start.
-- **Prefetch after accept**: a ``didChange`` inserting the text of a suggestion just shown, at its
-  position, starts the completion at the new cursor at once; a request for that cursor (same
-  version) joins it instead of starting another, and later keystrokes along it hit the type-ahead
-  cache.
+- **Prefetch after accept**: while a suggestion is on screen, the completion as if it were accepted
+  is computed as a background job (``Completer.complete_ahead``, llama.vim's speculative request)
+  into a second type-ahead entry, so the request right after an accept is answered at once. If
+  the accept comes first (a ``didChange`` inserting the text of the suggestion just shown, at its
+  position), the completion at the new cursor starts then; a request for that cursor (same
+  version) joins it instead of starting another.
 - **Deadline-first continuation**: an answer whose top suggestion was cut by the latency target's
   new-token count or by the deadline is answered as it is; the same request then runs on as a
   background job with the full new-token count (``Completer.complete(more=True)``), and its longer
@@ -201,9 +203,14 @@ class Perceived:
         language = doc.language_id or request.language_id or ""
         self.shown[uri] = Shown(doc.version or 0, position.line, position.character, items, language, latency_ms)
         self.stats.record(Outcome.SHOWN, items[0][1], items[0][2], language, latency_ms)
+        ls = self.ls
         if result.more:
-            ls = self.ls
             future = ls.worker.submit(uri, lambda cancel: ls.completer.complete(request, settings, cancel, more=True),
+                                      background=True)
+            future.add_done_callback(_log_failure)
+        top = result.suggestions[0].insert_text
+        if top.strip():  # the answer after accepting it, computed while the user reads it
+            future = ls.worker.submit(uri, lambda cancel: ls.completer.complete_ahead(request, settings, top, cancel),
                                       background=True)
             future.add_done_callback(_log_failure)
 

@@ -132,6 +132,7 @@ class Completer:
         self._shown: OrderedDict[str, _Shown] = OrderedDict()
         self._lock = threading.RLock()
         self.speeds: latency.Speeds | None = None  # this machine's, for the latency target (local engine)
+        self._ahead: OrderedDict[str, _Shown] = OrderedDict()  # per document: the answer as if its suggestion were accepted
 
     # -- model -----------------------------------------------------------------------------
     def load(self, model_path: str | None = None, threads: int = 0, remote: RemoteOptions | None = None) -> Engine:
@@ -213,6 +214,20 @@ class Completer:
                        else settings.context_tokens, max_new_tokens=p.max_new_tokens
                        if settings.max_new_tokens == default.max_new_tokens else settings.max_new_tokens)
 
+    def complete_ahead(self, req: CompletionRequest, settings: Settings, text: str,
+                       cancel: CancelFn | None = None) -> CompletionResult:
+        """The completion as if ``text`` (the suggestion shown) were accepted at ``req``'s cursor
+        (llama.vim's speculative request), kept as a second type-ahead entry: the request right
+        after an accept is answered from it at once."""
+        from codegen_ls.suggest.context import offset_of
+
+        at = offset_of(req.text, req.line, req.character)[0]
+        lines = text.split("\n")
+        line = req.line + len(lines) - 1
+        character = (req.character if len(lines) == 1 else 0) + len(lines[-1])
+        after = replace(req, text=req.text[:at] + text + req.text[at:], line=line, character=character)
+        return self.complete(after, settings, cancel, ahead=True)
+
     def warm(self, req: CompletionRequest, settings: Settings, cancel: CancelFn | None = None) -> int:
         """Prefill the prompt a completion at ``req``'s cursor would have (the warm-up), so that
         the request itself only extends the KV cache; returns the tokens prefilled (0: none)."""
@@ -220,13 +235,14 @@ class Completer:
 
     # -- completion ------------------------------------------------------------------------
     def complete(self, req: CompletionRequest, settings: Settings, cancel: CancelFn | None = None,
-                 more: bool = False, warm: bool = False) -> CompletionResult:
+                 more: bool = False, warm: bool = False, ahead: bool = False) -> CompletionResult:
         """Suggestions for the cursor in ``req``; raises :class:`Cancelled` when ``cancel()``.
 
         ``more``: the deadline-first continuation of an answer whose ``more`` was set: the same
         prompt, the new-token count without the latency target's cut, ``CONTINUE_MS`` to run, no
         type-ahead answer; its suggestions replace the type-ahead entry, so the keystrokes after
-        are answered with the longer text. ``warm``: only prefill this cursor's prompt (:meth:`warm`).
+        are answered with the longer text. ``warm``: only prefill this cursor's prompt (:meth:`warm`);
+        ``ahead``: remembered as the answer after an accept (:meth:`complete_ahead`).
         """
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -252,7 +268,7 @@ class Completer:
         if mode == Mode.NONE:
             return self._done(CompletionResult([], mode, reason), timings, t0)
 
-        hit = [] if more else self._typeahead(req.uri, ctx, settings)
+        hit = [] if more or ahead else self._typeahead(req.uri, ctx, settings)
         if hit:
             return self._done(CompletionResult(hit, mode, "typeahead"), timings, t0)
 
@@ -285,7 +301,7 @@ class Completer:
         timings["rank"] = _ms(t2)
         if not shown:
             reason = "below minConfidence" if suggestions else "no usable candidate"
-        self._remember(req.uri, ctx, shown)
+        self._remember(req.uri, ctx, shown, ahead)
         st = gen.stats
         stats = {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.cached_tokens, "new_tokens": st.new_tokens,
                  "tokens_per_s": round(st.tokens_per_s, 1), "candidates": len(gen.candidates),
@@ -320,25 +336,32 @@ class Completer:
                                include_other_documents=settings.lookup_other_documents, deadline_ms=left)
 
     # -- type-ahead cache ------------------------------------------------------------------
-    def _remember(self, uri: str, ctx: Context, suggestions: list[Suggestion]) -> None:
+    def _remember(self, uri: str, ctx: Context, suggestions: list[Suggestion], ahead: bool = False) -> None:
         with self._lock:
+            table = self._ahead if ahead else self._shown
+            self._ahead.pop(uri, None)  # a new answer: the one after accepting the last is stale
             if not suggestions:
-                self._shown.pop(uri, None)
+                table.pop(uri, None)
                 return
-            self._shown[uri] = _Shown(ctx.line, ctx.line_prefix, ctx.line_suffix, ctx.before_line, ctx.after_line,
-                                      suggestions)
-            self._shown.move_to_end(uri)
-            while len(self._shown) > TYPEAHEAD_DOCUMENTS:
-                self._shown.popitem(last=False)
+            table[uri] = _Shown(ctx.line, ctx.line_prefix, ctx.line_suffix, ctx.before_line, ctx.after_line,
+                                suggestions)
+            table.move_to_end(uri)
+            while len(table) > TYPEAHEAD_DOCUMENTS:
+                table.popitem(last=False)
 
     def _typeahead(self, uri: str, ctx: Context, settings: Settings) -> list[Suggestion]:
-        """The rest of the last suggestions when the user typed (or erased) along them on the line."""
+        """The rest of the last suggestions when the user typed (or erased) along them on the line;
+        else of the answer computed as if the last suggestion were accepted (:meth:`complete_ahead`)."""
         with self._lock:
-            shown = self._shown.get(uri)
-        if (shown is None or shown.line != ctx.line or shown.line_suffix != ctx.line_suffix
-                or not ctx.line_prefix.startswith(shown.line_prefix)
-                or shown.after != ctx.after_line or not _same_tail(shown.before, ctx.before_line)):
-            return []
+            entries = [self._shown.get(uri), self._ahead.get(uri)]
+        for shown in entries:
+            out = self._rest(shown, ctx, settings) if shown is not None and _along(shown, ctx) else []
+            if out:
+                return out
+        return []
+
+    def _rest(self, shown: _Shown, ctx: Context, settings: Settings) -> list[Suggestion]:
+        """``shown``'s suggestions less what was typed since they were made."""
         typed = ctx.line_prefix[len(shown.line_prefix):]
         out = []
         for s in shown.suggestions:
@@ -369,6 +392,12 @@ def _lookup_texts(req: CompletionRequest, cursor: int, lookup: ModuleType) -> tu
     suffix = sanitize(req.text[cursor:cursor + 2 * window + LOOKUP_MARGIN_CHARS])
     others = {u: sanitize(t[:first + LOOKUP_MARGIN_CHARS]) for u, t in req.other_documents.items() if u != req.uri}
     return prefix, suffix, others
+
+
+def _along(shown: _Shown, ctx: Context) -> bool:
+    """The cursor is on ``shown``'s line, after its start, with the same text around."""
+    return (shown.line == ctx.line and shown.line_suffix == ctx.line_suffix and ctx.line_prefix.startswith(shown.line_prefix)
+            and shown.after == ctx.after_line and _same_tail(shown.before, ctx.before_line))
 
 
 def _same_tail(a: str, b: str) -> bool:
