@@ -204,13 +204,13 @@ class Perceived:
         self.shown[uri] = Shown(doc.version or 0, position.line, position.character, items, language, latency_ms)
         self.stats.record(Outcome.SHOWN, items[0][1], items[0][2], language, latency_ms)
         ls = self.ls
-        if result.more:
-            future = ls.worker.submit(uri, lambda cancel: ls.completer.complete(request, settings, cancel, more=True),
-                                      background=True)
-            future.add_done_callback(_log_failure)
         top = result.suggestions[0].insert_text
         if top.strip():  # the answer after accepting it, computed while the user reads it
             future = ls.worker.submit(uri, lambda cancel: ls.completer.complete_ahead(request, settings, top, cancel),
+                                      background=True)
+            future.add_done_callback(_log_failure)
+        if result.more:  # then the rest of a suggestion cut short, for typing along it
+            future = ls.worker.submit(uri, lambda cancel: ls.completer.complete(request, settings, cancel, more=True),
                                       background=True)
             future.add_done_callback(_log_failure)
 

@@ -301,7 +301,7 @@ class Completer:
         timings["rank"] = _ms(t2)
         if not shown:
             reason = "below minConfidence" if suggestions else "no usable candidate"
-        self._remember(req.uri, ctx, shown, ahead)
+        self._remember(req.uri, ctx, shown, ahead, keep_ahead=more)
         st = gen.stats
         stats = {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.cached_tokens, "new_tokens": st.new_tokens,
                  "tokens_per_s": round(st.tokens_per_s, 1), "candidates": len(gen.candidates),
@@ -336,10 +336,12 @@ class Completer:
                                include_other_documents=settings.lookup_other_documents, deadline_ms=left)
 
     # -- type-ahead cache ------------------------------------------------------------------
-    def _remember(self, uri: str, ctx: Context, suggestions: list[Suggestion], ahead: bool = False) -> None:
+    def _remember(self, uri: str, ctx: Context, suggestions: list[Suggestion], ahead: bool = False,
+                  keep_ahead: bool = False) -> None:
         with self._lock:
             table = self._ahead if ahead else self._shown
-            self._ahead.pop(uri, None)  # a new answer: the one after accepting the last is stale
+            if not keep_ahead:  # a new answer: the one after accepting the last is stale (a continuation's is not)
+                self._ahead.pop(uri, None)
             if not suggestions:
                 table.pop(uri, None)
                 return
