@@ -17,6 +17,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 NAMESPACE = "codegenLs"
 MULTILINE_MODES = ("auto", "always", "never")
+COMPLETION_FALLBACK_MODES = ("auto", "always", "never")
 BACKENDS = ("local", "remote")
 
 
@@ -43,6 +44,11 @@ class Settings:
         "auto",
         "`auto` (multi-line on an empty line after a block opener or in a body), `always`, `never`",
         choices=MULTILINE_MODES,
+    )
+    completion_fallback: str = setting(
+        "auto",
+        "suggestions also in the completion menu: `auto` (only for editors without inline completion), `always`, `never`",
+        choices=COMPLETION_FALLBACK_MODES,
     )
     deadline_ms: int = setting(
         1000, "time budget of one request; decoding stops there and returns what it has", lo=1, hi=60_000

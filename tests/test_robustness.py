@@ -141,8 +141,8 @@ async def test_requests_while_loading_then_exit_without_shutdown():
         t0 = time.perf_counter()
         reply = await c.request("textDocument/inlineCompletion", inline_params("file:///a.py", 3, 15))
         states = [n["params"]["state"] for n in c.notifications if n["method"] == "codegenLs/status"]
-        if "ready" not in states:  # answered while the model was loading: empty, at once
-            assert items_of(reply) == [] and time.perf_counter() - t0 < 1.0
+        if "ready" not in states:  # still loading: waited up to deadlineMs (1000), then empty
+            assert items_of(reply) == [] and time.perf_counter() - t0 < 2.0
         await c.notify("exit")  # LSP: exit without shutdown -> exit code 1
         assert await asyncio.wait_for(c.proc.wait(), 10) == 1
     finally:

@@ -47,6 +47,8 @@ from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, LspWorkspace
 from codegen_ls.lsp.perceived import Perceived
 from codegen_ls.lsp.worker import InferenceWorker
 from codegen_ls.settings import NAMESPACE, Settings, parse_settings
+from codegen_ls.lsp.events import ACCEPT_COMMAND, DID_PARTIALLY_ACCEPT, DID_SHOW, EventKind, SuggestionEvents, reference
+from codegen_ls.lsp.sharing import Answer, SharedCompletions
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class CodegenLanguageServer(LanguageServer):
         self.worker = InferenceWorker()
         self.perceived = Perceived(self)  # warm-up, prefetch after accept, continuations, statistics
         self.last_source: str | None = None  # the last answer's top source, or why it was empty
+        self.shared = SharedCompletions(self)  # one run per cursor and version; waits for the model
+        self.events = SuggestionEvents()  # shown / accepted, as the editor reports them
         self.settings = Settings()
         self.settings_problems: list[str] = []
         self.model_state = "loading"  # loading | ready | error
@@ -178,7 +182,8 @@ class CodegenLanguageServer(LanguageServer):
     def send_status(self) -> None:
         self.protocol.notify(STATUS, {"state": self.model_state, "message": self.model_message,
                                       "model": str(self.model_dir or ""), "lastLatencyMs": self.last_latency_ms,
-                                      "lastSource": self.last_source})
+                                      "lastSource": self.last_source, "events": self.events.summary(),
+                                      "settingsProblems": self.settings_problems})
 
     def show(self, kind: types.MessageType, message: str) -> None:
         self.window_show_message(types.ShowMessageParams(type=kind, message=message))
@@ -218,7 +223,8 @@ class CodegenLanguageServer(LanguageServer):
                                     other_documents=self.other_documents(uri), tab_size=tab_size,
                                     insert_spaces=insert_spaces)
         try:
-            result = await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel))
+            result = await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel),
+                                              version=doc.version)
         except BackendUnavailable as exc:  # the remote backend is down: one line in the status
             log.warning("%s", exc)
             self.backend_down = True
@@ -344,12 +350,19 @@ def suggestion_range(doc: TextDocument, s: Suggestion) -> types.Range | None:
     return doc.range_to_client_units(ServerTextRange(ServerTextPosition(*s.start), ServerTextPosition(*s.end)))
 
 
-def inline_items(doc: TextDocument, result: CompletionResult) -> list[types.InlineCompletionItem]:
+def inline_items(doc: TextDocument, result: CompletionResult, answer: Answer | None = None) -> list[types.InlineCompletionItem]:
+    """The items; with ``answer``, each carries the command the editor runs on accept
+    (:mod:`codegen_ls.lsp.events`)."""
     items = []
-    for s in result.suggestions:
+    for rank, s in enumerate(result.suggestions):
         rng = suggestion_range(doc, s)
-        if rng is not None:
-            items.append(types.InlineCompletionItem(insert_text=s.insert_text, range=rng))
+        if rng is None:
+            continue
+        command = None
+        if answer is not None:
+            ref = reference(answer.id, rank, s.source, answer.latency_ms, result.stats.get("new_tokens"))
+            command = types.Command(title="codegen-ls: accepted", command=ACCEPT_COMMAND, arguments=[ref])
+        items.append(types.InlineCompletionItem(insert_text=s.insert_text, range=rng, command=command))
     return items
 
 
@@ -452,6 +465,7 @@ def on_did_change(ls: CodegenLanguageServer, params: types.DidChangeTextDocument
 def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
     uri = params.text_document.uri
     ls.recent.pop(uri, None)
+    ls.shared.forget(uri)
     ls.surrogates.discard(uri)
     ls.indentation.pop(uri, None)
     ls.perceived.closed(uri)
@@ -461,14 +475,33 @@ def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentPa
 
 async def on_inline_completion(ls: CodegenLanguageServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
     explicit = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
-    found = await ls.complete(params.text_document.uri, params.position, explicit)
-    return types.InlineCompletionList(items=inline_items(*found) if found else [])
+    answer = await ls.shared.complete(params.text_document.uri, params.position, explicit)
+    return types.InlineCompletionList(items=inline_items(answer.doc, answer.result, answer) if answer else [])
 
 
 async def on_completion(ls: CodegenLanguageServer, params: types.CompletionParams) -> types.CompletionList:
     explicit = params.context is None or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
-    found = await ls.complete(params.text_document.uri, params.position, explicit)
-    return types.CompletionList(is_incomplete=True, items=completion_items(*found) if found else [])
+    mode = ls.settings.completion_fallback  # auto: the menu only for editors without inline completion
+    if mode == "never" or (mode == "auto" and get_capability(ls.client_capabilities, "text_document", "inline_completion")):
+        return types.CompletionList(is_incomplete=True, items=[])
+    answer = await ls.shared.complete(params.text_document.uri, params.position, explicit)
+    return types.CompletionList(is_incomplete=True, items=completion_items(answer.doc, answer.result) if answer else [])
+
+
+def on_accept(ls: CodegenLanguageServer, *arguments: Any) -> None:
+    """``workspace/executeCommand`` ``codegenLs.accept``: the editor accepted an item whole."""
+    if ls.events.record(EventKind.ACCEPTED, arguments[0] if arguments else None):
+        ls.send_status()
+
+
+def on_did_show(ls: CodegenLanguageServer, params: Any) -> None:
+    ls.events.record(EventKind.SHOWN, getattr(params, "item", None))
+
+
+def on_did_partially_accept(ls: CodegenLanguageServer, params: Any) -> None:
+    kind = {"word": EventKind.ACCEPTED_WORD, "line": EventKind.ACCEPTED_LINE}.get(str(getattr(params, "kind", "")))
+    if kind is not None and ls.events.record(kind, getattr(params, "item", None), getattr(params, "acceptedLength", None)):
+        ls.send_status()
 
 
 def on_shutdown(ls: CodegenLanguageServer, params: None) -> None:
@@ -504,6 +537,9 @@ def create_server(model: str | None = None, completer: Completer | None = None, 
     ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(on_inline_completion)
     ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
         trigger_characters=[".", "(", "[", ",", "=", ":"]))(on_completion)
+    ls.command(ACCEPT_COMMAND)(on_accept)
+    ls.feature(DID_SHOW)(on_did_show)
+    ls.feature(DID_PARTIALLY_ACCEPT)(on_did_partially_accept)
     ls.feature(types.SHUTDOWN)(on_shutdown)
     ls.feature(types.EXIT)(on_exit)
     if debug_requests:

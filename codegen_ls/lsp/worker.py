@@ -41,6 +41,7 @@ class _Job(Generic[T]):
     future: asyncio.Future[T | None]
     stop: threading.Event = field(default_factory=threading.Event)
     background: bool = False
+    version: int | None = None  # of the document ``key`` names; None: any
 
     def cancelled(self) -> bool:
         return self.stop.is_set()
@@ -75,22 +76,26 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: str | None, fn: Callable[[CancelFn], T], background: bool = False) -> asyncio.Future[T | None]:
+    def submit(self, key: str | None, fn: Callable[[CancelFn], T], background: bool = False,
+               version: int | None = None) -> asyncio.Future[T | None]:
         """Queue ``fn(cancel)``; the future resolves to its result, or ``None`` if superseded.
+
+        ``version``: of the document ``key`` names; the job then supersedes only that key's jobs
+        for older versions (or none given), so two requests at one version both run.
 
         Call from the event loop. Cancelling the returned future (``$/cancelRequest`` cancels the
         handler task awaiting it) stops the job between decode steps. ``background``: run only when
         nothing else waits, and give way to any other job (see the module docstring).
         """
         loop = asyncio.get_running_loop()
-        job: _Job[T] = _Job(key, fn, loop, loop.create_future(), background=background)
+        job: _Job[T] = _Job(key, fn, loop, loop.create_future(), background=background, version=version)
         job.future.add_done_callback(lambda f: job.stop.set() if f.cancelled() else None)
         with self._cond:
             if self._closed:
                 job.resolve(None)
                 return job.future
             if key is not None:
-                self._supersede_locked(key)
+                self._supersede_locked(key, version, only_background=background)  # a guess never ends a request
             if background:
                 waiting = [j for j in self._queue if j.background]
                 for old in waiting[: max(0, len(waiting) + 1 - BACKGROUND_QUEUE)]:
@@ -111,14 +116,17 @@ class InferenceWorker:
         with self._cond:
             self._supersede_locked(key)
 
-    def _supersede_locked(self, key: str) -> None:
-        stale = [j for j in self._queue if j.key == key]
-        for job in stale:
+    def _supersede_locked(self, key: str, version: int | None = None, only_background: bool = False) -> None:
+        def stale(job: _Job[Any]) -> bool:  # an older version, or no version to compare
+            older = version is None or job.version is None or job.version < version
+            return job.key == key and older and (job.background or not only_background)
+
+        for job in [j for j in self._queue if stale(j)]:
             self._queue.remove(job)
             job.stop.set()
             job.resolve(None)
             self.superseded += 1
-        if self._running is not None and self._running.key == key:
+        if self._running is not None and stale(self._running):
             self._running.stop.set()
 
     @property

@@ -261,6 +261,14 @@ local function main()
   H.idle(200)
   check(vim.deep_equal(snapshot(), got), 'unmapped Alt keys did something')
 
+  -- The server counted what was shown and accepted (codegenLs/status `events`).
+  local events = wait_for('the accepts counted', function()
+    local e = (vim.g.codegen_ls_status or {}).events
+    return e and e.accepted == accepted.whole and e.acceptedWord == accepted.word and e.acceptedLine == accepted.line and e
+  end)
+  result.events, result.accepted = events, accepted
+  check(events.shown >= 1, 'nothing counted as shown')
+
   vim.cmd('stopinsert')
   vim.cmd('checkhealth codegen_ls')
   local health = buffer_text()

@@ -11,6 +11,7 @@ local settings = {
     contextTokens = 1024,
     temperature = 0.8,
     multiline = 'auto', -- 'auto' | 'always' | 'never'
+    completionFallback = 'auto', -- also in the completion menu: 'auto' (clients without inline completion) | 'always' | 'never'
     deadlineMs = 1000,
     minConfidence = 0.0,
     threads = 0, -- onnxruntime threads, 0: all cores
