@@ -47,6 +47,7 @@ from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, LspWorkspace
 from codegen_ls.lsp.perceived import Perceived
 from codegen_ls.lsp.worker import InferenceWorker
 from codegen_ls.settings import NAMESPACE, Settings, parse_settings
+from codegen_ls.engine import kernels
 from codegen_ls.lsp.events import ACCEPT_COMMAND, DID_PARTIALLY_ACCEPT, DID_SHOW, EventKind, SuggestionEvents, reference
 from codegen_ls.lsp.sharing import Answer, SharedCompletions
 
@@ -75,6 +76,7 @@ class CodegenLanguageServer(LanguageServer):
         self.last_source: str | None = None  # the last answer's top source, or why it was empty
         self.shared = SharedCompletions(self)  # one run per cursor and version; waits for the model
         self.events = SuggestionEvents()  # shown / accepted, as the editor reports them
+        self.kernel: str | None = None  # the decode-attention kernel's status line, once loaded
         self.settings = Settings()
         self.settings_problems: list[str] = []
         self.model_state = "loading"  # loading | ready | error
@@ -132,6 +134,7 @@ class CodegenLanguageServer(LanguageServer):
         try:
             await loaded
             state, message = "ready", f"model {target.name} ready"
+            self.kernel = kernels.status()  # for :checkhealth (codegenLs/status)
             if remote is not None:  # one look at the server: which it is, and whether it answers
                 engine = cast(RemoteEngine, self.completer.engine)
                 await self.worker.submit(None, lambda cancel: engine.probe(cancel=cancel))
@@ -183,7 +186,7 @@ class CodegenLanguageServer(LanguageServer):
         self.protocol.notify(STATUS, {"state": self.model_state, "message": self.model_message,
                                       "model": str(self.model_dir or ""), "lastLatencyMs": self.last_latency_ms,
                                       "lastSource": self.last_source, "events": self.events.summary(),
-                                      "settingsProblems": self.settings_problems})
+                                      "settingsProblems": self.settings_problems, "kernel": self.kernel})
 
     def show(self, kind: types.MessageType, message: str) -> None:
         self.window_show_message(types.ShowMessageParams(type=kind, message=message))

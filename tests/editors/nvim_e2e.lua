@@ -273,7 +273,8 @@ local function main()
   vim.cmd('checkhealth codegen_ls')
   local health = buffer_text()
   result.health = health
-  check(health:find('codegen%-ls %d') and health:find('manifest:', 1, true) and not health:find('ERROR'),
+  check(health:find('codegen%-ls %d') and health:find('manifest:', 1, true) and health:find('kernel:', 1, true)
+    and not health:find('ERROR'),
     ':checkhealth codegen_ls: %s', health)
   result.final_status = vim.g.codegen_ls_status
   H.finish(true)
