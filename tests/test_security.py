@@ -125,3 +125,30 @@ def test_checksums_are_verified_at_load_once_a_directory(tmp_path: Path, monkeyp
     tokenizer.write_bytes(tokenizer.read_bytes() + b" ")  # still a valid tokenizer, not the exported file
     with pytest.raises(ModelError, match="checksum mismatch for tokenizer.json"):
         Engine(model)
+
+
+async def test_serve_leaves_no_telemetry_and_opens_no_network_socket(tmp_path: Path) -> None:
+    """The language server itself: model loaded, a completion answered, then exit."""
+    from conftest import RawClient
+
+    home, trace = tmp_path / "serve", tmp_path / "serve.strace"
+    strace = shutil.which("strace")
+    cmd = [sys.executable, "-m", "codegen_ls", "serve"]
+    if strace:
+        cmd = [strace, "-f", "-qq", "-e", "trace=socket,connect", "-o", str(trace), *cmd]
+    c = await RawClient.start(cmd=cmd, env=private_env(home))
+    try:
+        status = await c.initialize()
+        assert "result" in status
+        await c.open("file:///a.py", "import os\n\n\ndef names(root):\n    return os.")
+        reply = await c.request("textDocument/inlineCompletion", {
+            "textDocument": {"uri": "file:///a.py"}, "position": {"line": 4, "character": 14},
+            "context": {"triggerKind": 1}})
+        assert "result" in reply
+    finally:
+        assert await c.close() == 0
+    foreign = [f for f in files_under(home) if "codegen-ls" not in Path(f).parts]
+    assert foreign == [], foreign
+    if strace:
+        inet = [ln for ln in trace.read_text().splitlines() if "AF_INET" in ln]
+        assert not inet, inet[:5]
