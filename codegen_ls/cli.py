@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the completion pipeline once and print ranked suggestions with scores and timings.")
     c.add_argument("location", metavar="FILE:LINE:COL", help="file and 1-based line and column of the cursor")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--workspace", default=None, metavar="DIR", help="the project folder indexed for repository context "
+                   "(default: the nearest folder above FILE with .git or pyproject.toml; 'none': off)")
     c.add_argument("-n", "--num-candidates", type=int, help="model candidates (default 3)")
     c.add_argument("--max-new-tokens", type=int)
     c.add_argument("--multiline", choices=["auto", "always", "never"])
@@ -168,8 +170,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
     completer = Completer()
     completer.load(settings.model_path, threads=settings.threads) if _accepts_threads(completer) else completer.load(settings.model_path)
     load_ms = (time.perf_counter() - t0) * 1000
+    repo = _workspace_snapshot(path, args.workspace)
     req = CompletionRequest(text=text, line=line - 1, character=col - 1, uri=path.resolve().as_uri(),
-                            language_id="python" if path.suffix == ".py" else path.suffix.lstrip("."), explicit=True)
+                            language_id="python" if path.suffix == ".py" else path.suffix.lstrip("."), explicit=True, repo=repo)
     result = completer.complete(req, settings)
     result.timings.setdefault("load", round(load_ms, 1))
     if args.json:
@@ -190,6 +193,23 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workspace_snapshot(path: Path, workspace: str | None) -> Any:
+    """The repository index of FILE's project (read now, in full), or None."""
+    from codegen_ls.suggest.repo import RepoIndex
+
+    if workspace == "none":
+        return None
+    root = Path(workspace) if workspace else next(
+        (d for d in path.resolve().parents if (d / ".git").exists() or (d / "pyproject.toml").exists()), None)
+    if root is None:
+        return None
+    index = RepoIndex()
+    index.add_root(str(root.resolve()))
+    index.wait_idle(60)
+    index.close()
+    return index.snapshot
+
+
 def _accepts_threads(completer: Any) -> bool:
     import inspect
 
@@ -207,6 +227,7 @@ def _result_json(result: Any, path: Path, line: int, col: int) -> dict[str, Any]
             for i, s in enumerate(result.suggestions)
         ],
         "timings_ms": result.timings, "stats": result.stats,
+        "prompt": getattr(result, "prompt_info", {}), "candidates": getattr(result, "candidates", []),
     }
 
 

@@ -63,6 +63,11 @@ class Settings:
     debounce_ms: int = setting(
         0, "server-side wait before starting the model (clients debounce already)", lo=0, hi=5000
     )
+    repo_lookup: bool = setting(True, "candidates copied from the workspace folders' files (.gitignore respected)")
+    repo_context: bool = setting(True, "the most related snippets of the workspace's files at the start of the prompt")
+    repo_context_tokens: int = setting(
+        128, "token budget of those snippets (at most a quarter of contextTokens); 0: none", lo=0, hi=4096
+    )
     latency_target_ms: int = setting(
         150,
         "sizes requests to this (engine.latency) where contextTokens/maxNewTokens are default; 0: off",

@@ -217,7 +217,8 @@ def main(argv):
 
 
 def test_draft_is_cut_where_the_model_diverges(engine) -> None:  # type: ignore[no-untyped-def]
-    """Draft = the model's own greedy tokens + junk; the candidate keeps exactly the agreed part."""
+    """Draft = the model's own greedy tokens + junk; the verified candidate keeps exactly the agreed
+    part, and the copy as it was comes with the count of the tokens the model rejected."""
     checked = 0
     for cut in range(len(CODE) - 40, len(CODE) + 1, 4):
         prefix = CODE[:cut]
@@ -234,10 +235,16 @@ def test_draft_is_cut_where_the_model_diverges(engine) -> None:  # type: ignore[
         cands = propose(engine, prompt, prefix, "", {}, doc_key="t", multiline=True, stop=None, cancel=None,
                         max_new_tokens=len(al.draft) + 2, min_accept_p=1.0,
                         drafts=[Draft(draft_text, "lookup:line", "test", 1)])
-        if m == forced:  # the very first judged token was rejected: no lookup candidate
-            assert cands == []
+        verified = [c for c in cands if c.rejected == 0]
+        copies = [c for c in cands if c.rejected > 0]
+        if m < len(al.draft):  # the draft as copied stays a candidate, carrying the evidence against it
+            assert len(copies) == 1 and copies[0].text == draft_text and copies[0].source == "lookup:line"
+            assert copies[0].copied_tokens == len(al.draft) == copies[0].draft_tokens
+        if m == forced:  # the very first judged token was rejected: no verified candidate
+            assert verified == []
             continue
-        (c,) = cands
+        (c,) = verified
+        assert c.copied_tokens == m
         assert c.token_ids[:m] == al.draft[:m]
         assert c.logprobs[:m] == pytest.approx(logprobs[:m], abs=1e-4)
         assert len(c.logprobs) == len(c.token_ids)

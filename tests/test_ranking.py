@@ -1,4 +1,4 @@
-"""Ranking: mean log-prob adjusted by structure, duplicates merged, confidence in 0..1."""
+"""Ranking: duplicates merged, features, the calibrated model's order and confidence (heuristic without one)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 
+import numpy as np
+
 from codegen_ls.suggest import postprocess, ranking
+from codegen_ls.suggest.confidence import FEATURES, ConfidenceModel
 from codegen_ls.suggest.context import build_context, decide_mode, line_window
 from codegen_ls.suggest.postprocess import clean
 from codegen_ls.suggest.ranking import (
@@ -107,7 +110,7 @@ def test_merge_duplicates_and_order() -> None:
     assert all(0 < r.confidence <= MAX_CONFIDENCE for r in ranked)
 
 
-def test_lookup_drafts_outrank_model_guesses_and_model_orders_drafts() -> None:
+def test_without_coefficients_the_earlier_rule_orders() -> None:
     ctx = ctx_of("x = compute(|)\n")
     items = [
         Item("1, 2", [-0.2, -0.2], "greedy"),
@@ -115,9 +118,50 @@ def test_lookup_drafts_outrank_model_guesses_and_model_orders_drafts() -> None:
         Item("c, d", [-1.0, -1.0], "lookup:doc"),
     ]
     ranked = rank(items, ctx, "single")
-    assert [r.text for r in ranked] == ["c, d", "a, b", "1, 2"]
-    # the prior moves the ranking, but confidence stays tied to the model's log-prob
-    assert ranked[1].confidence < ranked[2].confidence
+    assert [r.text for r in ranked] == ["c, d", "a, b", "1, 2"]  # LOOKUP_PRIOR, then the model's log-probs
+    assert ranked[1].confidence < ranked[2].confidence  # confidence stays tied to the log-probs
+
+
+def _model(weights: dict[str, float], bias: float = 0.0) -> ConfidenceModel:
+    names = FEATURES
+    return ConfidenceModel(names, np.zeros(len(names)), np.ones(len(names)),
+                           np.array([weights.get(n, 0.0) for n in names]), bias)
+
+
+def test_the_confidence_model_ranks_by_evidence_and_its_probability_is_the_confidence() -> None:
+    ctx = ctx_of("x = compute(|)\n")
+    items = [
+        Item("1, 2", [-0.2, -0.2], "greedy"),
+        Item("a, b", [-3.0, -3.0], "lookup:line", distance=2, agree=40, draft_tokens=3, copied_tokens=3),
+        Item("c, d", [-1.0, -1.0], "lookup:doc", draft_tokens=3, copied_tokens=3, rejected=2),
+    ]
+    # a copy from this document counts for much, rejected tokens against
+    model = _model({"src_line": 3.0, "src_doc": 1.0, "rejected": -2.0, "lp_mean": 0.5}, bias=-1.0)
+    ranked = rank(items, ctx, "single", model=model)
+    assert [r.text for r in ranked] == ["a, b", "1, 2", "c, d"]
+    f = ranked[0].features
+    assert f["src_line"] == 1.0 and f["agree"] == 40 / 64 and f["distance_log"] == math.log1p(2)
+    assert ranked[2].features["rejected"] == 2.0
+    for r in ranked:
+        z = float(model.logit(model.vector(r.features)[None, :])[0])
+        assert math.isclose(r.score, z) and math.isclose(r.confidence, min(MAX_CONFIDENCE, 1 / (1 + math.exp(-z))))
+
+
+def test_features_describe_votes_identifiers_and_structure() -> None:
+    ctx = ctx_of("total = compute(values|)\n")
+    items = [
+        Item(", scale)", [-0.5, -0.5], "greedy"),
+        Item(", scale)", [-0.6, -0.6], "lookup:line", draft_tokens=3, copied_tokens=3),
+        Item(", unknown_name))", [-0.1], "sample"),
+    ]
+    ranked = rank(items, ctx, "single")
+    merged = next(r for r in ranked if r.votes == 2)
+    assert merged.source == "lookup:line"  # the copy represents the group: its evidence
+    assert merged.features["votes"] == 1 and merged.features["mixed_votes"] == 1 and merged.features["has_greedy"] == 1
+    other = next(r for r in ranked if r.votes == 1)
+    assert other.features["idents_new"] == 1 and merged.features["idents_new"] == 1  # names the context lacks
+    assert ranking.features is not None and merged.features["idents_shared"] == 0
+    assert other.features["closers"] >= 1
 
 
 def test_confidence_never_reaches_one() -> None:

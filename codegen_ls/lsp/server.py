@@ -45,7 +45,9 @@ from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.lsp import transport
 from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, LspWorkspace
 from codegen_ls.lsp.perceived import Perceived
+from codegen_ls.lsp import workspace
 from codegen_ls.lsp.worker import InferenceWorker
+from codegen_ls.suggest.repo import RepoIndex
 from codegen_ls.settings import NAMESPACE, Settings, parse_settings
 from codegen_ls.engine import kernels
 from codegen_ls.lsp.events import ACCEPT_COMMAND, DID_PARTIALLY_ACCEPT, DID_SHOW, EventKind, SuggestionEvents, reference
@@ -72,6 +74,8 @@ class CodegenLanguageServer(LanguageServer):
         self.cli_model, self.cli_threads = model, threads
         self.completer = completer or Completer()
         self.worker = InferenceWorker()
+        self.repo = RepoIndex()  # the workspace folders' files (codegen_ls.lsp.workspace)
+        self.last_prompt: dict[str, dict[str, Any]] = {}  # URI -> what went into its last prompt (debugDocument)
         self.perceived = Perceived(self)  # warm-up, prefetch after accept, continuations, statistics
         self.last_source: str | None = None  # the last answer's top source, or why it was empty
         self.shared = SharedCompletions(self)  # one run per cursor and version; waits for the model
@@ -224,7 +228,7 @@ class CodegenLanguageServer(LanguageServer):
         request = CompletionRequest(text=self.clean(uri, source), line=cursor.line, character=cursor.character, uri=uri,
                                     language_id=doc.language_id or "", explicit=explicit,
                                     other_documents=self.other_documents(uri), tab_size=tab_size,
-                                    insert_spaces=insert_spaces)
+                                    insert_spaces=insert_spaces, repo=workspace.snapshot(self, settings))
         try:
             result = await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel),
                                               version=doc.version)
@@ -238,6 +242,7 @@ class CodegenLanguageServer(LanguageServer):
             return None
         if result is None or doc.source is not source or self.document(uri) is not doc:
             return None  # superseded, or the document changed meanwhile
+        self.last_prompt[uri] = result.prompt_info
         self.last_latency_ms = round((time.perf_counter() - t0) * 1000, 1)
         if self.backend_down:  # the remote backend answers again
             self.backend_down, self.model_state = False, "ready"
@@ -427,15 +432,17 @@ def on_initialize(ls: CodegenLanguageServer, params: types.InitializeParams) -> 
     ls.protocol._workspace = LspWorkspace.like(ls.workspace)  # LSP line breaks (server_protocol)
     found, raw = _settings_in(params.initialization_options)
     ls.settings, ls.settings_problems = parse_settings(raw if found else params.initialization_options)
+    workspace.index_folders(ls, params)  # on the index's own thread
 
 
-def on_initialized(ls: CodegenLanguageServer, params: types.InitializedParams) -> None:
+async def on_initialized(ls: CodegenLanguageServer, params: types.InitializedParams) -> None:
     if ls.initialized:  # a second ``initialized``: the model is already (being) loaded
         return
     ls.initialized = True
     if ls.settings_problems:  # shown now: the client is ready for messages
         ls.show(types.MessageType.Warning, f"codegen-ls: {'; '.join(ls.settings_problems)}. Using the default settings.")
     ls.start_load()
+    await workspace.watch_sources(ls)
 
 
 async def on_did_change_configuration(ls: CodegenLanguageServer, params: types.DidChangeConfigurationParams) -> None:
@@ -453,6 +460,7 @@ async def on_did_open(ls: CodegenLanguageServer, params: types.DidOpenTextDocume
     ls.touch(params.text_document.uri)
     ls.surrogates.discard(params.text_document.uri)
     ls.note_text(params.text_document.uri, params.text_document.text)
+    ls.repo.set_open(params.text_document.uri, params.text_document.text)  # open documents override the disk
     ls.perceived.opened(params.text_document.uri)  # warm-up: prefill its prompt in the background
     await ls.fetch_indentation(params.text_document.uri)
 
@@ -471,6 +479,8 @@ def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentPa
     ls.shared.forget(uri)
     ls.surrogates.discard(uri)
     ls.indentation.pop(uri, None)
+    ls.repo.set_open(uri, None)
+    ls.last_prompt.pop(uri, None)
     ls.perceived.closed(uri)
     ls.worker.supersede(uri)
     ls.worker.submit(None, lambda cancel: ls.completer.forget(uri))  # its caches, on the worker thread
@@ -509,6 +519,7 @@ def on_did_partially_accept(ls: CodegenLanguageServer, params: Any) -> None:
 
 def on_shutdown(ls: CodegenLanguageServer, params: None) -> None:
     ls.worker.close()
+    ls.repo.close()
 
 
 def on_exit(ls: CodegenLanguageServer, params: None) -> None:
@@ -521,6 +532,7 @@ def on_debug_document(ls: CodegenLanguageServer, params: Any) -> dict[str, Any] 
     if doc is None:
         return None
     return {"text": doc.source, "version": doc.version, "indentation": ls.indentation.get(doc.uri),
+            "lastPrompt": ls.last_prompt.get(doc.uri), "workspace": workspace.info(ls),
             "cachedTokens": ls.completer.cached_tokens(doc.uri),
             "perceived": {"warmups": ls.perceived.warmups, "prefetched": ls.perceived.prefetched,
                           "joins": ls.perceived.joins}}
@@ -537,6 +549,7 @@ def create_server(model: str | None = None, completer: Completer | None = None, 
     ls.feature(types.TEXT_DOCUMENT_DID_OPEN)(on_did_open)
     ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)(on_did_change)
     ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)(on_did_close)
+    workspace.register(ls)
     ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(on_inline_completion)
     ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
         trigger_characters=[".", "(", "[", ",", "=", ":"]))(on_completion)

@@ -116,7 +116,7 @@ class Indent:
 class Context:
     """Everything the pipeline needs about the cursor, computed in O(budget)."""
 
-    prompt: str  # model input text: [eot] + window before the cursor (or before ``held``), LF line ends
+    prompt: str  # model input text: [repository section + eot | eot] + window before the cursor (or before ``held``), LF line ends
     prompt_ids: list[int]  # ``encode(prompt)``, at most the budget
     prefix: str  # document[start:cursor], verbatim
     suffix: str  # document[cursor:cursor + SUFFIX_CHARS], verbatim
@@ -134,6 +134,7 @@ class Context:
     eol: str = "\n"  # the document's line terminator
     at_file_start: bool = False  # the window reaches the top of the file
     line_cut: int = 0  # characters at the start of the cursor line left out of line_prefix (a very long line)
+    preamble_tokens: int = 0  # tokens of the repository section at the start of ``prompt`` (0: none)
 
     @property
     def only_whitespace_before(self) -> bool:
@@ -248,13 +249,21 @@ def guess_indent(lines: Sequence[str], tab_size: int | None = None, insert_space
 
 def build_context(text: str, line: int, character: int, counter: TokenCounter, budget: int, *,
                   bos_text: str = "", tab_size: int | None = None, insert_spaces: bool | None = None,
-                  line_step: int | None = None) -> Context:
+                  line_step: int | None = None, preamble: str = "") -> Context:
     """The context for the cursor at (line, character); see the module docstring.
 
     ``budget`` counts every prompt token, ``bos_text`` (the end-of-text token's text, prepended
-    when the window reaches the top of the file) included.
+    when the window reaches the top of the file) included. ``preamble`` (the repository section,
+    :func:`codegen_ls.suggest.repo.render_snippets`) goes first, then ``bos_text`` so the document
+    starts as a file of its own, then the window in what is left of the budget; it is left out
+    when it would take more than half the budget, and on a cut cursor line.
     """
     budget = max(1, budget)
+    lead = preamble + bos_text if preamble else ""
+    lead_ids = counter.encode(lead) if lead else []
+    if len(lead_ids) > budget // 2:
+        lead, lead_ids = "", []
+    full_budget, budget = budget, budget - len(lead_ids)
     step = line_step if line_step else max(1, min(LINE_STEP, budget // TOKENS_PER_STEP))
     cursor, line, character = offset_of(text, line, character)
     ls = cursor - character  # cursor line start
@@ -270,6 +279,7 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
 
     if cut:  # only the end of the cursor line, from a column that stays put while typing
         above, first_line, start_line = [], line, line
+        lead, lead_ids, budget = "", [], full_budget
         prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls + cut, budget, bos_text, cut,
                                                            max(1, budget // CUT_ALIGN_PER_TOKENS))
     else:
@@ -277,7 +287,7 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
         lo = _first_line_start_at_or_after(text, max(0, ls - budget * CHARS_PER_TOKEN_MAX), ls)
         above = [sanitize(s) for s in _EOL.split(text[lo:ls])[:-1]] if ls > lo else []
         first_line = line - len(above)  # line number of above[0]
-        bos_cost = 1 if bos_text else 0
+        bos_cost = 1 if bos_text and not lead else 0
 
         # Walk up from the cursor while the (over-)estimated token count fits. The cursor line
         # changes with every keystroke: counted, not cached.
@@ -297,14 +307,17 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
             k = start_line - first_line  # index into ``above``
             window = "\n".join(above[k:]) + ("\n" if k < len(above) else "") + head
             at_file_start = start_line == 0
-            prompt = (bos_text if at_file_start else "") + _escape(window, bos_text)
+            prompt = (bos_text if at_file_start and not lead else "") + _escape(window, bos_text)
             ids = counter.encode(prompt)
             if len(ids) <= budget or start_line >= line:
                 break
             start_line = min(line, start_line + step)  # estimate was low: jump one step
         start = _skip_terminators(text, lo, start_line - first_line)
         if len(ids) > budget:  # one enormous cursor line: keep its end
-            prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls, budget, bos_text)
+            prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls, full_budget, bos_text)
+            lead, lead_ids = "", []
+        else:
+            prompt, ids = lead + prompt, lead_ids + ids
     prefix = sanitize(text[start:cursor])
     prev_line = next((a for a in reversed(above) if a.strip()), "")
     typed = sanitize(text[ls:ls + INDENT_PEEK_CHARS]) if cut else line_prefix  # (a cut line: its own start)
@@ -316,7 +329,7 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
         start_line=start_line, line=line, character=character,
         line_prefix=line_prefix, line_suffix=line_suffix, held=held, prev_line=prev_line,
         next_lines=next_lines, indent=guess_indent(window_lines, tab_size, insert_spaces), eol=eol,
-        at_file_start=at_file_start, line_cut=cut,
+        at_file_start=at_file_start, line_cut=cut, preamble_tokens=len(lead_ids),
     )
 
 

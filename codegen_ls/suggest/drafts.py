@@ -54,14 +54,15 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from codegen_ls.engine.engine import Candidate, Engine, StopFn, Tokenizer, common_prefix
 from codegen_ls.errors import Cancelled
 from codegen_ls.kinds import Source
+from codegen_ls.suggest.repo import RepoSnapshot
 
 WINDOW_CHARS = 200_000  # looked at on each side of the cursor (~2500 lines of 80 characters)
 OTHER_DOC_CHARS = 2_000_000  # looked at in each other open document (from its start)
@@ -74,10 +75,11 @@ RERANK = 16  # nearest matches of a source re-ranked by context agreement
 MATCHES_PER_DOC = 64  # matches counted per other document before picking its best continuations
 NGRAM_SIZES = (8, 4, 2)  # non-space lexemes at the end of the prefix, longest match first
 MIN_NGRAM_CHARS = 3  # non-space characters an n-gram needs to be worth searching
-MIN_ACCEPT_P = 0.0  # keep the whole draft, score it; see the module docstring
+MIN_ACCEPT_P = 0.1  # a draft token below this (and not the greedy choice) is rejected; see the module docstring
 HEAL_TOKENS = 8  # prompt tokens re-tokenized together with the draft
 
-SOURCES = ("lookup:line", "lookup:doc", "lookup:ngram")  # Draft.source values, in rank order
+REPO_HITS = 64  # repository lines looked at per lookup (their continuations deduplicated, then ranked)
+SOURCES = ("lookup:line", "lookup:doc", "lookup:repo", "lookup:ngram")  # Draft.source values, in rank order
 _LEXEME = re.compile(r"\w+|[^\w\s]")
 
 
@@ -90,6 +92,7 @@ class Draft:
     origin: str  # for debugging: "URI:-3" / "URI:+2" lines above/below the cursor in the same
     # document, "URI:42" (1-based line) in another document
     distance: int  # lines from the cursor (same document); 0 for other documents
+    agree: int = field(default=0, compare=False)  # characters before the copied text equal to those before the cursor
 
 
 class _Clock:
@@ -126,10 +129,12 @@ class _Cursor:
 
 def find_drafts(prefix: str, suffix: str, other_documents: dict[str, str], *, multiline: bool = False,
                 max_drafts: int = 4, budget_ms: float = 5.0, include_other_documents: bool = True,
-                include_ngram: bool = True, include_lines: bool = True, uri: str = "") -> list[Draft]:
+                include_ngram: bool = True, include_lines: bool = True, uri: str = "",
+                repo: RepoSnapshot | None = None, repo_exclude: Collection[str] = ()) -> list[Draft]:
     """Drafts for the cursor between ``prefix`` and ``suffix``: deduplicated, best first.
 
-    Order: same-document lines, other documents, n-grams, each ranked as the module says. When
+    Order: same-document lines, other documents, repository files (``repo``, but not the paths in
+    ``repo_exclude``: this document and the open ones), n-grams, each ranked as the module says. When
     several sources found something, each keeps at least one of the ``max_drafts`` places
     (diversity for the verifier), the rest go to the sources in that order. ``uri`` (the
     document's) only labels ``origin``. Multi-line drafts join lines with ``\n``.
@@ -144,6 +149,8 @@ def find_drafts(prefix: str, suffix: str, other_documents: dict[str, str], *, mu
         sources.append(_same_document_lines(prefix, suffix, cur, line_pattern, multiline, uri, clock))
     if include_other_documents and line_pattern is not None:
         sources.append(_other_documents(prefix, other_documents, cur, line_pattern, multiline, clock))
+    if repo is not None and line_pattern is not None:
+        sources.append(_repo_lines(prefix, repo, cur, multiline, repo_exclude, clock))
     if include_ngram:
         sources.append(_ngrams(prefix, suffix, cur, multiline, uri, clock))
     seen: set[str] = set()
@@ -277,8 +284,9 @@ def _rerank(hits: Iterator[_Hit]) -> Iterator[Draft]:
     the hits after them in their own order."""
     first = list(itertools.islice(hits, RERANK))
     first.sort(key=lambda h: (-h.agree, h.draft.distance))
-    yield from (h.draft for h in first)
-    yield from (h.draft for h in hits)
+    for h in itertools.chain(first, hits):
+        h.draft.agree = h.agree
+        yield h.draft
 
 
 def _same_document_lines(prefix: str, suffix: str, cur: _Cursor, pattern: re.Pattern[str],
@@ -327,14 +335,39 @@ def _other_documents(prefix: str, documents: dict[str, str], cur: _Cursor, patte
             agree = _agreement(prefix, text, m.end(), False)
             old = best.get(cont)
             if old is None:
-                best[cont] = (-agree, -1, n, Draft(cont, Source.LOOKUP_DOC, f"{uri}:{line}", 0))
+                best[cont] = (-agree, -1, n, Draft(cont, Source.LOOKUP_DOC, f"{uri}:{line}", 0, agree))
             else:
                 best[cont] = (min(old[0], -agree), old[1] - 1, old[2], old[3])
+                old[3].agree = max(old[3].agree, agree)
             if n + 1 >= MATCHES_PER_DOC:
                 break
         yield from (v[3] for v in sorted(best.values(), key=lambda v: v[:3]))
         if clock.over():
             return
+
+
+def _repo_lines(prefix: str, repo: RepoSnapshot, cur: _Cursor, multiline: bool, exclude: Collection[str],
+                clock: _Clock) -> Iterator[Draft]:
+    """Lines of the repository's files that start with the cursor line's text: longest context
+    agreement first, then the continuation seen most often."""
+    if cur.line_start < 0:
+        return
+    best: dict[str, tuple[int, int, int, Draft]] = {}  # text -> (-agree, -count, order, draft)
+    for n, (f, line, pos) in enumerate(repo.line_matches(cur.key, exclude)):
+        if n >= REPO_HITS or clock.over():
+            break
+        body = f.line(line)
+        cont = _continuation(f.text, pos, body[: len(body) - len(body.lstrip(" \t"))], cur, multiline)
+        if not _useful(cont, cur, multiline):
+            continue
+        agree = _agreement(prefix, f.text, pos, False)
+        old = best.get(cont)
+        if old is None:
+            best[cont] = (-agree, -1, n, Draft(cont, "lookup:repo", f"{f.rel}:{line + 1}", 0, agree))
+        else:
+            best[cont] = (min(old[0], -agree), old[1] - 1, old[2], old[3])
+            old[3].agree = max(old[3].agree, agree)
+    yield from (v[3] for v in sorted(best.values(), key=lambda v: v[:3]))
 
 
 def _ngram_tails(prefix: str) -> list[str]:
@@ -360,6 +393,8 @@ def _ngrams(prefix: str, suffix: str, cur: _Cursor, multiline: bool, uri: str, c
                            key=lambda h: h.draft.distance)
         hits.extend(itertools.islice(near, RERANK))
     hits.sort(key=lambda h: (-h.agree, h.draft.distance))
+    for h in hits:
+        h.draft.agree = h.agree
     return (h.draft for h in hits)
 
 
@@ -480,27 +515,46 @@ def accepted_length(draft_ids: Sequence[int], draft_logprobs: Sequence[float], g
     return m
 
 
+@dataclass
+class DraftCandidate(Candidate):
+    """A candidate made from a draft, with the evidence the ranking weighs (see :mod:`ranking`)."""
+
+    distance: int = 0  # the draft's distance (lines from the cursor; 0 in other files)
+    agree: int = 0  # context agreement of the draft (characters, up to CONTEXT_CHARS)
+    draft_tokens: int = 0  # tokens of the whole draft
+    copied_tokens: int = 0  # draft tokens this candidate keeps (the rest, if any, the model wrote)
+    rejected: int = 0  # kept draft tokens the model rejects (neither its greedy choice nor p >= min_accept_p)
+    origin: str = ""
+
+
 def propose(engine: Engine, prompt_ids: list[int], prefix: str, suffix: str, other_documents: dict[str, str], *,
             doc_key: str, multiline: bool, stop: StopFn | None, cancel: Callable[[], bool] | None,
             max_new_tokens: int, budget_ms: float = 5.0, include_other_documents: bool = True,
             max_drafts: int = 4, include_ngram: bool = True, include_lines: bool = True,
             min_accept_p: float = MIN_ACCEPT_P, deadline_ms: float | None = None,
-            drafts: list[Draft] | None = None) -> list[Candidate]:
-    """Lookup drafts verified by the model: one Candidate per draft the model accepts a part of.
+            drafts: list[Draft] | None = None, repo: RepoSnapshot | None = None,
+            repo_exclude: Collection[str] = ()) -> list[Candidate]:
+    """Lookup drafts verified by the model: up to two candidates per draft.
 
-    Per draft: ONE forward pass (:meth:`Engine.score`) on top of ``prompt_ids``; keep the longest
-    accepted prefix (:func:`accepted_length`); apply ``stop`` token by token as the engine does;
-    when not finished, greedy decoding continues from the cache (source gets ``+model``).
-    ``logprobs`` are the model's log-probs of every token in ``token_ids``; as with token healing,
-    the first token may also cover prompt text, which ``text`` leaves out. ``deadline_ms`` (from
-    the call) stops verifying further drafts and bounds the continuation. Candidates with the
-    same text are given once (the better-ranked draft's). Raises Cancelled when ``cancel()``.
+    Per draft: ONE forward pass (:meth:`Engine.score`) on top of ``prompt_ids``. Where the model
+    accepts the whole draft (:func:`accepted_length`), the draft is the candidate. Where it
+    rejects a token, there are two: the *verified* one, cut before that token and continued by
+    greedy decoding from the cache (source gets ``+model``; none when the first token is
+    rejected, the model's own greedy candidate covers that), and the draft as copied, which
+    carries how many of its tokens the model rejected (:attr:`DraftCandidate.rejected`): the
+    ranking weighs that evidence, no rule picks one of the two. ``stop`` applies token by token
+    as in the engine. ``logprobs`` are the model's log-probs of every token in ``token_ids``; as
+    with token healing, the first token may also cover prompt text, which ``text`` leaves out.
+    ``deadline_ms`` (from the call) stops verifying further drafts and bounds the continuation.
+    Candidates with the same text are given once (the better-ranked draft's). Raises Cancelled
+    when ``cancel()``.
     """
     t0 = time.perf_counter()
     if drafts is None:
         drafts = find_drafts(prefix, suffix, other_documents, multiline=multiline, max_drafts=max_drafts,
                              budget_ms=budget_ms, include_other_documents=include_other_documents,
-                             include_ngram=include_ngram, include_lines=include_lines, uri=doc_key)
+                             include_ngram=include_ngram, include_lines=include_lines, uri=doc_key,
+                             repo=repo, repo_exclude=repo_exclude)
     if not drafts or not prompt_ids or max_new_tokens <= 0:
         return []
     room = max(1, engine.context_length - max_new_tokens)
@@ -513,26 +567,19 @@ def propose(engine: Engine, prompt_ids: list[int], prefix: str, suffix: str, oth
         left = None if deadline_ms is None else deadline_ms - (time.perf_counter() - t0) * 1000
         if left is not None and left <= 0:
             break
-        cand = _verify(engine, prompt, d, doc_key=doc_key, stop=stop, cancel=cancel,
-                       max_new_tokens=max_new_tokens, min_accept_p=min_accept_p, deadline_ms=left)
-        if cand is not None and cand.text not in texts:
-            texts.add(cand.text)
-            out.append(cand)
+        for cand in _verify(engine, prompt, d, doc_key=doc_key, stop=stop, cancel=cancel,
+                            max_new_tokens=max_new_tokens, min_accept_p=min_accept_p, deadline_ms=left):
+            if cand.text not in texts:
+                texts.add(cand.text)
+                out.append(cand)
     return out
 
 
-def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, stop: StopFn | None,
-            cancel: Callable[[], bool] | None, max_new_tokens: int, min_accept_p: float,
-            deadline_ms: float | None) -> Candidate | None:
-    al = align_draft(engine, prompt, draft.text)
-    if al is None:
-        return None
-    ids = al.draft[:max_new_tokens]
-    logprobs, greedy, after = engine.score(al.base, ids, doc_key=doc_key, cancel=cancel)
-    m = accepted_length(ids, logprobs, greedy, min_accept_p, forced_tokens(engine, al))
-    # Walk the accepted tokens as the engine would: text at whole characters, stop after each token.
+def _walk(engine: Engine, al: AlignedDraft, ids: list[int], m: int, stop: StopFn | None) -> tuple[str, int, str]:
+    """The first ``m`` draft tokens as the engine would emit them: (text at whole characters,
+    tokens kept, "stop" when ``stop`` cut it)."""
     table = engine.tokenizer.token_bytes()
-    buf, text, kept, finish = b"", "", 0, ""
+    buf, text, kept = b"", "", 0
     for i in range(m):
         buf += table[ids[i]]
         if len(buf) <= len(al.healed) or not _decodes(buf[len(al.healed):]):
@@ -540,10 +587,39 @@ def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, st
         kept, text = i + 1, buf[len(al.healed):].decode("utf-8")
         cut = stop(text) if stop is not None else None
         if cut is not None:
-            text, finish = text[:cut], "stop"
-            break
+            return text[:cut], kept, "stop"
+    return text, kept, ""
+
+
+def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, stop: StopFn | None,
+            cancel: Callable[[], bool] | None, max_new_tokens: int, min_accept_p: float,
+            deadline_ms: float | None) -> list[DraftCandidate]:
+    al = align_draft(engine, prompt, draft.text)
+    if al is None:
+        return []
+    ids = al.draft[:max_new_tokens]
+    logprobs, greedy, after = engine.score(al.base, ids, doc_key=doc_key, cancel=cancel)
+    forced = forced_tokens(engine, al)
+    m = accepted_length(ids, logprobs, greedy, min_accept_p, forced)
+    floor = math.log(min_accept_p) if min_accept_p > 0 else -math.inf
+
+    def make(text: str, kept: int, finish: str, source: str, token_ids: list[int], lps: list[float]) -> DraftCandidate:
+        rejected = sum(1 for i in range(forced, kept) if ids[i] != greedy[i] and logprobs[i] < floor)
+        return DraftCandidate(text, token_ids, [float(x) for x in lps], finish, sampled=False, source=source,
+                              distance=draft.distance, agree=draft.agree, draft_tokens=len(ids),
+                              copied_tokens=kept, rejected=rejected, origin=draft.origin)
+
+    out: list[DraftCandidate] = []
+    if m < len(ids):  # the model rejects a token: the draft as copied, with that evidence
+        text, kept, finish = _walk(engine, al, ids, len(ids), stop)
+        if kept and text.strip():
+            out.append(make(text, kept, finish or ("length" if kept >= max_new_tokens else "stop"), draft.source,
+                            ids[:kept], logprobs[:kept]))
+        if kept and kept <= m:  # the stop rule cut the draft inside its accepted part: nothing to verify
+            return out
+    text, kept, finish = _walk(engine, al, ids, m, stop)
     if kept == 0:
-        return None  # rejected at once: the model's own greedy candidate covers this
+        return out  # rejected at once: the model's own greedy candidate covers this
     token_ids, lps = ids[:kept], logprobs[:kept]
     source = draft.source
     if not finish and kept == len(ids) == len(al.draft):
@@ -551,6 +627,7 @@ def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, st
         # end is judged like one more draft token: kept when the greedy next token ends the line,
         # or (unless the rule is plain greedy agreement) when the line-end tokens together have
         # probability >= min_accept_p.
+        table = engine.tokenizer.token_bytes()
         nxt = int(after.argmax())
         ends = _line_end_ids(engine.tokenizer, engine.eos_id, len(after))
         p_end = float(np.exp(after[ends]).sum())
@@ -563,6 +640,10 @@ def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, st
             cut = stop(more)
             if cut is not None and cut <= len(text):
                 text, finish = more[:cut], "stop"
+        if not finish and text.strip():  # the model goes on where the copy ended: keep the copy too
+            copy = make(text, kept, "stop", source, token_ids, lps)
+            copy.rejected += 1
+            out.append(copy)
     if not finish and kept >= max_new_tokens:
         finish = "length"
     if not finish:
@@ -583,10 +664,10 @@ def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, st
         token_ids, lps, finish = token_ids + gen.token_ids, lps + gen.logprobs, gen.finish_reason
         if gen.token_ids:
             source += "+model"
-    if not text.strip():
-        return None
-    return Candidate(text, token_ids, [float(x) for x in lps], finish, sampled=False, source=source)
+    if text.strip():
+        out.insert(0, make(text, kept, finish, source, token_ids, lps))
+    return out
 
 
-__all__ = ["Draft", "find_drafts", "lookup_only", "propose", "AlignedDraft", "align_draft", "accepted_length",
+__all__ = ["Draft", "DraftCandidate", "find_drafts", "lookup_only", "propose", "AlignedDraft", "align_draft", "accepted_length",
            "forced_tokens", "MIN_ACCEPT_P", "SOURCES"]

@@ -27,9 +27,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import ModuleType
+from typing import Any
 from typing import cast
 
-from codegen_ls.suggest.context import Context, TokenCounter, build_context, decide_mode, sanitize, token_budget
+from codegen_ls.suggest.context import offset_of, Context, TokenCounter, build_context, decide_mode, sanitize, token_budget
 from codegen_ls.engine import latency
 from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
 from codegen_ls.engine.remote import RemoteEngine, RemoteOptions
@@ -38,6 +39,8 @@ from codegen_ls.kinds import Mode, Source
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.suggest.postprocess import clean, make_stop
 from codegen_ls.suggest.ranking import Item, rank
+from codegen_ls.suggest import confidence
+from codegen_ls.suggest.repo import RepoSnapshot, Snippet, path_of, render_snippets
 from codegen_ls.settings import Settings
 
 _lookup: ModuleType | None
@@ -54,6 +57,11 @@ TYPEAHEAD_DOCUMENTS = 64  # documents whose last suggestions are kept
 CONTINUE_MS = 1500  # deadline of a background continuation (deadline-first)
 HEAL_SEARCH_CHARS = 32  # how far into a candidate's decoded tokens its text may start (token healing)
 LOOKUP_MARGIN_CHARS = 65_536  # > what lookup reads beyond its windows (a line start before, a draft after)
+REPO_CHARS_PER_TOKEN = 4  # repository snippets are picked within budget x this many characters, then cut by tokens
+REPO_QUERY_STEP = 16  # the snippets are chosen again only when the cursor enters another block of this many lines ...
+REPO_QUERY_LINES = 40  # ... from the identifiers of this many lines above that block (stable prompt: KV cache reuse)
+REPO_IMPORT_CHARS = 8_000  # the document's start, where its imports are read
+REPO_SECTIONS = 64  # documents whose repository section is remembered
 
 
 @dataclass
@@ -67,6 +75,7 @@ class CompletionRequest:
     insert_spaces: bool | None = None
     other_documents: dict[str, str] = field(default_factory=dict)  # uri -> text (open buffers)
     explicit: bool = False  # the user asked (triggerKind Invoked) rather than typing
+    repo: RepoSnapshot | None = None  # the workspace index (codegen_ls.suggest.repo): repository drafts and snippets
 
 
 @dataclass
@@ -88,6 +97,8 @@ class CompletionResult:
     reason: str = ""  # why nothing / which cache answered
     timings: dict[str, float] = field(default_factory=dict)  # ms: [load,] context, prefill, decode, [lookup,] rank, total
     stats: dict[str, float] = field(default_factory=dict)  # prompt/cached/new tokens, tokens/s, candidates, lookup_candidates
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every ranked candidate: text, source, confidence, features
+    prompt_info: dict[str, Any] = field(default_factory=dict)  # what went into the prompt: repository snippets, tokens
     more: bool = False  # the top suggestion was cut by the new-token count or the deadline: ``complete(.., more=True)`` goes on
 
 
@@ -130,6 +141,7 @@ class Completer:
         self._remote: RemoteOptions | None = None  # the remote backend in use (None: the local engine)
         self._counter: TokenCounter | None = None
         self._shown: OrderedDict[str, _Shown] = OrderedDict()
+        self._sections: OrderedDict[str, tuple[tuple[Any, ...], str, list[Snippet]]] = OrderedDict()  # uri -> (key, text, snippets)
         self._lock = threading.RLock()
         self.speeds: latency.Speeds | None = None  # this machine's, for the latency target (local engine)
         self._ahead: OrderedDict[str, _Shown] = OrderedDict()  # per document: the answer as if its suggestion were accepted
@@ -258,8 +270,9 @@ class Completer:
         language = req.language_id or "python"  # the models are trained on Python
         bos = engine.tokenizer.decode([engine.eos_id])
         budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
+        preamble, prompt_info = self._repo_section(engine, counter, req, settings, budget)
         ctx = build_context(req.text, req.line, req.character, counter, budget, bos_text=bos,
-                            tab_size=req.tab_size, insert_spaces=req.insert_spaces)
+                            tab_size=req.tab_size, insert_spaces=req.insert_spaces, preamble=preamble)
         if warm:
             return self._done(CompletionResult([], Mode.NONE, "warm", stats={"prompt_tokens": _prefill(engine, ctx, req.uri, cancel)}),
                               timings, t0)
@@ -290,7 +303,12 @@ class Completer:
             timings["lookup"] = _ms(t1)
 
         t2 = time.perf_counter()
-        ranked = rank([it for it in items if it is not None], ctx, mode, language)
+        ranked = rank([it for it in items if it is not None], ctx, mode, language,
+                      confidence.for_model(getattr(engine, "model_dir", None)))
+        explained = [{"text": r.text, "source": r.source, "sources": r.sources, "confidence": round(r.confidence, 4),
+                      "score": round(r.score, 4), "origin": r.origin, "features": r.features} for r in ranked]
+        prompt_info["prompt_tokens"] = len(ctx.prompt_ids)
+        prompt_info["repo_tokens"] = ctx.preamble_tokens
         suggestions = [
             Suggestion(r.text, (ctx.line, ctx.character), (ctx.line, ctx.character), round(r.score, 4),
                        round(r.confidence, 4), r.source, round(r.logprob_mean, 4), r.finish_reason)
@@ -308,7 +326,7 @@ class Completer:
                  "lookup_candidates": n_lookup}
         cut = bool(shown) and not more and shown[0].finish_reason in ("length", "deadline") and (
             shown[0].finish_reason == "deadline" or settings.max_new_tokens < full_new)
-        return self._done(CompletionResult(shown, mode, reason if not shown else "", stats=stats, more=cut), timings, t0)
+        return self._done(CompletionResult(shown, mode, reason if not shown else "", stats=stats, candidates=explained, prompt_info=prompt_info, more=cut), timings, t0)
 
     def _done(self, result: CompletionResult, timings: dict[str, float], t0: float) -> CompletionResult:
         timings["total"] = _ms(t0)
@@ -321,7 +339,8 @@ class Completer:
         if cleaned is None:
             return None
         logprobs = _kept_logprobs(engine, cand, cleaned.kept_chars)
-        return Item(cleaned.text, logprobs, source, cand.finish_reason, cleaned.truncated, cleaned.reindented)
+        return Item(cleaned.text, logprobs, source, cand.finish_reason, cleaned.truncated, cleaned.reindented,
+                    **{k: getattr(cand, k) for k in DRAFT_EVIDENCE if hasattr(cand, k)})
 
     def _lookup(self, engine: Engine, req: CompletionRequest, ctx: Context, mode: str, settings: Settings,
                 cancel: CancelFn | None, t0: float) -> list[Candidate]:
@@ -333,7 +352,44 @@ class Completer:
         return _lookup.propose(engine, prompt_ids, prefix, suffix, others,
                                doc_key=req.uri, multiline=mode == "multi", stop=make_stop(ctx, mode, ""),
                                cancel=cancel, max_new_tokens=settings.max_new_tokens, budget_ms=LOOKUP_FIND_MS,
-                               include_other_documents=settings.lookup_other_documents, deadline_ms=left)
+                               include_other_documents=settings.lookup_other_documents, deadline_ms=left,
+                               repo=req.repo if settings.repo_lookup else None,
+                               repo_exclude=_open_paths(req))
+
+    def _repo_section(self, engine: Engine, counter: TokenCounter, req: CompletionRequest, settings: Settings,
+                      budget: int) -> tuple[str, dict[str, Any]]:
+        """The prompt's repository section for ``req`` and what it holds (for ``complete --json``).
+
+        Chosen again only when the index changed or the cursor entered another block of
+        ``REPO_QUERY_STEP`` lines, so the prompt's start stays the same while the user types
+        (KV-cache reuse); cut to ``repoContextTokens`` and to a quarter of the prompt budget.
+        """
+        tokens = min(settings.repo_context_tokens, budget // 4)
+        if req.repo is None or not settings.repo_context or tokens <= 0 or not len(req.repo):
+            return "", {}
+        anchor = req.line - req.line % REPO_QUERY_STEP
+        key = (req.repo.version, id(req.repo), anchor, tokens, hash(req.text[:REPO_IMPORT_CHARS]))
+        with self._lock:
+            hit = self._sections.get(req.uri)
+        if hit is not None and hit[0] == key:
+            text, snippets = hit[1], hit[2]
+        else:
+            lo, _, _ = offset_of(req.text, max(0, anchor - REPO_QUERY_LINES), 0)
+            hi, _, _ = offset_of(req.text, anchor, 0)
+            snippets = req.repo.snippets(req.text[lo:hi], tokens * REPO_CHARS_PER_TOKEN, document_path=path_of(req.uri),
+                                         document_text=req.text[:REPO_IMPORT_CHARS], exclude=_open_paths(req))
+            eot = engine.tokenizer.decode([engine.eos_id])
+            while snippets and len(counter.encode(render_snippets(snippets, eot))) > tokens:
+                snippets = snippets[:-1]  # the weakest go first
+            text = render_snippets(snippets, eot)
+            with self._lock:
+                self._sections[req.uri] = (key, text, snippets)
+                self._sections.move_to_end(req.uri)
+                while len(self._sections) > REPO_SECTIONS:
+                    self._sections.popitem(last=False)
+        info = {"repo_snippets": [{"file": s.rel, "line": s.start + 1, "lines": s.text.count("\n") + 1, "why": s.why,
+                                   "score": s.score} for s in snippets]}
+        return text, info
 
     # -- type-ahead cache ------------------------------------------------------------------
     def _remember(self, uri: str, ctx: Context, suggestions: list[Suggestion], ahead: bool = False,
@@ -378,6 +434,15 @@ def remote_options(settings: Settings) -> RemoteOptions | None:
     if settings.backend != "remote":
         return None
     return RemoteOptions(settings.remote_url, settings.remote_model, settings.remote_api_key_env, settings.remote_fim)
+
+
+DRAFT_EVIDENCE = ("distance", "agree", "draft_tokens", "copied_tokens", "rejected", "origin")  # drafts.DraftCandidate -> Item
+
+
+def _open_paths(req: CompletionRequest) -> set[str]:
+    """Files whose text the request has from the editor (this document, the open ones): the
+    repository's copies on disk are left out."""
+    return {p for p in (path_of(u) for u in (req.uri, *req.other_documents)) if p}
 
 
 def _lookup_texts(req: CompletionRequest, cursor: int, lookup: ModuleType) -> tuple[str, str, dict[str, str]]:

@@ -1,8 +1,17 @@
-"""Ranking: one score for candidates from every source (greedy, samples, lookup drafts).
+"""Ranking: one probability for candidates from every source (greedy, samples, lookup drafts).
 
-score      = mean token log-prob (length-normalised model confidence)
-             - structure penalties + agreement bonus + a small length bonus
-confidence = exp(mean log-prob - penalties + agreement bonus), at most ``MAX_CONFIDENCE``
+Candidates equal up to whitespace are merged (each extra vote is evidence: samples agreeing
+with greedy, a copy the model also wrote). Each group is described by :func:`features` -- its
+source, the model's log-probs, length, the structure checks below, how a copied draft matched and
+what the model thought of it, identifiers new to the context, the votes -- and the calibrated
+confidence model (:mod:`codegen_ls.suggest.confidence`) turns them into the probability that it
+is exactly right. That probability orders the candidates (so evidence, not a constant, decides
+between a copy and the model's own text) and is their ``confidence``; ``score`` is its log-odds.
+Without coefficients (none readable) the order falls back to the earlier rule, the heuristic score
+below, and the confidence to exp(mean log-prob - penalties), uncalibrated:
+
+heuristic score = mean token log-prob - structure penalties + agreement bonus + a small length bonus
+                  + LOOKUP_PRIOR for a copy that breaks nothing
 
 Structure (Python): the code before the cursor + the completed line (+ the following lines when
 they parsed before) must parse or be a valid *incomplete* prefix (``codeop``'s
@@ -10,8 +19,7 @@ they parsed before) must parse or be a valid *incomplete* prefix (``codeop``'s
 are fine; ``x = )`` or ``for x in y`` without ``:`` are not); a cursor line too long to be read
 whole (:attr:`Context.line_cut`) is not parsed. Any language: closing brackets that
 match nothing, lines repeated inside the suggestion, decoding loops, and text that only repeats
-what follows the cursor are penalised. Candidates equal up to whitespace are merged; each extra
-vote raises the score and the confidence a little (samples agreeing with greedy is evidence).
+what follows the cursor are penalised.
 
 Penalties and bonuses are in the units of the mean log-prob (nats per token).
 """
@@ -25,6 +33,9 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from codegen_ls.suggest.confidence import MAX_CONFIDENCE, ConfidenceModel
 from codegen_ls.suggest.context import Context
 from codegen_ls.suggest.postprocess import Brackets, leading_ws, scan_brackets
 
@@ -40,19 +51,21 @@ AGREEMENT_BONUS = 0.15  # per extra candidate with the same text (self-consisten
 MAX_VOTES = 3  # ... counted up to this many extra votes
 LENGTH_BONUS = 0.05  # x ln(1 + tokens), score only: between similar candidates prefer the longer
 EMPTY_LOGPROB = -5.0  # mean log-prob assumed for a candidate without any (never expected)
-# Lookup drafts (text copied from this project, scored by the model) against the model's own guesses.
-# Held-out eval (benchmarks/eval_completion.py, N=200): exact match 10.0 / 14.0 / 21.5 / 25.5 / 27.0 %
-# for a score prior of 0 / 1 / 2.5 / 5 / 10 nats: with the small embedded model, a draft from the
-# document beats its own guesses nearly always; among drafts, the model's log-prob decides.
-LOOKUP_PRIOR = 10.0  # added to the ranking score of lookup drafts
-LOOKUP_CONFIDENCE_PRIOR = 1.0  # added to their log-prob for confidence (36 % vs 9 % exact when shown)
-MAX_CONFIDENCE = 0.99  # a model is never certain; minConfidence 1 therefore shows nothing
 PARSE_LINES = 60  # lines before the cursor line that the syntax check looks at
 MIN_REPEAT_CHARS = 6  # shorter lines (``)``, ``pass``, ``else:``) may legitimately repeat
+CONTEXT_IDENT_CHARS = 20_000  # text before the cursor whose identifiers count as known
+LP_FLOOR = -15.0  # log-prob features are clipped here (one absurd token should not dominate)
+COPY_SOURCES = ("lookup:line", "lookup:doc", "lookup:repo", "lookup:ngram")
+LOOKUP_PRIOR = 10.0  # the fallback's constant preference for copies (stdlib eval: 10.0 -> 27.0 % exact vs 0 -> 10.0 %)
+LOOKUP_CONFIDENCE_PRIOR = 1.0  # ... and its lift of their confidence
 
 # codeop's compile flags (not in typeshed): an unfinished statement is "incomplete input", not an error.
 _FLAGS = getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0x4000) | getattr(codeop, "PyCF_DONT_IMPLY_DEDENT", 0x200) | ast.PyCF_ONLY_AST
 _LOOP = re.compile(r"(.{%d,%d}?)\1\1" % (LOOP_MIN, LOOP_MAX), re.DOTALL)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEYWORDS = frozenset(("False None True and as assert async await break class continue def del elif else except "
+                       "finally for from global if import in is lambda nonlocal not or pass raise return try while "
+                       "with yield self").split())
 
 
 @dataclass
@@ -65,6 +78,13 @@ class Item:
     finish_reason: str = ""
     truncated: bool = False
     reindented: bool = False  # see postprocess.Cleaned
+    # a lookup draft's evidence (drafts.DraftCandidate); zeros for the model's own candidates
+    distance: int = 0
+    agree: int = 0
+    draft_tokens: int = 0
+    copied_tokens: int = 0
+    rejected: int = 0
+    origin: str = ""
 
     @property
     def logprob_mean(self) -> float:
@@ -82,6 +102,17 @@ class Ranked:
     penalty: float = 0.0
     votes: int = 1
     sources: list[str] = field(default_factory=list)
+    features: dict[str, float] = field(default_factory=dict)
+    origin: str = ""
+
+
+@dataclass
+class _Judged:
+    item: Item
+    text: str
+    parts: dict[str, float]  # structure checks
+    penalty: float
+    score: float  # heuristic
 
 
 def normalize(text: str) -> str:
@@ -89,33 +120,99 @@ def normalize(text: str) -> str:
     return "\n".join(" ".join(ln.split()) for ln in text.splitlines() if ln.strip())
 
 
-def rank(items: list[Item], ctx: Context, mode: str, language_id: str = "python") -> list[Ranked]:
-    """Deduplicated candidates, best first."""
+def rank(items: list[Item], ctx: Context, mode: str, language_id: str = "python",
+         model: ConfidenceModel | None = None) -> list[Ranked]:
+    """Deduplicated candidates, most likely right first (see the module docstring)."""
     python = language_id == "python"
     check = SyntaxCheck(ctx) if python else None
     before = brackets_before(ctx, python)
-    groups: dict[str, list[Ranked]] = {}
+    known = context_identifiers(ctx)
+    groups: dict[str, list[_Judged]] = {}
     for it in items:
         text = it.text.replace("\r\n", "\n")
         partial = mode == "single" and it.finish_reason in ("length", "deadline")
-        pen = structure_penalty(text, ctx, mode, python, partial, check, before) + DEDENT_PENALTY * it.reindented
-        mean = it.logprob_mean
-        prior = it.source.startswith("lookup") and pen == 0  # a draft that breaks the code loses it
-        score = mean - pen + LENGTH_BONUS * math.log1p(len(it.logprobs)) + LOOKUP_PRIOR * prior
-        groups.setdefault(normalize(text), []).append(
-            Ranked(it.text, it.source, score, 0.0, mean, it.finish_reason, pen, 1, [it.source]))
+        parts = structure_parts(text, ctx, mode, python, partial, check, before)
+        pen = penalty_of(parts) + DEDENT_PENALTY * it.reindented
+        score = it.logprob_mean - pen + LENGTH_BONUS * math.log1p(len(it.logprobs))
+        groups.setdefault(normalize(text), []).append(_Judged(it, text, parts, pen, score))
     out = []
     for group in groups.values():
-        best = max(group, key=lambda r: r.score)
-        best.votes = len(group)
-        best.sources = sorted({s for r in group for s in r.sources})
-        bonus = AGREEMENT_BONUS * min(MAX_VOTES, best.votes - 1)
-        best.score += bonus
-        lift = LOOKUP_CONFIDENCE_PRIOR if any(src.startswith("lookup") for src in best.sources) else 0.0
-        best.confidence = min(MAX_CONFIDENCE, math.exp(min(0.0, best.logprob_mean - best.penalty + bonus + lift)))
-        out.append(best)
+        copies = [j for j in group if j.item.source.startswith(COPY_SOURCES)]
+        rep = max(copies or group, key=lambda j: j.score)  # a copy represents the group: its evidence
+        sources = sorted({j.item.source for j in group})
+        votes = len(group)
+        bonus = AGREEMENT_BONUS * min(MAX_VOTES, votes - 1)
+        feats = features(rep, group, ctx, mode, known)
+        out.append(Ranked(rep.item.text, rep.item.source, rep.score + bonus, 0.0, rep.item.logprob_mean,
+                          rep.item.finish_reason, rep.penalty, votes, sources, feats, rep.item.origin))
+    if model is not None and out:
+        logits = model.logit(np.stack([model.vector(r.features) for r in out]))
+        for r, z in zip(out, logits):
+            r.score = float(z)
+            r.confidence = min(MAX_CONFIDENCE, 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, float(z))))))
+    else:  # the earlier, uncalibrated rule
+        for r in out:
+            bonus = AGREEMENT_BONUS * min(MAX_VOTES, r.votes - 1)
+            copy = any(src.startswith(COPY_SOURCES) for src in r.sources)
+            r.score += LOOKUP_PRIOR * (r.source.startswith(COPY_SOURCES) and r.penalty == 0)
+            r.confidence = min(MAX_CONFIDENCE, math.exp(min(0.0, r.logprob_mean - r.penalty + bonus
+                                                            + LOOKUP_CONFIDENCE_PRIOR * copy)))
     out.sort(key=lambda r: r.score, reverse=True)
     return out
+
+
+def context_identifiers(ctx: Context) -> frozenset[str]:
+    """Identifiers in the text around the cursor (what a suggestion's names are checked against)."""
+    return frozenset(_IDENT.findall(ctx.prefix[-CONTEXT_IDENT_CHARS:])) | frozenset(_IDENT.findall(ctx.suffix))
+
+
+def features(rep: _Judged, group: list[_Judged], ctx: Context, mode: str, known: frozenset[str]) -> dict[str, float]:
+    """The evidence about one merged candidate, by :data:`confidence.FEATURES` name."""
+    it = rep.item
+    base = it.source.split("+")[0]
+    lps = [max(LP_FLOOR, x) for x in it.logprobs] or [EMPTY_LOGPROB]
+    mean, low = sum(lps) / len(lps), min(lps)
+    copy = base in COPY_SOURCES
+    sources = {j.item.source.split("+")[0] for j in group}
+    first = rep.text.split("\n", 1)[0]
+    names = [w for w in _IDENT.findall(first) if w not in _KEYWORDS]
+    new = sum(1 for w in names if w not in known)
+    return {
+        "src_sample": float(base == "sample"), "src_line": float(base == "lookup:line"),
+        "src_doc": float(base == "lookup:doc"), "src_repo": float(base == "lookup:repo"),
+        "src_ngram": float(base == "lookup:ngram"), "model_continued": float("+model" in it.source),
+        "votes": float(min(MAX_VOTES, len(group) - 1)), "has_greedy": float("greedy" in sources),
+        "mixed_votes": float(bool(sources & set(COPY_SOURCES)) and bool(sources & {"greedy", "sample"})),
+        "lp_mean": mean, "lp_min": low, "lp_first": lps[0],
+        "lp_mean_copy": mean if copy else 0.0, "lp_min_copy": low if copy else 0.0,
+        "tokens_log": math.log1p(len(it.logprobs)), "chars_log": math.log1p(len(first.strip())),
+        "syntax_error": rep.parts["syntax_error"], "closers": rep.parts["closers"], "repeats": rep.parts["repeats"],
+        "reindented": float(it.reindented), "partial": float(it.finish_reason in ("length", "deadline")),
+        "distance_log": math.log1p(it.distance) if copy else 0.0, "agree": it.agree / 64 if copy else 0.0,
+        "copied_frac": it.copied_tokens / max(1, it.draft_tokens) if copy else 0.0,
+        "rejected": float(min(5, it.rejected)),
+        "idents_new": float(min(5, new)), "idents_shared": float(min(5, len(names) - new)),
+        "multi": float(mode == "multi"), "blank_prefix": float(not ctx.line_prefix.strip()),
+    }
+
+
+def structure_parts(text: str, ctx: Context, mode: str, python: bool = True, partial: bool = False,
+                    check: SyntaxCheck | None = None, before: Brackets | None = None) -> dict[str, float]:
+    """The structure checks of inserting ``text`` at the cursor: syntax error (0/1), new unmatched
+    closers (up to MAX_BRACKET_PENALTIES), repetition (repeated lines, a decoding loop, re-typing
+    what follows the cursor)."""
+    error = 0.0
+    if python:
+        check = check or SyntaxCheck(ctx)
+        error = float(check.is_error(text, partial))
+    closers = float(min(MAX_BRACKET_PENALTIES, new_unmatched_closers(ctx, text, python, before)))
+    repeats = REPEAT_PENALTY * repeated_lines(text) + LOOP_PENALTY * bool(_LOOP.search(text[:400])) \
+        + DUPLICATE_PENALTY * duplicates_following(ctx, text, mode)
+    return {"syntax_error": error, "closers": closers, "repeats": float(repeats)}
+
+
+def penalty_of(parts: dict[str, float]) -> float:
+    return SYNTAX_ERROR_PENALTY * parts["syntax_error"] + BRACKET_PENALTY * parts["closers"] + parts["repeats"]
 
 
 def structure_penalty(text: str, ctx: Context, mode: str, python: bool = True, partial: bool = False,
@@ -124,19 +221,7 @@ def structure_penalty(text: str, ctx: Context, mode: str, python: bool = True, p
 
     ``check`` and ``before`` depend only on the context: pass them to share them between candidates.
     """
-    pen = 0.0
-    if python:
-        check = check or SyntaxCheck(ctx)
-        if check.is_error(text, partial):
-            pen += SYNTAX_ERROR_PENALTY
-    closers = new_unmatched_closers(ctx, text, python, before)
-    pen += BRACKET_PENALTY * min(MAX_BRACKET_PENALTIES, closers)
-    pen += REPEAT_PENALTY * repeated_lines(text)
-    if _LOOP.search(text[:400]):
-        pen += LOOP_PENALTY
-    if duplicates_following(ctx, text, mode):
-        pen += DUPLICATE_PENALTY
-    return pen
+    return penalty_of(structure_parts(text, ctx, mode, python, partial, check, before))
 
 
 def repeated_lines(text: str) -> int:
@@ -275,5 +360,5 @@ class SyntaxCheck:
         return classify(self.before + completed + "\n") == "error"
 
 
-__all__ = ["Item", "Ranked", "rank", "normalize", "structure_penalty", "classify", "SyntaxCheck",
+__all__ = ["Item", "Ranked", "rank", "features", "normalize", "structure_penalty", "structure_parts", "classify", "SyntaxCheck",
            "repeated_lines", "duplicates_following", "new_unmatched_closers", "brackets_before"]
