@@ -277,6 +277,18 @@ local function main()
     and not health:find('ERROR'),
     ':checkhealth codegen_ls: %s', health)
   result.final_status = vim.g.codegen_ls_status
+
+  -- :CodegenLs restart: a new server attached to the buffer, its model loaded.
+  vim.cmd('bwipeout!') -- the health buffer
+  local old_id = client.id
+  vim.g.codegen_ls_status = nil
+  vim.cmd('CodegenLs restart')
+  wait_for('a new client', function()
+    local c = vim.lsp.get_clients({ bufnr = 0, name = 'codegen_ls' })[1]
+    return c and c.id ~= old_id and c.initialized
+  end)
+  wait_for('the new server ready', function() return (vim.g.codegen_ls_status or {}).state == 'ready' end)
+  check(client:is_stopped(), 'the old client still runs')
   H.finish(true)
 end
 

@@ -43,6 +43,8 @@ local function main()
     check(vim.endswith(api.nvim_buf_get_name(0), 'codegen-ls.txt'), ':help %s opened %s', tag, api.nvim_buf_get_name(0))
     vim.cmd('helpclose')
   end
+  vim.cmd('CodegenLs log')
+  check(vim.endswith(api.nvim_buf_get_name(0), 'lsp.log'), ':CodegenLs log opened %s', api.nvim_buf_get_name(0))
   H.finish(true)
 end
 
