@@ -797,3 +797,33 @@ async def test_prompt_cache_memory_stays_within_its_setting():
         assert grown_mb <= 20 + 4 * text_mb + 100
     finally:
         await c.close()
+
+
+FRAME_PIECES = st.sampled_from([b"Content-Length: ", b"content-length:", b"CONTENT-LENGTH:\t", b"Content-Type: x", b"0",
+                                b"7", b"-1", b"99999999999999", b"12x", b"\r\n", b"\n", b"\r\n\r\n", b"{", b"}", b'"id": 5',
+                                b'{"jsonrpc": "2.0", "id": 1, "method": "x"}', b"\xff", b" ", b"POST / HTTP/1.1"])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(raw=st.binary(max_size=60) | st.lists(FRAME_PIECES, max_size=10).map(b"".join))
+def test_unframed_bytes_never_make_the_server_deaf(rpc_server: ThreadedServer, raw: bytes):
+    """Any bytes at all on stdin (bad headers, bodies without headers, huge lengths), and the next
+    well-formed requests are answered: the first one, or (when the junk swallowed it whole, as an
+    HTTP request line followed by its header block does) the one after it."""
+    c = rpc_server.client
+
+    async def run() -> None:
+        assert c.writer is not None
+        c.writer.write(raw)
+        await c.writer.drain()
+        first = c.next_id()
+        await c.send({"jsonrpc": "2.0", "id": first, "method": "codegenLs/debugDocument", "params": {"uri": "file:///a.py"}})
+        try:
+            await c.response(first, timeout=5)
+        except AssertionError:
+            assert b"HTTP/" in raw, raw  # only a foreign header block may take the next message with it
+            reply = await c.request("codegenLs/debugDocument", {"uri": "file:///a.py"}, timeout=30)
+            assert "result" in reply, reply
+    rpc_server.call(run)
+    assert c.proc.returncode is None
