@@ -1,7 +1,10 @@
 """Completion quality on held-out code: exact match of the rest of the line, per pipeline mode.
 
-Documents are the held-out stdlib modules of the training recipe (``HELDOUT`` in
-``models/recipe/train.py``; never trained on), read from this interpreter's stdlib. A
+Documents (``--source``): ``stdlib``, the held-out stdlib modules of the training recipe (``HELDOUT`` in
+``models/recipe/train.py``; never trained on), read from this interpreter's stdlib; or ``packages``,
+the third-party packages the recipe holds out for evaluation (``EVAL`` in ``models/recipe/corpus.py``:
+never trained on, never used for fitting), read from the corpus cache (``--corpus``, built by
+``python models/recipe/corpus.py --cache DIR``). ``--fim off`` sends prefix-only prompts to a FIM model. A
 deterministic sample (``--seed``) of ``--n`` cursors: a random non-blank line (uniform over all
 lines of all files), the cursor at a random point between its indentation and its last
 character. The rest of the line is the *target* and is deleted from the document (the lines
@@ -23,6 +26,7 @@ holds the document up to the start of the cursor line (as after earlier keystrok
 drops the cache instead (first request at a new place).
 
     python benchmarks/eval_completion.py [--n 200] [--seed 0] [--out eval.json] [--modes greedy,ranked]
+        [--source stdlib|packages --corpus DIR] [--fim on|off]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
-from codegen_ls.suggest.context import TokenCounter, build_context, decide_mode, token_budget
+from codegen_ls.suggest.context import TokenCounter, build_context, decide_mode, fim_suffix_budget, token_budget
 from codegen_ls.engine.engine import Engine, EngineOptions
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.settings import Settings
@@ -142,9 +146,20 @@ def heldout_files(include_tests: bool) -> list[Path]:
     return files
 
 
-def sample_cursors(files: list[Path], n: int, seed: int) -> list[Sample]:
+def package_texts(corpus: Path) -> dict[str, str]:
+    """``pkg/path`` -> text of the corpus's evaluation split (the recipe's EVAL packages)."""
+    out = {}
+    for line in (corpus / "files.jsonl").read_text(encoding="utf-8").splitlines():
+        d = json.loads(line)
+        if d["split"] == "eval":
+            out[f"{d['pkg']}/{d['path']}"] = d["text"]
+    return out
+
+
+def sample_cursors(files: list[Path] | dict[str, str], n: int, seed: int) -> list[Sample]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    texts = {p: p.read_text(encoding="utf-8", errors="replace") for p in files}
+    texts: dict[Any, str] = (files if isinstance(files, dict)
+                             else {p: p.read_text(encoding="utf-8", errors="replace") for p in files})
     pool = [(p, i) for p, t in texts.items() for i, ln in enumerate(t.split("\n"))
             if ln.strip() and len(ln) <= MAX_LINE_CHARS and len(ln.rstrip()) - (len(ln) - len(ln.lstrip())) >= 2]
     rng = random.Random(seed)
@@ -156,7 +171,8 @@ def sample_cursors(files: list[Path], n: int, seed: int) -> list[Sample]:
         indent = len(line) - len(line.lstrip())
         col = rng.randint(indent, len(line) - 1)
         lines[i] = line[:col]
-        samples.append(Sample(str(path.relative_to(root)), i, col, line[col:], "\n".join(lines)))
+        name = str(path.relative_to(root)) if isinstance(path, Path) else path
+        samples.append(Sample(name, i, col, line[col:], "\n".join(lines)))
     rng.shuffle(samples)
     return samples
 
@@ -164,8 +180,9 @@ def sample_cursors(files: list[Path], n: int, seed: int) -> list[Sample]:
 def warm(engine: Engine, counter: TokenCounter, sample: Sample, settings: Settings, key: str) -> None:
     """Put the document up to the start of the cursor line in the KV cache under ``key`` (typing)."""
     bos = engine.tokenizer.decode([engine.eos_id])
-    ctx = build_context(sample.text, sample.line, sample.character, counter,
-                        token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens), bos_text=bos)
+    budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
+    ctx = build_context(sample.text, sample.line, sample.character, counter, budget, bos_text=bos,
+                        fim_budget=fim_suffix_budget(budget) if settings.fim and engine.fim else 0)
     head = ctx.line_prefix[: len(ctx.line_prefix) - len(ctx.held)]
     upto = len(ctx.prompt_ids) - len(counter.encode(head)) - 1 if head else len(ctx.prompt_ids) - 1
     if upto > 0:
@@ -234,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", action="store_true", help="empty KV cache before every request")
     ap.add_argument("--include-tests", action="store_true", help="also the held-out modules' test files")
     ap.add_argument("--out", type=Path, default=None, help="write the results (and every sample) as JSON")
+    ap.add_argument("--source", choices=("stdlib", "packages"), default="stdlib",
+                    help="held-out stdlib modules, or the recipe's held-out third-party packages (--corpus)")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "build" / "corpus", help="corpus.py's cache folder")
+    ap.add_argument("--fim", choices=("on", "off"), default="on", help="fill-in-the-middle prompts (FIM models)")
     args = ap.parse_args(argv)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -243,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     if lookup is None:
         modes = [m for m in modes if m not in ("lookup-only", "combined")]
 
-    files = heldout_files(args.include_tests)
+    files = heldout_files(args.include_tests) if args.source == "stdlib" else package_texts(args.corpus)
     samples = sample_cursors(files, args.n, args.seed)
     engine = Engine(resolve_model_dir(args.model), EngineOptions(threads=args.threads))
     counter = TokenCounter(engine.tokenizer)
     base = Settings(model_path=args.model, max_new_tokens=args.max_new_tokens, num_candidates=args.num_candidates,
-                    context_tokens=args.context_tokens, deadline_ms=args.deadline_ms, threads=args.threads)
+                    context_tokens=args.context_tokens, deadline_ms=args.deadline_ms, threads=args.threads,
+                    fim=args.fim == "on")
     settings = {
         "greedy": replace(base, num_candidates=1, lookup=False),
         "ranked": replace(base, lookup=False),

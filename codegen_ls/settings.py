@@ -56,11 +56,13 @@ class Settings:
     min_confidence: float = setting(0.0, "suggestions whose confidence (0-1) is lower are not shown", lo=0, hi=1)
     threads: int = setting(0, "onnxruntime threads, 0 = all cores", lo=0, hi=256)
     prompt_cache_mb: int = setting(
-        0, "memory for the documents' KV caches (MB, least recently used dropped); 0: sized to the model, "
-        "8 documents at contextTokens (embedded model: 45 MB)", lo=0, hi=65_536
+        0, "memory for the documents' KV caches (MB); 0: sized to the model, 8 documents at contextTokens"
     )
     lookup: bool = setting(True, "candidates copied from other lines of the document, scored by the model")
     lookup_other_documents: bool = setting(True, "also from the other open documents")
+    fim: bool = setting(
+        True, "fill-in-the-middle: the model also reads the text after the cursor (models with FIM tokens)"
+    )
     debounce_ms: int = setting(
         0, "server-side wait before starting the model (clients debounce already)", lo=0, hi=5000
     )

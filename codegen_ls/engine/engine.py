@@ -27,6 +27,7 @@ from codegen_ls.engine import kernels, kvcache
 from codegen_ls.engine.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.kinds import FinishReason, Source
+from codegen_ls.engine.fim import Fim
 from codegen_ls.engine.modeldir import Manifest, read_manifest, verify_at_load
 
 log = logging.getLogger(__name__)
@@ -341,6 +342,12 @@ class Engine:
         self.cache = PromptCache(self.options.cache_bytes)
         self.eos_id = self.manifest.eos_token_id
         self.context_length = self.manifest.context_length
+        try:
+            self.fim: Fim | None = Fim.from_json(self.manifest.fim)  # fill-in-the-middle tokens, or None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{self.model_dir}: invalid fim record in the manifest: {exc}") from None
+        # never generated: the FIM control tokens (a candidate is plain text)
+        self._banned = np.asarray([self.fim.prefix, self.fim.middle, self.fim.suffix] if self.fim else [], np.int64)
         self._lock = threading.RLock()
         self._by_bytes: tuple[list[bytes], np.ndarray] | None = None  # token healing lookup
 
@@ -418,7 +425,7 @@ class Engine:
         temperature, top_k, top_p, seed, heal = opts.temperature, opts.top_k, opts.top_p, opts.seed, opts.heal
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         healed = b""
-        if heal and isinstance(prompt, str) and len(ids) > 1:
+        if heal and isinstance(prompt, str) and len(ids) > 1 and ids[-1] not in self._banned:
             healed = self.tokenizer.token_bytes()[ids[-1]]
             ids = ids[:-1]
         if not ids:
@@ -433,6 +440,8 @@ class Engine:
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
         rng = np.random.default_rng(seed)
         logp = log_softmax(fwd.logits[-1])
+        if self._banned.size:
+            logp[self._banned] = -np.inf
         if healed:
             logp = logp + self._heal_mask(healed)
         n = max(1, n)
@@ -475,6 +484,9 @@ class Engine:
             logits = self.backend.step(dec, [rows[r].ids[-1] for r in active])
             stats.steps += 1
             step_logp = list(log_softmax(logits))  # one row per active candidate
+            if self._banned.size:
+                for lp in step_logp:
+                    lp[self._banned] = -np.inf
             next_tokens = [int(np.argmax(lp)) if not rows[r].sampled else sample_token(lp, rng, temperature, top_k, top_p)
                            for lp, r in zip(step_logp, active)]
         stats.decode_ms = (time.perf_counter() - t_dec) * 1000

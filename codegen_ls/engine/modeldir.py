@@ -47,6 +47,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    fim: dict[str, Any] = field(default_factory=dict)  # fill-in-the-middle tokens (engine/fim.py); {} = none
 
     def to_json(self) -> dict[str, Any]:
         data = {"format": FORMAT, **self.__dict__}

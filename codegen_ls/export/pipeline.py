@@ -35,6 +35,7 @@ from codegen_ls.engine import kernels, kvcache
 from codegen_ls.export import kv_check
 from codegen_ls.export.kv_check import KvCheck
 from codegen_ls.errors import CodegenLsError, ModelError
+from codegen_ls.engine.fim import detect as detect_fim
 from codegen_ls.engine.modeldir import Manifest, read_manifest, sha256, write_manifest
 
 INT4_BLOCK = 32  # MatMulNBits block size of --int4
@@ -360,6 +361,7 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
         name=name or Path(str(src).rstrip("/")).name,
         extra={"graph": graph, "kv_dtype": kv_dtype, "rotary_dim": config.get("rotary_dim"), "n_embd": config.get("n_embd"),
                "exported_with": _versions(), "export_seconds": round(time.time() - t0, 1)},
+        fim=fim.to_json() if (fim := detect_fim(out / "tokenizer.json")) is not None else {},
     )
     if graph == "gqa" and kv_dtype == "int8":  # its decode branch is our op (with a GQA function body)
         manifest.extra["decode_attention"] = kernels.OP

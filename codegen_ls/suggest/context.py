@@ -39,6 +39,8 @@ from typing import Protocol
 
 from codegen_ls.kinds import Mode
 
+from codegen_ls.engine import fim
+
 CHARS_PER_TOKEN_MAX = 8  # characters per token, generous upper bound: sizes the character window
 LINE_STEP = 16  # the prompt starts on a line number that is a multiple of this (KV-cache reuse)
 TOKENS_PER_STEP = 64  # ... or of budget / TOKENS_PER_STEP when smaller (small budgets, finer steps)
@@ -49,6 +51,8 @@ DEFAULT_INDENT_WIDTH = 4
 BLOCK_OPENERS = (":", "{", "(", "[")  # a line ending with one of these opens an indented block
 PY_BLOCK_KEYWORDS = frozenset(("def", "class", "if", "elif", "else", "for", "while", "try", "except", "finally",
                                "with", "async", "match", "case"))
+FIM_SUFFIX_SHARE = 0.25  # a FIM prompt's share of the budget for the text after the cursor (Continue: 20 %)
+FIM_SUFFIX_MAX = 256  # ... and at most this many tokens
 MAX_TOKEN_CACHE = 16384  # distinct lines whose token count is remembered
 LINE_WINDOW_MIN = 4096  # the cursor line is cut only when longer than this (and than the character window)
 LINE_CUT_STEPS = 4  # ... at a multiple of window / LINE_CUT_STEPS, so the cut stays put while typing
@@ -249,16 +253,21 @@ def guess_indent(lines: Sequence[str], tab_size: int | None = None, insert_space
 
 def build_context(text: str, line: int, character: int, counter: TokenCounter, budget: int, *,
                   bos_text: str = "", tab_size: int | None = None, insert_spaces: bool | None = None,
-                  line_step: int | None = None, preamble: str = "") -> Context:
+                  line_step: int | None = None, preamble: str = "", fim_budget: int = 0) -> Context:
     """The context for the cursor at (line, character); see the module docstring.
 
     ``budget`` counts every prompt token, ``bos_text`` (the end-of-text token's text, prepended
     when the window reaches the top of the file) included. ``preamble`` (the repository section,
     :func:`codegen_ls.suggest.repo.render_snippets`) goes first, then ``bos_text`` so the document
     starts as a file of its own, then the window in what is left of the budget; it is left out
-    when it would take more than half the budget, and on a cut cursor line.
+    when it would take more than half the budget, and on a cut cursor line. ``fim_budget`` > 0: a
+    fill-in-the-middle prompt (:mod:`codegen_ls.engine.fim`, SPM order): the text after the cursor
+    comes first, in at most that many tokens (and half the budget), then the rest as above, without
+    the end-of-text token (FIM training samples never hold one).
     """
     budget = max(1, budget)
+    if fim_budget > 0:
+        bos_text = ""
     lead = preamble + bos_text if preamble else ""
     lead_ids = counter.encode(lead) if lead else []
     if len(lead_ids) > budget // 2:
@@ -270,6 +279,9 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
     cut = line_cut(character, budget)  # > 0: a very long cursor line, only its end is looked at
     line_prefix = sanitize(text[ls + cut:cursor])
     suffix = text[cursor:cursor + SUFFIX_CHARS]
+    fim_head, fim_ids = _fim_head(suffix, counter, min(fim_budget, full_budget // 2)) if fim_budget > 0 else ("", [])
+    if fim_head:  # the window before the cursor gets what the text after it left
+        budget, full_budget = max(1, budget - len(fim_ids)), max(1, full_budget - len(fim_ids))
     m = _EOL.search(suffix)
     line_suffix = sanitize(suffix[: m.start()] if m else suffix)
     after = suffix[m.end():] if m else ""
@@ -324,6 +336,8 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
     typed += line_suffix if line_suffix.strip() else "x"  # the indentation typed counts too
     window_lines = above[start_line - first_line:] + [typed] + next_lines
     eol = "\r\n" if "\r\n" in text[start:cursor + len(suffix)] else "\n"
+    if fim_head:  # special tokens end the head, so its ids and the window's simply join
+        prompt, ids = fim_head + prompt, fim_ids + ids
     return Context(
         prompt=prompt, prompt_ids=ids, prefix=prefix, suffix=sanitize(suffix), start=start, cursor=cursor,
         start_line=start_line, line=line, character=character,
@@ -331,6 +345,35 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
         next_lines=next_lines, indent=guess_indent(window_lines, tab_size, insert_spaces), eol=eol,
         at_file_start=at_file_start, line_cut=cut, preamble_tokens=len(lead_ids),
     )
+
+
+def fim_suffix_budget(budget: int) -> int:
+    """Tokens of a FIM prompt's budget given to the text after the cursor."""
+    return max(0, min(FIM_SUFFIX_MAX, int(budget * FIM_SUFFIX_SHARE)))
+
+
+def _fim_head(after: str, counter: TokenCounter, fim_budget: int) -> tuple[str, list[int]]:
+    """``<fim_prefix><fim_suffix>{whole lines after the cursor within the budget}<fim_middle>`` and its ids.
+
+    Lines are counted one by one (cached), so the head stays the same while the user types before it
+    and the engine's KV cache keeps it; the rest of the cursor line always comes first.
+    """
+    lines = _EOL.split(fim.strip_tokens(sanitize(after)))
+    used, kept = 3, []  # the three control tokens
+    for i, text in enumerate(lines):
+        piece = text + ("\n" if i < len(lines) - 1 else "")
+        cost = counter.count(piece)
+        if used + cost > fim_budget:
+            break
+        kept.append(piece)
+        used += cost
+    head = fim.spm_prompt("", "".join(kept))
+    ids = counter.encode(head)
+    while len(ids) > fim_budget and kept:  # the per-line estimate was low: drop lines from the end
+        kept.pop()
+        head = fim.spm_prompt("", "".join(kept))
+        ids = counter.encode(head)
+    return head, ids
 
 
 def line_window(budget: int) -> int:
@@ -486,4 +529,4 @@ def token_budget(context_tokens: int, context_length: int, max_new_tokens: int) 
 
 __all__ = ["Context", "Indent", "TokenCounter", "build_context", "decide_mode", "guess_indent", "offset_of",
            "sanitize", "normalize_eol", "is_block_opener", "is_block_header", "strip_comment", "token_budget",
-           "line_window", "line_cut"]
+           "line_window", "line_cut", "fim_suffix_budget"]

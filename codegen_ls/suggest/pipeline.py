@@ -30,7 +30,16 @@ from types import ModuleType
 from typing import Any
 from typing import cast
 
-from codegen_ls.suggest.context import offset_of, Context, TokenCounter, build_context, decide_mode, sanitize, token_budget
+from codegen_ls.suggest.context import (
+    offset_of,
+    Context,
+    TokenCounter,
+    build_context,
+    decide_mode,
+    fim_suffix_budget,
+    sanitize,
+    token_budget,
+)
 from codegen_ls.engine import latency
 from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
 from codegen_ls.engine.remote import RemoteEngine, RemoteOptions
@@ -272,7 +281,8 @@ class Completer:
         budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
         preamble, prompt_info = self._repo_section(engine, counter, req, settings, budget)
         ctx = build_context(req.text, req.line, req.character, counter, budget, bos_text=bos,
-                            tab_size=req.tab_size, insert_spaces=req.insert_spaces, preamble=preamble)
+                            tab_size=req.tab_size, insert_spaces=req.insert_spaces, preamble=preamble,
+                            fim_budget=_fim_budget(engine, settings, budget))
         if warm:
             return self._done(CompletionResult([], Mode.NONE, "warm", stats={"prompt_tokens": _prefill(engine, ctx, req.uri, cancel)}),
                               timings, t0)
@@ -495,6 +505,11 @@ def _kept_logprobs(engine: Engine, cand: Candidate, kept_chars: int) -> list[flo
         if total >= target:
             return list(lps[: min(len(lps), i + 2)])
     return list(lps)
+
+
+def _fim_budget(engine: Engine, settings: Settings, budget: int) -> int:
+    """Tokens for the text after the cursor: a FIM model's share of the budget, else 0 (prefix-only prompt)."""
+    return fim_suffix_budget(budget) if settings.fim and getattr(engine, "fim", None) is not None else 0
 
 
 def _prefill(engine: Engine, ctx: Context, key: str, cancel: CancelFn | None) -> int:

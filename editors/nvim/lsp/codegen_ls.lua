@@ -18,6 +18,7 @@ local settings = {
     promptCacheMb = 0, -- memory for the documents' KV caches (MB); 0: sized to the model
     lookup = true,
     lookupOtherDocuments = true,
+    fim = true,
     debounceMs = 0, -- the Lua client debounces already
     repoLookup = true, -- candidates copied from the workspace's files
     repoContext = true, -- related snippets of the workspace at the start of the prompt ...

@@ -18,7 +18,7 @@ const SECTION = 'codegenLs';
 // the server's.
 const SERVER_KEYS = [
   'modelPath', 'maxNewTokens', 'numCandidates', 'contextTokens', 'temperature',
-  'multiline', 'completionFallback', 'deadlineMs', 'minConfidence', 'lookup', 'lookupOtherDocuments', 'threads', 'promptCacheMb', 'debounceMs', 'repoLookup', 'repoContext', 'repoContextTokens',
+  'multiline', 'completionFallback', 'deadlineMs', 'minConfidence', 'lookup', 'lookupOtherDocuments', 'fim', 'threads', 'promptCacheMb', 'debounceMs', 'repoLookup', 'repoContext', 'repoContextTokens',
   'latencyTargetMs', 'adaptiveThreshold',
   'backend', 'remoteUrl', 'remoteModel', 'remoteApiKeyEnv', 'remoteFim',
 ] as const;
