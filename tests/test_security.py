@@ -152,3 +152,24 @@ async def test_serve_leaves_no_telemetry_and_opens_no_network_socket(tmp_path: P
     if strace:
         inet = [ln for ln in trace.read_text().splitlines() if "AF_INET" in ln]
         assert not inet, inet[:5]
+
+
+def test_scripts_load_onnxruntime_only_after_codegen_ls() -> None:
+    """Importing codegen_ls is what turns the telemetry off: a benchmark or recipe script that
+    imports onnxruntime (anywhere) must import codegen_ls at module level, before any module-level
+    onnxruntime import."""
+    import ast
+
+    scripts = sorted((REPO / "benchmarks").glob("*.py")) + sorted((REPO / "models" / "recipe").glob("*.py"))
+    for script in scripts:
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+
+        def modules(node: ast.AST) -> list[str]:
+            if isinstance(node, ast.Import):
+                return [a.name for a in node.names]
+            return [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if not any(m.startswith(("onnxruntime", "optimum")) for n in ast.walk(tree) for m in modules(n)):
+            continue
+        ours = [n.lineno for n in tree.body if any(m.startswith("codegen_ls") for m in modules(n))]
+        theirs = [n.lineno for n in tree.body if any(m.startswith(("onnxruntime", "optimum")) for m in modules(n))]
+        assert ours and (not theirs or min(ours) < min(theirs)), f"{script.name}: import codegen_ls first"
