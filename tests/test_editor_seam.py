@@ -215,6 +215,11 @@ async def test_accept_shown_partial_are_counted(client: LanguageClient):
         command=items[0].command.command, arguments=items[0].command.arguments))
     await wait_for(lambda: (statuses[-1].get("events") or {}).get("accepted") == 1, "accept counted")
     assert statuses[-1]["events"] == {"shown": 1, "accepted": 1, "acceptedWord": 1, "acceptedLine": 0}
+    # settings problems are reported in the status (for :checkhealth), and cleared again
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"codegenLs": {"bogus": 1}}))
+    await wait_for(lambda: statuses[-1].get("settingsProblems"), "settings problems in the status")
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"codegenLs": {}}))
+    await wait_for(lambda: statuses[-1].get("settingsProblems") == [], "no settings problems")
     # a malformed reference is ignored, the server keeps serving
     client.protocol.notify("codegenLs/didShowCompletion", {"item": "nonsense"})
     await client.workspace_execute_command_async(types.ExecuteCommandParams(command="codegenLs.accept", arguments=[]))

@@ -108,6 +108,9 @@ class CodegenLanguageServer(LanguageServer):
         Returns True when the model must be (re)loaded.
         """
         self.settings, problems = parse_settings(raw)
+        if problems != self.settings_problems:  # codegenLs/status carries them (:checkhealth)
+            self.settings_problems = problems
+            self.send_status()
         if problems:
             log.warning("invalid settings: %s", "; ".join(problems))
             self.show(types.MessageType.Warning, f"codegen-ls: {'; '.join(problems)}. Using the default settings.")
