@@ -54,7 +54,7 @@ def test_continuation_extends_a_suggestion_cut_by_the_target():
     completer = Completer()
     completer.load(str(MODEL_DIR))
     completer.speeds = Speeds(prefill_ms_per_token=5.0, extend_ms=20.0, step_ms=40.0, step_ms_n=40.0, rows=1)
-    settings = Settings(model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=150)
+    settings = Settings(model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=150, min_confidence=0.0)
     assert completer.sized(settings).max_new_tokens == 8  # a slow machine: few tokens per request
     text = "import os\n\n\ndef list_python_files(root):\n    "
     req = CompletionRequest(text=text, line=4, character=4, uri="mem://cont.py")
@@ -77,7 +77,7 @@ async def test_warm_up_prefetch_after_accept_and_statistics(tmp_path: Path):
     env = server_env(XDG_STATE_HOME=str(tmp_path / "state"), XDG_CACHE_HOME=str(tmp_path / "cache"))
     c = await RawClient.start("--model", str(MODEL_DIR), env=env)
     try:
-        await c.initialize({"codegenLs": {"numCandidates": 1, "lookup": False}})
+        await c.initialize({"codegenLs": {"numCandidates": 1, "lookup": False, "minConfidence": 0}})
         await c.open(URI, TEXT)
         lines = TEXT.split("\n")
         for _ in range(600):  # the warm-up prefills the document's prompt in the background
@@ -117,13 +117,16 @@ async def test_warm_up_prefetch_after_accept_and_statistics(tmp_path: Path):
 def test_the_answer_after_an_accept_is_ready_before_it():
     completer = Completer()
     completer.load(str(MODEL_DIR))
-    settings = Settings(model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=0, max_new_tokens=3)
+    settings = Settings(model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=0, max_new_tokens=3,
+                        min_confidence=0.0)
     text = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        "
     req = CompletionRequest(text=text, line=6, character=8, uri="mem://ahead.py")
     shown = completer.complete(req, settings).suggestions[0].insert_text  # cut after 3 tokens: the line goes on
     ahead = completer.complete_ahead(req, settings, shown)  # a background job while the suggestion is on screen
     lines = (text + shown).split("\n")
     accepted = CompletionRequest(text=text + shown, line=len(lines) - 1, character=len(lines[-1]), uri="mem://ahead.py")
+    quick = completer.quick(accepted, settings)  # the server's path: no model, no wait for the inference thread
+    assert quick is not None and quick.reason == "typeahead"
     after = completer.complete(accepted, settings)
     assert ahead.suggestions and after.reason == "typeahead"
     assert [s.insert_text for s in after.suggestions] == [s.insert_text for s in ahead.suggestions]

@@ -232,8 +232,9 @@ class CodegenLanguageServer(LanguageServer):
                                     language_id=doc.language_id or "", explicit=explicit,
                                     other_documents=self.other_documents(uri), tab_size=tab_size,
                                     insert_spaces=insert_spaces, repo=workspace.snapshot(self, settings))
+        quick = None if prefetch else self.completer.quick(request, settings)  # typing along a suggestion: no waiting
         try:
-            result = await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel),
+            result = quick or await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel),
                                               version=doc.version)
         except BackendUnavailable as exc:  # the remote backend is down: one line in the status
             log.warning("%s", exc)

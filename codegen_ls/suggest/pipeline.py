@@ -154,6 +154,7 @@ class Completer:
         self._lock = threading.RLock()
         self.speeds: latency.Speeds | None = None  # this machine's, for the latency target (local engine)
         self._ahead: OrderedDict[str, _Shown] = OrderedDict()  # per document: the answer as if its suggestion were accepted
+        self._quick_counter: TokenCounter | None = None
 
     # -- model -----------------------------------------------------------------------------
     def load(self, model_path: str | None = None, threads: int = 0, remote: RemoteOptions | None = None) -> Engine:
@@ -183,6 +184,7 @@ class Completer:
             self.speeds = speeds
             self._engine, self._model_path, self._remote = engine, model_path, remote
             self._counter = TokenCounter(engine.tokenizer)
+            self._quick_counter = TokenCounter(engine.tokenizer)  # quick()'s, on another thread
             self._shown.clear()
         return engine
 
@@ -234,6 +236,24 @@ class Completer:
         return replace(settings, context_tokens=p.context_tokens if settings.context_tokens == default.context_tokens
                        else settings.context_tokens, max_new_tokens=p.max_new_tokens
                        if settings.max_new_tokens == default.max_new_tokens else settings.max_new_tokens)
+
+    def quick(self, req: CompletionRequest, settings: Settings) -> CompletionResult | None:
+        """The type-ahead answer for ``req``, or None when the model is needed. Safe to call on
+        another thread while :meth:`complete` runs (a token counter of its own), so a keystroke
+        along a suggestion never waits for a running job to give way."""
+        t0 = time.perf_counter()
+        with self._lock:
+            engine, counter = self._engine, self._quick_counter
+        if engine is None or counter is None or settings.model_path != self._model_path:
+            return None
+        settings = self.sized(settings)
+        budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
+        ctx = build_context(req.text, req.line, req.character, counter, budget,
+                            bos_text=engine.tokenizer.decode([engine.eos_id]), tab_size=req.tab_size,
+                            insert_spaces=req.insert_spaces)
+        mode, _ = decide_mode(ctx, settings.multiline, req.language_id or "python")
+        hit = self._typeahead(req.uri, ctx, settings) if mode != "none" else []
+        return self._done(CompletionResult(hit, mode, "typeahead"), {}, t0) if hit else None
 
     def complete_ahead(self, req: CompletionRequest, settings: Settings, text: str,
                        cancel: CancelFn | None = None) -> CompletionResult:
