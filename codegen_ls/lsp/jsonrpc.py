@@ -19,7 +19,6 @@ pygls leaves a few holes that a server facing real editors (and fuzzers) must cl
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 from collections.abc import Sequence
@@ -67,28 +66,24 @@ class LspTextDocument(TextDocument):
     positions past a line's end clamped to it and lines past the end to the end (LSP).
     """
 
-    _lines_of: tuple[str, tuple[str, ...], list[int]] | None = None  # (source, lines, line start offsets)
-
-    def _split(self) -> tuple[str, tuple[str, ...], list[int]]:
-        source = self.source
-        if self._lines_of is None or self._lines_of[0] is not source:
-            lines = split_lines(source)
-            self._lines_of = (source, lines, [0, *itertools.accumulate(map(len, lines))])
-        return self._lines_of
+    _lines_of: tuple[str, tuple[str, ...]] | None = None  # (source, its lines)
 
     @property
     def lines(self) -> Sequence[str]:
-        return self._split()[1]
+        source = self.source
+        if self._lines_of is None or self._lines_of[0] is not source:
+            self._lines_of = (source, split_lines(source))
+        return self._lines_of[1]
 
     def lsp_offset(self, position: types.Position) -> int:
         """Code-point offset of a client position, clamped into the document."""
-        _, lines, starts = self._split()
+        lines = self.lines
         if position.line >= len(lines):
             return len(self.source)
         width = self.position_codec.client_num_units(lines[position.line].rstrip("\r\n"))
         column = self.position_codec.position_from_client_units(
             lines, types.Position(position.line, min(position.character, width))).character
-        return starts[position.line] + column
+        return sum(map(len, lines[: position.line])) + column  # C-speed; no per-document table kept
 
     def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
         start, end = self.lsp_offset(change.range.start), self.lsp_offset(change.range.end)
