@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 MAX_BODY = 256 * 1024 * 1024  # bytes: a 5 MB document of non-ASCII text is ~30 MB as JSON escapes
 MAX_HEADER = 8 * 1024  # bytes of a header block
-_TAIL = 64  # bytes kept while skipping: the start of a header split across two reads
 
-# A Content-Length header at the start of a line, or glued to the end of a previous body.
-_ANCHOR = re.compile(rb"content-length[ \t]*:[ \t]*\d+[ \t]*\r?\n", re.I)
+# A Content-Length header at the start of a line, or glued to the end of a previous body; found
+# by its line break first (memchr-fast; compact JSON has none), then the regex just before it.
+_ANCHOR = re.compile(rb"content-length[ \t]*:[ \t]*\d+[ \t]*\r?\n\Z", re.I)
+_ANCHOR_SPAN = 96  # bytes before a line break that can hold the header (kept when dropping bytes)
 _BLANK = re.compile(rb"\r?\n\r?\n")
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*")
 _HTTP = re.compile(rb"^[A-Z]+ \S+ HTTP/\d|^HTTP/\d")
@@ -119,7 +120,7 @@ class Framer:
         assert self._need is not None
         buf = self._buf
         window = min(len(buf), self._need)
-        found = _ANCHOR.search(buf, max(0, self._scanned - _TAIL), window + _TAIL) if window else None
+        found = _find_anchor(buf, max(0, self._scanned - _ANCHOR_SPAN), window + _ANCHOR_SPAN) if window else None
         if found is not None and found.start() < window:  # the next header starts inside: cut there
             cut = found.start()
         elif len(buf) >= self._need:
@@ -127,7 +128,8 @@ class Framer:
         else:
             self._scanned = len(buf)
             return False
-        events.append(Body(bytes(buf[:cut])))
+        with memoryview(buf) as view:  # one copy of a large body, not two
+            events.append(Body(bytes(view[:cut])))
         del buf[:cut]
         self._need = None
         return True
@@ -135,15 +137,19 @@ class Framer:
     def _skip_body(self) -> bool:
         """Drop an over-long body as it arrives, up to its length or the next header."""
         buf = self._buf
-        found = _ANCHOR.search(buf, 0, min(len(buf), self._skip) + _TAIL)
+        found = _find_anchor(buf, 0, self._skip + _ANCHOR_SPAN)
         if found is not None and found.start() < self._skip:
             del buf[: found.start()]
             self._skip = 0
             return True
-        drop = min(self._skip, len(buf))
+        if len(buf) >= self._skip:
+            del buf[: self._skip]
+            self._skip = 0
+            return True
+        drop = max(0, len(buf) - _ANCHOR_SPAN)  # keep what may be the start of the next header
         del buf[:drop]
         self._skip -= drop
-        return self._skip == 0
+        return False
 
     def _resync(self, events: list[Event], why: str, after: int) -> bool:
         """Report unframed bytes (once a run) and drop them up to the next header after ``after``."""
@@ -151,12 +157,28 @@ class Framer:
             events.append(Problem(why))
             self._garbage = True
         buf = self._buf
-        found = _ANCHOR.search(buf, min(after, len(buf)))
+        found = _find_anchor(buf, min(after, len(buf)))
         if found is not None:
             del buf[: found.start()]
             return True
-        del buf[: max(min(after, len(buf)), len(buf) - _TAIL)]
+        del buf[: max(min(after, len(buf)), len(buf) - _ANCHOR_SPAN)]
         return False
+
+
+def _find_anchor(buf: bytearray, start: int, end: int | None = None) -> re.Match[bytes] | None:
+    """The first ``Content-Length: N`` header line in ``buf[start:end]``, or None."""
+    end = len(buf) if end is None else min(end, len(buf))
+    eol = buf.find(b"\n", start, end)
+    while eol >= 0:
+        last = eol - 1
+        while last >= start and buf[last] in b" \t\r":
+            last -= 1
+        if last >= start and 0x30 <= buf[last] <= 0x39:  # the line ends in a number: try the header
+            found = _ANCHOR.search(buf, max(start, eol + 1 - _ANCHOR_SPAN), eol + 1)
+            if found is not None:
+                return found
+        eol = buf.find(b"\n", eol + 1, end)
+    return None
 
 
 def _content_length(block: bytes) -> tuple[int, str]:
