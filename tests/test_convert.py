@@ -43,3 +43,25 @@ def test_long_lines_convert_fast() -> None:
         back = codec.position_to_client_units(lines, end)
         assert end.character == len(text) and back.character == width
         assert time.perf_counter() - t0 < 2.0
+
+
+# -- incremental edits keep the document's lines exact (LspTextDocument re-splits only around an edit)
+PIECES = st.sampled_from(["a", "é", "😀", "\n", "\r", "\r\n", "\x0c", "\u2028", "\x85", " ", "def "])
+TEXT = st.lists(PIECES, max_size=25).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=TEXT, data=st.data())
+def test_edited_lines_equal_a_fresh_split(text: str, data: st.DataObject) -> None:
+    from codegen_ls.lsp.jsonrpc import LspWorkspace, split_lines
+
+    ws = LspWorkspace(None, types.TextDocumentSyncKind.Incremental, [], types.PositionEncodingKind.Utf16)
+    ws.put_text_document(types.TextDocumentItem(uri="file:///t.py", language_id="python", version=1, text=text))
+    doc = ws.get_text_document("file:///t.py")
+    for version in range(2, 2 + data.draw(st.integers(1, 5))):
+        n = max(1, len(doc.lines))
+        a = types.Position(data.draw(st.integers(0, n)), data.draw(st.integers(0, 8)))
+        b = types.Position(data.draw(st.integers(0, n)), data.draw(st.integers(0, 8)))
+        ws.update_text_document(types.VersionedTextDocumentIdentifier(uri="file:///t.py", version=version),
+                                types.TextDocumentContentChangePartial(range=types.Range(a, b), text=data.draw(TEXT)))
+        assert tuple(doc.lines) == split_lines(doc.source)
