@@ -139,7 +139,7 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
         import onnx
 
         ops = {n.name: n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
-        assert ops["attn_qk_prefix.0"] == ops["attn_pv_tail.1"] == "MatMul"
+        assert ops["/model/layers.0/attn/qk_prefix/MatMul"] == ops["/model/layers.1/attn/pv_tail/MatMul"] == "MatMul"
         assert sum(op == "MatMulInteger" for op in ops.values()) == 2 * 4 + 1  # qkv, out, fc_in, fc_out; lm_head
     if graph == "gqa":  # decode attention: our op over an int8 cache when quantized (an ONNX function
         # whose body is GroupQueryAttention), GroupQueryAttention itself over an fp32 cache

@@ -198,36 +198,36 @@ def calibration_batches(tokenizer: Path | None, n_positions: int, vocab_size: in
     return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
 
 
-def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized: bool,
-                  int4: bool, kv_fp16: bool = False, graph: str = "flat",
-                  tokenizer: Path | None = None, kv_bits: int = 8,
-                  check_kv4: bool = False) -> tuple[list[str], bool, int, KvCheck | None]:
+def _export_graph(src: Path, out: Path, external: bool | None, quantized: bool, int4: bool, kv_fp16: bool = False,
+                  graph: str = "flat", tokenizer: Path | None = None, kv_bits: int = 8,
+                  check_kv4: bool = False) -> tuple[bool, int, KvCheck | None]:
     """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.export.graph_builder`) from the
-    transformers model; a quantized ``gqa`` graph gets an int8 KV cache, calibrated here on text
-    encoded with ``tokenizer`` (the exported ``tokenizer.json``), or with ``kv_bits`` 4 a 4-bit
-    one (a scale per token: nothing to calibrate). ``check_kv4`` (``--kv-bits auto``): first
-    check what the 4-bit cache costs the checkpoint (:mod:`codegen_ls.export.kv_check`) and take the
-    int8 one instead where it costs too much.
+    checkpoint read tensor by tensor (:mod:`codegen_ls.export.source`) straight into ``out``
+    (``model.onnx``, and ``model.onnx.data`` written weight by weight when ``external``). A
+    quantized ``gqa`` graph gets an int8 KV cache, calibrated here on text encoded with
+    ``tokenizer`` (the exported ``tokenizer.json``), or with ``kv_bits`` 4 a 4-bit one (a scale
+    per token: nothing to calibrate). ``check_kv4`` (``--kv-bits auto``): first check what the
+    4-bit cache costs the checkpoint (:mod:`codegen_ls.export.kv_check`) and take the int8 one
+    instead where it costs too much. The calibration and the check run the torch model one layer
+    at a time (:mod:`codegen_ls.export.calibrate`).
 
-    Returns (attention MatMul names to keep in fp32, whether external data was used, the KV
-    cache's bits, the check's result or None).
+    Returns (whether external data was used, the KV cache's bits, the check's result or None).
     """
-    import torch
-    from transformers import CodeGenForCausalLM
-
-    from codegen_ls.export.graph_builder import build_graph, kv_scales, save
+    from codegen_ls.export import calibrate
+    from codegen_ls.export.graph_builder import GraphOptions, build_graph
+    from codegen_ls.export.source import CheckpointSource
 
     try:
-        model = CodeGenForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+        source = CheckpointSource(src)
         scales, result = None, None
         if graph == "gqa" and quantized and (kv_bits == 8 or check_kv4):
-            _step("      calibrating the int8 KV cache ...")
-            cfg = model.config
-            batches = calibration_batches(tokenizer, int(cfg.n_positions), int(cfg.vocab_size))
-            scales = kv_scales(model, batches)
+            _step("      calibrating the int8 KV cache (the torch model, one layer at a time) ...")
+            cfg = source.config
+            batches = calibration_batches(tokenizer, int(cfg.get("n_positions") or cfg.get("n_ctx") or 2048), int(cfg["vocab_size"]))
             if check_kv4:
                 _step("      checking what the 4-bit KV cache costs this checkpoint (codegen_ls.export.kv_check) ...")
-                result = kv_check.check(model, batches, scales)
+            scales, result = calibrate.run(source, batches, check=check_kv4)
+            if result is not None:
                 loss = result.loss
                 verdict = "the 4-bit cache" if result.four_bit_ok else (
                     f"the int8 cache (the 4-bit one costs more than {kv_check.KV4_TOLERANCE} over it)")
@@ -236,16 +236,17 @@ def _export_graph(source: Path, tmp_dir: Path, external: bool | None, quantized:
                 kv_bits = 4 if result.four_bit_ok else 8
             if kv_bits == 4:
                 scales = None
-        proto, attention = build_graph(model, int8_embedding=quantized, int4_block=INT4_BLOCK if int4 else 0,
-                                       kv_fp16=kv_fp16, graph=graph, kv_int8=scales, kv_int4=kv_bits == 4)
+        if external is None:  # 2 GB is protobuf's limit; decided on the float32 size, as before quantizing
+            external = source.fp32_bytes() > 1_800_000_000
+        options = GraphOptions(graph=graph, int8=quantized, int4_block=INT4_BLOCK if int4 else 0, kv_fp16=kv_fp16,
+                               kv_int8=scales, kv_int4=kv_bits == 4)
+        build_graph(source, out / "model.onnx", options, external)
+    except CodegenLsError:
+        raise
     except Exception as exc:  # unreadable weights, unexpected shapes: one line
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise ModelError(f"cannot export {source}: {lines[0]}") from None
-    del model
-    if external is None:
-        external = sum(len(t.raw_data) for t in proto.graph.initializer) > 1_800_000_000
-    save(proto, tmp_dir / "model.onnx", external)
-    return attention, external, kv_bits, result
+        raise ModelError(f"cannot export {src}: {lines[0]}") from None
+    return external, kv_bits, result
 
 
 def default_kv_bits(graph: str = "gqa", quantize_int8: bool = True, head_dim: int = 64) -> int:
@@ -313,28 +314,29 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     _save_tokenizer(source, out)  # first: the int8 KV cache's calibration encodes text with it
 
-    with tempfile.TemporaryDirectory(prefix="codegen-ls-export-") as tmp:
-        tmp_dir = Path(tmp)
-        exclude: list[str] = []
-        checked = None
-        if graph in ("flat", "gqa"):
-            _step(f"[1/3] building the {graph} ONNX graph of {source} (codegen_ls.export.graph_builder) ...")
-            exclude, external_data, kv_bits, checked = _export_graph(
-                source, tmp_dir, external_data, quantize_int8, int4, kv_fp16, graph, out / "tokenizer.json", kv_bits,
-                check_kv4=auto and kv_bits == 4)
-        else:
+    checked = None
+    if graph in ("flat", "gqa"):
+        _step(f"[1/3] building the {graph} ONNX graph of {source} weight by weight (codegen_ls.export.graph_builder) ...")
+        external_data, kv_bits, checked = _export_graph(
+            source, out, external_data, quantize_int8, int4, kv_fp16, graph, out / "tokenizer.json", kv_bits,
+            check_kv4=auto and kv_bits == 4)
+        _step("[2/3] " + ("weights quantized as they were written (int8 per tensor, as onnxruntime.quantization's "
+                          "dynamic quantization)" if quantize_int8 else "keeping fp32 weights (--no-quantize)"))
+    else:
+        with tempfile.TemporaryDirectory(prefix="codegen-ls-export-") as tmp:
+            tmp_dir = Path(tmp)
             _step(f"[1/3] exporting {source} to ONNX with past key/values (optimum) ...")
             _export_optimum(source, tmp_dir)
-        exported = tmp_dir / "model.onnx"
-        size = sum(p.stat().st_size for p in tmp_dir.glob("model.onnx*"))
-        if external_data is None:  # optimum already wrote external data past 2 GB
-            external_data = size > 1_800_000_000 or any(p.name != "model.onnx" for p in tmp_dir.glob("model.onnx*"))
-        if quantize_int8:
-            _step("[2/3] int8 dynamic quantization (onnxruntime.quantization) ...")
-            quantize(exported, out / "model.onnx", external_data, exclude)
-        else:
-            _step("[2/3] keeping fp32 weights (--no-quantize)")
-            _copy_fp32(tmp_dir, out, external_data)
+            exported = tmp_dir / "model.onnx"
+            size = sum(p.stat().st_size for p in tmp_dir.glob("model.onnx*"))
+            if external_data is None:  # optimum already wrote external data past 2 GB
+                external_data = size > 1_800_000_000 or any(p.name != "model.onnx" for p in tmp_dir.glob("model.onnx*"))
+            if quantize_int8:
+                _step("[2/3] int8 dynamic quantization (onnxruntime.quantization) ...")
+                quantize(exported, out / "model.onnx", external_data)
+            else:
+                _step("[2/3] keeping fp32 weights (--no-quantize)")
+                _copy_fp32(tmp_dir, out, external_data)
     _step("[3/3] writing manifest.json (tokenizer.json is already there) ...")
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
     kv_dtype = ("float16" if kv_fp16 else "float32" if graph != "gqa" or not quantize_int8
@@ -382,13 +384,17 @@ def random_checkpoint(out: Path, *, vocab_size: int = 8192, n_positions: int = 2
                       safetensors: bool = True) -> Path:
     """Save a random-weight ``CodeGenForCausalLM`` of the given shape (tests and benchmarks).
 
-    ``tokenizer``: a ``tokenizer.json`` copied next to the weights (its vocabulary must fit
-    ``vocab_size``). ``suppress_eos``: a -1e4 bias on the EOS logit, so decoding always runs to
+    ``tokenizer``: a ``tokenizer.json`` copied next to the weights (``vocab_size`` grows to its size
+    where it is larger). ``suppress_eos``: a -1e4 bias on the EOS logit, so decoding always runs to
     its length (stable benchmarks and token-for-token comparisons).
     """
     import torch
     from transformers import CodeGenConfig, CodeGenForCausalLM
 
+    if tokenizer is not None:  # the vocabulary grows to fit the tokenizer (its added tokens: FIM)
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab_size = max(vocab_size, HFTokenizer.from_file(str(tokenizer)).get_vocab_size())
     config = CodeGenConfig(vocab_size=vocab_size, n_positions=n_positions, n_ctx=n_positions, n_embd=n_embd,
                            n_layer=n_layer, n_head=n_head, rotary_dim=rotary_dim, bos_token_id=eos_token_id,
                            eos_token_id=eos_token_id, tie_word_embeddings=False)
