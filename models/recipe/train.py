@@ -1,24 +1,32 @@
-"""Train the embedded default model: a small CodeGen on this interpreter's standard library.
+"""Train the embedded default model: a small CodeGen on the stdlib and third-party Python, with FIM.
 
-One command, resumable, deterministic::
+One command, resumable, deterministic (this release's run)::
 
     pip install -e '.[export]' torch==2.13.0
-    python models/recipe/train.py --out build/train
+    python models/recipe/train.py --out build/train --corpus build/corpus --init models/codegen-ls-small \
+        --steps 750 --warmup 50 --lr 1e-3 --eval-every 50
 
 Steps (each skipped when its output already exists, so a rerun resumes):
 
-1. corpus   -- the ``.py`` files of this interpreter's stdlib ``Lib/`` directory (tests included,
-               ``site-packages`` excluded); the modules in ``HELDOUT`` (and their tests) are kept out
-               for validation and evaluation.
-2. tokenizer -- byte-level BPE trained with ``tokenizers``; whitespace runs (indentation, with the
-               newline in front) become single tokens, as in CodeGen's own tokenizer.
+1. corpus   -- ``corpus.py``: the stdlib's ``.py`` files (the ``HELDOUT`` modules and their tests kept
+               out) plus pinned, permissively licensed sdists from PyPI, filtered and deduplicated; the
+               reserved packages (click, requests) refused by name and by content; EVAL and CALIB
+               packages held out.
+2. tokenizer -- with ``--init``: that model's tokenizer plus the three FIM tokens (``codegen_ls.engine.fim``);
+               without: byte-level BPE trained here (whitespace runs with the newline in front are
+               single tokens, as in CodeGen's own tokenizer).
 3. tokens   -- every file encoded and packed into one stream, files separated by ``<|endoftext|>``.
-4. train    -- ``CodeGenForCausalLM`` from scratch, bf16 autocast, AdamW, warmup + cosine; random
-               1024-token windows; a checkpoint every ``--ckpt-every`` steps (``ckpt.pt``, resumed
+4. train    -- ``CodeGenForCausalLM``, from ``--init`` (the shipped model's int8 weights dequantized:
+               ``warmstart.py``) or from scratch; bf16 autocast, AdamW, warmup + cosine; random
+               1024-token windows, ``--fim-rate`` of them turned into FIM samples (PSM and SPM, half
+               each: ``fim_row``); a checkpoint every ``--ckpt-every`` steps (``ckpt.pt``, resumed
                automatically) and the final model in Hugging Face format under ``OUT/final``.
+               ``--device cuda`` runs the same recipe on a GPU (never required; carry ``OUT`` with a
+               ``train.npy`` cut by ``--max-train-tokens`` to fit a 64 MiB transfer).
 
-Export the result with ``codegen-ls model export OUT/final models/codegen-ls-small --kv-bits 8`` (the int8
-cache: the embedded model ships to every CPU).
+Export the result with ``codegen-ls model export OUT/final OUT/model --name codegen-ls-small --kv-bits 8``
+(the int8 cache: the embedded model ships to every CPU) and copy ``model.onnx``, ``tokenizer.json`` and
+``manifest.json`` into ``models/codegen-ls-small``.
 """
 
 from __future__ import annotations
@@ -156,7 +164,10 @@ def prepare(out: Path, args: argparse.Namespace) -> dict:
 
     vocab = Tokenizer.from_file(str(tok_path)).get_vocab_size()
     for split, name in (("train", "train"), ("heldout", "val"), ("eval", "val_eval")):
-        np.save(out / f"{name}.npy", encode_all(tok_path, by_split[split]))
+        ids = encode_all(tok_path, by_split[split])
+        if split == "train" and args.max_train_tokens:  # e.g. 32M tokens = 64 MiB of uint16 to carry to a GPU box
+            ids = ids[: args.max_train_tokens]
+        np.save(out / f"{name}.npy", ids)
     summary = json.loads((args.corpus / "corpus.json").read_text())
     meta = {
         "corpus": str(args.corpus),
@@ -229,6 +240,7 @@ def train(args: argparse.Namespace) -> None:
     meta = prepare(out, args)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)  # "cuda" on a GPU machine: same recipe, bf16 autocast there too
     patch_fast_attention()
 
     train_ids = torch.from_numpy(np.load(out / "train.npy").astype(np.int64))
@@ -249,6 +261,7 @@ def train(args: argparse.Namespace) -> None:
 
         load_into(model, args.init, meta["vocab_size"] - 8192)
         print(f"warm start from {args.init}")
+    model.to(dev)  # before the optimizer: its state follows the parameters' device
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -259,7 +272,7 @@ def train(args: argparse.Namespace) -> None:
     ckpt_path = out / "ckpt.pt"
     step, log = 0, []
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, log = ck["step"], ck["log"]
@@ -273,11 +286,11 @@ def train(args: argparse.Namespace) -> None:
         """Plain next-token loss on the held-out stdlib modules and on the EVAL packages."""
         model.eval()
         res = {}
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
             for key, (ids, starts) in val_sets.items():
                 losses = []
                 for i in range(0, len(starts), args.batch):
-                    x = torch.stack([ids[s:s + args.seq] for s in starts[i:i + args.batch]])
+                    x = torch.stack([ids[s:s + args.seq] for s in starts[i:i + args.batch]]).to(dev)
                     losses.append(float(model(input_ids=x, labels=x).loss))
                 res[key] = round(float(np.mean(losses)), 4)
         model.train()
@@ -293,8 +306,8 @@ def train(args: argparse.Namespace) -> None:
             tok.save_pretrained(hf)
             (hf / "training.json").write_text(json.dumps(
                 {"step": step, "params": n_params, "tokens_seen": step * args.batch * args.seq,
-                 "args": {k: str(v) for k, v in vars(args).items()}, "data": {k: v for k, v in meta.items() if k != "heldout_files"},
-                 "heldout": meta["heldout_files"], "log": log}, indent=1))
+                 "args": {k: str(v) for k, v in vars(args).items()}, "data": {k: v for k, v in meta.items() if k != "packages"},
+                 "packages": meta.get("packages", []), "log": log}, indent=1))
 
     print(f"model: {n_params/1e6:.2f}M params; {meta['train_tokens']} train tokens; "
           f"{args.steps} steps x {args.batch}x{args.seq} tokens")
@@ -310,11 +323,11 @@ def train(args: argparse.Namespace) -> None:
         starts = rng.integers(0, len(train_np) - args.seq - 1, size=args.batch)
         rows = [train_np[s:s + args.seq] for s in starts]
         rows = [fim_row(r, rng, special, special[EOS]) if rng.random() < args.fim_rate else r for r in rows]
-        x = torch.from_numpy(np.stack(rows))
+        x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(dev)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         t0 = time.time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             loss = fwd(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -361,6 +374,9 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, default=Path("build/corpus"), help="corpus.py's cache folder")
     p.add_argument("--init", type=Path, default=None,
                    help="start from this exported model dir (its tokenizer plus the FIM tokens); default: from scratch")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is (never required)")
+    p.add_argument("--max-train-tokens", type=int, default=0,
+                   help="cut the packed training stream (0: all); 33554432 tokens = 64 MiB of uint16")
     p.add_argument("--fim-rate", type=float, default=0.5, help="share of training windows turned into FIM samples")
     args = p.parse_args()
     random.seed(args.seed)
