@@ -12,7 +12,7 @@ after it stay), as if the user were typing that line.
 
 Modes (each through :class:`codegen_ls.suggest.pipeline.Completer` unless said otherwise):
 
-greedy       one greedy candidate, no lookup (ranking cannot reorder a single candidate)
+greedy       one greedy candidate, no lookup (ranking cannot reorder a single candidate), minConfidence 0
 ranked       ``numCandidates`` model candidates + ranking, no lookup
 lookup-only  the lookup's best draft, unverified, no model (:func:`codegen_ls.suggest.drafts.lookup_only`)
 combined     ranked + model-verified lookup candidates
@@ -270,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     counter = TokenCounter(engine.tokenizer)
     base = Settings(model_path=args.model, max_new_tokens=args.max_new_tokens, num_candidates=args.num_candidates,
                     context_tokens=args.context_tokens, deadline_ms=args.deadline_ms, threads=args.threads,
-                    fim=args.fim == "on")
+                    fim=args.fim == "on", latency_target_ms=0)  # fixed budgets: no per-machine sizing
     settings = {
-        "greedy": replace(base, num_candidates=1, lookup=False),
+        "greedy": replace(base, num_candidates=1, lookup=False, min_confidence=0.0),  # the model alone, always shown
         "ranked": replace(base, lookup=False),
         "combined": replace(base, lookup=True, lookup_other_documents=False),
     }
