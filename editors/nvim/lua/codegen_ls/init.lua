@@ -11,12 +11,11 @@
 -- codegenLs/didShowCompletion.
 local api = vim.api
 local keymaps = require('codegen_ls.keymaps')
+local events = require('codegen_ls.events')
 
 local M = {}
 
 local METHOD = 'textDocument/inlineCompletion'
-local SHOWN = 'codegenLs/didShowCompletion'
-local PARTIAL = 'codegenLs/didPartiallyAcceptCompletion'
 local TRIGGER_INVOKED, TRIGGER_AUTOMATIC = 1, 2 -- lsp.InlineCompletionTriggerKind
 local REQUEST_CANCELLED = -32800
 
@@ -193,7 +192,7 @@ local function render()
   if state.show_index and #valid > 1 then
     table.insert(lines[#lines], { (' (%d/%d)'):format(index, #valid), 'NonText' })
   end
-  local info = M.config.show_info and M.info(item)
+  local info = M.config.show_info and events.info(item)
   if info then
     table.insert(lines[#lines], { '  ' .. info, 'NonText' })
   end
@@ -207,45 +206,8 @@ local function render()
   })
   if not item.shown then
     item.shown = true
-    M._report(item, SHOWN, {})
+    events.report(item, events.SHOWN, {})
   end
-end
-
---- The reference the server put in the item's command (its first argument), or nil.
-local function ref_of(item)
-  local cmd = type(item.raw.command) == 'table' and item.raw.command or nil
-  local arg = cmd and type(cmd.arguments) == 'table' and cmd.arguments[1]
-  return type(arg) == 'table' and arg or nil
-end
-
---- Tell the server about a suggestion (shown, partly accepted): `method` with {item = reference}.
-function M._report(item, method, extra)
-  local ref = ref_of(item)
-  local client = ref and vim.lsp.get_client_by_id(item.client_id)
-  if client and not client:is_stopped() then
-    client:notify(method, vim.tbl_extend('force', { item = ref }, extra))
-  end
-end
-
---- "123 ms · 16 tok · greedy" from the item's command arguments (nil when the server sent none).
----@param item codegen_ls.Item
----@return string?
-function M.info(item)
-  local ref = ref_of(item)
-  if not ref then
-    return nil
-  end
-  local parts = {}
-  if type(ref.latencyMs) == 'number' then
-    parts[#parts + 1] = ('%d ms'):format(ref.latencyMs)
-  end
-  if type(ref.tokens) == 'number' then
-    parts[#parts + 1] = ('%d tok'):format(ref.tokens)
-  end
-  if type(ref.source) == 'string' then
-    parts[#parts + 1] = ref.source
-  end
-  return #parts > 0 and table.concat(parts, ' · ') or nil
 end
 
 local function to_item(bufnr, raw, encoding, row, col)
@@ -433,7 +395,7 @@ function M.accept_part(what)
   insert_at_cursor(part)
   state.tick = nil -- typing, not a cursor motion: the ghost stays (TextChangedI redraws it)
   local accepted = #item.text - #(ghost_of(item) or '')
-  M._report(item, PARTIAL, { kind = what, acceptedLength = vim.fn.strchars(item.text:sub(1, accepted)) })
+  events.report(item, events.PARTIAL, { kind = what, acceptedLength = vim.fn.strchars(item.text:sub(1, accepted)) })
   render()
   return true
 end
