@@ -81,8 +81,9 @@ async def begin(client: LanguageClient, text_document: types.TextDocumentClientC
     """initialize + initialized with ``settings`` as initializationOptions; the statuses received."""
     statuses: list[dict[str, Any]] = []
     client.feature("codegenLs/status")(lambda params: statuses.append(plain(params)))
+    settings = {"minConfidence": 0, **(settings or {})}  # the seam is under test, not the ranking
     client.init_result = await client.initialize_session(types.InitializeParams(  # type: ignore[attr-defined]
-        capabilities=capabilities(text_document), initialization_options={"codegenLs": settings or {}}))
+        capabilities=capabilities(text_document), initialization_options={"codegenLs": settings}))
     if wait_ready:
         await wait_for(lambda: any(s["state"] in ("ready", "error") for s in statuses), "model load")
         assert statuses[-1]["state"] == "ready", statuses
@@ -218,7 +219,7 @@ async def test_accept_shown_partial_are_counted(client: LanguageClient):
     # settings problems are reported in the status (for :checkhealth), and cleared again
     client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"codegenLs": {"bogus": 1}}))
     await wait_for(lambda: statuses[-1].get("settingsProblems"), "settings problems in the status")
-    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"codegenLs": {}}))
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"codegenLs": {"minConfidence": 0}}))
     await wait_for(lambda: statuses[-1].get("settingsProblems") == [], "no settings problems")
     # a malformed reference is ignored, the server keeps serving
     client.protocol.notify("codegenLs/didShowCompletion", {"item": "nonsense"})

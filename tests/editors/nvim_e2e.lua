@@ -52,8 +52,9 @@ local function main()
   -- Slow shared CI machines: give the model time, keep suggestions short (a user's settings).
   vim.lsp.config('codegen_ls', {
     cmd = { 'codegen-ls', 'serve', '--debug-requests' }, -- from PATH; + codegenLs/debugDocument
-    settings = { codegenLs = { deadlineMs = 30000, maxNewTokens = 16, numCandidates = 2 } },
-    init_options = { codegenLs = { deadlineMs = 30000, maxNewTokens = 16, numCandidates = 2 } },
+    -- minConfidence 0: every suggestion shown (the client is under test, not the ranking).
+    settings = { codegenLs = { deadlineMs = 30000, maxNewTokens = 16, numCandidates = 2, minConfidence = 0 } },
+    init_options = { codegenLs = { deadlineMs = 30000, maxNewTokens = 16, numCandidates = 2, minConfidence = 0 } },
   })
 
   vim.g.python_recommended_style = 0 -- keep ftplugin/python.vim from setting shiftwidth 4
