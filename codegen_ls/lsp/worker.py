@@ -2,10 +2,13 @@
 
 Handlers on the event loop submit jobs and await an asyncio future; the worker thread runs one
 job at a time. A job carries a ``key`` (the document URI for completions, ``None`` for model
-loads). Submitting a job for a key answers every not-yet-started job with the same key at once
-(result ``None``) and asks the running one to stop: its cancel callable turns true and the
-engine raises :class:`~codegen_ls.errors.Cancelled` at its next decode step. So stale work is
-never queued behind fresh work, and the newest request's latency does not grow with the backlog.
+loads) and may carry the document ``version`` it read. Submitting a job for a key answers every
+not-yet-started job with the same key and an older (or no) version at once (result ``None``) and
+asks such a running one to stop: its cancel callable turns true and the engine raises
+:class:`~codegen_ls.errors.Cancelled` at its next decode step; ``supersede(key)`` (an edit, a
+close) does so for every version. So work for old text is never queued behind fresh work, while
+requests for one version (two cursors; an inline and a completion request share one job
+upstream, :mod:`codegen_ls.lsp.sharing`) do not end each other.
 
 Background jobs (``background=True``: warm-ups, continuations) run only when no other job waits;
 submitting any other job stops a running background job at its next check (a prefill chunk or a
