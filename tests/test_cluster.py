@@ -23,6 +23,7 @@ serve = pytest.importorskip("ray.serve", reason="the cluster tests need Ray Serv
 
 from codegen_ls.cluster.app import APP_NAME, ClusterOptions, build_app  # noqa: E402
 from codegen_ls.engine.remote import BackendUnavailable, HttpClient, RemoteEngine, RemoteOptions  # noqa: E402
+from codegen_ls.errors import Cancelled  # noqa: E402
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest  # noqa: E402
 from conftest import MODEL_DIR, RawClient, server_env  # noqa: E402
 from test_remote import CURSORS, free_port, pipeline_settings, typed_to  # noqa: E402
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # offline: Ray reports nothing anywhere
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(name, "60")  # a shared, loaded machine: Serve's 5-10 s would kill a slow-starting proxy
     port = free_port()
     ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, namespace="serve",
              log_to_driver=False, configure_logging=False)
@@ -146,3 +149,20 @@ def test_killing_a_replica_during_a_burst_loses_no_request(cluster: str) -> None
         time.sleep(1)
     assert running_replicas() == 2
     assert complete(http, "after", text)["choices"][0]["text"] is not None
+
+
+def test_a_cancelled_request_stops_its_replicas_engine(cluster: str) -> None:
+    """Closing the HTTP request cancels the replica's call: the engine stops, the next keystroke does not wait."""
+    text = typed_to(9, 20)
+    http = HttpClient(cluster)
+    complete(http, "cancel-me", text)  # warm: the session's replica holds the prompt
+    long_body = {"prompt": text, "max_tokens": 1900, "n": 16, "temperature": 1.0}  # 16 rows x ~1900 steps: seconds
+    t0 = time.monotonic()
+    with pytest.raises(Cancelled):
+        HttpClient(cluster).call("POST", "/v1/completions", long_body, timeout_ms=120_000, session="cancel-me",
+                                 cancel=lambda: time.monotonic() - t0 > 0.3)
+    t1 = time.monotonic()
+    complete(http, "cancel-me", text + "o")  # the same replica, one engine thread: it waits if the long one runs on
+    waited = time.monotonic() - t1
+    print(f"\n  after cancelling a long request at 0.3 s, the next keystroke on its replica took {waited * 1000:.0f} ms")
+    assert waited < 1.5  # uncancelled, the long request runs on for 4 s on a quiet machine (92 s measured here, loaded)
