@@ -56,7 +56,8 @@ class Settings:
     min_confidence: float = setting(0.0, "suggestions whose confidence (0-1) is lower are not shown", lo=0, hi=1)
     threads: int = setting(0, "onnxruntime threads, 0 = all cores", lo=0, hi=256)
     prompt_cache_mb: int = setting(
-        0, "memory for the documents' KV caches (MB); 0: sized to the model, 8 documents at contextTokens"
+        0, "memory for the documents' KV caches (MB, least recently used dropped); 0: sized to the model, "
+        "8 documents at contextTokens (embedded model: 45 MB)", lo=0, hi=65_536
     )
     lookup: bool = setting(True, "candidates copied from other lines of the document, scored by the model")
     lookup_other_documents: bool = setting(True, "also from the other open documents")

@@ -94,6 +94,7 @@ def test_doctor_reports_versions_model_and_a_timed_completion() -> None:
     assert f"decode attention in use: {used}" in out.stdout
 
 
+@pytest.mark.slow
 def test_wheel_contains_the_embedded_model(tmp_path: Path) -> None:
     """`pip install .` (not only editable) must serve offline: the model is package data."""
     build = subprocess.run(

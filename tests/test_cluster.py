@@ -25,7 +25,7 @@ from codegen_ls.cluster.app import APP_NAME, ClusterOptions, build_app  # noqa: 
 from codegen_ls.engine.remote import BackendUnavailable, HttpClient, RemoteEngine, RemoteOptions  # noqa: E402
 from codegen_ls.errors import Cancelled  # noqa: E402
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest  # noqa: E402
-from conftest import MODEL_DIR, RawClient, server_env  # noqa: E402
+from helpers import MODEL_DIR, RawClient, server_env  # noqa: E402
 from test_remote import CURSORS, free_port, pipeline_settings, typed_to  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)

@@ -16,7 +16,7 @@ from codegen_ls.suggest.context import line_window, offset_of
 from codegen_ls.engine.engine import Candidate, Engine, Generation, GenerationStats
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.settings import Settings
-from samples import CODE, MODEL
+from helpers import CODE, MODEL
 
 FAST = Settings(max_new_tokens=8, num_candidates=2, context_tokens=256, deadline_ms=20_000, lookup=False)
 
@@ -98,7 +98,7 @@ def _with_suggestion(completer: Completer) -> tuple[CompletionRequest, Completio
         result = completer.complete(req, FAST)
         if result.suggestions and len(result.suggestions[0].insert_text) >= 2:
             return req, result
-    pytest.skip("the model gave no suggestion of two characters or more here")
+    raise AssertionError("the embedded model gave no suggestion of two characters or more at any of the cursors")
 
 
 def test_typing_along_the_suggestion_makes_no_model_call(completer: Completer, engine: Engine) -> None:
@@ -218,8 +218,7 @@ def test_keystrokes_reuse_the_kv_cache(completer: Completer) -> None:
     base = mark("        return message", "        return mess|")
     first = completer.complete(request(base, uri="file:///kv.py"), FAST)
     typed = completer.complete(request(base.replace("mess|", "messZ|"), uri="file:///kv.py"), FAST)
-    if typed.reason == "typeahead":
-        pytest.skip("the model suggested the typed character")
+    assert typed.reason != "typeahead"  # no suggestion starts with "Z": the model ran, on the cached prompt
     assert first.stats["prompt_tokens"] > 20
     assert typed.stats["cached_tokens"] >= typed.stats["prompt_tokens"] - 3
 
@@ -295,7 +294,8 @@ def test_end_of_a_huge_line_is_answered(engine: Engine, monkeypatch: pytest.Monk
     assert work["encode"] <= 5 * window and work["scan"] <= 40 * window  # measured: 2.1 and 3.8 windows
     for s in result.suggestions:
         assert s.start == s.end == (0, len(HUGE_LINE)) and "\n" not in s.insert_text
-    if result.suggestions and len(result.suggestions[0].insert_text) >= 2:  # typing along: the type-ahead cache
+    assert result.suggestions and len(result.suggestions[0].insert_text) >= 2
+    if True:  # typing along: the type-ahead cache
         best = result.suggestions[0].insert_text
         typed = replace(req, text=HUGE_LINE + best[0], character=len(HUGE_LINE) + 1)
         assert c.complete(typed, settings).reason == "typeahead"

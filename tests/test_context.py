@@ -23,7 +23,7 @@ from codegen_ls.suggest.context import (
     token_budget,
 )
 from codegen_ls.engine.engine import Tokenizer
-from samples import BOS, CODE, REPO
+from helpers import BOS, CODE, REPO
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,8 @@ pytest.importorskip("torch")
 from codegen_ls.engine import kernels  # noqa: E402
 from codegen_ls.engine.backends import GqaBackend  # noqa: E402
 from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
-from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
-from samples import decode_run  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
+from helpers import decode_run, tiny_export  # noqa: E402
 
 
 def cpu_has_avx2() -> bool:
@@ -38,11 +34,7 @@ needs_kernel = pytest.mark.skipif(kernels.library() is None or kernels.library()
 
 
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int) -> Path:
-    base = tmp_path_factory.mktemp(f"kernel-{n_embd}-{n_head}")
-    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=1024, n_embd=n_embd, n_layer=2, n_head=n_head,
-                            rotary_dim=8, tokenizer=TOKENIZER)
-    export(str(src), base / "model", quantize_int8=True, graph="gqa", kv_bits=8)
-    return base / "model"
+    return tiny_export(tmp_path_factory.mktemp(f"kernel-{n_embd}-{n_head}"), n_embd=n_embd, n_head=n_head, kv_bits=8)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from codegen_ls.engine.kvcache import dequantize4, key_rotation, quantize4  # no
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
 from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
-from samples import decode_run  # noqa: E402
+from helpers import decode_run, tiny_export  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -38,10 +38,7 @@ PATHS = ["", "avx2", "generic"]  # the CPU's best (AVX-512 VNNI where it has it)
 
 def tiny(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int, kv_bits: int = 4, quantize: bool = True) -> Path:
     base = tmp_path_factory.mktemp(f"kv{kv_bits}-{n_embd}-{n_head}")
-    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=1024, n_embd=n_embd, n_layer=2, n_head=n_head,
-                            rotary_dim=8, tokenizer=TOKENIZER)
-    export(str(src), base / "model", quantize_int8=quantize, graph="gqa", kv_bits=kv_bits)
-    return base / "model"
+    return tiny_export(base, n_embd=n_embd, n_head=n_head, kv_bits=kv_bits, quantize=quantize)
 
 
 @pytest.fixture(scope="module")

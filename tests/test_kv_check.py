@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # runs the torch model on each cache
 
 from codegen_ls.engine import kernels  # noqa: E402
 from codegen_ls.engine.kvcache import dequantize4, quantize4  # noqa: E402

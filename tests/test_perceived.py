@@ -14,7 +14,7 @@ from codegen_ls.errors import Cancelled
 from codegen_ls.lsp.worker import InferenceWorker
 from codegen_ls.settings import Settings
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
-from conftest import MODEL_DIR, RawClient, server_env
+from helpers import MODEL_DIR, RawClient, server_env
 
 URI = "file:///work/perceived.py"
 TEXT = "".join(f"def helper_{i}(value):\n    total = value * {i}\n    return total + {i}\n\n\n" for i in range(24))

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from codegen_ls.suggest.context import Indent, decide_mode
 from codegen_ls.suggest.postprocess import MAX_LINES, clean, fit_suffix, make_stop, scan_brackets, stop_multi, stop_single
-from samples import ctx_of
+from helpers import ctx_of
 
 SPACES = Indent(False, 4)
 

@@ -25,7 +25,7 @@ from codegen_ls.suggest.ranking import (
     repeated_lines,
     structure_penalty,
 )
-from samples import COUNTER, ctx_of
+from helpers import COUNTER, ctx_of
 
 CLASS = '''import os
 

@@ -26,7 +26,7 @@ from codegen_ls.engine.remote import BackendUnavailable, HttpClient, RemoteEngin
 from codegen_ls.errors import Cancelled
 from codegen_ls.settings import Settings
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
-from conftest import MODEL_DIR, RawClient, server_env
+from helpers import MODEL_DIR, RawClient, server_env
 
 Handler = Callable[[str, str, dict[str, str], Any], tuple[int, Any]]
 

@@ -2,7 +2,7 @@
 offline guarantee, fuzzing, a vanishing client.
 
 Every test runs the real server (``SERVER_CMD``) over stdio with a bare JSON-RPC client
-(:class:`conftest.RawClient`), so malformed bytes can be sent and every answer checked. Figures
+(:class:`helpers.RawClient`), so malformed bytes can be sent and every answer checked. Figures
 of the load test are printed (``pytest -s``) and only robust properties are asserted.
 """
 
@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import MODEL_DIR, RawClient, server_env
+from helpers import MODEL_DIR, RawClient, server_env
 
 T = TypeVar("T")
 

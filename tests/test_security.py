@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from samples import REPO
+from helpers import REPO
 
 MODEL_DIR = REPO / "models" / "codegen-ls-small"
 
@@ -129,7 +129,7 @@ def test_checksums_are_verified_at_load_once_a_directory(tmp_path: Path, monkeyp
 
 async def test_serve_leaves_no_telemetry_and_opens_no_network_socket(tmp_path: Path) -> None:
     """The language server itself: model loaded, a completion answered, then exit."""
-    from conftest import RawClient
+    from helpers import RawClient
 
     home, trace = tmp_path / "serve", tmp_path / "serve.strace"
     strace = shutil.which("strace")

@@ -17,7 +17,7 @@ from pygls.exceptions import JsonRpcException, JsonRpcMethodNotFound
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from codegen_ls.lsp.server import editor_indentation
-from conftest import SERVER_CMD, RawClient, server_env
+from helpers import SERVER_CMD, RawClient, server_env, utf16_offset
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -120,17 +120,7 @@ async def inline(client: LanguageClient, uri: str, line: int, character: int, **
     return list(result.items if isinstance(result, types.InlineCompletionList) else result)
 
 
-def offset(text: str, line: int, utf16_col: int) -> int:
-    """Offset (code points) of a UTF-16 position, the way an editor counts."""
-    lines = text.split("\n")
-    head = sum(len(x) + 1 for x in lines[:line])
-    units, col = 0, 0
-    for ch in lines[line]:
-        if units >= utf16_col:
-            break
-        units += 2 if ord(ch) > 0xFFFF else 1
-        col += 1
-    return head + col
+offset = utf16_offset  # code points of a UTF-16 position, the way an editor counts
 
 
 def check_applies(text: str, cursor: tuple[int, int], insert: str, rng: types.Range) -> str:

@@ -7,7 +7,7 @@ import json
 import re
 
 from codegen_ls.settings import NAMESPACE, Settings, describe, markdown_table, parse_settings, schema
-from samples import REPO
+from helpers import REPO
 
 
 def test_every_setting_is_documented_declared_and_forwarded() -> None:

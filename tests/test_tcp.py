@@ -1,6 +1,6 @@
 """``serve --tcp``: one client per listener, nothing for anyone else.
 
-The real server listens on a free loopback port; :class:`conftest.RawClient` is the editor, plain
+The real server listens on a free loopback port; :class:`helpers.RawClient` is the editor, plain
 sockets are the other local programs (a second client, a web page's HTTP POST, a port scan).
 """
 
@@ -10,7 +10,7 @@ import asyncio
 import socket
 import sys
 
-from conftest import SERVER_CMD, RawClient, server_env
+from helpers import SERVER_CMD, RawClient, server_env
 
 SOURCE = "import os\n\n\ndef list_files(root):\n    return os.listdir(root)\n"
 NOT_FOUND = -32601

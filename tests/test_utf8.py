@@ -10,7 +10,7 @@ import pytest
 from codegen_ls.engine.engine import Tokenizer
 from codegen_ls.settings import Settings
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
-from samples import MODEL
+from helpers import MODEL
 
 PROMPTS = ["s = '😀", "greeting = 'héllo 😀😀", "# 日本語のコメント\nx = '日本", "emoji = ['🎉', '🚀', '",
            "name = 'wörld 𝔘", 's = "ü']

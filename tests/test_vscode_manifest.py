@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 
-from samples import REPO
+from helpers import REPO
 
 VSCODE = REPO / "editors" / "vscode"
 # VS Code language ids -> Neovim filetypes
