@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 Answer = tuple[str, "TextDocument", types.Position, tuple[int, int], CompletionRequest, "Settings", CompletionResult]
 """What ``answered`` takes, but the latency: (uri, document, position, cursor, request, settings, result)."""
 
+AHEAD = "\x00ahead"  # the speculative job's worker key: the document's URI + this (an edit that accepts keeps it)
 WARM_IDLE_S = 2.0  # an edit after this long without one warms the document again
 THRESHOLD_REFRESH_S = 60.0  # the adaptive threshold is recomputed at most this often
 
@@ -79,6 +80,7 @@ class Perceived:
         self.shown: dict[str, Shown] = {}
         self.prefetches: dict[str, Prefetch] = {}
         self.stashed: dict[str, Answer] = {}  # a prefetch's answer, until a request joins it
+        self.ahead: dict[str, tuple[str, asyncio.Future[Any]]] = {}  # uri -> (the text it assumes accepted, its job)
         self.last_edit: dict[str, float] = {}
         self.cursor: dict[str, tuple[int, int]] = {}  # last cursor asked about (code points)
         self.warmups = self.prefetched = self.joins = 0  # counted for logs and tests
@@ -118,12 +120,15 @@ class Perceived:
         self.prefetches.pop(uri, None)
         self.stashed.pop(uri, None)
         shown = self.shown.pop(uri, None)
+        ahead = self.ahead.pop(uri, None)
         changes = params.content_changes
-        if shown is not None:
-            accepted = self._judge(shown, params)
-            if accepted is not None:
-                self._prefetch(uri, shown, accepted)
-                return
+        accepted = self._judge(shown, params) if shown is not None else None
+        if ahead is not None and ahead[0] != accepted:  # its guess did not happen
+            self.ls.worker.supersede(uri + AHEAD)
+            ahead = None
+        if shown is not None and accepted is not None:
+            self._prefetch(uri, shown, accepted, ahead[1] if ahead is not None else None)
+            return
         if idle >= WARM_IDLE_S and changes and isinstance(changes[-1], types.TextDocumentContentChangePartial):
             doc = self.ls.document(uri)
             if doc is not None:  # the edit's end, in code points
@@ -153,13 +158,20 @@ class Perceived:
         self.stats.record(Outcome.DISMISSED, source, confidence, shown.language, shown.latency_ms)
         return None
 
-    def _prefetch(self, uri: str, shown: Shown, inserted: str) -> None:
-        """Start the completion at the cursor after the accepted text, for the request to join."""
+    def _prefetch(self, uri: str, shown: Shown, inserted: str, ahead: asyncio.Future[Any] | None = None) -> None:
+        """Start the completion at the cursor after the accepted text, for the request to join;
+        after the speculative job for exactly this text (``ahead``), whose answer it then finds."""
         doc = self.ls.document(uri)
         if doc is None:
             return
         end = _after(doc, types.Position(shown.line, shown.character), inserted)
-        task = asyncio.get_running_loop().create_task(self.ls.complete(uri, end, False, prefetch=True))
+
+        async def prefetch() -> Any:
+            if ahead is not None:
+                await asyncio.wait([ahead])  # its outcome is in the type-ahead cache, or it gave way
+            return await self.ls.complete(uri, end, False, prefetch=True)
+
+        task = asyncio.get_running_loop().create_task(prefetch())
         self.prefetched += 1
         self.prefetches[uri] = Prefetch(doc.version or 0, end.line, end.character, task)
 
@@ -185,6 +197,8 @@ class Perceived:
         if shown is not None:
             _, source, confidence = shown.items[0]
             self.stats.record(Outcome.DISMISSED, source, confidence, shown.language, shown.latency_ms)
+        if self.ahead.pop(uri, None) is not None:
+            self.ls.worker.supersede(uri + AHEAD)
         for table in (self.prefetches, self.stashed, self.last_edit, self.cursor):
             table.pop(uri, None)  # type: ignore[attr-defined]
 
@@ -206,9 +220,10 @@ class Perceived:
         ls = self.ls
         top = result.suggestions[0].insert_text
         if top.strip():  # the answer after accepting it, computed while the user reads it
-            future = ls.worker.submit(uri, lambda cancel: ls.completer.complete_ahead(request, settings, top, cancel),
+            future = ls.worker.submit(uri + AHEAD, lambda cancel: ls.completer.complete_ahead(request, settings, top, cancel),
                                       background=True)
             future.add_done_callback(_log_failure)
+            self.ahead[uri] = (top, future)
         if result.more:  # then the rest of a suggestion cut short, for typing along it
             future = ls.worker.submit(uri, lambda cancel: ls.completer.complete(request, settings, cancel, more=True),
                                       background=True)
