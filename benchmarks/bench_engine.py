@@ -51,6 +51,9 @@ TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
 SHAPES: dict[str, dict[str, int]] = {
     "350m": dict(n_embd=1024, n_layer=20, n_head=16, rotary_dim=32, vocab_size=51200, n_positions=2048),
     "small": dict(n_embd=384, n_layer=6, n_head=8, rotary_dim=24, vocab_size=8192, n_positions=2048),
+    # codegen-2B's exact shape: an 11 GB float32 checkpoint, too big to build in memory with
+    # transformers here: make it with benchmarks/make_checkpoint.py and pass --checkpoint
+    "2b": dict(n_embd=2560, n_layer=32, n_head=32, rotary_dim=64, vocab_size=51200, n_positions=2048),
 }
 SOURCES = ["inspect.py", "dataclasses.py", "argparse.py", "typing.py", "functools.py"]
 
@@ -90,11 +93,12 @@ def corpus() -> str:
     return "\n\n".join((lib / name).read_text() for name in SOURCES)
 
 
-def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
+def build(shape: str, workdir: Path, variant: str, checkpoint: Path | None = None) -> tuple[Path, Path]:
     """(checkpoint dir, exported model dir) for ``variant`` (optimum, gqa, gqa-int4, gqa-kv4,
     gqa-kv8, gqa-int4-kv4, flat, flat-int4, flat-kv16, flat-int4-kv16; ``-ort``: the same model
     without our decode-attention kernel; ``kv4`` / ``kv8``: ``--kv-bits 4`` / ``8``, else the
-    export's default, which for gqa picks by this machine), reused when built."""
+    export's default, which for gqa picks by this machine), reused when built. ``checkpoint``: this
+    checkpoint instead of a random one built here."""
     from codegen_ls.export.pipeline import default_kv_bits, export, random_checkpoint
 
     base = workdir / shape
@@ -103,7 +107,7 @@ def build(shape: str, workdir: Path, variant: str) -> tuple[Path, Path]:
     head_dim = SHAPES[shape]["n_embd"] // SHAPES[shape]["n_head"]
     bits = 4 if "kv4" in parts else 8 if "kv8" in parts else default_kv_bits(graph, head_dim=head_dim)
     suffix = f"{'-kv16' if kv16 else ''}{'-kv4' if bits == 4 and graph == 'gqa' else ''}"
-    src, out = base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{suffix}"
+    src, out = checkpoint or base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{suffix}"
     if not (src / "config.json").is_file():
         log(f"building a random {shape} checkpoint in {src} ...")
         shutil.rmtree(src, ignore_errors=True)
@@ -270,6 +274,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="350m")
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench")
+    ap.add_argument("--checkpoint", type=Path, help="use this checkpoint of the shape (e.g. benchmarks/make_checkpoint.py's)")
     ap.add_argument("--graphs", default="optimum,gqa",
                     help="our engine's exports to run: optimum, gqa, gqa-int4, flat, flat-int4, flat-kv16, flat-int4-kv16; "
                          "gqa-ort: gqa without our decode-attention kernel")
@@ -302,7 +307,8 @@ def main() -> None:
     tokens: dict[str, list[list[int]]] = {}
     text = corpus()
 
-    src, optimum_dir = build(args.shape, args.workdir, "optimum")
+    # the optimum export loads the whole model in float32: skipped, the first graph's model tokenizes
+    src, optimum_dir = build(args.shape, args.workdir, "optimum" if "optimum" not in skip else graphs[0], args.checkpoint)
     probe = Engine(optimum_dir, EngineOptions(threads=args.threads))
     _, prompts = prompts_for(probe, text, args.context, max(args.requests, args.keystrokes + 1))
     prompt_ids = [probe.tokenizer.encode(p) for p in prompts[: args.requests]]
@@ -313,7 +319,7 @@ def main() -> None:
         times, tokens["a"] = run_transformers(src, prompt_ids, nt, args.threads)
         results["a"], labels["a"] = mean(times), "(a) transformers PyTorch fp32 `generate`, full prompt"
     for graph in graphs:
-        _, model_dir = build(args.shape, args.workdir, graph)
+        _, model_dir = build(args.shape, args.workdir, graph, args.checkpoint)
         engine = Engine(model_dir, EngineOptions(threads=args.threads, native_kernel=own_kernel(graph)))
         log(f"[{graph}] decode attention: {engine.attention}")
         caches[graph] = f"`{graph}`: {engine.manifest.extra.get('kv_dtype')} KV cache, {engine.attention}"

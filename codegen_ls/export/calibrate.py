@@ -49,7 +49,7 @@ def run(source: CheckpointSource, batches: list[list[int]], check: bool,
             block = _block(source, cfg, i)
             with _peaks() as peaks:
                 exact = [block(x, attention_mask=_causal(x), position_ids=_positions(x))[0] for x in exact]
-            scales.append(scales_from_peaks(*peaks, headroom))
+            scales.append(scales_from_peaks(peaks[0], peaks[1], headroom))
             for mode, hidden in streams.items():
                 with kv_check.quantized_cache(SimpleNamespace(config=cfg), mode, scales):
                     streams[mode] = [block(x, attention_mask=_causal(x), position_ids=_positions(x))[0] for x in hidden]

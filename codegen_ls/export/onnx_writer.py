@@ -32,7 +32,7 @@ class ExternalData:
             self.size += pad
         offset = self.size
         data = np.ascontiguousarray(array)
-        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        self._file.write(data.data)  # the array's own buffer, no copy
         self.size += data.nbytes
         return offset, data.nbytes
 

@@ -3,20 +3,26 @@
 Pipeline (needs the ``export`` extra: torch, transformers, optimum-onnx; serving never imports it):
 
 1. resolve SRC: a local checkpoint directory, or a hub id downloaded when online;
-2. build our own graph from the transformers model (:mod:`codegen_ls.export.graph_builder`):
+2. build our own graph from the checkpoint, read one tensor at a time
+   (:mod:`codegen_ls.export.source`, :mod:`codegen_ls.export.graph_builder`), each weight
+   quantized and written out as it is made, so memory holds about one weight, never the model:
    ``--graph gqa`` (the default; GroupQueryAttention over one in-place cache per layer: when
    quantized a 4-bit cache where our kernel runs it fast and it costs the checkpoint little
-   (:mod:`codegen_ls.export.kv_check`), else int8, its scales calibrated here on standard-library
-   source) or ``--graph flat``; or export with past key/values through optimum-onnx (``--graph optimum``,
-   ``text-generation-with-past``, the reference);
-3. int8 dynamic quantization with ``onnxruntime.quantization`` (``--no-quantize`` keeps fp32;
-   our graphs also store the token embedding as int8 rows, and ``--int4`` makes their layer
-   weights 4-bit ``MatMulNBits`` blocks); models over 2 GB use ONNX external data;
+   (:mod:`codegen_ls.export.kv_check`, run one layer at a time: :mod:`codegen_ls.export.calibrate`),
+   else int8, its scales calibrated here on standard-library source) or ``--graph flat``; or
+   export with past key/values through optimum-onnx (``--graph optimum``,
+   ``text-generation-with-past``, the reference, which loads the whole model);
+3. weights int8 as ``onnxruntime.quantization``'s dynamic quantization stores them (our graphs:
+   while building, :mod:`codegen_ls.export.quantize`; optimum's: ``quantize_dynamic``);
+   ``--no-quantize`` keeps fp32; our graphs also store the token embedding as int8 rows, and
+   ``--int4`` makes their layer weights 4-bit ``MatMulNBits`` blocks; checkpoints over 1.8 GB in
+   float32 get ONNX external data (``model.onnx.data``);
 4. write ``manifest.json`` (shapes, special ids, checksums); ``tokenizer.json`` is written into OUT
    first, as the int8 KV cache's calibration encodes text with it.
 
-Only safe weight formats are loaded: safetensors, or ``torch.load(weights_only=True)`` which
-transformers uses for ``.bin`` files.
+Only safe weight formats are loaded: safetensors, or ``.bin`` through
+``torch.load(weights_only=True)`` (memory-mapped). Peak memory, measured (random weights of the real
+shapes): see benchmarks/README.md, "Real checkpoint shapes".
 """
 
 from __future__ import annotations
@@ -44,6 +50,22 @@ WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
 
 def _step(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _return_freed_memory(start: bool = False) -> None:
+    """glibc: big buffers (a weight, a layer's activations) mapped on their own, so freeing one
+    gives its memory back to the system (``start``: past 16 MB, instead of glibc's threshold that
+    grows with each freed buffer and leaves them in the heap); and what the heap holds free now
+    returned. The export's peak is then what it holds at once, not all it has held. Elsewhere: nothing."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if start:
+            libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _resolve_source(src: str) -> Path:
@@ -217,6 +239,7 @@ def _export_graph(src: Path, out: Path, external: bool | None, quantized: bool, 
     from codegen_ls.export.graph_builder import GraphOptions, build_graph
     from codegen_ls.export.source import CheckpointSource
 
+    _return_freed_memory(start=True)
     try:
         source = CheckpointSource(src)
         scales, result = None, None
@@ -227,6 +250,7 @@ def _export_graph(src: Path, out: Path, external: bool | None, quantized: bool, 
             if check_kv4:
                 _step("      checking what the 4-bit KV cache costs this checkpoint (codegen_ls.export.kv_check) ...")
             scales, result = calibrate.run(source, batches, check=check_kv4)
+            _return_freed_memory()
             if result is not None:
                 loss = result.loss
                 verdict = "the 4-bit cache" if result.four_bit_ok else (
