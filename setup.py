@@ -14,8 +14,10 @@ setup(
     ext_modules=[
         Extension(
             "codegen_ls.engine._decode_attention",
-            sources=["csrc/attend.c", "csrc/attend4.c", "csrc/decode_attention.c"],
-            depends=["csrc/attend.h", "csrc/attend4.h", "csrc/attend_body.h", "csrc/ort_abi.h"],
+            sources=["csrc/attend.c", "csrc/attend4.c", "csrc/attend4_format.c", "csrc/attend4_plain.c", "csrc/attend4_avx512.c",
+                     "csrc/attend4_avx2.c", "csrc/decode_attention.c"],
+            depends=["csrc/attend.h", "csrc/attend4.h", "csrc/attend4_internal.h", "csrc/attend_body.h", "csrc/ort_abi.h",
+                     "csrc/vec.h"],
             extra_compile_args=["-O3", "-std=c11", "-fvisibility=hidden"],
             libraries=["m"],
             optional=True,  # a failed build warns and installs the package without it

@@ -17,7 +17,7 @@ void cgls_quantize_row(const float *x, const float *scale, int D, int8_t *dst) {
 #if CGLS_X86
 #include <immintrin.h>
 
-#include "vexp.h" /* EXP2_POLY, exp_512, exp_256 */
+#include "vec.h" /* EXP2_POLY, exp_512, exp_256, hsum_256 */
 
 /* The vector paths are compiled for their instruction sets whatever the build's flags and picked
  * at run time by what the CPU supports, so a build is portable across x86-64 machines. */
@@ -99,13 +99,6 @@ TARGET static inline __m512 reduce_512(__m512 *acc) {
 
 TARGET static inline __m256 load_i8_256(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-TARGET static inline float hsum_256(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 TARGET static float softmax_256(float *s, int n) {

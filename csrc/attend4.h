@@ -29,12 +29,20 @@
 
 #include "attend.h"
 
-/* As cgls_attend_head, on the 4-bit cache: K, V the head's caches (the layouts above, bytes for
- * past + S positions rounded up to 16), ks, vs the head's per-token scales (float16 bits, room
- * for past + S rounded up to 16); D a multiple of 8, at most 256. */
-void cgls_attend4_head(const float *q, int q_stride, const uint8_t *K, const uint8_t *V, const uint16_t *ks,
-                       const uint16_t *vs, const float *bias, int bias_stride, int past, int S, int D, float *scores,
-                       float *out, int out_stride);
+/* One head's decode attention on the 4-bit cache, as cgls_attend_head's (attend.h) on the int8 one. */
+struct cgls_attend4_args {
+    const float *q;         /* row r's query: q + r * q_stride [D] (rotated) */
+    int q_stride;
+    const uint8_t *K, *V;   /* the head's caches (the layouts above), bytes for past + S positions rounded up to 16 */
+    const uint16_t *ks, *vs; /* the head's per-token scales (float16 bits), room for past + S rounded up to 16 */
+    const float *bias;      /* row r's additive bias over past + S keys: bias + r * bias_stride */
+    int bias_stride;
+    int past, S, D;         /* row r sees keys 0 .. past + r; D a multiple of 8, at most 256 */
+    float *scores;          /* scratch of CGLS_SCRATCH(past, S) floats */
+    float *out;             /* row r's output: out + r * out_stride [D] */
+    int out_stride;
+};
+void cgls_attend4_head(const struct cgls_attend4_args *a);
 
 /* The format's one owner is codegen_ls/engine/kvcache.py (layout, rotation, reference quantizer,
  * manifest tags); these constants, CGLS_PAD16's block of 16 and the 1e-30 floor copy its values

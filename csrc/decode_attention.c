@@ -145,8 +145,11 @@ static void attend_head(const Work *w, size_t index) { /* one head, all its rows
             cgls_quantize_row4(w->value + s * E + h * D, (int)D, row, vs + t);
             cgls_put_row4(V, 1, t, (int)half, row);
         }
-        cgls_attend4_head(qrot, (int)D, K, V, ks, vs, w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D, scratch,
-                          w->out + h * D, (int)E);
+        const struct cgls_attend4_args args = {.q = qrot, .q_stride = (int)D, .K = K, .V = V, .ks = ks, .vs = vs,
+                                               .bias = w->bias, .bias_stride = (int)w->total, .past = (int)w->past,
+                                               .S = (int)w->S, .D = (int)D, .scores = scratch, .out = w->out + h * D,
+                                               .out_stride = (int)E};
+        cgls_attend4_head(&args);
     } else
         cgls_attend_head(w->q + h * D, (int)E, (const int8_t *)w->K + h * w->cap * D, (const int8_t *)w->V + h * w->cap * D,
                          w->ks + h * D, w->vs + h * D, w->bias, (int)w->total, (int)w->past, (int)w->S, (int)D, scratch,

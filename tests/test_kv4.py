@@ -502,4 +502,4 @@ def test_the_c_side_keeps_the_formats_constants() -> None:
     assert float(define(attend4_h, "CGLS_SCALE4_MIN").rstrip("f")) == kvcache.SCALE_MIN
     assert float(define(attend4_h, "CGLS_SCALE4_MAX").rstrip("f")) == kvcache.SCALE_MAX
     assert define(attend_h, r"CGLS_PAD16\(n\)") == f"(((n) + {kvcache.BLOCK - 1}) & ~{kvcache.BLOCK - 1})"
-    assert f"float amax = {kvcache.TINY:g}f" in (REPO / "csrc" / "attend4.c").read_text()
+    assert f"float amax = {kvcache.TINY:g}f" in (REPO / "csrc" / "attend4_format.c").read_text()

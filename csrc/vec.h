@@ -1,6 +1,7 @@
-/* e^x on AVX-512 and AVX2 for the attention kernels (attend.c, attend4.c). */
-#ifndef CODEGEN_LS_VEXP_H
-#define CODEGEN_LS_VEXP_H
+/* Vector helpers shared by the attention kernels (attend.c, attend4_avx512.c, attend4_avx2.c):
+ * e^x on AVX-512 and AVX2, and AVX2's horizontal reductions. */
+#ifndef CODEGEN_LS_VEC_H
+#define CODEGEN_LS_VEC_H
 
 #include <immintrin.h>
 
@@ -28,6 +29,28 @@ __attribute__((target("avx2,fma"))) static inline __m256 exp_256(__m256 x) { /* 
     for (int i = 1; i < 7; i++) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(EXP2_POLY[i]));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* AVX2 horizontal reductions: the largest lane, the sum of the lanes (floats, int32) */
+__attribute__((target("avx2,fma"))) static inline float hmax_256(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum_256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static inline int hsum_epi32_256(__m256i a) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
 }
 
 #endif
