@@ -15,7 +15,7 @@ from codegen_ls.engine.engine import Engine, Tokenizer  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
 from codegen_ls.export.pipeline import export  # noqa: E402
 from codegen_ls.suggest.context import TokenCounter, build_context, fim_suffix_budget  # noqa: E402
-from samples import BOS, CODE, MODEL  # noqa: E402
+from helpers import BOS, CODE, MODEL  # noqa: E402
 
 
 def fim_tokenizer(tmp: Path) -> Path:

@@ -14,7 +14,7 @@ from codegen_ls.suggest.drafts import find_drafts
 from codegen_ls.suggest.gitignore import Ignore, parse
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 from codegen_ls.suggest.repo import RepoIndex, RepoLimits, path_of, render_snippets
-from samples import COUNTER
+from helpers import COUNTER
 
 UTIL = '''"""Helpers."""
 

@@ -13,7 +13,7 @@ import pytest_lsp
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from conftest import SERVER_CMD, server_env
+from helpers import SERVER_CMD, server_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
