@@ -145,12 +145,15 @@ def test_remote_backend_against_vllm(gptj_dir: Path) -> None:
         prompt, draft = engine.tokenizer.encode(typed_to(6, 21)[:120]), engine.tokenizer.encode("    def path")
         got_lp, got_greedy, _ = remote.score(prompt, draft, doc_key="d", cancel=None)
         want_lp, want_greedy, _ = engine.score(prompt, draft, doc_key="d")
-        assert got_greedy == want_greedy and got_lp == pytest.approx(want_lp, abs=0.1)
+        assert got_greedy == want_greedy and got_lp == pytest.approx(want_lp, rel=0.02, abs=0.1)  # int8 vs fp32
         # the language server's pipeline through vLLM (one greedy candidate: this CPU build is slow)
-        res = Completer().complete(CompletionRequest(typed_to(6, 21), 6, 21, uri="file:///s.py"),
-                                   Settings(backend="remote", remote_url=f"http://127.0.0.1:{port}", deadline_ms=120_000,
-                                            num_candidates=1, lookup=False, max_new_tokens=8, context_tokens=1000))
-        assert res.suggestions, res
+        completer = Completer()
+        res = completer.complete(CompletionRequest(typed_to(6, 21), 6, 21, uri="file:///s.py"),
+                                 Settings(backend="remote", remote_url=f"http://127.0.0.1:{port}", deadline_ms=120_000,
+                                          num_candidates=1, lookup=False, max_new_tokens=8, context_tokens=1000))
+        engine_used = completer.engine
+        assert isinstance(engine_used, RemoteEngine) and engine_used.http.requests >= 2  # /v1/models, a completion
+        assert res.suggestions or res.reason, res  # shown, or ranked out with a stated reason
     finally:
         proc.terminate()
         try:
