@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+import codegen_ls  # noqa: F401 - before onnxruntime loads: it turns onnxruntime's telemetry off
+
 
 def weight_macs(d: int, layers: int, tokens: int) -> float:
     return 12.0 * d * d * layers * tokens  # qkv 3d^2, out d^2, fc_in 4d^2, fc_out 4d^2 per token and layer
