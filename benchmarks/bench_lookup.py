@@ -4,7 +4,7 @@ For cursors at random points of lines of a real stdlib file, with the prompt alr
 cache (as after the pipeline's prefill), the rest of the line is decoded three ways:
 
 plain       ``Engine.generate`` greedy, one token per forward pass;
-lookup      :func:`codegen_ls.suggest.drafts.propose` with the best lookup draft of the file, under
+lookup      :func:`codegen_ls.suggest.verify.propose` with the best lookup draft of the file, under
             plain greedy agreement (``min_accept_p=1.0``), so its text is exactly the plain one;
 oracle      the same, with the plain greedy text itself as the draft: the speed when the
             draft is fully accepted (one forward pass for the whole line).
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codegen_ls.engine.engine import Engine, EngineOptions
-from codegen_ls.suggest.drafts import MIN_ACCEPT_P, Draft, find_drafts, lookup_only, propose
+from codegen_ls.suggest.drafts import MIN_ACCEPT_P, Draft, find_drafts, lookup_only
+from codegen_ls.suggest.verify import propose
 
 ROOT = Path(__file__).resolve().parents[1]
 

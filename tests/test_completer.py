@@ -224,7 +224,7 @@ def test_keystrokes_reuse_the_kv_cache(completer: Completer) -> None:
 
 
 class FakeLookup:
-    """Stands in for codegen_ls.suggest.drafts: one verified candidate continuing the cursor."""
+    """Stands in for codegen_ls.suggest.verify: one verified candidate continuing the cursor."""
 
     def __init__(self, engine: Engine, text: str) -> None:
         self.engine, self.text, self.calls = engine, text, []  # type: ignore[var-annotated]

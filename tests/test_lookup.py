@@ -14,15 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codegen_ls.errors import Cancelled
-from codegen_ls.suggest.drafts import (
-    Draft,
-    accepted_length,
-    align_draft,
-    find_drafts,
-    forced_tokens,
-    lookup_only,
-    propose,
-)
+from codegen_ls.suggest.drafts import Draft, find_drafts, lookup_only
+from codegen_ls.suggest.verify import accepted_length, align_draft, forced_tokens, propose
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "codegen-ls-small"
 

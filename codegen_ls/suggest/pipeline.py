@@ -10,7 +10,7 @@ UTF-16 positions with pygls' document helpers.
 Type-ahead cache (per document): typing (or erasing) characters along the last shown suggestion,
 on the same line, is answered from that suggestion with no model call (source "typeahead").
 
-Lookup: when ``codegen_ls.suggest.drafts`` is present and ``Settings.lookup`` is on, its model-verified
+Lookup: when ``codegen_ls.suggest.verify`` is present and ``Settings.lookup`` is on, its model-verified
 drafts join the model's candidates before ranking; one score across sources.
 
 INTERFACE CONTRACT (stable; the server and CLI are written against it): CompletionRequest,
@@ -54,7 +54,7 @@ from codegen_ls.settings import Settings
 
 _lookup: ModuleType | None
 try:
-    from codegen_ls.suggest import drafts as _lookup
+    from codegen_ls.suggest import verify as _lookup
 except ImportError:  # the lookup module is optional
     _lookup = None
 
