@@ -48,7 +48,8 @@ Answer = tuple[str, "TextDocument", types.Position, tuple[int, int], CompletionR
 
 AHEAD = "\x00ahead"  # the speculative job's worker key: the document's URI + this (an edit that accepts keeps it)
 WARM_IDLE_S = 2.0  # an edit after this long without one warms the document again
-THRESHOLD_REFRESH_S = 60.0  # the adaptive threshold is recomputed at most this often
+THRESHOLD_REFRESH_S = 60.0
+BUSY_FACTOR = 4.0  # a model answer this many times over the plan's expected time: the machine is busy, no speculative work  # the adaptive threshold is recomputed at most this often
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Perceived:
         self.ahead: dict[str, tuple[str, asyncio.Future[Any]]] = {}  # uri -> (the text it assumes accepted, its job)
         self.last_edit: dict[str, float] = {}
         self.cursor: dict[str, tuple[int, int]] = {}  # last cursor asked about (code points)
-        self.warmups = self.prefetched = self.joins = 0  # counted for logs and tests
+        self.warmups = self.prefetched = self.joins = self.busy_skips = 0  # counted for logs and tests
         self._threshold = (0.0, -1e9)  # (value, when computed)
 
     # -- warm-up -------------------------------------------------------------------------------
@@ -218,6 +219,9 @@ class Perceived:
         self.shown[uri] = Shown(doc.version or 0, position.line, position.character, items, language, latency_ms)
         self.stats.record(Outcome.SHOWN, items[0][1], items[0][2], language, latency_ms)
         ls = self.ls
+        if self.busy(settings, result, latency_ms):  # background work would only take CPU from the next request
+            self.busy_skips += 1
+            return
         top = result.suggestions[0].insert_text
         if top.strip():  # the answer after accepting it, computed while the user reads it
             future = ls.worker.submit(uri + AHEAD, lambda cancel: ls.completer.complete_ahead(request, settings, top, cancel),
@@ -228,6 +232,19 @@ class Perceived:
             future = ls.worker.submit(uri, lambda cancel: ls.completer.complete(request, settings, cancel, more=True),
                                       background=True)
             future.add_done_callback(_log_failure)
+
+    def busy(self, settings: Settings, result: CompletionResult, latency_ms: float) -> bool:
+        """A model answer took over ``BUSY_FACTOR`` times what the latency plan expects on this
+        machine: other work has the CPU, and speculative jobs would slow the next request (at
+        load average 20 on 2 cores they made the 350M shape's requests 30 % slower)."""
+        speeds = self.ls.completer.speeds
+        if speeds is None or settings.latency_target_ms <= 0 or result.reason == "typeahead":
+            return False
+        from codegen_ls.engine.latency import plan
+
+        engine = self.ls.completer.engine
+        expected = plan(speeds, settings.latency_target_ms, settings.num_candidates, engine.context_length).keystroke_ms
+        return latency_ms > BUSY_FACTOR * max(expected, 1.0)
 
     def min_confidence(self, settings: Settings) -> float:
         """``minConfidence``, raised by ``adaptiveThreshold`` where the statistics say so."""
