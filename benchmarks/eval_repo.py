@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sdists", action="append", default=None, help="folder of sdists (repeatable)")
     ap.add_argument("--work", type=Path, default=Path("/work/cache/eval_repo"), help="where sdists are extracted")
     ap.add_argument("--compare", default=None, metavar="TREE", help="also run a tree holding an earlier codegen_ls")
+    ap.add_argument("--after", default=None, metavar="TREE", help="with --compare: the tree of the 'after' rows "
+                    "(default: this checkout)")
     ap.add_argument("--tree", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--candidates", action="store_true", help="keep every ranked candidate with its features in --out")
@@ -387,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     trees: dict[str, Any] = {}
     if args.compare:
         trees["before"] = Remote(str(Path(args.compare).resolve()), passthrough)
-        trees["after"] = Remote(str(ROOT), passthrough + (["--candidates"] if args.candidates else []))
+        trees["after"] = Remote(str(Path(args.after).resolve()) if args.after else str(ROOT),
+                                passthrough + (["--candidates"] if args.candidates else []))
     else:
         trees["now"] = Worker(args)
     records: dict[str, list[dict[str, Any]]] = {t: [] for t in trees}

@@ -12,7 +12,8 @@ repository mode; ``--data F.json`` reuses such a run instead), labels every rank
 prints, from the cross-validated predictions (each cursor scored by a model that never saw its
 file): top-1 exact match of the new ranking against the heuristic order, the reliability table
 and ECE of the top suggestion's confidence, and the precision/coverage curve with the smallest
-``minConfidence`` whose shown suggestions are exactly right >= ``--target`` (0.40). The coefficients
+``minConfidence`` whose shown suggestions are exactly right >= ``--target`` (0.40) with 95 %
+confidence (one-sided normal bound), to compare with the default ``Settings.min_confidence``. The coefficients
 record what they were fitted on. Never fit on EVAL packages (``models/recipe/corpus.py``).
 """
 
@@ -109,6 +110,10 @@ def curve(conf: np.ndarray, exact: np.ndarray) -> list[dict[str, float]]:
     return rows
 
 
+def lower_bound(p: float, n: float, z: float = 1.645) -> float:
+    return p - z * (p * (1 - p) / max(1.0, n)) ** 0.5
+
+
 def log_loss(groups: list[dict[str, Any]], preds: list[np.ndarray]) -> float:
     p = np.clip(np.concatenate(preds), 1e-6, 1 - 1e-6)
     y = np.concatenate([g["y"] for g in groups])
@@ -152,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     oracle = np.mean([g["y"].any() for g in groups])
     rows, ece = reliability(conf, exact)
     pc = curve(conf, exact)
-    ok = [r for r in pc if r["precision"] >= args.target and r["coverage"] > 0]
+    # the smallest threshold whose precision is >= target with 95 % confidence (one-sided normal bound),
+    # so that held-out code, not only these cursors, clears the target
+    ok = [r for r in pc if r["coverage"] > 0 and lower_bound(r["precision"], r["coverage"] * len(conf)) >= args.target]
     recommended = min(ok, key=lambda r: r["min_confidence"])["min_confidence"] if ok else None
 
     model = fit(x, y, l2=best)
@@ -183,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| minConfidence | shown | precision | exact match (all cursors) |\n|---:|---:|---:|---:|")
     for r in pc:
         print(f"| {r['min_confidence']:.2f} | {r['coverage']:.1%} | {r['precision']:.1%} | {r['exact_match']:.1%} |")
-    print(f"\nrecommended minConfidence (precision >= {args.target:.0%}, most coverage): {recommended}")
+    print(f"\nrecommended minConfidence (the most coverage whose precision is >= {args.target:.0%} at 95 % "
+          f"confidence): {recommended} (the default is Settings.min_confidence; change it where this differs)")
     print("\nweights (standardized):")
     for n, w in sorted(zip(model.names, model.weights), key=lambda t: -abs(t[1])):
         print(f"  {n:16s} {w:+.3f}")

@@ -53,7 +53,9 @@ class Settings:
     deadline_ms: int = setting(
         1000, "time budget of one request; decoding stops there and returns what it has", lo=1, hi=60_000
     )
-    min_confidence: float = setting(0.0, "suggestions whose confidence (0-1) is lower are not shown", lo=0, hi=1)
+    min_confidence: float = setting(
+        0.1, "suggestions less likely than this to be exactly right (calibrated, 0-1) are not shown", lo=0, hi=1
+    )
     threads: int = setting(0, "onnxruntime threads, 0 = all cores", lo=0, hi=256)
     prompt_cache_mb: int = setting(
         0, "memory for the documents' KV caches (MB, least recently used dropped); 0: sized to the model, "

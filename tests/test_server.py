@@ -282,6 +282,8 @@ async def test_client_indentation_shapes_block_suggestions(client: LanguageClien
     the file's own (here: none yet, so 4)."""
     text = "import os\n\n\ndef list_files(path):\n\n"
     fixed, guessed = "file:///indent_fixed.py", "file:///indent_guessed.py"
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(  # every suggestion: this tests
+        settings={"codegenLs": {"minConfidence": 0}}))  # indentation, not the default minConfidence
     client.set_configuration({"tabSize": 2, "insertSpaces": True, "detectIndentation": False},
                              section="editor", scope_uri=fixed)
     open_doc(client, fixed, text)
@@ -295,6 +297,7 @@ async def test_client_indentation_shapes_block_suggestions(client: LanguageClien
         firsts[uri] = str(items[0].insert_text).split("\n")[0]
     assert firsts[fixed].startswith("  ") and not firsts[fixed].startswith("   "), firsts
     assert firsts[guessed].startswith("    ") and not firsts[guessed].startswith("     "), firsts
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"codegenLs": {}}))
 
 
 async def debug_field(client: LanguageClient, uri: str, name: str) -> Any:
