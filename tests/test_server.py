@@ -16,7 +16,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcMethodNotFound
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from codegen_ls.lsp.server import editor_indentation
+from codegen_ls.lsp.items import editor_indentation
 from helpers import SERVER_CMD, RawClient, server_env, utf16_offset
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

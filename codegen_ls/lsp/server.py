@@ -46,6 +46,7 @@ from codegen_ls.lsp import transport
 from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, LspWorkspace
 from codegen_ls.lsp.perceived import Perceived
 from codegen_ls.lsp import workspace
+from codegen_ls.lsp.items import _SURROGATE, _clean, cursor_position, editor_indentation, get_capability
 from codegen_ls.lsp.worker import InferenceWorker
 from codegen_ls.suggest.repo import RepoIndex
 from codegen_ls.settings import NAMESPACE, Settings, parse_settings
@@ -60,7 +61,6 @@ DEBUG_DOCUMENT = "codegenLs/debugDocument"
 CLIENT_TIMEOUT_S = 5.0  # for our requests to the client (progress create, configuration)
 OTHER_DOCUMENTS = 8  # most recently edited open buffers handed to the pipeline ...
 OTHER_DOCUMENT_CHARS = 1_000_000  # ... each at most this long
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class CodegenLanguageServer(LanguageServer):
@@ -341,229 +341,30 @@ class CodegenLanguageServer(LanguageServer):
         super().shutdown()
 
 
-# -------------------------------------------------------------------------------------------------
-# Conversions (code points <-> client units only through pygls' document helpers)
-# -------------------------------------------------------------------------------------------------
-
-
-def cursor_position(doc: TextDocument, position: types.Position) -> ServerTextPosition | None:
-    """The cursor in code points; a column past the line end means the end (LSP); None if no line."""
-    lines = doc.lines
-    if position.line >= len(lines):
-        at_end = position.line == len(lines) and (not lines or lines[-1].endswith(("\n", "\r")))
-        return ServerTextPosition(position.line, 0) if at_end else None
-    width = doc.position_codec.client_num_units(lines[position.line].rstrip("\r\n"))
-    return doc.position_from_client_units(types.Position(position.line, min(position.character, width)))
-
-
-def suggestion_range(doc: TextDocument, s: Suggestion) -> types.Range | None:
-    if s.start[0] != s.end[0]:  # inline items and completion edits must stay on one line
-        return None
-    return doc.range_to_client_units(ServerTextRange(ServerTextPosition(*s.start), ServerTextPosition(*s.end)))
-
-
-def inline_items(doc: TextDocument, result: CompletionResult, answer: Answer | None = None) -> list[types.InlineCompletionItem]:
-    """The items; with ``answer``, each carries the command the editor runs on accept
-    (:mod:`codegen_ls.lsp.events`)."""
-    items = []
-    for rank, s in enumerate(result.suggestions):
-        rng = suggestion_range(doc, s)
-        if rng is None:
-            continue
-        command = None
-        if answer is not None:
-            ref = reference(answer.id, rank, s.source, answer.latency_ms, result.stats.get("new_tokens"))
-            command = types.Command(title="codegen-ls: accepted", command=ACCEPT_COMMAND, arguments=[ref])
-        items.append(types.InlineCompletionItem(insert_text=s.insert_text, range=rng, command=command))
-    return items
-
-
-def completion_items(doc: TextDocument, result: CompletionResult) -> list[types.CompletionItem]:
-    items = []
-    for rank, s in enumerate(result.suggestions):
-        rng = suggestion_range(doc, s)
-        if rng is None:
-            continue
-        first = next((line.strip() for line in s.insert_text.splitlines() if line.strip()), s.insert_text)
-        items.append(types.CompletionItem(
-            label=first[:80] or "(whitespace)", kind=types.CompletionItemKind.Text, preselect=rank == 0,
-            sort_text=f"{rank:03d}", filter_text=s.insert_text, detail=f"codegen-ls · {s.confidence:.0%} · {s.source}",
-            documentation=s.insert_text if "\n" in s.insert_text else None,
-            insert_text_format=types.InsertTextFormat.PlainText,
-            text_edit=types.TextEdit(range=rng, new_text=s.insert_text)))
-    return items
-
-
-def editor_indentation(raw: Any) -> tuple[int, bool] | None:
-    """(tab size, insert spaces) from a client's ``editor`` settings (VS Code's names), or None
-    when they are missing, invalid, or left to detection (``detectIndentation`` not false)."""
-    if hasattr(raw, "_asdict"):  # pygls hands JSON objects over as namedtuples
-        raw = raw._asdict()
-    if not isinstance(raw, dict) or raw.get("detectIndentation", True) is not False:
-        return None
-    size, spaces = raw.get("tabSize"), raw.get("insertSpaces")
-    if type(size) is not int or not 1 <= size <= 16 or not isinstance(spaces, bool):
-        return None
-    return size, spaces
-
-
-def get_capability(caps: Any, *path: str) -> Any:
-    for name in path:
-        caps = getattr(caps, name, None)
-    return caps
-
-
-def _clean(text: str) -> str:
-    """Lone surrogates (JSON ``"\\ud800"``) become U+FFFD: one code point for one, so positions hold."""
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
-
-
-def _settings_in(raw: Any) -> tuple[bool, Any]:
-    """Find the ``codegenLs`` object in ``{"settings": {"codegenLs": ..}}`` or ``{"codegenLs": ..}``."""
-    if isinstance(raw, dict) and isinstance(raw.get("settings"), dict) and NAMESPACE in raw["settings"]:
-        return True, raw["settings"][NAMESPACE]
-    if isinstance(raw, dict) and NAMESPACE in raw:
-        return True, raw[NAMESPACE]
-    return False, None
-
-
-# -------------------------------------------------------------------------------------------------
-# Handlers
-# -------------------------------------------------------------------------------------------------
-
-
-def on_initialize(ls: CodegenLanguageServer, params: types.InitializeParams) -> None:
-    ls.protocol._workspace = LspWorkspace.like(ls.workspace)  # LSP line breaks (server_protocol)
-    found, raw = _settings_in(params.initialization_options)
-    ls.settings, ls.settings_problems = parse_settings(raw if found else params.initialization_options)
-    workspace.index_folders(ls, params)  # on the index's own thread
-
-
-async def on_initialized(ls: CodegenLanguageServer, params: types.InitializedParams) -> None:
-    if ls.initialized:  # a second ``initialized``: the model is already (being) loaded
-        return
-    ls.initialized = True
-    if ls.settings_problems:  # shown now: the client is ready for messages
-        ls.show(types.MessageType.Warning, f"codegen-ls: {'; '.join(ls.settings_problems)}. Using the default settings.")
-    ls.start_load()
-    await workspace.watch_sources(ls)
-
-
-async def on_did_change_configuration(ls: CodegenLanguageServer, params: types.DidChangeConfigurationParams) -> None:
-    found, raw = _settings_in(params.settings)
-    if not found and get_capability(ls.client_capabilities, "workspace", "configuration"):
-        # pull model: the client sends an empty notification and answers workspace/configuration
-        answered, raw = await ls.pull_configuration(NAMESPACE)
-        if not answered:
-            return
-    if ls.apply_settings(raw) and ls.initialized:
-        ls.start_load()
-
-
-async def on_did_open(ls: CodegenLanguageServer, params: types.DidOpenTextDocumentParams) -> None:
-    ls.touch(params.text_document.uri)
-    ls.surrogates.discard(params.text_document.uri)
-    ls.note_text(params.text_document.uri, params.text_document.text)
-    ls.repo.set_open(params.text_document.uri, params.text_document.text)  # open documents override the disk
-    ls.perceived.opened(params.text_document.uri)  # warm-up: prefill its prompt in the background
-    await ls.fetch_indentation(params.text_document.uri)
-
-
-def on_did_change(ls: CodegenLanguageServer, params: types.DidChangeTextDocumentParams) -> None:
-    ls.touch(params.text_document.uri)
-    ls.worker.supersede(params.text_document.uri)  # work for the old text is stale
-    for change in params.content_changes:
-        ls.note_text(params.text_document.uri, change.text)
-    ls.perceived.changed(params.text_document.uri, params)  # an accept (prefetch), a dismissal, a pause ended (warm-up)
-
-
-def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentParams) -> None:
-    uri = params.text_document.uri
-    ls.recent.pop(uri, None)
-    ls.shared.forget(uri)
-    ls.surrogates.discard(uri)
-    ls.indentation.pop(uri, None)
-    ls.repo.set_open(uri, None)
-    ls.last_prompt.pop(uri, None)
-    ls.perceived.closed(uri)
-    ls.worker.supersede(uri)
-    ls.worker.submit(None, lambda cancel: ls.completer.forget(uri))  # its caches, on the worker thread
-
-
-async def on_inline_completion(ls: CodegenLanguageServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
-    explicit = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
-    answer = await ls.shared.complete(params.text_document.uri, params.position, explicit)
-    return types.InlineCompletionList(items=inline_items(answer.doc, answer.result, answer) if answer else [])
-
-
-async def on_completion(ls: CodegenLanguageServer, params: types.CompletionParams) -> types.CompletionList:
-    explicit = params.context is None or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
-    mode = ls.settings.completion_fallback  # auto: the menu only for editors without inline completion
-    if mode == "never" or (mode == "auto" and get_capability(ls.client_capabilities, "text_document", "inline_completion")):
-        return types.CompletionList(is_incomplete=True, items=[])
-    answer = await ls.shared.complete(params.text_document.uri, params.position, explicit)
-    return types.CompletionList(is_incomplete=True, items=completion_items(answer.doc, answer.result) if answer else [])
-
-
-def on_accept(ls: CodegenLanguageServer, *arguments: Any) -> None:
-    """``workspace/executeCommand`` ``codegenLs.accept``: the editor accepted an item whole."""
-    if ls.events.record(EventKind.ACCEPTED, arguments[0] if arguments else None):
-        ls.send_status()
-
-
-def on_did_show(ls: CodegenLanguageServer, params: Any) -> None:
-    ls.events.record(EventKind.SHOWN, getattr(params, "item", None))
-
-
-def on_did_partially_accept(ls: CodegenLanguageServer, params: Any) -> None:
-    kind = {"word": EventKind.ACCEPTED_WORD, "line": EventKind.ACCEPTED_LINE}.get(str(getattr(params, "kind", "")))
-    if kind is not None and ls.events.record(kind, getattr(params, "item", None), getattr(params, "acceptedLength", None)):
-        ls.send_status()
-
-
-def on_shutdown(ls: CodegenLanguageServer, params: None) -> None:
-    ls.worker.close()
-    ls.repo.close()
-
-
-def on_exit(ls: CodegenLanguageServer, params: None) -> None:
-    log.info("exit (%s shutdown)", "after" if ls.protocol._shutdown else "without")
-
-
-def on_debug_document(ls: CodegenLanguageServer, params: Any) -> dict[str, Any] | None:
-    uri = params.get("uri") if isinstance(params, dict) else getattr(params, "uri", None)
-    doc = ls.document(uri) if isinstance(uri, str) else None
-    if doc is None:
-        return None
-    return {"text": doc.source, "version": doc.version, "indentation": ls.indentation.get(doc.uri),
-            "lastPrompt": ls.last_prompt.get(doc.uri), "workspace": workspace.info(ls),
-            "cachedTokens": ls.completer.cached_tokens(doc.uri),
-            "perceived": {"warmups": ls.perceived.warmups, "prefetched": ls.perceived.prefetched,
-                          "joins": ls.perceived.joins}}
-
-
 def create_server(model: str | None = None, completer: Completer | None = None, threads: int = 0,
                   debug_requests: bool = False) -> CodegenLanguageServer:
     """A server with every feature registered (one per session); ``debug_requests``: also
     ``codegenLs/debugDocument``, which hands out a document's text (tests only)."""
+    from codegen_ls.lsp import handlers as h  # (imports this module: here, not at the top)
+
     ls = CodegenLanguageServer(model, completer, threads)
-    ls.feature(types.INITIALIZE)(on_initialize)
-    ls.feature(types.INITIALIZED)(on_initialized)
-    ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)(on_did_change_configuration)
-    ls.feature(types.TEXT_DOCUMENT_DID_OPEN)(on_did_open)
-    ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)(on_did_change)
-    ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)(on_did_close)
+    ls.feature(types.INITIALIZE)(h.on_initialize)
+    ls.feature(types.INITIALIZED)(h.on_initialized)
+    ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)(h.on_did_change_configuration)
+    ls.feature(types.TEXT_DOCUMENT_DID_OPEN)(h.on_did_open)
+    ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)(h.on_did_change)
+    ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)(h.on_did_close)
     workspace.register(ls)
-    ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(on_inline_completion)
+    ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(h.on_inline_completion)
     ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
-        trigger_characters=[".", "(", "[", ",", "=", ":"]))(on_completion)
-    ls.command(ACCEPT_COMMAND)(on_accept)
-    ls.feature(DID_SHOW)(on_did_show)
-    ls.feature(DID_PARTIALLY_ACCEPT)(on_did_partially_accept)
-    ls.feature(types.SHUTDOWN)(on_shutdown)
-    ls.feature(types.EXIT)(on_exit)
+        trigger_characters=[".", "(", "[", ",", "=", ":"]))(h.on_completion)
+    ls.command(ACCEPT_COMMAND)(h.on_accept)
+    ls.feature(DID_SHOW)(h.on_did_show)
+    ls.feature(DID_PARTIALLY_ACCEPT)(h.on_did_partially_accept)
+    ls.feature(types.SHUTDOWN)(h.on_shutdown)
+    ls.feature(types.EXIT)(h.on_exit)
     if debug_requests:
-        ls.feature(DEBUG_DOCUMENT)(on_debug_document)
+        ls.feature(DEBUG_DOCUMENT)(h.on_debug_document)
     return ls
 
 
