@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
-from codegen_ls.suggest.context import TokenCounter, build_context, decide_mode, fim_suffix_budget, token_budget
+from codegen_ls.suggest.context import TokenCounter, build_context, fim_suffix_budget, token_budget
+from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.engine.engine import Engine, EngineOptions
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.settings import Settings

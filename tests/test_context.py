@@ -9,19 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codegen_ls.suggest import context as context_module
-from codegen_ls.suggest.context import (
-    Context,
-    Indent,
-    TokenCounter,
-    build_context,
-    decide_mode,
-    guess_indent,
-    line_window,
-    normalize_eol,
-    offset_of,
-    sanitize,
-    token_budget,
-)
+from codegen_ls.suggest.context import Context, Indent, TokenCounter, build_context, guess_indent, line_window, normalize_eol, offset_of, sanitize, token_budget
+from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.engine.engine import Tokenizer
 from helpers import BOS, CODE, REPO
 

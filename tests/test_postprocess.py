@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codegen_ls.suggest.context import Indent, decide_mode
+from codegen_ls.suggest.context import Indent
+from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.suggest.postprocess import MAX_LINES, clean, fit_suffix, make_stop, scan_brackets, stop_multi, stop_single
 from helpers import ctx_of
 

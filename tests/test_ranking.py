@@ -11,7 +11,8 @@ import numpy as np
 
 from codegen_ls.suggest import postprocess, ranking
 from codegen_ls.suggest.confidence import FEATURES, ConfidenceModel
-from codegen_ls.suggest.context import build_context, decide_mode, line_window
+from codegen_ls.suggest.context import build_context, line_window
+from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.suggest.postprocess import clean
 from codegen_ls.suggest.ranking import (
     AGREEMENT_BONUS,

@@ -25,7 +25,7 @@ byte-level BPE merges a newline with the following indentation (``"\\n   "`` + `
 a prompt ending in ``"\\n    "`` is a tokenization the model never saw. The model writes the
 indentation itself and :mod:`codegen_ls.suggest.postprocess` aligns it with what the user typed.
 
-:func:`decide_mode` chooses ``none`` / ``single`` / ``multi`` before any model call (llm-ls'
+:func:`codegen_ls.suggest.mode.decide_mode` chooses ``none`` / ``single`` / ``multi`` before any model call (llm-ls'
 ``should_complete``).
 """
 
@@ -442,91 +442,11 @@ def _not_inside(text: str, i: int, needle: str) -> int:
     return j + len(needle) if 0 <= j < i else i
 
 
-# -- mode ---------------------------------------------------------------------------------------
-
-def _is_word(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
-
-
-def strip_comment(line: str, language_id: str = "python") -> str:
-    """The line without a trailing ``#`` / ``//`` comment (quotes respected, roughly)."""
-    quote = ""
-    i = 0
-    while i < len(line):
-        ch = line[i]
-        if quote:
-            if ch == "\\":
-                i += 1
-            elif ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#" and language_id == "python":
-            return line[:i]
-        elif ch == "/" and line[i + 1:i + 2] == "/" and language_id != "python":
-            return line[:i]
-        i += 1
-    return line
-
-
-def is_block_opener(line: str, language_id: str = "python") -> bool:
-    """The line ends with something that opens an indented block or a bracketed list."""
-    code = strip_comment(line, language_id).rstrip()
-    return code.endswith(BLOCK_OPENERS)
-
-
-def is_block_header(line: str, language_id: str = "python") -> bool:
-    """A finished block header whose body goes on the next lines (``if x:``, ``function f() {``).
-
-    Stricter than :func:`is_block_opener`: after ``foo(`` or ``{'a':`` the user usually goes on
-    on the same line.
-    """
-    code = strip_comment(line, language_id).strip()
-    if language_id != "python":
-        return code.endswith("{")
-    first = re.split(r"[\s(:]", code, maxsplit=1)[0]
-    return code.endswith(":") and first in PY_BLOCK_KEYWORDS
-
-
-def decide_mode(ctx: Context, multiline: str = "auto", language_id: str = "python") -> tuple[Mode, str]:
-    """(:class:`~codegen_ls.kinds.Mode`, reason) before any model call.
-
-    none:   the cursor is directly before a word character (inside or in front of an
-            identifier), or in the indentation in front of code.
-    multi:  ``multiline="always"`` with nothing after the cursor; with ``"auto"``: a blank line
-            after a block opener (``:``, ``{``, ``(``, ``[`` at the end of the line above) or
-            inside an indented body, or the end of a block header line (``if x:``). Never with
-            ``"never"``.
-    single: everything else (the rest of the line, also in front of closing brackets/code).
-    """
-    after = ctx.line_suffix
-    if after[:1] and _is_word(after[0]):
-        return Mode.NONE, "cursor before a word character"
-    rest_blank = not after.strip()
-    head_blank = ctx.only_whitespace_before
-    if head_blank and not rest_blank:
-        return Mode.NONE, "cursor in the indentation before code"
-    if multiline == "never" or not rest_blank:
-        return Mode.SINGLE, ""
-    if multiline == "always":
-        return Mode.MULTI, "multiline always"
-    if head_blank:
-        if ctx.prev_line and is_block_opener(ctx.prev_line, language_id):
-            return Mode.MULTI, "blank line after a block opener"
-        prev_indent = len(ctx.prev_line) - len(ctx.prev_line.lstrip(" \t"))
-        if ctx.held or prev_indent > 0:
-            return Mode.MULTI, "blank line inside an indented body"
-        return Mode.SINGLE, ""
-    if not ctx.line_cut and is_block_header(ctx.line_prefix, language_id):  # (a cut line is no header)
-        return Mode.MULTI, "end of a block header line"
-    return Mode.SINGLE, ""
-
-
 def token_budget(context_tokens: int, context_length: int, max_new_tokens: int) -> int:
     """The prompt budget: the setting, leaving room for the new tokens in the model's context."""
     return max(1, min(context_tokens, context_length - max_new_tokens - 1))
 
 
-__all__ = ["Context", "Indent", "TokenCounter", "build_context", "decide_mode", "guess_indent", "offset_of",
-           "sanitize", "normalize_eol", "is_block_opener", "is_block_header", "strip_comment", "token_budget",
+__all__ = ["Context", "Indent", "TokenCounter", "build_context", "guess_indent", "offset_of",
+           "sanitize", "normalize_eol", "token_budget",
            "line_window", "line_cut", "fim_suffix_budget"]

@@ -30,16 +30,8 @@ from types import ModuleType
 from typing import Any
 from typing import cast
 
-from codegen_ls.suggest.context import (
-    offset_of,
-    Context,
-    TokenCounter,
-    build_context,
-    decide_mode,
-    fim_suffix_budget,
-    sanitize,
-    token_budget,
-)
+from codegen_ls.suggest.context import offset_of, Context, TokenCounter, build_context, fim_suffix_budget, sanitize, token_budget
+from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.engine import latency
 from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
 from codegen_ls.engine.remote import RemoteEngine, RemoteOptions
