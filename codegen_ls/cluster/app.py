@@ -21,6 +21,7 @@ shutdown or downscaling finish their requests first (``graceful_shutdown_timeout
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -220,11 +221,15 @@ def serve_forever(options: ClusterOptions, host: str, port: int, address: str | 
     log.warning("codegen-ls cluster: http://%s:%d/v1/completions (and /infill) with %s", host, port,
                 f"{options.min_replicas}-{options.max_replicas} replicas" if options.min_replicas is not None
                 else f"{options.replicas} replica(s)")
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM (systemd, docker stop, kill): drain as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        log.warning("codegen-ls cluster: draining the replicas, then stopping")
     finally:
         serve.delete(APP_NAME)  # replicas finish their requests first (graceful_shutdown_timeout_s)
         serve.shutdown()
