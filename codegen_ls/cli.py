@@ -40,6 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"codegen-ls {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_serve(sub)
+
+    _add_complete(sub)
+
+    d = sub.add_parser("doctor", help="versions, providers, model manifest and one timed completion (for bug reports)")
+    _model_arg(d)
+    _log_args(d)
+
+    t = sub.add_parser("stats", help="acceptance rates of the suggestions shown (local statistics, never sent anywhere)",
+                       description="Print acceptance by source, confidence, language and latency, from the counters the "
+                                   "server keeps in $XDG_STATE_HOME/codegen-ls/stats.json.")
+    t.add_argument("--reset", action="store_true", help="delete the statistics file")
+    _log_args(t)
+
+    _add_model(sub)
+    from codegen_ls.cluster.cli import add_parser as add_cluster_parser  # Ray is imported only when it runs
+
+    add_cluster_parser(sub, _log_args)
+    return p
+
+
+def _add_serve(sub: Any) -> None:
+    """``codegen-ls serve``."""
     s = sub.add_parser("serve", help="run the language server (LSP over stdio, or --tcp)",
                        description="Run the language server. stdout carries only the protocol; logs go to stderr or --log-file.")
     s.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
@@ -52,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(s)
     _log_args(s)
 
+
+def _add_complete(sub: Any) -> None:
+    """``codegen-ls complete``."""
     c = sub.add_parser("complete", help="print ranked suggestions for FILE:LINE:COL (1-based)",
                        description="Run the completion pipeline once and print ranked suggestions with scores and timings.")
     c.add_argument("location", metavar="FILE:LINE:COL", help="file and 1-based line and column of the cursor")
@@ -66,16 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(c)
     _log_args(c)
 
-    d = sub.add_parser("doctor", help="versions, providers, model manifest and one timed completion (for bug reports)")
-    _model_arg(d)
-    _log_args(d)
 
-    t = sub.add_parser("stats", help="acceptance rates of the suggestions shown (local statistics, never sent anywhere)",
-                       description="Print acceptance by source, confidence, language and latency, from the counters the "
-                                   "server keeps in $XDG_STATE_HOME/codegen-ls/stats.json.")
-    t.add_argument("--reset", action="store_true", help="delete the statistics file")
-    _log_args(t)
-
+def _add_model(sub: Any) -> None:
+    """``codegen-ls model export`` and ``model info``."""
     m = sub.add_parser("model", help="export and inspect model directories")
     msub = m.add_subparsers(dest="model_command", metavar="ACTION")
     e = msub.add_parser("export", help="convert a Hugging Face CodeGen checkpoint into an int8 ONNX model directory",
@@ -102,10 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     i = msub.add_parser("info", help="print a model directory's manifest and verify its files")
     i.add_argument("dir", metavar="DIR", nargs="?", help="model directory (default: the model in use)")
     _log_args(i)
-    from codegen_ls.cluster.cli import add_parser as add_cluster_parser  # Ray is imported only when it runs
-
-    add_cluster_parser(sub, _log_args)
-    return p
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:

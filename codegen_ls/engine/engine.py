@@ -338,27 +338,13 @@ class Engine:
         t0 = time.perf_counter()
         n, max_new_tokens, stop, deadline_ms, cancel = opts.n, opts.max_new_tokens, opts.stop, opts.deadline_ms, opts.cancel
         temperature, top_k, top_p, seed, heal = opts.temperature, opts.top_k, opts.top_p, opts.seed, opts.heal
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        healed = b""
-        if heal and isinstance(prompt, str) and len(ids) > 1 and ids[-1] not in self._banned:
-            healed = self.tokenizer.token_bytes()[ids[-1]]
-            ids = ids[:-1]
-        if not ids:
-            ids = [self.eos_id]
-        room = max(1, self.context_length - max_new_tokens)
-        if len(ids) > room:  # keep the end of an over-long prompt
-            ids = ids[-room:]
-        max_new_tokens = max(1, min(max_new_tokens, self.context_length - len(ids)))
+        ids, healed, max_new_tokens = self._prompt_ids(prompt, heal, max_new_tokens)
         stats = GenerationStats(prompt_tokens=len(ids))
         fwd = self._forward(ids, doc_key, None, cancel)
         stats.cached_tokens, stats.fed_tokens = fwd.cached_tokens, fwd.fed_tokens
         stats.prefill_ms = (time.perf_counter() - t0) * 1000
         rng = np.random.default_rng(seed)
-        logp = log_softmax(fwd.logits[-1])
-        if self._banned.size:
-            logp[self._banned] = -np.inf
-        if healed:
-            logp = logp + self._heal_mask(healed)
+        logp = self._first_logp(fwd.logits[-1], healed)
         n = max(1, n)
         first = [int(np.argmax(logp))] + [sample_token(logp, rng, temperature, top_k, top_p) for _ in range(n - 1)]
         rows = [_Row(i > 0) for i in range(n)]
@@ -409,6 +395,31 @@ class Engine:
         stats.new_tokens = sum(len(r.ids) for r in rows)
         cands = [Candidate(r.text, r.ids, r.logprobs, r.finish or FinishReason.LENGTH, r.sampled) for r in rows]
         return Generation(cands, stats, healed_text)
+
+    def _prompt_ids(self, prompt: str | Sequence[int], heal: bool, max_new_tokens: int) -> tuple[list[int], bytes, int]:
+        """The prompt's ids (the end of an over-long one; with ``heal``, a text prompt's last token
+        dropped), the bytes token healing dropped, and the new tokens that fit the context."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        healed = b""
+        if heal and isinstance(prompt, str) and len(ids) > 1 and ids[-1] not in self._banned:
+            healed = self.tokenizer.token_bytes()[ids[-1]]
+            ids = ids[:-1]
+        if not ids:
+            ids = [self.eos_id]
+        room = max(1, self.context_length - max_new_tokens)
+        if len(ids) > room:  # keep the end of an over-long prompt
+            ids = ids[-room:]
+        return ids, healed, max(1, min(max_new_tokens, self.context_length - len(ids)))
+
+    def _first_logp(self, logits: np.ndarray, healed: bytes) -> np.ndarray:
+        """The first new token's log-probs: never a banned (FIM) token; with healing, only tokens
+        that start with the dropped bytes."""
+        logp = log_softmax(logits)
+        if self._banned.size:
+            logp[self._banned] = -np.inf
+        if healed:
+            logp = logp + self._heal_mask(healed)
+        return logp
 
     def _heal_mask(self, healed: bytes) -> np.ndarray:
         """0 for tokens whose bytes start with ``healed``, -inf for the rest.
