@@ -57,6 +57,7 @@ class ClusterOptions:
     model_dir: str
     replicas: int = 2
     threads: int = 1  # onnxruntime threads per replica (= CPUs it reserves)
+    cache_mb: int = 512  # each replica's KV caches of documents (least recently used dropped past it)
     min_replicas: int | None = None  # set both to autoscale on ongoing requests
     max_replicas: int | None = None
     target_ongoing_requests: float = 2.0
@@ -70,10 +71,10 @@ class ClusterOptions:
 class EngineReplica:
     """One engine (model + KV caches) behind Serve; requests run one at a time on its thread."""
 
-    def __init__(self, model_dir: str, threads: int) -> None:
+    def __init__(self, model_dir: str, threads: int, cache_mb: int = 512) -> None:
         from codegen_ls.engine.engine import Engine, EngineOptions
 
-        engine = Engine(model_dir, EngineOptions(threads=threads))
+        engine = Engine(model_dir, EngineOptions(threads=threads, cache_bytes=cache_mb * 1024 * 1024))
         context = serve.get_replica_context()
         self.actor_name = context.replica_id.to_full_id_str()
         self.service = CompletionService(engine, engine.manifest.name, context.replica_id.unique_id)
@@ -204,7 +205,7 @@ def build_app(options: ClusterOptions) -> Any:
         **scaling,
     )
     ingress: Any = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)(Ingress)
-    return ingress.bind(engine.bind(model_dir, options.threads), options.api_key)
+    return ingress.bind(engine.bind(model_dir, options.threads, options.cache_mb), options.api_key)
 
 
 def serve_forever(options: ClusterOptions, host: str, port: int, address: str | None = None,

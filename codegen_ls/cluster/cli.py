@@ -22,6 +22,8 @@ def add_parser(sub: Any, log_args: Callable[[argparse.ArgumentParser], None]) ->
     s.add_argument("--model", metavar="DIR", help="model directory (default: $CODEGEN_LS_MODEL, else the embedded model)")
     s.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
     s.add_argument("--threads", type=int, default=1, help="onnxruntime threads (= CPUs) per replica (default 1)")
+    s.add_argument("--cache-mb", type=int, default=512,
+                   help="memory for each replica's document KV caches (default 512; docs/scaling.md sizes it)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the team)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas on ongoing requests")
@@ -56,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
             raise CodegenLsError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
     options = ClusterOptions(str(resolve_model_dir(args.model)), replicas=args.replicas, threads=args.threads,
                              min_replicas=low, max_replicas=high, target_ongoing_requests=args.target_ongoing,
-                             max_ongoing_requests=args.max_ongoing, api_key=key)
+                             max_ongoing_requests=args.max_ongoing, api_key=key, cache_mb=args.cache_mb)
     return serve_forever(options, args.host, args.port, address=args.address, num_cpus=args.num_cpus)
