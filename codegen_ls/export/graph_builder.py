@@ -29,8 +29,10 @@ its own tokens (see :class:`codegen_ls.engine.backends.GqaBackend`). Quantized, 
 (``prefix_key.L`` ``[1, H, D, cap]``, keys transposed; ``prefix_value.L`` ``[1, H, cap, D]``;
 ``prefix_bias`` ``[cap]`` masks the unused tail); the **tail** (this request's tokens) is small
 and per candidate, ``tail_key.L`` ``[H, n, D, T]`` / ``tail_value.L`` ``[H, n, T, D]``, returned
-grown (``tail_*_out.L``). ``kv_fp16``: both in float16. It stays for ``--kv-fp16`` and as the
-engine's second, simpler backend (plain ONNX ops only, any onnxruntime build).
+grown (``tail_*_out.L``). ``kv_fp16``: both in float16. It no longer earns its keep (gqa is
+faster at every context and lighter, benchmarks/README.md; gqa ``--no-quantize`` covers an fp32
+cache); it stays only until its engine backend, ``--graph flat`` / ``--kv-fp16`` and their tests
+are removed together (the engine's side of it is not this module's).
 
 Weights: ``int8`` stores each MatMul weight as ``quantize_dynamic`` would (per tensor, symmetric,
 ``DynamicQuantizeLinear`` + ``MatMulInteger`` on the activations, :mod:`codegen_ls.export.quantize`)
