@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
 from codegen_ls.engine import kernels  # noqa: E402
-from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
+from codegen_ls.engine.engine import Engine, EngineOptions, Tokenizer  # noqa: E402
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
 from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest, verify_files  # noqa: E402
@@ -127,7 +127,8 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
     assert (out / "model.onnx").stat().st_size < 200_000 < (out / "model.onnx.data").stat().st_size
     assert manifest.quantization == ("int8-dynamic" if quantize else "none")
     assert manifest.extra["graph"] == graph
-    assert (manifest.n_layer, manifest.n_head, manifest.head_dim, manifest.vocab_size) == (2, 4, 16, 8192)
+    shape = (manifest.n_layer, manifest.n_head, manifest.head_dim, manifest.vocab_size)
+    assert shape == (2, 4, 16, Tokenizer(TOKENIZER).vocab_size)  # the vocabulary grown to the tokenizer's
     assert verify_files(out, read_manifest(out)) == []
 
     ids = [int(t) for t in np.random.default_rng(0).integers(1, 8192, size=20)]

@@ -25,12 +25,12 @@ import numpy as np
 
 from codegen_ls.engine import kernels, kvcache
 from codegen_ls.engine.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
+from codegen_ls.engine.fim import Fim
+from codegen_ls.engine.modeldir import Manifest, read_manifest, verify_at_load
 from codegen_ls.engine.sampling import log_softmax, sample_token
 from codegen_ls.engine.tokenizer import Tokenizer
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.kinds import FinishReason, Source
-from codegen_ls.engine.fim import Fim
-from codegen_ls.engine.modeldir import Manifest, read_manifest, verify_at_load
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +450,8 @@ class Engine:
             ids = list(prompt_ids) + list(draft_ids)
             fwd = self._forward(ids, doc_key, len(prompt_ids) - 1, cancel)
             lp = log_softmax(fwd.logits)
+            if self._banned.size:  # as in generate(): the greedy token is never a FIM control token
+                lp[:, self._banned] = -np.inf
             draft_lp = [float(lp[i, t]) for i, t in enumerate(draft_ids)]
             greedy = [int(np.argmax(lp[i])) for i in range(len(draft_ids))]
             return draft_lp, greedy, lp[-1]
