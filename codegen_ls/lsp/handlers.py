@@ -4,7 +4,7 @@ session, convert the result); :func:`codegen_ls.lsp.server.create_server` regist
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lsprotocol import types
 
@@ -12,10 +12,8 @@ from codegen_ls.lsp import workspace
 from codegen_ls.lsp.events import EventKind
 from codegen_ls.lsp.items import completion_items, get_capability, inline_items
 from codegen_ls.lsp.jsonrpc import LspWorkspace
+from codegen_ls.lsp.server import CodegenLanguageServer  # pygls reads the handlers' type hints at run time
 from codegen_ls.settings import NAMESPACE, parse_settings
-
-if TYPE_CHECKING:
-    from codegen_ls.lsp.server import CodegenLanguageServer
 
 log = logging.getLogger(__name__)
 
