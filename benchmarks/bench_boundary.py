@@ -33,16 +33,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     engine = Engine(args.model, EngineOptions(threads=args.threads))
-    ids = [int(t) for t in np.random.default_rng(0).integers(1, engine.tokenizer.vocab_size,
-                                                                args.prompt + args.keystrokes + args.draft + 1)]
+    ids = [
+        int(t)
+        for t in np.random.default_rng(0).integers(
+            1, engine.tokenizer.vocab_size, args.prompt + args.keystrokes + args.draft + 1
+        )
+    ]
     rows = []
     for k in range(args.keystrokes):
         n = args.prompt + k
         engine.forward(ids[:n], "doc")
         t0 = time.perf_counter()
-        engine.score(ids[:n], ids[n:n + args.draft], doc_key="doc")
+        engine.score(ids[:n], ids[n : n + args.draft], doc_key="doc")
         t1 = time.perf_counter()
-        engine.forward(ids[:n + 1], "doc")
+        engine.forward(ids[: n + 1], "doc")
         rows.append((n, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000))
     print("| prompt tokens | draft verify ms | next keystroke ms |")
     print("|---:|---:|---:|")

@@ -31,9 +31,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MODULES = ["argparse", "json/decoder", "logging/__init__", "email/message", "http/client", "csv", "shutil",
-           "tarfile", "zipfile/__init__", "pathlib/_local", "textwrap", "difflib", "calendar", "pprint", "ftplib",
-           "smtplib"]
+MODULES = [
+    "argparse",
+    "json/decoder",
+    "logging/__init__",
+    "email/message",
+    "http/client",
+    "csv",
+    "shutil",
+    "tarfile",
+    "zipfile/__init__",
+    "pathlib/_local",
+    "textwrap",
+    "difflib",
+    "calendar",
+    "pprint",
+    "ftplib",
+    "smtplib",
+]
 
 
 def prompts(tokenizer: object, n: int, tokens: int) -> list[str]:
@@ -47,7 +62,7 @@ def prompts(tokenizer: object, n: int, tokens: int) -> list[str]:
         path = lib / f"{name}.py"
         if not path.exists():
             path = lib / "argparse.py"
-        text = path.read_text(encoding="utf-8")[i // len(MODULES) * 500:]
+        text = path.read_text(encoding="utf-8")[i // len(MODULES) * 500 :]
         ids = tokenizer.encode(text)[:tokens]  # type: ignore[attr-defined]
         out.append(tokenizer.decode(ids))  # type: ignore[attr-defined]
     return out
@@ -65,7 +80,7 @@ def replay(send: object, text: str, keystrokes: int) -> list[float]:
     lat = []
     for k in range(1, keystrokes + 1):
         t0 = time.perf_counter()
-        send(text[:cut + k])  # type: ignore[operator]
+        send(text[: cut + k])  # type: ignore[operator]
         lat.append((time.perf_counter() - t0) * 1000)
     return lat
 
@@ -85,7 +100,7 @@ def run_load(make_send: object, texts: list[str], concurrency: int, keystrokes: 
         lat = []
         for k in range(1, keystrokes + 1):
             t1 = time.perf_counter()
-            send(texts[i][:cut + k])
+            send(texts[i][: cut + k])
             lat.append((time.perf_counter() - t1) * 1000)
         spans[i] = time.perf_counter() - t0
         results[i] = lat
@@ -120,8 +135,10 @@ def main() -> int:
     texts = prompts(engine.tokenizer, max(concurrency), args.prompt_tokens)
     body = {"max_tokens": args.max_tokens, "n": args.n, "temperature": 0.8, "heal": True}
     rows = []
-    print(f"model {args.model}: prompts of {args.prompt_tokens} tokens, {args.keystrokes} keystrokes per developer, "
-          f"n={args.n}, max_tokens={args.max_tokens}, {args.threads} thread(s) per replica, {os.cpu_count()} cores")
+    print(
+        f"model {args.model}: prompts of {args.prompt_tokens} tokens, {args.keystrokes} keystrokes per developer, "
+        f"n={args.n}, max_tokens={args.max_tokens}, {args.threads} thread(s) per replica, {os.cpu_count()} cores"
+    )
     if not args.skip_local:
         lock = threading.Lock()
 
@@ -129,48 +146,76 @@ def main() -> int:
             def send(prompt: str) -> None:
                 with lock:
                     engine.generate(prompt, doc_key=session, n=args.n, max_new_tokens=args.max_tokens, heal=True)
+
             return send
 
         for c in concurrency:
             rps, lat = run_load(local_send, texts, c, args.keystrokes)
             rows.append(("in-process engine", c, rps, lat))
-            print(f"  in-process engine, {c} developer(s): {rps:.2f} req/s, p50 {pct(lat, .5):.0f} ms, p90 {pct(lat, .9):.0f} ms",
-                  flush=True)
-    del engine
+            print(
+                f"  in-process engine, {c} developer(s): {rps:.2f} req/s, p50 {pct(lat, 0.5):.0f} ms, p90 "
+                f"{pct(lat, 0.9):.0f} ms",
+                flush=True,
+            )
+    engine = None  # its memory back before the cluster runs
 
     import ray
     from ray import serve
 
     from codegen_ls.cluster.app import APP_NAME, ClusterOptions, build_app
 
-    ray.init(num_cpus=args.cpus, object_store_memory=200 * 1024 * 1024, include_dashboard=False, namespace="serve",
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=args.cpus,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        namespace="serve",
+        log_to_driver=False,
+        configure_logging=False,
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8799})
         for replicas in (int(r) for r in args.replicas.split(",")):
-            serve.run(build_app(ClusterOptions(args.model, replicas=replicas, threads=args.threads)), name=APP_NAME,
-                      route_prefix="/")
+            serve.run(
+                build_app(ClusterOptions(args.model, replicas=replicas, threads=args.threads)),
+                name=APP_NAME,
+                route_prefix="/",
+            )
 
             def http_send(session: str):
                 client = HttpClient("http://127.0.0.1:8799")
 
                 def send(prompt: str) -> None:
-                    client.call("POST", "/v1/completions", {**body, "prompt": prompt}, timeout_ms=120_000, session=session)
+                    client.call(
+                        "POST", "/v1/completions", {**body, "prompt": prompt}, timeout_ms=120_000, session=session
+                    )
+
                 return send
 
             floor_client, floor = HttpClient("http://127.0.0.1:8799"), []
-            for i in range(40):  # the serving floor: one token after a cached 3-token prompt
+            for _ in range(40):  # the serving floor: one token after a cached 3-token prompt
                 t0 = time.perf_counter()
-                floor_client.call("POST", "/v1/completions", {"prompt": "x = 1", "max_tokens": 1, "temperature": 0.0},
-                                  timeout_ms=60_000, session="floor")
+                floor_client.call(
+                    "POST",
+                    "/v1/completions",
+                    {"prompt": "x = 1", "max_tokens": 1, "temperature": 0.0},
+                    timeout_ms=60_000,
+                    session="floor",
+                )
                 floor.append((time.perf_counter() - t0) * 1000)
-            print(f"  cluster {replicas} replica(s): a 1-token request on a cached prompt takes p50 {pct(floor[5:], .5):.1f} ms, "
-                  f"p90 {pct(floor[5:], .9):.1f} ms (HTTP + proxy + ingress + router + replica)", flush=True)
+            print(
+                f"  cluster {replicas} replica(s): a 1-token request on a cached prompt takes p50 "
+                f"{pct(floor[5:], 0.5):.1f} ms, "
+                f"p90 {pct(floor[5:], 0.9):.1f} ms (HTTP + proxy + ingress + router + replica)",
+                flush=True,
+            )
             for c in concurrency:
                 rps, lat = run_load(http_send, texts, c, args.keystrokes)
                 rows.append((f"cluster, {replicas} replica(s)", c, rps, lat))
-                print(f"  cluster {replicas} replica(s), {c} developer(s): {rps:.2f} req/s, p50 {pct(lat, .5):.0f} ms, "
-                      f"p90 {pct(lat, .9):.0f} ms", flush=True)
+                print(
+                    f"  cluster {replicas} replica(s), {c} developer(s): {rps:.2f} req/s, p50 {pct(lat, 0.5):.0f} ms, "
+                    f"p90 {pct(lat, 0.9):.0f} ms",
+                    flush=True,
+                )
             serve.delete(APP_NAME)
     finally:
         serve.shutdown()
@@ -178,7 +223,7 @@ def main() -> int:
     print("\n| serving | developers | requests/s | p50 ms | p90 ms | mean ms |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, c, rps, lat in rows:
-        print(f"| {name} | {c} | {rps:.2f} | {pct(lat, .5):.0f} | {pct(lat, .9):.0f} | {statistics.mean(lat):.0f} |")
+        print(f"| {name} | {c} | {rps:.2f} | {pct(lat, 0.5):.0f} | {pct(lat, 0.9):.0f} | {statistics.mean(lat):.0f} |")
     return 0
 
 

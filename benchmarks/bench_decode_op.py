@@ -43,21 +43,30 @@ def graph(spread: float, with_op: bool, rows: int = 1) -> bytes:
     f, f16, u8, i32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.UINT8, TensorProto.INT32
     # int8 weights of magnitude ~73: a GEMV output's spread is ~73 sqrt(1024) x its scale
     qkv_scale = spread / (73.0 * 32.0)
-    inits = [numpy_helper.from_array(key_rotation(D), "rotation"),
-             numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
-             numpy_helper.from_array(np.array(qkv_scale, np.float32), "qkv_scale"),
-             numpy_helper.from_array(np.array(0, np.int8), "zero"),
-             numpy_helper.from_array(np.array([0], np.int64), "start"),
-             numpy_helper.from_array(np.array([E], np.int64), "end"),
-             numpy_helper.from_array(np.array([2], np.int64), "axis")]
-    inputs = [helper.make_tensor_value_info("x", f, [1, rows, E]), helper.make_tensor_value_info("seqlens_k", i32, [1]),
-              helper.make_tensor_value_info("total", i32, []), helper.make_tensor_value_info("bias", f, [1, 1, rows, None])]
+    inits = [
+        numpy_helper.from_array(key_rotation(D), "rotation"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
+        numpy_helper.from_array(np.array(qkv_scale, np.float32), "qkv_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zero"),
+        numpy_helper.from_array(np.array([0], np.int64), "start"),
+        numpy_helper.from_array(np.array([E], np.int64), "end"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", f, [1, rows, E]),
+        helper.make_tensor_value_info("seqlens_k", i32, [1]),
+        helper.make_tensor_value_info("total", i32, []),
+        helper.make_tensor_value_info("bias", f, [1, 1, rows, None]),
+    ]
     nodes, outputs, x = [], [], "x"
     for i in range(LAYERS):
         inits.append(numpy_helper.from_array(rng.integers(-127, 128, (E, 3 * E), dtype=np.int8), f"wa{i}"))
         inits.append(numpy_helper.from_array(rng.integers(-127, 128, (E, 9 * E), dtype=np.int8), f"wb{i}"))
-        nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"wa{i}", "qkv_scale", "zero"], [f"qkv{i}"],
-                                      domain="com.microsoft"))
+        nodes.append(
+            helper.make_node(
+                "DynamicQuantizeMatMul", [x, f"wa{i}", "qkv_scale", "zero"], [f"qkv{i}"], domain="com.microsoft"
+            )
+        )
         nodes.append(helper.make_node("Split", [f"qkv{i}"], [f"q{i}", f"k{i}", f"v{i}"], axis=2, num_outputs=3))
         past = [f"past_key.{i}", f"past_value.{i}", f"past_key_scale.{i}", f"past_value_scale.{i}"]
         present = [p.replace("past", "present") for p in past]
@@ -65,20 +74,34 @@ def graph(spread: float, with_op: bool, rows: int = 1) -> bytes:
             inputs.append(helper.make_tensor_value_info(name, t, [1, H, CAP, last]))
             outputs.append(helper.make_tensor_value_info(out, t, [1, H, CAP, last]))
         if with_op:
-            nodes.append(helper.make_node("DecodeAttentionQ4", [f"q{i}", f"k{i}", f"v{i}", *past, "seqlens_k", "total", "bias",
-                                                                "rotation"], [f"att{i}", *present], domain="codegen_ls"))
+            nodes.append(
+                helper.make_node(
+                    "DecodeAttentionQ4",
+                    [f"q{i}", f"k{i}", f"v{i}", *past, "seqlens_k", "total", "bias", "rotation"],
+                    [f"att{i}", *present],
+                    domain="codegen_ls",
+                )
+            )
         else:
             nodes.append(helper.make_node("Identity", [f"q{i}"], [f"att{i}"]))
             nodes += [helper.make_node("Identity", [p], [o]) for p, o in zip(past, present)]
-        nodes.append(helper.make_node("DynamicQuantizeMatMul", [f"att{i}", f"wb{i}", "scale", "zero"], [f"mlp{i}"],
-                                      domain="com.microsoft"))
+        nodes.append(
+            helper.make_node(
+                "DynamicQuantizeMatMul", [f"att{i}", f"wb{i}", "scale", "zero"], [f"mlp{i}"], domain="com.microsoft"
+            )
+        )
         nodes.append(helper.make_node("Slice", [f"mlp{i}", "start", "end", "axis"], [f"sliced{i}"]))
         nodes.append(helper.make_node("Mul", [f"sliced{i}", "scale"], [f"x{i}"]))
         x = f"x{i}"
     outputs.insert(0, helper.make_tensor_value_info(x, f, [1, rows, E]))
-    model = helper.make_model(helper.make_graph(nodes, "decode_op", inputs, outputs, initializer=inits),
-                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1),
-                                             helper.make_opsetid("codegen_ls", 1)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "decode_op", inputs, outputs, initializer=inits),
+        opset_imports=[
+            helper.make_opsetid("", 18),
+            helper.make_opsetid("com.microsoft", 1),
+            helper.make_opsetid("codegen_ls", 1),
+        ],
+    )
     return model.SerializeToString()
 
 
@@ -101,7 +124,9 @@ def main() -> None:
         so.register_custom_ops_library(args.lib)
     elif kernels.register(so, required=True) is None:
         sys.exit("the decode-attention kernel is not built here")
-    sess = ort.InferenceSession(graph(args.spread, args.op == "kernel", args.rows), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        graph(args.spread, args.op == "kernel", args.rows), so, providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(1)
     caches = []
     for _ in range(LAYERS):
@@ -132,8 +157,11 @@ def main() -> None:
             sess.run_with_iobinding(io)
             times[past].append((time.perf_counter() - t) * 1e3)
     a, b = (float(np.median(times[p])) for p in (64, 2000))
-    print(f"{args.op}, spread {args.spread:g}, {args.rows} row(s), {args.threads} threads, {Path(args.lib).name if args.lib else 'installed kernel'}: "
-          f"64 keys {a:.2f} ms/step, 2000 keys {b:.2f} ms/step, growth {b - a:.2f} ms ({b / a:.3f}x)")
+    print(
+        f"{args.op}, spread {args.spread:g}, {args.rows} row(s), {args.threads} threads, "
+        f"{Path(args.lib).name if args.lib else 'installed kernel'}: "
+        f"64 keys {a:.2f} ms/step, 2000 keys {b:.2f} ms/step, growth {b - a:.2f} ms ({b / a:.3f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,15 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-SMALL = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        if name.endswith('.py'):\n            result."
+SMALL = (
+    "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        if "
+    "name.endswith('.py'):\n            result."
+)
 
 
 class Client:
     """JSON-RPC over the server's stdio; a reader thread records when each response arrives."""
 
     def __init__(self, cmd: list[str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         self.responses: dict[int, tuple[float, dict[str, Any]]] = {}
         self.ready = threading.Event()
         self.cond = threading.Condition()
@@ -80,15 +84,27 @@ class Client:
 
 
 def inline(uri: str, line: int, character: int) -> dict[str, Any]:
-    return {"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
-            "context": {"triggerKind": 1}}
+    return {
+        "textDocument": {"uri": uri},
+        "position": {"line": line, "character": character},
+        "context": {"triggerKind": 1},
+    }
 
 
 def run(args: argparse.Namespace, mb: float, text: str) -> dict[str, float]:
     cmd = [sys.executable, "-m", "codegen_ls", "serve", *(["--model", args.model] if args.model else [])]
     c = Client(cmd, args.cwd)
-    c.wait(c.request("initialize", {"processId": None, "rootUri": None, "capabilities": {},
-                                    "initializationOptions": {"codegenLs": {"numCandidates": 1, "maxNewTokens": 8}}}))
+    c.wait(
+        c.request(
+            "initialize",
+            {
+                "processId": None,
+                "rootUri": None,
+                "capabilities": {},
+                "initializationOptions": {"codegenLs": {"numCandidates": 1, "maxNewTokens": 8}},
+            },
+        )
+    )
     c.send({"method": "initialized", "params": {}})
     c.ready.wait(120)
     unit = "a" * 99 + ("é" if text == "mixed" else "b")
@@ -96,8 +112,12 @@ def run(args: argparse.Namespace, mb: float, text: str) -> dict[str, float]:
     long_line = "x = '" + body  # one line, the cursor at its end
     width = len(long_line.encode("utf-16-le")) // 2
     for uri, source in (("file:///small.py", SMALL), ("file:///long.py", long_line)):
-        c.send({"method": "textDocument/didOpen", "params": {"textDocument": {
-            "uri": uri, "languageId": "python", "version": 1, "text": source}}})
+        c.send(
+            {
+                "method": "textDocument/didOpen",
+                "params": {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": source}},
+            }
+        )
     small_at = inline("file:///small.py", 7, len(SMALL.rsplit("\n", 1)[1]))
     alone, longs, others = [], [], []
     for run_no in range(args.runs):
@@ -105,10 +125,20 @@ def run(args: argparse.Namespace, mb: float, text: str) -> dict[str, float]:
         done, _ = c.wait(c.request("textDocument/inlineCompletion", small_at))
         alone.append(done - t0)
         t0 = time.perf_counter()
-        c.send({"method": "textDocument/didChange", "params": {
-            "textDocument": {"uri": "file:///long.py", "version": run_no + 2},
-            "contentChanges": [{"range": {"start": {"line": 0, "character": width},
-                                          "end": {"line": 0, "character": width}}, "text": "z"}]}})
+        c.send(
+            {
+                "method": "textDocument/didChange",
+                "params": {
+                    "textDocument": {"uri": "file:///long.py", "version": run_no + 2},
+                    "contentChanges": [
+                        {
+                            "range": {"start": {"line": 0, "character": width}, "end": {"line": 0, "character": width}},
+                            "text": "z",
+                        }
+                    ],
+                },
+            }
+        )
         width += 1
         long_id = c.request("textDocument/inlineCompletion", inline("file:///long.py", 0, width))
         other_id = c.request("textDocument/inlineCompletion", small_at)
@@ -129,15 +159,21 @@ def main() -> None:
     p.add_argument("--text", nargs="+", choices=["ascii", "mixed"], default=["ascii", "mixed"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--model", help="model directory (default: the embedded model)")
-    p.add_argument("--cwd", type=Path, default=Path(__file__).resolve().parent.parent,
-                   help="run the server from this source tree (default: this checkout)")
+    p.add_argument(
+        "--cwd",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent,
+        help="run the server from this source tree (default: this checkout)",
+    )
     args = p.parse_args()
     print(f"{'line':>8} {'text':>6} {'long ms':>9} {'other ms':>9} {'alone ms':>9}  (medians of {args.runs})")
     for text in args.text:
         for mb in args.mb:
             r = run(args, mb, text)
-            print(f"{mb:>6g}MB {text:>6} {r['long'] * 1000:>9.0f} {r['other'] * 1000:>9.0f} {r['alone'] * 1000:>9.0f}",
-                  flush=True)
+            print(
+                f"{mb:>6g}MB {text:>6} {r['long'] * 1000:>9.0f} {r['other'] * 1000:>9.0f} {r['alone'] * 1000:>9.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

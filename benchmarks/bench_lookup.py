@@ -57,8 +57,10 @@ class Tally:
 
     def line(self, name: str) -> str:
         tps = 1000 * self.tokens / self.ms if self.ms else 0.0
-        return (f"{name:<8} runs {self.runs:3d}  tokens {self.tokens:5d}  fed {self.fed:5d}  "
-                f"total {self.ms:8.1f} ms  session.run {self.session_ms:8.1f} ms  {tps:7.1f} tok/s")
+        return (
+            f"{name:<8} runs {self.runs:3d}  tokens {self.tokens:5d}  fed {self.fed:5d}  "
+            f"total {self.ms:8.1f} ms  session.run {self.session_ms:8.1f} ms  {tps:7.1f} tok/s"
+        )
 
 
 def measure(engine: Engine, fn):  # type: ignore[no-untyped-def]
@@ -77,8 +79,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--accept", type=float, nargs="*", default=[0.0, 0.01, MIN_ACCEPT_P],
-                    help="min_accept_p values for the exact-match table (up to 4 drafts each)")
+    ap.add_argument(
+        "--accept",
+        type=float,
+        nargs="*",
+        default=[0.0, 0.01, MIN_ACCEPT_P],
+        help="min_accept_p values for the exact-match table (up to 4 drafts each)",
+    )
     args = ap.parse_args()
 
     engine = Engine(args.model, EngineOptions(threads=args.threads))
@@ -97,9 +104,9 @@ def main() -> None:
         if len(body.strip()) < 4:
             continue
         pos = starts[i] + rng.randint(lead + 1, len(body) - 1)
-        drafts = find_drafts(text[:pos], text[starts[i] + len(body):], {}, max_drafts=1)
+        drafts = find_drafts(text[:pos], text[starts[i] + len(body) :], {}, max_drafts=1)
         if drafts:
-            picks.append((pos, drafts[0], text[pos: starts[i] + len(body)]))
+            picks.append((pos, drafts[0], text[pos : starts[i] + len(body)]))
         if len(picks) >= args.cursors:
             break
 
@@ -107,21 +114,36 @@ def main() -> None:
     accepted = full = same = 0
     exact = {"lookup-only": 0, "greedy": 0} | {f"verified@{p:g}": 0 for p in args.accept}
     for n, (pos, draft, truth) in enumerate(picks):
-        prefix, suffix = text[:pos], text[pos + len(truth):]
-        prompt = engine.tokenizer.encode(prefix[-4 * args.prompt_tokens:])[-args.prompt_tokens:]
+        prefix, suffix = text[:pos], text[pos + len(truth) :]
+        prompt = engine.tokenizer.encode(prefix[-4 * args.prompt_tokens :])[-args.prompt_tokens :]
         key = f"bench{n}"
         engine.forward(prompt, key)  # the pipeline's prefill: not part of decode
-        gen, ms, fed, sess = measure(engine, lambda: engine.generate(
-            prompt, doc_key=key, temperature=0, max_new_tokens=args.max_new_tokens, stop=newline_stop))
+        gen, ms, fed, sess = measure(
+            engine,
+            lambda: engine.generate(
+                prompt, doc_key=key, temperature=0, max_new_tokens=args.max_new_tokens, stop=newline_stop
+            ),
+        )
         g = gen.candidates[0]
         exact["greedy"] += g.text.strip() == truth.strip()
         exact["lookup-only"] += (lookup_only(prefix, suffix, {}) or "").strip() == truth.strip()
         p_row = (len(g.token_ids), ms, fed, sess)
 
         def run(d: Draft | None, p: float = 1.0):  # type: ignore[no-untyped-def]
-            return propose(engine, prompt, prefix, suffix, {}, doc_key=key, multiline=False,
-                           stop=newline_stop, cancel=None, max_new_tokens=args.max_new_tokens,
-                           min_accept_p=p, drafts=None if d is None else [d])
+            return propose(
+                engine,
+                prompt,
+                prefix,
+                suffix,
+                {},
+                doc_key=key,
+                multiline=False,
+                stop=newline_stop,
+                cancel=None,
+                max_new_tokens=args.max_new_tokens,
+                min_accept_p=p,
+                drafts=None if d is None else [d],
+            )
 
         engine.forward(prompt, key)
         cands, ms, fed, sess = measure(engine, lambda: run(draft))
@@ -141,18 +163,24 @@ def main() -> None:
             best = max(run(None, p), key=lambda c: c.logprob_mean, default=None)
             exact[f"verified@{p:g}"] += best is not None and best.text.strip() == truth.strip()
 
-    print(f"model {args.model}  file {args.file}  cursors {len(picks)}  threads {args.threads}  "
-          f"prompt <= {args.prompt_tokens} tokens  max_new_tokens {args.max_new_tokens}")
-    print(f"lookup draft accepted (same text as greedy) at {accepted}/{len(picks)} cursors, "
-          f"fully (no model step) at {full}")
+    print(
+        f"model {args.model}  file {args.file}  cursors {len(picks)}  threads {args.threads}  "
+        f"prompt <= {args.prompt_tokens} tokens  max_new_tokens {args.max_new_tokens}"
+    )
+    print(
+        f"lookup draft accepted (same text as greedy) at {accepted}/{len(picks)} cursors, "
+        f"fully (no model step) at {full}"
+    )
     print("-- cursors with an accepted lookup draft: plain greedy vs lookup draft")
     print(plain.line("plain"))
     print(spec.line("lookup"))
     print(f"-- oracle draft (the greedy text itself) at {same} cursors")
     print(plain_o.line("plain"))
     print(oracle.line("oracle"))
-    print("-- exact match of the rest of the line, all cursors: " +
-          "  ".join(f"{k} {v}/{len(picks)}" for k, v in exact.items()))
+    print(
+        "-- exact match of the rest of the line, all cursors: "
+        + "  ".join(f"{k} {v}/{len(picks)}" for k, v in exact.items())
+    )
 
 
 if __name__ == "__main__":

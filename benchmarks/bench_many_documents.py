@@ -25,10 +25,12 @@ def document(i: int, kb: int) -> str:
     parts, size = [], 0
     j = 0
     while size < kb * 1000:
-        block = (f"def handler_{i}_{j}(request, limit={j % 97}):\n"
-                 f"    \"\"\"Handle request {i}.{j} and return its result.\"\"\"\n"
-                 f"    items = [x * {j % 13} for x in range(limit) if x % {1 + j % 7} == 0]\n"
-                 f"    return {{'id': {i * 100_000 + j}, 'items': items, 'total': sum(items)}}\n\n\n")
+        block = (
+            f"def handler_{i}_{j}(request, limit={j % 97}):\n"
+            f'    """Handle request {i}.{j} and return its result."""\n'
+            f"    items = [x * {j % 13} for x in range(limit) if x % {1 + j % 7} == 0]\n"
+            f"    return {{'id': {i * 100_000 + j}, 'items': items, 'total': sum(items)}}\n\n\n"
+        )
         parts.append(block)
         size += len(block)
         j += 1
@@ -56,19 +58,34 @@ def main() -> None:
     cmd = [sys.executable, "-m", "codegen_ls", "serve", *(["--model", args.model] if args.model else [])]
     c = Client(cmd, args.cwd)
     options: dict[str, Any] = {"numCandidates": 1, **json.loads(args.settings)}
-    c.wait(c.request("initialize", {"processId": None, "rootUri": None, "capabilities": {},
-                                    "initializationOptions": {"codegenLs": options}}))
+    c.wait(
+        c.request(
+            "initialize",
+            {"processId": None, "rootUri": None, "capabilities": {}, "initializationOptions": {"codegenLs": options}},
+        )
+    )
     c.send({"method": "initialized", "params": {}})
     c.ready.wait(120)
     print(f"settings {options}; after load: {status(c.proc.pid)} MB", flush=True)
     for i in range(args.docs):
         uri, text = f"file:///doc{i}.py", document(i, args.kb)
-        c.send({"method": "textDocument/didOpen", "params": {"textDocument": {
-            "uri": uri, "languageId": "python", "version": 1, "text": text}}})
+        c.send(
+            {
+                "method": "textDocument/didOpen",
+                "params": {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}},
+            }
+        )
         lines = text.split("\n")
-        c.wait(c.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": uri}, "position": {"line": len(lines) - 1, "character": len(lines[-1])},
-            "context": {"triggerKind": 1}}))
+        c.wait(
+            c.request(
+                "textDocument/inlineCompletion",
+                {
+                    "textDocument": {"uri": uri},
+                    "position": {"line": len(lines) - 1, "character": len(lines[-1])},
+                    "context": {"triggerKind": 1},
+                },
+            )
+        )
         if (i + 1) % args.every == 0:
             print(f"{i + 1:>4} documents of {args.kb} kB open and completed: {status(c.proc.pid)} MB", flush=True)
     c.wait(c.request("shutdown", None))

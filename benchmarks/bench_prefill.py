@@ -55,10 +55,12 @@ def gemm_rate(rows: int, k: int, n: int, threads: int, reps: int = 20) -> tuple[
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (k, n), dtype=np.int8)
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "w", "az"], ["y"])], "gemm",
+        [helper.make_node("MatMulInteger", ["a", "w", "az"], ["y"])],
+        "gemm",
         [helper.make_tensor_value_info("a", TensorProto.UINT8, [rows, k])],
         [helper.make_tensor_value_info("y", TensorProto.INT32, [rows, n])],
-        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.array(128, np.uint8), "az")])
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.array(128, np.uint8), "az")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -134,8 +136,10 @@ def profile(model: str, ids: list[int], chunk: int, threads: int) -> None:
             by_op[e["args"].get("op_name", "?")] += e["dur"] / 1000
     run_ms = sum(r["dur"] for r in runs[-per_prefill:]) / 1000
     total = sum(by_op.values())
-    print(f"\nonnxruntime profile, one cold prefill of {len(ids)} tokens in chunks of {chunk} ({per_prefill} runs, "
-          f"{run_ms:.0f} ms in session.run, of which {total:.0f} ms in kernels):")
+    print(
+        f"\nonnxruntime profile, one cold prefill of {len(ids)} tokens in chunks of {chunk} ({per_prefill} runs, "
+        f"{run_ms:.0f} ms in session.run, of which {total:.0f} ms in kernels):"
+    )
     print("| op | ms | share |\n| --- | ---: | ---: |")
     for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:12]:
         print(f"| {op} | {ms:.1f} | {ms / max(total, 1e-9):.0%} |")
@@ -156,8 +160,11 @@ def main() -> None:
     threads = args.threads or os.cpu_count() or 1
     chunks = [int(c) for c in args.chunks.split(",")]
     print(f"{args.model}, {args.tokens}-token cold prefill, {threads} threads, {os.cpu_count()} cores")
-    print("| chunk | ms | in session.run ms | CPU ms / threads | weight MACs (G) | attention MACs (G) | T MAC/s (weights) "
-          "| T MAC/s (all) | T MAC/s (all) at CPU ms / threads |")
+    print(
+        "| chunk | ms | in session.run ms | CPU ms / threads | weight MACs (G) | attention MACs (G) | T MAC/s "
+        "(weights) "
+        "| T MAC/s (all) | T MAC/s (all) at CPU ms / threads |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     d = layers = 0
     for chunk in chunks:
@@ -167,8 +174,12 @@ def main() -> None:
         ms, inside, cpu = time_prefill(engine, ids, args.reps)
         own = cpu / threads
         wm, am = weight_macs(d, layers, len(ids)), attention_macs(d, layers, len(ids), chunk)
-        print(f"| {chunk} | {ms:.0f} | {inside:.0f} | {own:.0f} | {wm / 1e9:.0f} | {am / 1e9:.1f} | {wm / ms / 1e9:.3f} | "
-              f"{(wm + am) / ms / 1e9:.3f} | {(wm + am) / own / 1e9:.3f} |", flush=True)
+        print(
+            f"| {chunk} | {ms:.0f} | {inside:.0f} | {own:.0f} | {wm / 1e9:.0f} | {am / 1e9:.1f} | {wm / ms / 1e9:.3f} "
+            "| "
+            f"{(wm + am) / ms / 1e9:.3f} | {(wm + am) / own / 1e9:.3f} |",
+            flush=True,
+        )
         del engine
     print("\nonnxruntime's int8 GEMM alone (MatMulInteger, uint8 x int8), this layer's shapes:")
     print("| rows | k x n | T MAC/s | T MAC/s at CPU time / threads |\n| ---: | --- | ---: | ---: |")

@@ -25,8 +25,12 @@ class Client:
     """Just enough JSON-RPC over the server's stdio."""
 
     def __init__(self, model: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "codegen_ls", "serve", "--model", model],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "codegen_ls", "serve", "--model", model],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         self.state = ""
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -63,18 +67,33 @@ class Client:
 
 def measure(model: str, n: int, chars: int, context_tokens: int) -> dict[str, Any]:
     c = Client(model)
-    settings = {"codegenLs": {"contextTokens": context_tokens, "numCandidates": n, "maxNewTokens": 32,
-                              "lookup": False, "deadlineMs": 60000}}
-    c.request(1, "initialize", {"processId": None, "rootUri": None, "capabilities": {},
-                                "initializationOptions": settings})
+    settings = {
+        "codegenLs": {
+            "contextTokens": context_tokens,
+            "numCandidates": n,
+            "maxNewTokens": 32,
+            "lookup": False,
+            "deadlineMs": 60000,
+        }
+    }
+    c.request(
+        1, "initialize", {"processId": None, "rootUri": None, "capabilities": {}, "initializationOptions": settings}
+    )
     c.send({"method": "initialized", "params": {}})
     text = (Path(sysconfig.get_paths()["stdlib"]) / "inspect.py").read_text()
     text = text[: text.rindex("\n", 0, chars) + 1] + "    value = "
     lines = text.split("\n")
-    c.send({"method": "textDocument/didOpen", "params": {"textDocument": {
-        "uri": "file:///bench.py", "languageId": "python", "version": 1, "text": text}}})
-    params = {"textDocument": {"uri": "file:///bench.py"}, "context": {"triggerKind": 1},
-              "position": {"line": len(lines) - 1, "character": len(lines[-1])}}
+    c.send(
+        {
+            "method": "textDocument/didOpen",
+            "params": {"textDocument": {"uri": "file:///bench.py", "languageId": "python", "version": 1, "text": text}},
+        }
+    )
+    params = {
+        "textDocument": {"uri": "file:///bench.py"},
+        "context": {"triggerKind": 1},
+        "position": {"line": len(lines) - 1, "character": len(lines[-1])},
+    }
     deadline = time.time() + 300
     items, ms, msg_id = 0, 0.0, 10
     while time.time() < deadline:  # until the model is loaded and has answered once
@@ -86,8 +105,15 @@ def measure(model: str, n: int, chars: int, context_tokens: int) -> dict[str, An
         if c.state == "ready" and items:
             break
         time.sleep(0.5)
-    result = {"model": model, "candidates": n, "context_tokens": context_tokens, "items": items,
-              "first_completion_ms": round(ms), "rss_mb": round(c.status("VmRSS")), "peak_mb": round(c.status("VmHWM"))}
+    result = {
+        "model": model,
+        "candidates": n,
+        "context_tokens": context_tokens,
+        "items": items,
+        "first_completion_ms": round(ms),
+        "rss_mb": round(c.status("VmRSS")),
+        "peak_mb": round(c.status("VmHWM")),
+    }
     c.request(msg_id + 1, "shutdown", None)
     c.send({"method": "exit"})
     c.proc.wait(10)

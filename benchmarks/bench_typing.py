@@ -6,8 +6,8 @@ the module's next lines one character a keystroke (``--interval-ms`` apart, or w
 answer arrived if that is later), asking for inline completions after every keystroke as an
 editor does. In each cycle the typist types ``--type-chars`` characters, accepts the suggestion on
 screen after reading it for ``--accept-pause-ms`` (the edit, then the item's ``command`` when it
-has one, then a request at the new cursor at once, as VS Code asks after an accept), types ``--along`` characters along the new suggestion,
-and presses Enter (the next real line's indentation), for ``--cycles`` cycles.
+has one, then a request at the new cursor at once, as VS Code asks after an accept), types ``--along`` characters
+along the new suggestion, and presses Enter (the next real line's indentation), for ``--cycles`` cycles.
 
 Printed per run and per server tree (``--tree NAME=DIR``, repeatable: each tree's code serves,
 started with ``PYTHONPATH=DIR``; runs alternate between the trees, so the machine's drift lands
@@ -16,8 +16,10 @@ keystrokes answered from a cache (a suggestion in under ``--cache-ms``: no model
 p95 of the requests that needed the model. Every run starts a fresh server (a cold first
 request). Example (a before tree from ``git worktree add``, plus its compiled kernel)::
 
-    git worktree add /work/cache/tree-before <commit> && cp codegen_ls/_decode_attention*.so /work/cache/tree-before/codegen_ls/
-    python benchmarks/bench_typing.py --model /work/cache/model-350m --tree before=/work/cache/tree-before --tree after=. --runs 3
+    git worktree add /work/cache/tree-before <commit> && cp codegen_ls/_decode_attention*.so
+    /work/cache/tree-before/codegen_ls/
+    python benchmarks/bench_typing.py --model /work/cache/model-350m --tree before=/work/cache/tree-before --tree
+    after=. --runs 3
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class Client:
     """JSON-RPC over a server's stdio: a reader thread answers the server's requests at once."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], cwd: str) -> None:
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=env, cwd=cwd)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cwd
+        )
         self.responses: dict[int, tuple[float, dict[str, Any]]] = {}
         self.status: list[dict[str, Any]] = []
         self._cond = threading.Condition()
@@ -93,8 +96,14 @@ class Client:
             msg = json.loads(out.read(length))
             now = time.perf_counter()
             if "method" in msg and "id" in msg:  # the server asks (configuration, progress): answer
-                self.send({"id": msg["id"], "result": [None] * len(msg["params"].get("items", []))
-                           if msg["method"] == "workspace/configuration" else None})
+                self.send(
+                    {
+                        "id": msg["id"],
+                        "result": [None] * len(msg["params"].get("items", []))
+                        if msg["method"] == "workspace/configuration"
+                        else None,
+                    }
+                )
             with self._cond:
                 if msg.get("method") == "codegenLs/status":
                     self.status.append(msg["params"])
@@ -132,8 +141,9 @@ class Document:
 
     def __init__(self, uri: str, text: str, client: Client) -> None:
         self.uri, self.text, self.client, self.version = uri, text, client, 1
-        client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
-                                                                "text": text}})
+        client.notify(
+            "textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}}
+        )
 
     @property
     def cursor(self) -> tuple[int, int]:  # at the end of the text (the replay types at the end)
@@ -145,14 +155,24 @@ class Document:
         self.version += 1
         self.text += new
         rng = {"start": {"line": line, "character": col}, "end": {"line": line, "character": col}}
-        self.client.notify("textDocument/didChange", {"textDocument": {"uri": self.uri, "version": self.version},
-                                                      "contentChanges": [{"range": rng, "text": new}]})
+        self.client.notify(
+            "textDocument/didChange",
+            {
+                "textDocument": {"uri": self.uri, "version": self.version},
+                "contentChanges": [{"range": rng, "text": new}],
+            },
+        )
 
     def complete(self) -> tuple[float, list[dict[str, Any]]]:
         line, col = self.cursor
-        dt, reply = self.client.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": self.uri}, "position": {"line": line, "character": col},
-            "context": {"triggerKind": 2}})
+        dt, reply = self.client.request(
+            "textDocument/inlineCompletion",
+            {
+                "textDocument": {"uri": self.uri},
+                "position": {"line": line, "character": col},
+                "context": {"triggerKind": 2},
+            },
+        )
         result = reply.get("result") or {}
         items = result.get("items", []) if isinstance(result, dict) else result
         return dt * 1000, items
@@ -208,8 +228,10 @@ def replay(client: Client, args: argparse.Namespace, text: str, lines: list[str]
             last[0] = time.perf_counter()
             doc.insert(top["insertText"])
             if isinstance(top.get("command"), dict):
-                client.request("workspace/executeCommand", {"command": top["command"]["command"],
-                                                            "arguments": top["command"].get("arguments", [])})
+                client.request(
+                    "workspace/executeCommand",
+                    {"command": top["command"]["command"], "arguments": top["command"].get("arguments", [])},
+                )
             ms, items = doc.complete()
             records.append(Record("accept", ms, len(items), items[0]["insertText"] if items else ""))
         for _ in range(args.along):  # agree with the new suggestion for a few characters
@@ -247,9 +269,15 @@ def run_once(tree: str, directory: Path, args: argparse.Namespace, text: str, li
     client = Client([sys.executable, "-m", "codegen_ls", "serve", "--model", args.model], env, str(directory))
     t0 = time.perf_counter()
     try:
-        client.request("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": {
-            "workspace": {"configuration": True}, "window": {"workDoneProgress": True}},
-            "initializationOptions": {"codegenLs": json.loads(args.settings)}})
+        client.request(
+            "initialize",
+            {
+                "processId": os.getpid(),
+                "rootUri": None,
+                "capabilities": {"workspace": {"configuration": True}, "window": {"workDoneProgress": True}},
+                "initializationOptions": {"codegenLs": json.loads(args.settings)},
+            },
+        )
         client.notify("initialized", {})
         client.wait_state("ready")
         run = Run(tree, time.perf_counter() - t0, busy=busy)
@@ -273,18 +301,30 @@ def summary(run: Run, cache_ms: float) -> dict[str, Any]:
     model = [r.ms for r in recs if r.ms >= cache_ms]
     accept = [r.ms for r in recs if r.phase == "accept"]
     first = recs[0]
-    return {"first_ms": first.ms, "first_items": first.items, "accept_ms": accept,
-            "accept_p50": statistics.median(accept) if accept else float("nan"),
-            "cache_share": len(cached) / max(1, len(keys)), "keystrokes": len(keys),
-            "shown_share": sum(1 for r in keys if r.items) / max(1, len(keys)),
-            "model_n": len(model), "model_p50": pct(model, 0.5), "model_p95": pct(model, 0.95)}
+    return {
+        "first_ms": first.ms,
+        "first_items": first.items,
+        "accept_ms": accept,
+        "accept_p50": statistics.median(accept) if accept else float("nan"),
+        "cache_share": len(cached) / max(1, len(keys)),
+        "keystrokes": len(keys),
+        "shown_share": sum(1 for r in keys if r.items) / max(1, len(keys)),
+        "model_n": len(model),
+        "model_p50": pct(model, 0.5),
+        "model_p95": pct(model, 0.95),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="exported model directory")
-    ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
-                    help="a source tree to serve from (repeatable; default: this repository)")
+    ap.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a source tree to serve from (repeatable; default: this repository)",
+    )
     ap.add_argument("--runs", type=int, default=2, help="runs per tree, alternating")
     ap.add_argument("--module", default="argparse.py", help="stdlib module the document is taken from")
     ap.add_argument("--doc-tokens", type=int, default=1024)
@@ -300,20 +340,27 @@ def main() -> None:
     args = ap.parse_args()
     trees = [(t.split("=", 1)[0], Path(t.split("=", 1)[1]).resolve()) for t in args.tree] or [("this", REPO)]
     text, lines = source_text(args.module, args.doc_tokens, args.model)
-    print(f"document: {args.module}, {len(text)} chars, {text.count(chr(10)) + 1} lines (~{args.doc_tokens} tokens); "
-          f"read {args.read_s} s; keystrokes every {args.interval_ms:.0f} ms; {args.cycles} accepts; "
-          f"cache = a suggestion in < {args.cache_ms:.0f} ms; {os.cpu_count()} cores", flush=True)
+    print(
+        f"document: {args.module}, {len(text)} chars, {text.count(chr(10)) + 1} lines (~{args.doc_tokens} tokens); "
+        f"read {args.read_s} s; keystrokes every {args.interval_ms:.0f} ms; {args.cycles} accepts; "
+        f"cache = a suggestion in < {args.cache_ms:.0f} ms; {os.cpu_count()} cores",
+        flush=True,
+    )
     runs: list[Run] = []
     for i in range(args.runs):
         for name, directory in trees:
             run = run_once(name, directory, args, text, lines)
             runs.append(run)
             s = summary(run, args.cache_ms)
-            print(f"run {i + 1} {name:>8}: load {run.load_s:.1f} s, machine busy {run.busy:.0%} before | first suggestion "
-                  f"{s['first_ms']:.0f} ms ({s['first_items']} items) | after accept "
-                  f"{', '.join(f'{x:.0f}' for x in s['accept_ms'])} ms | from cache {s['cache_share']:.0%} of "
-                  f"{s['keystrokes']} keystrokes (shown {s['shown_share']:.0%}) | model requests n={s['model_n']} "
-                  f"p50 {s['model_p50']:.0f} p95 {s['model_p95']:.0f} ms", flush=True)
+            print(
+                f"run {i + 1} {name:>8}: load {run.load_s:.1f} s, machine busy {run.busy:.0%} before | first "
+                "suggestion "
+                f"{s['first_ms']:.0f} ms ({s['first_items']} items) | after accept "
+                f"{', '.join(f'{x:.0f}' for x in s['accept_ms'])} ms | from cache {s['cache_share']:.0%} of "
+                f"{s['keystrokes']} keystrokes (shown {s['shown_share']:.0%}) | model requests n={s['model_n']} "
+                f"p50 {s['model_p50']:.0f} p95 {s['model_p95']:.0f} ms",
+                flush=True,
+            )
             if args.json:
                 for r in run.records:
                     print(json.dumps({"tree": name, "run": i + 1, **r.__dict__}))
@@ -322,8 +369,10 @@ def main() -> None:
     for name, _ in trees:
         ss = [summary(r, args.cache_ms) for r in runs if r.tree == name]
         fmt = lambda key, f="{:.0f}": ", ".join(f.format(s[key]) for s in ss)  # noqa: E731
-        print(f"| {name} | {fmt('first_ms')} | {fmt('accept_p50')} | {fmt('cache_share', '{:.0%}')} | "
-              f"{fmt('model_p50')} | {fmt('model_p95')} |")
+        print(
+            f"| {name} | {fmt('first_ms')} | {fmt('accept_p50')} | {fmt('cache_share', '{:.0%}')} | "
+            f"{fmt('model_p50')} | {fmt('model_p95')} |"
+        )
 
 
 if __name__ == "__main__":

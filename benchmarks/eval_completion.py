@@ -44,12 +44,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from codegen_ls.suggest.pipeline import Completer, CompletionRequest
-from codegen_ls.suggest.context import TokenCounter, build_context, fim_suffix_budget, token_budget
-from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.engine.engine import Engine, EngineOptions
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.settings import Settings
+from codegen_ls.suggest.context import TokenCounter, build_context, fim_suffix_budget, token_budget
+from codegen_ls.suggest.mode import decide_mode
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 
 try:
     from codegen_ls.suggest import drafts as lookup
@@ -115,13 +115,15 @@ class Tally:
             for th in THRESHOLDS:
                 kept = [(o, t) for o, t in shown if o.confidence >= th]
                 dropped = [(o, t) for o, t in shown if o.confidence < th]
-                rows.append({
-                    "threshold": th,
-                    "shown_rate": _ratio(len(kept), n),
-                    "exact_match_when_shown": _ratio(sum(o.exact(t) for o, t in kept), len(kept)),
-                    "suppressed_right": sum(o.exact(t) for o, t in dropped),
-                    "suppressed_wrong": sum(not o.exact(t) for o, t in dropped),
-                })
+                rows.append(
+                    {
+                        "threshold": th,
+                        "shown_rate": _ratio(len(kept), n),
+                        "exact_match_when_shown": _ratio(sum(o.exact(t) for o, t in kept), len(kept)),
+                        "suppressed_right": sum(o.exact(t) for o, t in dropped),
+                        "suppressed_wrong": sum(not o.exact(t) for o, t in dropped),
+                    }
+                )
             out["thresholds"] = rows
         return out
 
@@ -159,10 +161,15 @@ def package_texts(corpus: Path) -> dict[str, str]:
 
 def sample_cursors(files: list[Path] | dict[str, str], n: int, seed: int) -> list[Sample]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    texts: dict[Any, str] = (files if isinstance(files, dict)
-                             else {p: p.read_text(encoding="utf-8", errors="replace") for p in files})
-    pool = [(p, i) for p, t in texts.items() for i, ln in enumerate(t.split("\n"))
-            if ln.strip() and len(ln) <= MAX_LINE_CHARS and len(ln.rstrip()) - (len(ln) - len(ln.lstrip())) >= 2]
+    texts: dict[Any, str] = (
+        files if isinstance(files, dict) else {p: p.read_text(encoding="utf-8", errors="replace") for p in files}
+    )
+    pool = [
+        (p, i)
+        for p, t in texts.items()
+        for i, ln in enumerate(t.split("\n"))
+        if ln.strip() and len(ln) <= MAX_LINE_CHARS and len(ln.rstrip()) - (len(ln) - len(ln.lstrip())) >= 2
+    ]
     rng = random.Random(seed)
     picked = sorted(rng.sample(pool, min(n, len(pool))), key=lambda x: (str(x[0]), x[1]))
     samples = []
@@ -182,8 +189,15 @@ def warm(engine: Engine, counter: TokenCounter, sample: Sample, settings: Settin
     """Put the document up to the start of the cursor line in the KV cache under ``key`` (typing)."""
     bos = engine.tokenizer.decode([engine.eos_id])
     budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
-    ctx = build_context(sample.text, sample.line, sample.character, counter, budget, bos_text=bos,
-                        fim_budget=fim_suffix_budget(budget) if settings.fim and engine.fim else 0)
+    ctx = build_context(
+        sample.text,
+        sample.line,
+        sample.character,
+        counter,
+        budget,
+        bos_text=bos,
+        fim_budget=fim_suffix_budget(budget) if settings.fim and engine.fim else 0,
+    )
     head = ctx.line_prefix[: len(ctx.line_prefix) - len(ctx.held)]
     upto = len(ctx.prompt_ids) - len(counter.encode(head)) - 1 if head else len(ctx.prompt_ids) - 1
     if upto > 0:
@@ -215,7 +229,7 @@ def run_lookup_only(counter: TokenCounter, sample: Sample) -> Outcome:
     mode, _ = decide_mode(ctx)
     draft = None
     if mode != "none":
-        draft = lookup.lookup_only(sample.text[: ctx.cursor], sample.text[ctx.cursor:], {}, multiline=mode == "multi")
+        draft = lookup.lookup_only(sample.text[: ctx.cursor], sample.text[ctx.cursor :], {}, multiline=mode == "multi")
     ms = (time.perf_counter() - t0) * 1000
     if not draft or not draft.strip():
         return Outcome(False, "", 0.0, ms, mode=mode)
@@ -223,18 +237,29 @@ def run_lookup_only(counter: TokenCounter, sample: Sample) -> Outcome:
 
 
 def markdown(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| mode | n | shown | EM | EM when shown | edit sim | edit sim when shown | p50 ms | p90 ms |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = [f"| {m} | {r['n']} | {r['shown_rate']:.1%} | {r['exact_match']:.1%} | {r['exact_match_when_shown']:.1%} | "
-            f"{r['edit_similarity']:.3f} | {r['edit_similarity_when_shown']:.3f} | {r['latency_ms_median']:.0f} | "
-            f"{r['latency_ms_p90']:.0f} |" for m, r in results.items()]
+    head = (
+        "| mode | n | shown | EM | EM when shown | edit sim | edit sim when shown | p50 ms | p90 ms |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = [
+        f"| {m} | {r['n']} | {r['shown_rate']:.1%} | {r['exact_match']:.1%} | {r['exact_match_when_shown']:.1%} | "
+        f"{r['edit_similarity']:.3f} | {r['edit_similarity_when_shown']:.3f} | {r['latency_ms_median']:.0f} | "
+        f"{r['latency_ms_p90']:.0f} |"
+        for m, r in results.items()
+    ]
     out = [head, *rows]
     th = [(m, t) for m, r in results.items() for t in r.get("thresholds", [])]
     if th:
-        out += ["", "| mode | min confidence | shown | EM when shown | suppressed right | suppressed wrong |",
-                "|---|---:|---:|---:|---:|---:|"]
-        out += [f"| {m} | {t['threshold']} | {t['shown_rate']:.1%} | {t['exact_match_when_shown']:.1%} | "
-                f"{t['suppressed_right']} | {t['suppressed_wrong']} |" for m, t in th]
+        out += [
+            "",
+            "| mode | min confidence | shown | EM when shown | suppressed right | suppressed wrong |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        out += [
+            f"| {m} | {t['threshold']} | {t['shown_rate']:.1%} | {t['exact_match_when_shown']:.1%} | "
+            f"{t['suppressed_right']} | {t['suppressed_wrong']} |"
+            for m, t in th
+        ]
     return "\n".join(out)
 
 
@@ -252,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", action="store_true", help="empty KV cache before every request")
     ap.add_argument("--include-tests", action="store_true", help="also the held-out modules' test files")
     ap.add_argument("--out", type=Path, default=None, help="write the results (and every sample) as JSON")
-    ap.add_argument("--source", choices=("stdlib", "packages"), default="stdlib",
-                    help="held-out stdlib modules, or the recipe's held-out third-party packages (--corpus)")
+    ap.add_argument(
+        "--source",
+        choices=("stdlib", "packages"),
+        default="stdlib",
+        help="held-out stdlib modules, or the recipe's held-out third-party packages (--corpus)",
+    )
     ap.add_argument("--corpus", type=Path, default=ROOT / "build" / "corpus", help="corpus.py's cache folder")
     ap.add_argument("--fim", choices=("on", "off"), default="on", help="fill-in-the-middle prompts (FIM models)")
     args = ap.parse_args(argv)
@@ -269,9 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     samples = sample_cursors(files, args.n, args.seed)
     engine = Engine(resolve_model_dir(args.model), EngineOptions(threads=args.threads))
     counter = TokenCounter(engine.tokenizer)
-    base = Settings(model_path=args.model, max_new_tokens=args.max_new_tokens, num_candidates=args.num_candidates,
-                    context_tokens=args.context_tokens, deadline_ms=args.deadline_ms, threads=args.threads,
-                    fim=args.fim == "on", latency_target_ms=0)  # fixed budgets: no per-machine sizing
+    base = Settings(
+        model_path=args.model,
+        max_new_tokens=args.max_new_tokens,
+        num_candidates=args.num_candidates,
+        context_tokens=args.context_tokens,
+        deadline_ms=args.deadline_ms,
+        threads=args.threads,
+        fim=args.fim == "on",
+        latency_target_ms=0,
+    )  # fixed budgets: no per-machine sizing
     settings = {
         "greedy": replace(base, num_candidates=1, lookup=False, min_confidence=0.0),  # the model alone, always shown
         "ranked": replace(base, lookup=False),
@@ -296,8 +332,15 @@ def main(argv: list[str] | None = None) -> int:
                 out = run_completer(completers[m], s, settings[m], uri)
                 engine.cache.drop(uri)
             tallies[m].outcomes.append((out, s.target))
-            rec[m] = {"text": out.text, "shown": out.shown, "confidence": round(out.confidence, 4),
-                      "ms": round(out.ms, 1), "source": out.source, "mode": out.mode, "exact": out.exact(s.target)}
+            rec[m] = {
+                "text": out.text,
+                "shown": out.shown,
+                "confidence": round(out.confidence, 4),
+                "ms": round(out.ms, 1),
+                "source": out.source,
+                "mode": out.mode,
+                "exact": out.exact(s.target),
+            }
         engine.cache.drop(key)
         records.append(rec)
         if (i + 1) % 10 == 0:

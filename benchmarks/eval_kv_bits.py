@@ -26,11 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from eval_completion import heldout_files  # noqa: E402
-
 from codegen_ls.export import kv_check  # noqa: E402
-from codegen_ls.export.pipeline import calibration_batches  # noqa: E402
 from codegen_ls.export.graph_builder import KV_HEADROOM, kv_scales  # noqa: E402
+from codegen_ls.export.pipeline import calibration_batches  # noqa: E402
+from eval_completion import heldout_files  # noqa: E402
 
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
 
@@ -49,8 +48,9 @@ def main() -> None:
 
     model = CodeGenForCausalLM.from_pretrained(str(args.checkpoint)).eval()
     cfg = model.config
-    tok = Tokenizer.from_file(str(args.checkpoint / "tokenizer.json") if (args.checkpoint / "tokenizer.json").is_file()
-                              else str(TOKENIZER))
+    tok = Tokenizer.from_file(
+        str(args.checkpoint / "tokenizer.json") if (args.checkpoint / "tokenizer.json").is_file() else str(TOKENIZER)
+    )
     batches = calibration_batches(TOKENIZER, int(cfg.n_positions), int(cfg.vocab_size))
     # per layer and channel: the calibration's largest magnitude (the int8 scale times 127 / headroom)
     peaks = [(k * 127 / KV_HEADROOM, v * 127 / KV_HEADROOM) for k, v in kv_scales(model, batches)]
@@ -60,15 +60,21 @@ def main() -> None:
     original = modeling_codegen.CodeGenAttention._attn
 
     def fake_quantize(x: Any, peak: np.ndarray, bits: int, scales: str) -> Any:  # the export's check's (kv_check)
-        static = torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / (2 ** (bits - 1) - 1)) if scales == "static" else None
+        static = (
+            torch.from_numpy(np.maximum(peak * KV_HEADROOM, 1e-6) / (2 ** (bits - 1) - 1))
+            if scales == "static"
+            else None
+        )
         return kv_check.fake_quantize(x, bits, static)
 
     from codegen_ls.engine.kvcache import key_rotation
 
     rot = torch.from_numpy(key_rotation(int(cfg.n_embd // cfg.n_head)))
 
-    score_error: dict[str, list[list[float]]] = {"token": [[] for _ in range(cfg.n_layer)],
-                                                  "rotated": [[] for _ in range(cfg.n_layer)]}
+    score_error: dict[str, list[list[float]]] = {
+        "token": [[] for _ in range(cfg.n_layer)],
+        "rotated": [[] for _ in range(cfg.n_layer)],
+    }
 
     def attn(self: Any, query: Any, key: Any, value: Any, attention_mask: Any = None, head_mask: Any = None) -> Any:
         if mode[0] is None:  # the scores' error of 4-bit keys with a scale per token, unrotated and rotated
@@ -87,7 +93,15 @@ def main() -> None:
     modeling_codegen.CodeGenAttention._attn = attn
     files = heldout_files(False)[: args.files]
     print("| KV cache (keys / values) | bytes per cached value | loss | next-token accuracy |\n|---|---:|---:|---:|")
-    for m in (None, (8, 8, "static"), (8, 4, "static"), (4, 4, "static"), (8, 4, "token"), (4, 4, "token"), (4, 4, "rotated")):
+    for m in (
+        None,
+        (8, 8, "static"),
+        (8, 4, "static"),
+        (4, 4, "static"),
+        (8, 4, "token"),
+        (4, 4, "token"),
+        (4, 4, "rotated"),
+    ):
         mode[0] = m
         nll = hits = count = 0.0
         for f in files:
@@ -98,15 +112,26 @@ def main() -> None:
             nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
             hits += (logits.argmax(-1) == target).sum().item()
             count += len(target)
-        name = ("fp32" if m is None else f"int{m[0]} / int{m[1]}, token scales, rotated keys" if m[2] == "rotated"
-                else f"int{m[0]} / int{m[1]}, {m[2]} scales")
+        name = (
+            "fp32"
+            if m is None
+            else f"int{m[0]} / int{m[1]}, token scales, rotated keys"
+            if m[2] == "rotated"
+            else f"int{m[0]} / int{m[1]}, {m[2]} scales"
+        )
         size = 4.0 if m is None else (m[0] + m[1]) / 16 + (4 / int(cfg.n_embd // cfg.n_head) if m[2] != "static" else 0)
         print(f"| {name} | {size:.2f} | {nll / count:.4f} | {100 * hits / count:.2f} % |", flush=True)
-    print(f"\n{int(count)} tokens of {len(files)} held-out files; command: `python benchmarks/eval_kv_bits.py "
-          f"{' '.join(sys.argv[1:])}`")
-    print("\nThe attention scores' error with 4-bit keys (a scale per token), relative mean square, per layer "
-          "(mean over the files):\n\n| keys | " + " | ".join(f"layer {i}" for i in range(cfg.n_layer)) + " |\n|---|"
-          + "---:|" * cfg.n_layer)
+    print(
+        f"\n{int(count)} tokens of {len(files)} held-out files; command: `python benchmarks/eval_kv_bits.py "
+        f"{' '.join(sys.argv[1:])}`"
+    )
+    print(
+        "\nThe attention scores' error with 4-bit keys (a scale per token), relative mean square, per layer "
+        "(mean over the files):\n\n| keys | "
+        + " | ".join(f"layer {i}" for i in range(cfg.n_layer))
+        + " |\n|---|"
+        + "---:|" * cfg.n_layer
+    )
     for name in ("token", "rotated"):
         label = "as they are" if name == "token" else "rotated (what `--kv-bits 4` stores)"
         print(f"| {label} | " + " | ".join(f"{np.mean(e):.4f}" for e in score_error[name]) + " |")

@@ -54,7 +54,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("single", "repo")  # also "repo-drafts": the repository's drafts without the prompt section
 MAX_LINE_CHARS = 200
-NOT_UNDER_TEST = re.compile(r"(^|/)(tests?|testing|docs?|examples?|benchmarks?|_vendor|vendor)(/|$)|(^|/)(test_[^/]*|[^/]*_test|conftest|setup|noxfile|fabfile)\.py$")
+NOT_UNDER_TEST = re.compile(
+    r"(^|/)(tests?|testing|docs?|examples?|benchmarks?|_vendor|vendor)(/|$)|(^|/)(test_[^/]*|[^/]*_test|conftest|setup|noxfile|fabfile)\.py$"
+)
 DEFAULT_SDISTS = ("/work/cache/sdists", "/work/cache/i24/sdists")
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -83,8 +85,10 @@ def find_sdist(name: str, version: str | None, dirs: list[Path]) -> Path:
             if _norm(pkg) == _norm(name):
                 found.append((ver == version, ver, p))
     if not found:
-        raise SystemExit(f"no sdist of {name} in {', '.join(map(str, dirs))} "
-                         f"(pip download --no-deps --no-binary :all: {name}{'==' + version if version else ''})")
+        raise SystemExit(
+            f"no sdist of {name} in {', '.join(map(str, dirs))} "
+            f"(pip download --no-deps --no-binary :all: {name}{'==' + version if version else ''})"
+        )
     return max(found)[2]
 
 
@@ -131,6 +135,7 @@ def sample_cursors(projects: dict[str, Path], n: int, seed: int) -> list[dict[st
 
 
 # -- the worker: one source tree, its own workspace copies -------------------------------------
+
 
 class Worker:
     """Runs cursors through one tree's pipeline (imported after ``--tree`` is on sys.path)."""
@@ -208,7 +213,9 @@ class Worker:
             if mode.startswith("repo") and index is not None and "repo" in self.req_fields:
                 kw["repo"] = index.snapshot
             settings = self.settings
-            if mode == "repo-drafts" and hasattr(settings, "repo_context"):  # the repository's drafts, no prompt section
+            if mode == "repo-drafts" and hasattr(
+                settings, "repo_context"
+            ):  # the repository's drafts, no prompt section
                 settings = self.replace(settings, repo_context=False)
             req = self.pipeline.CompletionRequest(text, c["line"], c["character"], **kw)
             self.warm(req, settings)
@@ -218,9 +225,15 @@ class Worker:
             self.completer.forget(uri)
             top = result.suggestions[0] if result.suggestions else None
             first = top.insert_text.split("\n")[0].rstrip() if top else ""
-            out = {"shown": top is not None, "text": first, "confidence": top.confidence if top else 0.0,
-                   "source": top.source if top else "", "ms": round(ms, 1), "mode": result.mode,
-                   "exact": top is not None and first == c["target"].rstrip()}
+            out = {
+                "shown": top is not None,
+                "text": first,
+                "confidence": top.confidence if top else 0.0,
+                "source": top.source if top else "",
+                "ms": round(ms, 1),
+                "mode": result.mode,
+                "exact": top is not None and first == c["target"].rstrip(),
+            }
             if self.args.candidates and hasattr(result, "candidates"):
                 out["candidates"] = [dict(cand) for cand in result.candidates]
             rec[mode] = out
@@ -267,8 +280,14 @@ class Remote:
         env = dict(os.environ)
         if tree:
             env["PYTHONPATH"] = os.pathsep.join([tree, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, cwd=tree or os.getcwd())
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tree or os.getcwd(),
+        )
         assert json.loads(self.proc.stdout.readline()).get("ready")  # type: ignore[union-attr]
 
     def run_file(self, job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -288,6 +307,7 @@ class Remote:
 
 # -- summaries ---------------------------------------------------------------------------------
 
+
 def _sim(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a.rstrip(), b.rstrip()).ratio()
 
@@ -305,8 +325,12 @@ def summarize(records: list[dict[str, Any]], mode: str) -> dict[str, Any]:
         s[0] += 1
         s[1] += o["exact"]
     return {
-        "n": n, "shown": len(shown), "shown_rate": _r(len(shown), n), "exact_match": _r(em, n),
-        "precision": _r(em, len(shown)), "edit_similarity": _r(sum(sims), n),
+        "n": n,
+        "shown": len(shown),
+        "shown_rate": _r(len(shown), n),
+        "exact_match": _r(em, n),
+        "precision": _r(em, len(shown)),
+        "edit_similarity": _r(sum(sims), n),
         "edit_similarity_shown": _r(sum(sims), len(shown)),
         "p50_ms": round(statistics.median(ms), 1) if ms else 0.0,
         "p90_ms": round(ms[min(len(ms) - 1, int(0.9 * len(ms)))], 1) if ms else 0.0,
@@ -320,9 +344,14 @@ def curve(records: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     rows = []
     for th in THRESHOLDS:
         kept = [o for o in outs if o["shown"] and o["confidence"] >= th]
-        rows.append({"min_confidence": th, "shown_rate": _r(len(kept), len(outs)),
-                     "precision": _r(sum(o["exact"] for o in kept), len(kept)),
-                     "exact_match": _r(sum(o["exact"] for o in kept), len(outs))})
+        rows.append(
+            {
+                "min_confidence": th,
+                "shown_rate": _r(len(kept), len(outs)),
+                "precision": _r(sum(o["exact"] for o in kept), len(kept)),
+                "exact_match": _r(sum(o["exact"] for o in kept), len(outs)),
+            }
+        )
     return rows
 
 
@@ -331,11 +360,16 @@ def _r(a: float, b: float) -> float:
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| tree | mode | n | shown | EM | precision (EM when shown) | edit sim | edit sim shown | p50 ms | p90 ms |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = [f"| {k.split('/')[0]} | {k.split('/')[1]} | {r['n']} | {r['shown_rate']:.1%} | {r['exact_match']:.1%} | "
-            f"{r['precision']:.1%} | {r['edit_similarity']:.3f} | {r['edit_similarity_shown']:.3f} | "
-            f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} |" for k, r in results.items()]
+    head = (
+        "| tree | mode | n | shown | EM | precision (EM when shown) | edit sim | edit sim shown | p50 ms | p90 ms |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = [
+        f"| {k.split('/')[0]} | {k.split('/')[1]} | {r['n']} | {r['shown_rate']:.1%} | {r['exact_match']:.1%} | "
+        f"{r['precision']:.1%} | {r['edit_similarity']:.3f} | {r['edit_similarity_shown']:.3f} | "
+        f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} |"
+        for k, r in results.items()
+    ]
     return "\n".join([head, *rows])
 
 
@@ -352,8 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sdists", action="append", default=None, help="folder of sdists (repeatable)")
     ap.add_argument("--work", type=Path, default=Path("/work/cache/eval_repo"), help="where sdists are extracted")
     ap.add_argument("--compare", default=None, metavar="TREE", help="also run a tree holding an earlier codegen_ls")
-    ap.add_argument("--after", default=None, metavar="TREE", help="with --compare: the tree of the 'after' rows "
-                    "(default: this checkout)")
+    ap.add_argument(
+        "--after",
+        default=None,
+        metavar="TREE",
+        help="with --compare: the tree of the 'after' rows (default: this checkout)",
+    )
     ap.add_argument("--tree", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--candidates", action="store_true", help="keep every ranked candidate with its features in --out")
@@ -369,15 +407,20 @@ def main(argv: list[str] | None = None) -> int:
     if banned & {_norm(n) for n in names}:
         raise SystemExit("click, requests and pip are reserved for the final evaluation")
     dirs = [Path(d) for d in (args.sdists or DEFAULT_SDISTS) if Path(d).is_dir()]
-    projects = {n: extract(find_sdist(n, roles["pins"].get(n), dirs), args.work) for n in names}  # type: ignore[union-attr]
+    projects = {n: extract(find_sdist(n, roles["pins"].get(n), dirs), args.work) for n in names}
+    # type: ignore[union-attr]
     cursors = sample_cursors(projects, args.n, args.seed)
     jobs: list[dict[str, Any]] = []
     for c in cursors:
         if not jobs or (jobs[-1]["package"], jobs[-1]["file"]) != (c["package"], c["file"]):
-            jobs.append({"package": c["package"], "project": str(projects[c["package"]]), "file": c["file"], "cursors": []})
+            jobs.append(
+                {"package": c["package"], "project": str(projects[c["package"]]), "file": c["file"], "cursors": []}
+            )
         jobs[-1]["cursors"].append(c)
-    print(f"{len(cursors)} cursors in {len(jobs)} files of {', '.join(projects)}; modes {', '.join(args.modes)}",
-          file=sys.stderr)
+    print(
+        f"{len(cursors)} cursors in {len(jobs)} files of {', '.join(projects)}; modes {', '.join(args.modes)}",
+        file=sys.stderr,
+    )
 
     passthrough = ["--modes", ",".join(args.modes), "--threads", str(args.threads)]
     model = args.model or os.environ.get("CODEGEN_LS_MODEL") or str(ROOT / "models" / "codegen-ls-small")
@@ -389,8 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     trees: dict[str, Any] = {}
     if args.compare:
         trees["before"] = Remote(str(Path(args.compare).resolve()), passthrough)
-        trees["after"] = Remote(str(Path(args.after).resolve()) if args.after else str(ROOT),
-                                passthrough + (["--candidates"] if args.candidates else []))
+        trees["after"] = Remote(
+            str(Path(args.after).resolve()) if args.after else str(ROOT),
+            passthrough + (["--candidates"] if args.candidates else []),
+        )
     else:
         trees["now"] = Worker(args)
     records: dict[str, list[dict[str, Any]]] = {t: [] for t in trees}
@@ -411,8 +456,12 @@ def main(argv: list[str] | None = None) -> int:
                 finished[key] = w.run_file(job)
                 if partial is not None:
                     with partial.open("a") as f:
-                        f.write(json.dumps({"tree": t, "package": job["package"], "file": job["file"],
-                                            "records": finished[key]}) + "\n")
+                        f.write(
+                            json.dumps(
+                                {"tree": t, "package": job["package"], "file": job["file"], "records": finished[key]}
+                            )
+                            + "\n"
+                        )
             records[t] += finished[key]
         done += len(job["cursors"])
         print(f"  {done}/{len(cursors)}  {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -423,14 +472,28 @@ def main(argv: list[str] | None = None) -> int:
     curves = {f"{t}/{m}": curve(records[t], m) for t in trees for m in args.modes}
     print(table(results))
     for k, rows in curves.items():
-        print(f"\n{k}: " + "  ".join(f"≥{r['min_confidence']:.1f}: {r['shown_rate']:.0%} shown, {r['precision']:.0%} right"
-                                    for r in rows))
+        print(
+            f"\n{k}: "
+            + "  ".join(
+                f"≥{r['min_confidence']:.1f}: {r['shown_rate']:.0%} shown, {r['precision']:.0%} right" for r in rows
+            )
+        )
     for k, r in results.items():
         print(f"{k} top sources: " + ", ".join(f"{s} {v['exact']}/{v['shown']}" for s, v in r["top_sources"].items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
-                                        "results": results, "curves": curves, "records": records}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "config": {k: str(v) for k, v in vars(args).items()},
+                    "results": results,
+                    "curves": curves,
+                    "records": records,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         if partial is not None:
             partial.unlink(missing_ok=True)
         print(f"wrote {args.out}", file=sys.stderr)

@@ -23,7 +23,6 @@ import argparse
 import json
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ def load_groups(paths: list[Path], modes: list[str]) -> list[dict[str, Any]]:
     groups = []
     for path in paths:
         data = json.loads(path.read_text())
-        for tree, records in data["records"].items():
+        for records in data["records"].values():
             for r in records:
                 target = r["target"].rstrip()
                 for mode in modes:
@@ -52,13 +51,16 @@ def load_groups(paths: list[Path], modes: list[str]) -> list[dict[str, Any]]:
                     if not out or not out.get("candidates"):
                         continue
                     cands = out["candidates"]
-                    groups.append({
-                        "file": f"{r['package']}/{r['file']}", "mode": mode,
-                        "x": np.array([[c["features"].get(n, 0.0) for n in FEATURES] for c in cands]),
-                        "y": np.array([c["text"].split("\n")[0].rstrip() == target for c in cands], dtype=float),
-                        "heuristic": np.array([previous_rule(c["features"]) for c in cands]),
-                        "sources": [c["source"] for c in cands],
-                    })
+                    groups.append(
+                        {
+                            "file": f"{r['package']}/{r['file']}",
+                            "mode": mode,
+                            "x": np.array([[c["features"].get(n, 0.0) for n in FEATURES] for c in cands]),
+                            "y": np.array([c["text"].split("\n")[0].rstrip() == target for c in cands], dtype=float),
+                            "heuristic": np.array([previous_rule(c["features"]) for c in cands]),
+                            "sources": [c["source"] for c in cands],
+                        }
+                    )
     return groups
 
 
@@ -104,9 +106,14 @@ def curve(conf: np.ndarray, exact: np.ndarray) -> list[dict[str, float]]:
     rows = []
     for t in (0.0, *THRESHOLDS):
         sel = conf >= t
-        rows.append({"min_confidence": t, "coverage": round(float(sel.mean()), 4),
-                     "precision": round(float(exact[sel].mean()), 4) if sel.any() else 0.0,
-                     "exact_match": round(float(exact[sel].sum() / len(exact)), 4)})
+        rows.append(
+            {
+                "min_confidence": t,
+                "coverage": round(float(sel.mean()), 4),
+                "precision": round(float(exact[sel].mean()), 4) if sel.any() else 0.0,
+                "exact_match": round(float(exact[sel].sum() / len(exact)), 4),
+            }
+        )
     return rows
 
 
@@ -123,7 +130,9 @@ def log_loss(groups: list[dict[str, Any]], preds: list[np.ndarray]) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="where the coefficients go (confidence.json)")
-    ap.add_argument("--data", type=Path, action="append", help="eval_repo.py --candidates outputs to fit on (else run it)")
+    ap.add_argument(
+        "--data", type=Path, action="append", help="eval_repo.py --candidates outputs to fit on (else run it)"
+    )
     ap.add_argument("--model", default=None, help="model directory (default: the embedded one)")
     ap.add_argument("--n", type=int, default=360, help="CALIB cursors when running eval_repo.py")
     ap.add_argument("--modes", default="single,repo")
@@ -133,8 +142,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.data:
         run = args.out.with_suffix(".calib-run.json")
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "eval_repo.py"), "--packages", "calib", "--n", str(args.n),
-               "--modes", ",".join(modes), "--min-confidence", "0", "--candidates", "--out", str(run)]
+        cmd = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "eval_repo.py"),
+            "--packages",
+            "calib",
+            "--n",
+            str(args.n),
+            "--modes",
+            ",".join(modes),
+            "--min-confidence",
+            "0",
+            "--candidates",
+            "--out",
+            str(run),
+        ]
         if args.model:
             cmd += ["--model", args.model]
         print(" ".join(cmd), file=sys.stderr)
@@ -146,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{p} holds EVAL or reserved packages: never fit on them")
     groups = load_groups(args.data, modes)
     x, y = stack(groups)
-    print(f"{len(groups)} cursor-modes, {len(y)} candidates, {int(y.sum())} exactly right; "
-          f"{sum(g['y'].any() for g in groups)} cursors have a right candidate", file=sys.stderr)
+    print(
+        f"{len(groups)} cursor-modes, {len(y)} candidates, {int(y.sum())} exactly right; "
+        f"{sum(g['y'].any() for g in groups)} cursors have a right candidate",
+        file=sys.stderr,
+    )
 
     losses = {l2: log_loss(groups, cross_validated(groups, l2)) for l2 in L2_GRID}
     best = min(losses, key=lambda k: losses[k])
@@ -168,30 +193,46 @@ def main(argv: list[str] | None = None) -> int:
     if (model_dir / "manifest.json").is_file():
         mj = json.loads((model_dir / "manifest.json").read_text())
         manifest = {k: mj.get(k) for k in ("name", "onnx_sha256", "created") if k in mj}
-    info = {"fitted_on": "CALIB packages (models/recipe/corpus.py), eval_repo.py cursors, modes " + ",".join(modes),
-            "data": [str(p) for p in args.data], "model": str(model_dir), "manifest": manifest,
-            "groups": len(groups), "candidates": int(len(y)), "positives": int(y.sum()), "l2": best,
-            "cv_log_loss": {str(k): round(v, 4) for k, v in losses.items()},
-            "cv_top1_exact": round(float(exact.mean()), 4), "heuristic_top1_exact": round(float(heuristic_exact.mean()), 4),
-            "oracle_exact": round(float(oracle), 4), "cv_ece": ece, "recommended_min_confidence": recommended}
+    info = {
+        "fitted_on": "CALIB packages (models/recipe/corpus.py), eval_repo.py cursors, modes " + ",".join(modes),
+        "data": [str(p) for p in args.data],
+        "model": str(model_dir),
+        "manifest": manifest,
+        "groups": len(groups),
+        "candidates": int(len(y)),
+        "positives": int(y.sum()),
+        "l2": best,
+        "cv_log_loss": {str(k): round(v, 4) for k, v in losses.items()},
+        "cv_top1_exact": round(float(exact.mean()), 4),
+        "heuristic_top1_exact": round(float(heuristic_exact.mean()), 4),
+        "oracle_exact": round(float(oracle), 4),
+        "cv_ece": ece,
+        "recommended_min_confidence": recommended,
+    }
     model = ConfidenceModel(model.names, model.mean, model.scale, model.weights, model.bias, info)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.save(args.out)
 
     print(f"L2 {best} (cross-validated log-loss {', '.join(f'{k}: {v:.4f}' for k, v in losses.items())})")
-    print(f"top-1 exact, cross-validated: {exact.mean():.1%} (the previous rule on the same candidates: "
-          f"{heuristic_exact.mean():.1%}; "
-          f"a right candidate exists: {oracle:.1%})")
-    print("\nreliability of the top suggestion's confidence (cross-validated), ECE "
-          f"{ece:.3f}\n| confidence | n | mean confidence | exactly right |\n|---|---:|---:|---:|")
+    print(
+        f"top-1 exact, cross-validated: {exact.mean():.1%} (the previous rule on the same candidates: "
+        f"{heuristic_exact.mean():.1%}; "
+        f"a right candidate exists: {oracle:.1%})"
+    )
+    print(
+        "\nreliability of the top suggestion's confidence (cross-validated), ECE "
+        f"{ece:.3f}\n| confidence | n | mean confidence | exactly right |\n|---|---:|---:|---:|"
+    )
     for r in rows:
         if r["n"]:
             print(f"| {r['lo']:.1f}-{r['hi']:.1f} | {r['n']} | {r['confidence']:.3f} | {r['observed']:.3f} |")
     print("\n| minConfidence | shown | precision | exact match (all cursors) |\n|---:|---:|---:|---:|")
     for r in pc:
         print(f"| {r['min_confidence']:.2f} | {r['coverage']:.1%} | {r['precision']:.1%} | {r['exact_match']:.1%} |")
-    print(f"\nrecommended minConfidence (the most coverage whose precision is >= {args.target:.0%} at 95 % "
-          f"confidence): {recommended} (the default is Settings.min_confidence; change it where this differs)")
+    print(
+        f"\nrecommended minConfidence (the most coverage whose precision is >= {args.target:.0%} at 95 % "
+        f"confidence): {recommended} (the default is Settings.min_confidence; change it where this differs)"
+    )
     print("\nweights (standardized):")
     for n, w in sorted(zip(model.names, model.weights), key=lambda t: -abs(t[1])):
         print(f"  {n:16s} {w:+.3f}")

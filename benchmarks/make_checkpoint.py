@@ -21,7 +21,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {  # the real checkpoints' shapes (n_embd, n_layer, n_head, rotary_dim); vocab 51200, 2048 positions
-    "350m": (1024, 20, 16, 32), "2b": (2560, 32, 32, 64), "6b": (4096, 33, 16, 64), "16b": (6144, 34, 24, 64),
+    "350m": (1024, 20, 16, 32),
+    "2b": (2560, 32, 32, 64),
+    "6b": (4096, 33, 16, 64),
+    "16b": (6144, 34, 24, 64),
 }
 
 
@@ -37,9 +40,19 @@ def main() -> None:
     e, n_layer, n_head, rd = SHAPES[args.shape]
     vocab, out = 51200, args.out
     out.mkdir(parents=True, exist_ok=True)
-    CodeGenConfig(vocab_size=vocab, n_positions=2048, n_ctx=2048, n_embd=e, n_layer=n_layer, n_head=n_head, rotary_dim=rd,
-                  bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
-                  architectures=["CodeGenForCausalLM"]).save_pretrained(out)
+    CodeGenConfig(
+        vocab_size=vocab,
+        n_positions=2048,
+        n_ctx=2048,
+        n_embd=e,
+        n_layer=n_layer,
+        n_head=n_head,
+        rotary_dim=rd,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+        architectures=["CodeGenForCausalLM"],
+    ).save_pretrained(out)
     rng = np.random.default_rng(0)
 
     def normal(*shape: int) -> np.ndarray:
@@ -47,15 +60,25 @@ def main() -> None:
 
     def layer(i: int) -> dict[str, np.ndarray]:
         p = f"transformer.h.{i}."
-        return {p + "ln_1.weight": np.ones(e, np.float32), p + "ln_1.bias": np.zeros(e, np.float32),
-                p + "attn.qkv_proj.weight": normal(3 * e, e), p + "attn.out_proj.weight": normal(e, e),
-                p + "mlp.fc_in.weight": normal(4 * e, e), p + "mlp.fc_in.bias": np.zeros(4 * e, np.float32),
-                p + "mlp.fc_out.weight": normal(e, 4 * e), p + "mlp.fc_out.bias": np.zeros(e, np.float32)}
+        return {
+            p + "ln_1.weight": np.ones(e, np.float32),
+            p + "ln_1.bias": np.zeros(e, np.float32),
+            p + "attn.qkv_proj.weight": normal(3 * e, e),
+            p + "attn.out_proj.weight": normal(e, e),
+            p + "mlp.fc_in.weight": normal(4 * e, e),
+            p + "mlp.fc_in.bias": np.zeros(4 * e, np.float32),
+            p + "mlp.fc_out.weight": normal(e, 4 * e),
+            p + "mlp.fc_out.bias": np.zeros(e, np.float32),
+        }
 
     head_bias = np.zeros(vocab, np.float32)
     head_bias[0] = -1e4
-    head = {"transformer.ln_f.weight": np.ones(e, np.float32), "transformer.ln_f.bias": np.zeros(e, np.float32),
-            "lm_head.weight": normal(vocab, e), "lm_head.bias": head_bias}
+    head = {
+        "transformer.ln_f.weight": np.ones(e, np.float32),
+        "transformer.ln_f.bias": np.zeros(e, np.float32),
+        "lm_head.weight": normal(vocab, e),
+        "lm_head.bias": head_bias,
+    }
     step = args.layers_per_shard or n_layer
     groups = [list(range(s, min(n_layer, s + step))) for s in range(0, n_layer, step)]
     weight_map: dict[str, str] = {}
@@ -68,7 +91,11 @@ def main() -> None:
             tensors.update(head)
         if not tensors:
             continue
-        name = "model.safetensors" if not args.layers_per_shard else f"model-{k + 1:05d}-of-{len(groups) + 1:05d}.safetensors"
+        name = (
+            "model.safetensors"
+            if not args.layers_per_shard
+            else f"model-{k + 1:05d}-of-{len(groups) + 1:05d}.safetensors"
+        )
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({t: name for t in tensors})
         total += sum(a.nbytes for a in tensors.values())
@@ -76,8 +103,9 @@ def main() -> None:
         if not args.layers_per_shard:
             break
     if args.layers_per_shard:
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                       "weight_map": weight_map}, indent=2))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     shutil.copyfile(REPO / "models" / "codegen-ls-small" / "tokenizer.json", out / "tokenizer.json")
     print(f"{out}: {total / 1e9:.2f} GB of float32 weights")
 

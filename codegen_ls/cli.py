@@ -34,8 +34,10 @@ model resolution: --model DIR, else $CODEGEN_LS_MODEL, else the embedded default
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="codegen-ls", description="Local, offline inline code completion with CodeGen on onnxruntime.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="codegen-ls",
+        description="Local, offline inline code completion with CodeGen on onnxruntime.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"codegen-ls {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -48,9 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(d)
     _log_args(d)
 
-    t = sub.add_parser("stats", help="acceptance rates of the suggestions shown (local statistics, never sent anywhere)",
-                       description="Print acceptance by source, confidence, language and latency, from the counters the "
-                                   "server keeps in $XDG_STATE_HOME/codegen-ls/stats.json.")
+    t = sub.add_parser(
+        "stats",
+        help="acceptance rates of the suggestions shown (local statistics, never sent anywhere)",
+        description="Print acceptance by source, confidence, language and latency, from the counters the "
+        "server keeps in $XDG_STATE_HOME/codegen-ls/stats.json.",
+    )
     t.add_argument("--reset", action="store_true", help="delete the statistics file")
     _log_args(t)
 
@@ -63,27 +68,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve(sub: Any) -> None:
     """``codegen-ls serve``."""
-    s = sub.add_parser("serve", help="run the language server (LSP over stdio, or --tcp)",
-                       description="Run the language server. stdout carries only the protocol; logs go to stderr or --log-file.")
+    s = sub.add_parser(
+        "serve",
+        help="run the language server (LSP over stdio, or --tcp)",
+        description="Run the language server. stdout carries only the protocol; logs go to stderr or --log-file.",
+    )
     s.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio")
     s.add_argument("--stdio", action="store_true", help="LSP over stdio (the default)")
-    s.add_argument("--allow-remote", action="store_true",
-                   help="let --tcp listen on an address other machines can reach (0.0.0.0, a LAN address): "
-                        "there is no authentication, whoever connects first can read the documents sent")
-    s.add_argument("--debug-requests", action="store_true",
-                   help="answer codegenLs/debugDocument (a document's text as the server holds it): for tests")
+    s.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="let --tcp listen on an address other machines can reach (0.0.0.0, a LAN address): "
+        "there is no authentication, whoever connects first can read the documents sent",
+    )
+    s.add_argument(
+        "--debug-requests",
+        action="store_true",
+        help="answer codegenLs/debugDocument (a document's text as the server holds it): for tests",
+    )
     _model_arg(s)
     _log_args(s)
 
 
 def _add_complete(sub: Any) -> None:
     """``codegen-ls complete``."""
-    c = sub.add_parser("complete", help="print ranked suggestions for FILE:LINE:COL (1-based)",
-                       description="Run the completion pipeline once and print ranked suggestions with scores and timings.")
+    c = sub.add_parser(
+        "complete",
+        help="print ranked suggestions for FILE:LINE:COL (1-based)",
+        description="Run the completion pipeline once and print ranked suggestions with scores and timings.",
+    )
     c.add_argument("location", metavar="FILE:LINE:COL", help="file and 1-based line and column of the cursor")
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.add_argument("--workspace", default=None, metavar="DIR", help="the project folder indexed for repository context "
-                   "(default: the nearest folder above FILE with .git or pyproject.toml; 'none': off)")
+    c.add_argument(
+        "--workspace",
+        default=None,
+        metavar="DIR",
+        help="the project folder indexed for repository context "
+        "(default: the nearest folder above FILE with .git or pyproject.toml; 'none': off)",
+    )
     c.add_argument("-n", "--num-candidates", type=int, help="model candidates (default 3)")
     c.add_argument("--max-new-tokens", type=int)
     c.add_argument("--multiline", choices=["auto", "always", "never"])
@@ -97,24 +119,40 @@ def _add_model(sub: Any) -> None:
     """``codegen-ls model export`` and ``model info``."""
     m = sub.add_parser("model", help="export and inspect model directories")
     msub = m.add_subparsers(dest="model_command", metavar="ACTION")
-    e = msub.add_parser("export", help="convert a Hugging Face CodeGen checkpoint into an int8 ONNX model directory",
-                        description="SRC: a local checkpoint directory (config.json + safetensors/bin + tokenizer) or, "
-                                    "when online, a hub id such as Salesforce/codegen-350M-mono. Needs the export extra.")
+    e = msub.add_parser(
+        "export",
+        help="convert a Hugging Face CodeGen checkpoint into an int8 ONNX model directory",
+        description="SRC: a local checkpoint directory (config.json + safetensors/bin + tokenizer) or, "
+        "when online, a hub id such as Salesforce/codegen-350M-mono. Needs the export extra.",
+    )
     e.add_argument("src", metavar="SRC")
     e.add_argument("out", metavar="OUT", type=Path)
     e.add_argument("--no-quantize", action="store_true", help="keep fp32 weights")
-    e.add_argument("--graph", choices=["gqa", "flat", "optimum"], default="gqa",
-                   help="gqa (default): our graph, one in-place KV cache per layer, int8 unless --no-quantize "
-                        "(decode attention: our kernel where built, else onnxruntime's GroupQueryAttention); "
-                        "flat: our graph with fp32 (or --kv-fp16) shared-prefix KV buffers; "
-                        "optimum: optimum-onnx's text-generation-with-past export (the reference path)")
-    e.add_argument("--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa or flat graph)")
-    e.add_argument("--kv-bits", choices=("auto", "8", "4"), default="auto",
-                   help="gqa KV cache: 8 (int8: runs fast on any CPU) or 4 (a scale per token and head: half the "
-                        "memory and bandwidth at long context; needs the compiled kernel to serve, fast with AVX-512 "
-                        "VNNI); auto (default): 4 where this machine runs it fast, else 8")
-    e.add_argument("--kv-fp16", action="store_true",
-                   help="float16 KV cache (flat graph only): half its memory at long context, slightly less exact")
+    e.add_argument(
+        "--graph",
+        choices=["gqa", "flat", "optimum"],
+        default="gqa",
+        help="gqa (default): our graph, one in-place KV cache per layer, int8 unless --no-quantize "
+        "(decode attention: our kernel where built, else onnxruntime's GroupQueryAttention); "
+        "flat: our graph with fp32 (or --kv-fp16) shared-prefix KV buffers; "
+        "optimum: optimum-onnx's text-generation-with-past export (the reference path)",
+    )
+    e.add_argument(
+        "--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa or flat graph)"
+    )
+    e.add_argument(
+        "--kv-bits",
+        choices=("auto", "8", "4"),
+        default="auto",
+        help="gqa KV cache: 8 (int8: runs fast on any CPU) or 4 (a scale per token and head: half the "
+        "memory and bandwidth at long context; needs the compiled kernel to serve, fast with AVX-512 "
+        "VNNI); auto (default): 4 where this machine runs it fast, else 8",
+    )
+    e.add_argument(
+        "--kv-fp16",
+        action="store_true",
+        help="float16 KV cache (flat graph only): half its memory at long context, slightly less exact",
+    )
     e.add_argument("--name", help="model name in the manifest (default: SRC's last path component)")
     e.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     _log_args(e)
@@ -124,7 +162,9 @@ def _add_model(sub: Any) -> None:
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="model directory (default: $CODEGEN_LS_MODEL, else the embedded model)")
+    p.add_argument(
+        "--model", metavar="DIR", help="model directory (default: $CODEGEN_LS_MODEL, else the embedded model)"
+    )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: all cores)")
 
 
@@ -159,8 +199,8 @@ def parse_location(location: str) -> tuple[Path, int, int]:
 
 def cmd_complete(args: argparse.Namespace) -> int:
     path, line, col = parse_location(args.location)
-    from codegen_ls.suggest.pipeline import Completer, CompletionRequest
     from codegen_ls.settings import Settings
+    from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 
     try:
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
@@ -171,7 +211,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
         raise CodegenLsError(f"line {line} is out of range: {path} has {len(lines)} lines")
     width = len(lines[line - 1].rstrip("\r"))
     if not 1 <= col <= width + 1:
-        raise CodegenLsError(f"column {col} is out of range: line {line} has {width} characters (columns 1..{width + 1})")
+        raise CodegenLsError(
+            f"column {col} is out of range: line {line} has {width} characters (columns 1..{width + 1})"
+        )
     settings = Settings(model_path=args.model, threads=args.threads)
     for name in ("num_candidates", "max_new_tokens", "multiline", "temperature"):
         if getattr(args, name) is not None:
@@ -183,11 +225,20 @@ def cmd_complete(args: argparse.Namespace) -> int:
         raise CodegenLsError("; ".join(problems))
     t0 = time.perf_counter()
     completer = Completer()
-    completer.load(settings.model_path, threads=settings.threads) if _accepts_threads(completer) else completer.load(settings.model_path)
+    completer.load(settings.model_path, threads=settings.threads) if _accepts_threads(completer) else completer.load(
+        settings.model_path
+    )
     load_ms = (time.perf_counter() - t0) * 1000
     repo = _workspace_snapshot(path, args.workspace)
-    req = CompletionRequest(text=text, line=line - 1, character=col - 1, uri=path.resolve().as_uri(),
-                            language_id="python" if path.suffix == ".py" else path.suffix.lstrip("."), explicit=True, repo=repo)
+    req = CompletionRequest(
+        text=text,
+        line=line - 1,
+        character=col - 1,
+        uri=path.resolve().as_uri(),
+        language_id="python" if path.suffix == ".py" else path.suffix.lstrip("."),
+        explicit=True,
+        repo=repo,
+    )
     result = completer.complete(req, settings)
     result.timings.setdefault("load", round(load_ms, 1))
     if args.json:
@@ -214,8 +265,11 @@ def _workspace_snapshot(path: Path, workspace: str | None) -> Any:
 
     if workspace == "none":
         return None
-    root = Path(workspace) if workspace else next(
-        (d for d in path.resolve().parents if (d / ".git").exists() or (d / "pyproject.toml").exists()), None)
+    root = (
+        Path(workspace)
+        if workspace
+        else next((d for d in path.resolve().parents if (d / ".git").exists() or (d / "pyproject.toml").exists()), None)
+    )
     if root is None:
         return None
     index = RepoIndex()
@@ -233,16 +287,31 @@ def _accepts_threads(completer: Any) -> bool:
 
 def _result_json(result: Any, path: Path, line: int, col: int) -> dict[str, Any]:
     return {
-        "file": str(path), "line": line, "column": col, "mode": result.mode, "reason": result.reason,
+        "file": str(path),
+        "line": line,
+        "column": col,
+        "mode": result.mode,
+        "reason": result.reason,
         "suggestions": [
-            {"rank": i + 1, "text": s.insert_text, "score": round(s.score, 4), "confidence": round(s.confidence, 4),
-             "source": s.source, "logprob_mean": round(s.logprob_mean, 4), "finish_reason": s.finish_reason,
-             "range": {"start": {"line": s.start[0] + 1, "column": s.start[1] + 1},
-                       "end": {"line": s.end[0] + 1, "column": s.end[1] + 1}}}
+            {
+                "rank": i + 1,
+                "text": s.insert_text,
+                "score": round(s.score, 4),
+                "confidence": round(s.confidence, 4),
+                "source": s.source,
+                "logprob_mean": round(s.logprob_mean, 4),
+                "finish_reason": s.finish_reason,
+                "range": {
+                    "start": {"line": s.start[0] + 1, "column": s.start[1] + 1},
+                    "end": {"line": s.end[0] + 1, "column": s.end[1] + 1},
+                },
+            }
             for i, s in enumerate(result.suggestions)
         ],
-        "timings_ms": result.timings, "stats": result.stats,
-        "prompt": getattr(result, "prompt_info", {}), "candidates": getattr(result, "candidates", []),
+        "timings_ms": result.timings,
+        "stats": result.stats,
+        "prompt": getattr(result, "prompt_info", {}),
+        "candidates": getattr(result, "candidates", []),
     }
 
 
@@ -252,9 +321,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     from codegen_ls.engine import kernels
-    from codegen_ls.suggest.pipeline import Completer, CompletionRequest
     from codegen_ls.engine.modeldir import read_manifest, resolve_model_dir, verify_files
     from codegen_ls.settings import Settings
+    from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 
     print(f"codegen-ls {__version__} on Python {platform.python_version()} ({platform.platform()})")
     for name in ("onnxruntime", "tokenizers", "numpy", "pygls", "lsprotocol", "cattrs"):
@@ -265,7 +334,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"onnxruntime providers: {', '.join(ort.get_available_providers())}")
     print(f"cpu cores: {os.cpu_count()}  threads used: {args.threads or os.cpu_count()}")
     model_dir = resolve_model_dir(args.model)
-    source = "--model" if args.model else ("$CODEGEN_LS_MODEL" if os.environ.get("CODEGEN_LS_MODEL") else "embedded default")
+    source = (
+        "--model" if args.model else ("$CODEGEN_LS_MODEL" if os.environ.get("CODEGEN_LS_MODEL") else "embedded default")
+    )
     print(f"model: {model_dir} ({source})")
     manifest = read_manifest(model_dir)
     for k, v in manifest.to_json().items():
@@ -273,9 +344,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"  {k}: {v}")
     print(f"  graph: {manifest.extra.get('graph', 'optimum')}  KV cache: {manifest.extra.get('kv_dtype', 'float32')}")
     problems = verify_files(model_dir, manifest)
-    print(f"  files: {len(manifest.files)} checked, " + ("all checksums match" if not problems else "; ".join(problems)))
+    print(
+        f"  files: {len(manifest.files)} checked, " + ("all checksums match" if not problems else "; ".join(problems))
+    )
     print(f"decode-attention kernel: {kernels.status()}")
-    snippet = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        if name.endswith('.py'):\n            result."
+    snippet = (
+        "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        if "
+        "name.endswith('.py'):\n            result."
+    )
     t0 = time.perf_counter()
     completer = Completer()
     engine = completer.load(args.model)
@@ -283,7 +359,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"decode attention in use: {engine.attention}")
     lines = snippet.split("\n")
     settings = Settings(model_path=args.model)
-    req = CompletionRequest(text=snippet, line=len(lines) - 1, character=len(lines[-1]), uri="doctor:snippet", explicit=True)
+    req = CompletionRequest(
+        text=snippet, line=len(lines) - 1, character=len(lines[-1]), uri="doctor:snippet", explicit=True
+    )
     t1 = time.perf_counter()
     result = completer.complete(req, settings)
     total = (time.perf_counter() - t1) * 1000
@@ -293,8 +371,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if completer.speeds is not None:  # measured at load (or read from the cache), and what the target makes of it
         from codegen_ls.engine import latency
 
-        for line in latency.describe(completer.speeds, settings.latency_target_ms, settings.num_candidates,
-                                     engine.context_length):
+        for line in latency.describe(
+            completer.speeds, settings.latency_target_ms, settings.num_candidates, engine.context_length
+        ):
             print(f"latency: {line}")
     return 1 if problems else 0
 
@@ -316,9 +395,17 @@ def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.model_command == "export":
         from codegen_ls.export.pipeline import export
 
-        export(args.src, args.out, quantize_int8=not args.no_quantize, force=args.force, graph=args.graph,
-               int4=args.int4, name=args.name, kv_fp16=args.kv_fp16,
-               kv_bits=None if args.kv_bits == "auto" else int(args.kv_bits))
+        export(
+            args.src,
+            args.out,
+            quantize_int8=not args.no_quantize,
+            force=args.force,
+            graph=args.graph,
+            int4=args.int4,
+            name=args.name,
+            kv_fp16=args.kv_fp16,
+            kv_bits=None if args.kv_bits == "auto" else int(args.kv_bits),
+        )
         return 0
     if args.model_command == "info":
         directory = resolve_model_dir(args.dir)
@@ -326,7 +413,10 @@ def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(json.dumps(manifest.to_json(), indent=2))
         problems = verify_files(directory, manifest)
         size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
-        print(f"{directory}: {size / 1e6:.1f} MB, " + ("all files verified" if not problems else "PROBLEMS: " + "; ".join(problems)))
+        print(
+            f"{directory}: {size / 1e6:.1f} MB, "
+            + ("all files verified" if not problems else "PROBLEMS: " + "; ".join(problems))
+        )
         return 1 if problems else 0
     parser.parse_args(["model", "--help"])
     return 2
@@ -343,10 +433,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tcp = (host, int(port))
         if not _is_loopback(host):
             if not args.allow_remote:
-                raise CodegenLsError(f"refusing to listen on {host}: other machines could connect and read the "
-                                     "documents sent; use 127.0.0.1, or pass --allow-remote to accept that")
-            print(f"codegen-ls: warning: listening on {host}:{port} with --allow-remote: any machine that reaches "
-                  "this port can connect first and read the documents sent (no authentication)", file=sys.stderr)
+                raise CodegenLsError(
+                    f"refusing to listen on {host}: other machines could connect and read the "
+                    "documents sent; use 127.0.0.1, or pass --allow-remote to accept that"
+                )
+            print(
+                f"codegen-ls: warning: listening on {host}:{port} with --allow-remote: any machine that reaches "
+                "this port can connect first and read the documents sent (no authentication)",
+                file=sys.stderr,
+            )
     return server.serve(tcp=tcp, model=args.model, threads=args.threads, debug_requests=args.debug_requests)
 
 
@@ -359,7 +454,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # another host name: it may resolve to anything
         return False
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,9 @@ COMPLETION_FALLBACK_MODES = ("auto", "always", "never")
 BACKENDS = ("local", "remote")
 
 
-def setting(default: Any, doc: str = "", *, lo: float | None = None, hi: float | None = None,
-            choices: tuple[str, ...] = ()) -> Any:
+def setting(
+    default: Any, doc: str = "", *, lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] = ()
+) -> Any:
     """A :class:`Settings` field: its default, what it does (the README table), its bounds or
     choices. One table: validation, the README table, the VS Code ``package.json``
     minimum/maximum/enum and ``tests/test_settings_surface.py`` all read it (:func:`schema`)."""
@@ -47,7 +48,8 @@ class Settings:
     )
     completion_fallback: str = setting(
         "auto",
-        "suggestions also in the completion menu: `auto` (only for editors without inline completion), `always`, `never`",
+        "suggestions also in the completion menu: `auto` (only for editors without inline completion), `always`, "
+        "`never`",
         choices=COMPLETION_FALLBACK_MODES,
     )
     deadline_ms: int = setting(
@@ -58,8 +60,11 @@ class Settings:
     )
     threads: int = setting(0, "onnxruntime threads, 0 = all cores", lo=0, hi=256)
     prompt_cache_mb: int = setting(
-        0, "memory for the documents' KV caches (MB, least recently used dropped); 0: sized to the model, "
-        "8 documents at contextTokens (embedded model: 45 MB)", lo=0, hi=65_536
+        0,
+        "memory for the documents' KV caches (MB, least recently used dropped); 0: sized to the model, "
+        "8 documents at contextTokens (embedded model: 45 MB)",
+        lo=0,
+        hi=65_536,
     )
     lookup: bool = setting(True, "candidates copied from other lines of the document, scored by the model")
     lookup_other_documents: bool = setting(True, "also from the other open documents")
@@ -107,7 +112,9 @@ def _camel(name: str) -> str:
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
 _overrides: dict[str, Any] = {f.name: override(rename=_camel(f.name)) for f in fields(Settings)}
-_converter.register_structure_hook(Settings, make_dict_structure_fn(Settings, _converter, _cattrs_forbid_extra_keys=True, **_overrides))
+_converter.register_structure_hook(
+    Settings, make_dict_structure_fn(Settings, _converter, _cattrs_forbid_extra_keys=True, **_overrides)
+)
 _converter.register_unstructure_hook(Settings, make_dict_unstructure_fn(Settings, _converter, **_overrides))
 
 
@@ -139,7 +146,12 @@ def _check_bounds(settings: Settings) -> list[str]:
     """The problems with ``settings``' values against each field's bounds and choices."""
     problems = []
     for f in fields(settings):
-        value, lo, hi, choices = getattr(settings, f.name), f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+        value, lo, hi, choices = (
+            getattr(settings, f.name),
+            f.metadata.get("min"),
+            f.metadata.get("max"),
+            f.metadata.get("choices"),
+        )
         if lo is not None and hi is not None and not lo <= value <= hi:
             problems.append(f"{_camel(f.name)} must be between {lo:g} and {hi:g}")
         if choices and value not in choices:
@@ -152,8 +164,12 @@ def schema() -> list[dict[str, Any]]:
     minimum/maximum or enum where it has them."""
     out = []
     for f, default in zip(fields(Settings), asdict(Settings()).values()):
-        entry: dict[str, Any] = {"name": _camel(f.name), "type": str(f.type), "default": default,
-                                 "doc": f.metadata.get("doc", "")}
+        entry: dict[str, Any] = {
+            "name": _camel(f.name),
+            "type": str(f.type),
+            "default": default,
+            "doc": f.metadata.get("doc", ""),
+        }
         if f.metadata.get("min") is not None:
             entry["minimum"], entry["maximum"] = f.metadata["min"], f.metadata["max"]
         if f.metadata.get("choices"):
@@ -177,8 +193,17 @@ def describe() -> list[tuple[str, str, Any]]:
     return [(_camel(f.name), str(f.type), v) for f, v in zip(fields(Settings), asdict(Settings()).values())]
 
 
-__all__ = ["NAMESPACE", "Settings", "parse_settings", "to_wire", "describe", "schema", "markdown_table",
-           "setting", "field"]
+__all__ = [
+    "NAMESPACE",
+    "Settings",
+    "parse_settings",
+    "to_wire",
+    "describe",
+    "schema",
+    "markdown_table",
+    "setting",
+    "field",
+]
 
 if __name__ == "__main__":  # python -m codegen_ls.settings: the README table
     print(markdown_table(), end="")

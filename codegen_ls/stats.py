@@ -183,8 +183,11 @@ def read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("counts"), dict):
-            data["counts"] = {k: [int(x) for x in v][:4] for k, v in data["counts"].items()
-                              if isinstance(k, str) and k.count("|") == 3 and isinstance(v, list) and len(v) == 4}
+            data["counts"] = {
+                k: [int(x) for x in v][:4]
+                for k, v in data["counts"].items()
+                if isinstance(k, str) and k.count("|") == 3 and isinstance(v, list) and len(v) == 4
+            }
             return data
     except (OSError, ValueError, TypeError):
         pass
@@ -217,15 +220,19 @@ def report(path: Path | None = None) -> list[str]:
     data = read(path)
     counts = data["counts"]
     total = [sum(v[i] for v in counts.values()) for i in range(4)]
-    lines = [f"suggestion statistics in {path} (local only; counting since "
-             f"{time.strftime('%Y-%m-%d', time.localtime(data['since']))})"]
+    lines = [
+        f"suggestion statistics in {path} (local only; counting since "
+        f"{time.strftime('%Y-%m-%d', time.localtime(data['since']))})"
+    ]
     if not total[Outcome.SHOWN]:
         return lines + ["no suggestions shown yet"]
 
     def row(name: str, v: list[int]) -> str:
         shown = max(1, v[0])
-        return (f"  {name:<16} shown {v[0]:>7}  accepted {v[1] / shown:>6.1%}  partly {v[2] / shown:>6.1%}  "
-                f"dismissed {v[3] / shown:>6.1%}")
+        return (
+            f"  {name:<16} shown {v[0]:>7}  accepted {v[1] / shown:>6.1%}  partly {v[2] / shown:>6.1%}  "
+            f"dismissed {v[3] / shown:>6.1%}"
+        )
 
     lines.append(row("all", total))
     order = {1: lambda k: float(k), 3: lambda k: float(k.split("-")[0].lstrip(">="))}

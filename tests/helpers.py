@@ -62,11 +62,20 @@ def ctx_of(marked: str, **kw: object) -> Context:
     """Context for a document with ``|`` marking the cursor (512-token budget)."""
     i = marked.index("|")
     before = marked[:i]
-    return build_context(marked[:i] + marked[i + 1:], before.count("\n"), len(before) - before.rfind("\n") - 1,
-                         COUNTER, 512, bos_text=BOS, **kw)  # type: ignore[arg-type]
+    return build_context(
+        marked[:i] + marked[i + 1 :],
+        before.count("\n"),
+        len(before) - before.rfind("\n") - 1,
+        COUNTER,
+        512,
+        bos_text=BOS,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
-def decode_run(be: Any, ids: list[int], steps: list[list[int]], rows: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+def decode_run(
+    be: Any, ids: list[int], steps: list[list[int]], rows: int
+) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """Prefill ``ids`` on a gqa backend, then decode ``steps`` with ``rows`` candidate rows (the
     last row finishes after four steps: the others go on). Returns (the prompt's last logits and
     every step's, copies of the cache buffers, the end position)."""
@@ -84,7 +93,6 @@ SERVER_CMD = [sys.executable, "-m", "codegen_ls", "serve", "--debug-requests"]
 """How every test starts the language server (stdio; ``codegenLs/debugDocument`` answered)."""
 
 
-
 def server_env(**extra: str) -> dict[str, str]:
     """The environment for a server subprocess: ours, minus a model override, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k != "CODEGEN_LS_MODEL"}
@@ -95,8 +103,12 @@ def server_env(**extra: str) -> dict[str, str]:
 class RawClient:
     """A minimal LSP client over a server subprocess: frames, sends, and records messages."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader | None = None,
-                 writer: asyncio.StreamWriter | None = None) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader | None = None,
+        writer: asyncio.StreamWriter | None = None,
+    ) -> None:
         self.proc = proc
         self.reader = reader or proc.stdout
         self.writer = writer or proc.stdin
@@ -115,12 +127,20 @@ class RawClient:
     @classmethod
     async def start(cls, *args: str, env: dict[str, str] | None = None, cmd: list[str] | None = None) -> RawClient:
         proc = await asyncio.create_subprocess_exec(
-            *(cmd or SERVER_CMD), *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env or server_env(), limit=1 << 26)
+            *(cmd or SERVER_CMD),
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env or server_env(),
+            limit=1 << 26,
+        )
         return cls(proc)
 
     @classmethod
-    async def connect_tcp(cls, proc: asyncio.subprocess.Process, host: str, port: int, timeout: float = 30) -> RawClient:
+    async def connect_tcp(
+        cls, proc: asyncio.subprocess.Process, host: str, port: int, timeout: float = 30
+    ) -> RawClient:
         """Talk to a server started with ``--tcp HOST:PORT`` (retrying until it listens)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -164,11 +184,13 @@ class RawClient:
 
     async def notification(self, method: str, timeout: float = 60, since: int = 0, where: Any = None) -> dict[str, Any]:
         """The first notification ``method`` (index >= ``since``) whose params satisfy ``where``."""
+
         def find() -> dict[str, Any] | None:
             for n in self.notifications[since:]:
                 if n.get("method") == method and (where is None or where(n.get("params"))):
                     return n
             return None
+
         await self.wait_until(lambda: find() is not None, timeout, f"no {method} notification")
         found = find()
         assert found is not None
@@ -234,8 +256,9 @@ class RawClient:
             del self.stderr[: max(0, len(self.stderr) - (1 << 20))]
 
     # -- session ----------------------------------------------------------------------------------
-    async def initialize(self, options: Any = None, capabilities: dict[str, Any] | None = None,
-                         wait_ready: bool = True) -> dict[str, Any]:
+    async def initialize(
+        self, options: Any = None, capabilities: dict[str, Any] | None = None, wait_ready: bool = True
+    ) -> dict[str, Any]:
         caps = {"window": {"workDoneProgress": True}} if capabilities is None else capabilities
         params: dict[str, Any] = {"processId": os.getpid(), "rootUri": None, "capabilities": caps}
         if options is not None:
@@ -247,8 +270,10 @@ class RawClient:
         return reply
 
     async def open(self, uri: str, text: str, language_id: str = "python", version: int = 1) -> None:
-        await self.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": language_id,
-                                                                    "version": version, "text": text}})
+        await self.notify(
+            "textDocument/didOpen",
+            {"textDocument": {"uri": uri, "languageId": language_id, "version": version, "text": text}},
+        )
 
     async def close(self, timeout: float = 10) -> int:
         """shutdown + exit if the server still runs; return its exit code."""
@@ -268,14 +293,31 @@ class RawClient:
         return self.proc.returncode if self.proc.returncode is not None else -1
 
 
-def tiny_export(base: Path, *, n_embd: int, n_head: int, kv_bits: int | None = 8, quantize: bool = True,
-                n_layer: int = 2, n_positions: int = 1024, graph: str = "gqa") -> Path:
+def tiny_export(
+    base: Path,
+    *,
+    n_embd: int,
+    n_head: int,
+    kv_bits: int | None = 8,
+    quantize: bool = True,
+    n_layer: int = 2,
+    n_positions: int = 1024,
+    graph: str = "gqa",
+) -> Path:
     """A random CodeGen checkpoint of this shape (vocabulary of 8192, the embedded tokenizer)
     under ``base/src``, exported with our command to ``base/model``; returns the model directory."""
     from codegen_ls.export.pipeline import export, random_checkpoint
 
-    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                            n_head=n_head, rotary_dim=8, tokenizer=TOKENIZER)
+    src = random_checkpoint(
+        base / "src",
+        vocab_size=8192,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        rotary_dim=8,
+        tokenizer=TOKENIZER,
+    )
     export(str(src), base / "model", quantize_int8=quantize, graph=graph, kv_bits=kv_bits)
     return base / "model"
 
@@ -298,5 +340,22 @@ def utf16_offset(text: str, line: int, utf16_col: int) -> int:
     return head + col
 
 
-__all__ = ["BOS", "CODE", "COUNTER", "MODEL", "MODEL_DIR", "REPO", "SERVER_CMD", "TOKENIZER", "RawClient", "ctx_of",
-           "decode_run", "dequantize4", "quantize4", "server_env", "tiny_export", "utf16_len", "utf16_offset"]
+__all__ = [
+    "BOS",
+    "CODE",
+    "COUNTER",
+    "MODEL",
+    "MODEL_DIR",
+    "REPO",
+    "SERVER_CMD",
+    "TOKENIZER",
+    "RawClient",
+    "ctx_of",
+    "decode_run",
+    "dequantize4",
+    "quantize4",
+    "server_env",
+    "tiny_export",
+    "utf16_len",
+    "utf16_offset",
+]

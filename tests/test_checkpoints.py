@@ -37,15 +37,32 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # exports of real-ch
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
 VOCAB = Tokenizer(TOKENIZER).vocab_size  # the embedded tokenizer's: 8192 BPE tokens + 3 FIM tokens
-CODE = (REPO / "codegen_ls" / "export" / "pipeline.py").read_text()[:6000] + "\n\tif x:\n\t\treturn  [1,\t2]  # tabs\n    é ∑ 😀\n"
+CODE = (REPO / "codegen_ls" / "export" / "pipeline.py").read_text()[
+    :6000
+] + "\n\tif x:\n\t\treturn  [1,\t2]  # tabs\n    é ∑ 😀\n"
 
 
-def checkpoint(out: Path, *, shard: str | None = None, safetensors: bool = True, seed: int = 0, **config: object) -> Path:
+def checkpoint(
+    out: Path, *, shard: str | None = None, safetensors: bool = True, seed: int = 0, **config: object
+) -> Path:
     """A random CodeGen saved by transformers (``shard``: its ``max_shard_size``); EOS (0) suppressed."""
     from transformers import CodeGenConfig, CodeGenForCausalLM
 
-    shape = dict(vocab_size=VOCAB, n_positions=256, n_ctx=256, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
-                 bos_token_id=0, eos_token_id=0, tie_word_embeddings=False) | config
+    shape = (
+        dict(
+            vocab_size=VOCAB,
+            n_positions=256,
+            n_ctx=256,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=8,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=False,
+        )
+        | config
+    )
     torch.manual_seed(seed)
     model = CodeGenForCausalLM(CodeGenConfig(**shape)).eval()
     with torch.no_grad():
@@ -62,9 +79,15 @@ def hf_greedy(src: Path, ids: list[int], n: int) -> list[int]:
 
     model = CodeGenForCausalLM.from_pretrained(str(src)).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-    return [int(t) for t in out[0, len(ids):]]
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(ids) :]]
 
 
 def ours_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
@@ -78,8 +101,8 @@ from codegen_ls.export import pipeline
 src, out, quantize, kv_bits = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "int8", int(sys.argv[4]) or None
 # first a tiny export with the same options: every library and code path loaded, their peak the baseline
 tiny = pipeline.random_checkpoint(out.with_name(out.name + "-tiny-src"), tokenizer=Path(sys.argv[5]), n_positions=256)
-pipeline.export(str(tiny), out.with_name(out.name + "-tiny"), quantize_int8=quantize, kv_bits=kv_bits, external_data=True)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pipeline.export(str(tiny), out.with_name(out.name + "-tiny"), quantize_int8=quantize, kv_bits=kv_bits,
+external_data=True) base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 pipeline.export(str(src), out, quantize_int8=quantize, kv_bits=kv_bits, external_data=True)
 print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
@@ -88,8 +111,13 @@ print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE
 def export_peak(src: Path, out: Path, quantize: str, kv_bits: int) -> tuple[float, float]:
     """Export in a fresh process; (its peak RSS above the peak of a tiny export run first in the
     same process, which loads every library and code path, in bytes; the peak itself)."""
-    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(src), str(out), quantize, str(kv_bits), str(TOKENIZER)],
-                         capture_output=True, text=True, cwd=REPO, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(src), str(out), quantize, str(kv_bits), str(TOKENIZER)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     peak = json.loads(run.stdout.strip().splitlines()[-1])
     return (peak["peak_kb"] - peak["base_kb"]) * 1024.0, peak["peak_kb"] * 1024.0
@@ -100,8 +128,15 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """About 150 MB of float32 weights in 8 MB safetensors shards (vocab 16384 x 512 embedding
     and head, 6 layers)."""
     torch.set_num_threads(1)
-    return checkpoint(tmp_path_factory.mktemp("sharded") / "src", shard="8MB", vocab_size=16384, n_embd=512, n_layer=6,
-                      n_head=8, rotary_dim=32)
+    return checkpoint(
+        tmp_path_factory.mktemp("sharded") / "src",
+        shard="8MB",
+        vocab_size=16384,
+        n_embd=512,
+        n_layer=6,
+        n_head=8,
+        rotary_dim=32,
+    )
 
 
 def test_a_sharded_checkpoint_exports_token_for_token_with_bounded_memory(sharded: Path, tmp_path: Path) -> None:
@@ -112,16 +147,23 @@ def test_a_sharded_checkpoint_exports_token_for_token_with_bounded_memory(sharde
     assert fp32 > 140e6
 
     growth, peak = export_peak(sharded, tmp_path / "fp32", "fp32", 0)
-    print(f"fp32 export: {growth / 1e6:.0f} MB over a tiny export's peak, peak {peak / 1e6:.0f} MB; weights {fp32 / 1e6:.0f} MB")
+    print(
+        f"fp32 export: {growth / 1e6:.0f} MB over a tiny export's peak, peak {peak / 1e6:.0f} MB; weights "
+        f"{fp32 / 1e6:.0f} MB"
+    )
     ids = [int(t) for t in np.random.default_rng(0).integers(1, 16384, size=40)]
     assert ours_greedy(tmp_path / "fp32", ids, 8) == hf_greedy(sharded, ids, 8)
     assert verify_files(tmp_path / "fp32", read_manifest(tmp_path / "fp32")) == []
     # loading the model alone would take fp32 bytes; the export holds about a tensor at a time
     # (the embedding, 32 MB, and what is made of it)
-    assert growth < 0.5 * fp32, f"export grew {growth / 1e6:.0f} MB over a tiny export's peak for {fp32 / 1e6:.0f} MB of weights"
+    assert growth < 0.5 * fp32, (
+        f"export grew {growth / 1e6:.0f} MB over a tiny export's peak for {fp32 / 1e6:.0f} MB of weights"
+    )
     assert peak < 1.5e9
 
-    growth8, peak8 = export_peak(sharded, tmp_path / "int8", "int8", 8)  # with the int8 cache's layer-by-layer calibration
+    growth8, peak8 = export_peak(
+        sharded, tmp_path / "int8", "int8", 8
+    )  # with the int8 cache's layer-by-layer calibration
     print(f"int8 export: {growth8 / 1e6:.0f} MB over a tiny export's peak, peak {peak8 / 1e6:.0f} MB")
     assert growth8 < 0.5 * fp32, f"int8 export grew {growth8 / 1e6:.0f} MB for {fp32 / 1e6:.0f} MB of weights"
     assert len(ours_greedy(tmp_path / "int8", ids, 4)) == 4
@@ -175,13 +217,18 @@ def gpt2_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vocab = json.loads((out / "vocab.json").read_text())
     assert vocab["<|endoftext|>"] == 0
     (out / "added_tokens.json").write_text(json.dumps({t: len(vocab) + i for i, t in enumerate(WHITESPACE)}))
-    (out / "special_tokens_map.json").write_text(json.dumps({k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}))
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CodeGenTokenizer", "add_prefix_space": False,
-                                                           "model_max_length": 2048}))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")})
+    )
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "CodeGenTokenizer", "add_prefix_space": False, "model_max_length": 2048})
+    )
     return out
 
 
-def test_gpt2_style_tokenizer_files_export_and_encode_code_as_the_slow_tokenizer(gpt2_files: Path, tmp_path: Path) -> None:
+def test_gpt2_style_tokenizer_files_export_and_encode_code_as_the_slow_tokenizer(
+    gpt2_files: Path, tmp_path: Path
+) -> None:
     from transformers import CodeGenTokenizer
 
     src = checkpoint(tmp_path / "src", vocab_size=2048)
@@ -206,7 +253,9 @@ def test_gpt2_style_tokenizer_files_export_and_encode_code_as_the_slow_tokenizer
 
 # -- the config variants of the real sizes ---------------------------------------------------------
 
-VARIANTS: dict[str, dict[str, Any]] = {  # name: config; 350M: heads of 64, rotary 32; 2B: 80, 64; 6B/16B: 256, 64; all gelu_new, untied, 2048
+VARIANTS: dict[
+    str, dict[str, Any]
+] = {  # name: config; 350M: heads of 64, rotary 32; 2B: 80, 64; 6B/16B: 256, 64; all gelu_new, untied, 2048
     "350M-like, 2048 positions": dict(n_positions=2048, n_ctx=2048, n_embd=256, n_head=4, rotary_dim=32),
     "head 80, rotary 64": dict(n_embd=320, n_head=4, rotary_dim=64),
     "head 256, rotary 64": dict(n_embd=1024, n_head=4, rotary_dim=64, n_layer=1),
@@ -220,8 +269,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name: config; 350M: heads of 64, rota
 def test_config_variants_export_token_for_token(name: str, tmp_path: Path) -> None:
     config = VARIANTS[name]
     src = checkpoint(tmp_path / "src", **config)  # type: ignore[arg-type]
-    assert json.loads((src / "config.json").read_text())["n_embd"] // json.loads((src / "config.json").read_text())["n_head"] in (
-        32, 64, 80, 256)
+    assert json.loads((src / "config.json").read_text())["n_embd"] // json.loads((src / "config.json").read_text())[
+        "n_head"
+    ] in (32, 64, 80, 256)
     if config.get("tie_word_embeddings"):
         assert "lm_head.weight" not in CheckpointSource(src)  # saved once, as the embedding
     export(str(src), tmp_path / "m", quantize_int8=False)

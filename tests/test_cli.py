@@ -98,8 +98,21 @@ def test_doctor_reports_versions_model_and_a_timed_completion() -> None:
 def test_wheel_contains_the_embedded_model(tmp_path: Path) -> None:
     """`pip install .` (not only editable) must serve offline: the model is package data."""
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "-q"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert build.returncode == 0, build.stderr
     wheel = next(tmp_path.glob("codegen_ls-*.whl"))

@@ -37,8 +37,14 @@ def cluster() -> Iterator[str]:
     for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
         os.environ.setdefault(name, "60")  # a shared, loaded machine: Serve's 5-10 s would kill a slow-starting proxy
     port = free_port()
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, namespace="serve",
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        namespace="serve",
+        log_to_driver=False,
+        configure_logging=False,
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(ClusterOptions(str(MODEL_DIR), replicas=2, threads=1)), name=APP_NAME, route_prefix="/")
@@ -48,9 +54,16 @@ def cluster() -> Iterator[str]:
         ray.shutdown()
 
 
-def complete(http: HttpClient, session: str, prompt: str, max_tokens: int = 8, timeout_ms: float = 60_000) -> dict[str, Any]:
-    return http.call("POST", "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0},
-                     timeout_ms=timeout_ms, session=session)
+def complete(
+    http: HttpClient, session: str, prompt: str, max_tokens: int = 8, timeout_ms: float = 60_000
+) -> dict[str, Any]:
+    return http.call(
+        "POST",
+        "/v1/completions",
+        {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0},
+        timeout_ms=timeout_ms,
+        session=session,
+    )
 
 
 def running_replicas() -> int:
@@ -60,8 +73,15 @@ def running_replicas() -> int:
 
 async def test_lsp_server_with_the_cluster_gives_the_local_engines_greedy_suggestions(cluster: str) -> None:
     local = Completer()
-    settings = {"backend": "remote", "remoteUrl": cluster, "numCandidates": 1, "lookup": False,
-                "maxNewTokens": 40, "contextTokens": 1000, "deadlineMs": 20_000}
+    settings = {
+        "backend": "remote",
+        "remoteUrl": cluster,
+        "numCandidates": 1,
+        "lookup": False,
+        "maxNewTokens": 40,
+        "contextTokens": 1000,
+        "deadlineMs": 20_000,
+    }
     c = await RawClient.start(env=server_env())
     try:
         await c.initialize({"codegenLs": settings})
@@ -71,11 +91,18 @@ async def test_lsp_server_with_the_cluster_gives_the_local_engines_greedy_sugges
         for i, (line, col) in enumerate(CURSORS):
             uri = f"file:///doc{i}.py"
             await c.open(uri, typed_to(line, col))
-            reply = await c.request("textDocument/inlineCompletion", {
-                "textDocument": {"uri": uri}, "position": {"line": line, "character": col}, "context": {"triggerKind": 1}})
+            reply = await c.request(
+                "textDocument/inlineCompletion",
+                {
+                    "textDocument": {"uri": uri},
+                    "position": {"line": line, "character": col},
+                    "context": {"triggerKind": 1},
+                },
+            )
             got = [item["insertText"] for item in reply["result"]["items"]]
-            want = local.complete(CompletionRequest(typed_to(line, col), line, col, uri=uri),
-                                  pipeline_settings()).suggestions
+            want = local.complete(
+                CompletionRequest(typed_to(line, col), line, col, uri=uri), pipeline_settings()
+            ).suggestions
             assert got == [s.insert_text for s in want], (line, col)
             shown += len(got)
         assert shown >= len(CURSORS) - 1
@@ -100,16 +127,22 @@ def test_a_documents_keystrokes_stay_on_its_replica_and_reuse_its_cache(cluster:
     # the remote backend as the language server uses it: the second keystroke reports cached tokens
     remote = RemoteEngine(RemoteOptions(cluster), MODEL_DIR)
     remote.generate("import os\n\n\ndef main():\n    ", doc_key="file:///x.py", max_new_tokens=8, deadline_ms=20_000)
-    second = remote.generate("import os\n\n\ndef main():\n    p", doc_key="file:///x.py", max_new_tokens=8,
-                             deadline_ms=20_000)
+    second = remote.generate(
+        "import os\n\n\ndef main():\n    p", doc_key="file:///x.py", max_new_tokens=8, deadline_ms=20_000
+    )
     assert second.stats.cached_tokens > 0
 
 
 def test_infill_speaks_llama_cpp(cluster: str) -> None:
     http = HttpClient(cluster)
-    body = {"input_prefix": "import os\n\n\ndef home():\n    return ", "input_suffix": "\n", "n_predict": 8,
-            "input_extra": [{"filename": "util.py", "text": "def join(a, b):\n    return a + b\n"}],
-            "t_max_predict_ms": 5000, "cache_prompt": True}
+    body = {
+        "input_prefix": "import os\n\n\ndef home():\n    return ",
+        "input_suffix": "\n",
+        "n_predict": 8,
+        "input_extra": [{"filename": "util.py", "text": "def join(a, b):\n    return a + b\n"}],
+        "t_max_predict_ms": 5000,
+        "cache_prompt": True,
+    }
     first = http.call("POST", "/infill", body, timeout_ms=60_000, session="infill")
     second = http.call("POST", "/infill", body, timeout_ms=60_000, session="infill")
     assert second["content"] == first["content"] and second["tokens_cached"] > 0
@@ -139,8 +172,10 @@ def test_killing_a_replica_during_a_burst_loses_no_request(cluster: str) -> None
     kinds = Counter(kind for kind, _ in outcomes)
     served_by = Counter(answer["codegen_ls"]["replica"] for kind, answer in outcomes if kind == "ok")
     retried = sum(1 for kind, answer in outcomes if kind == "ok" and answer["codegen_ls"].get("retried"))
-    print(f"\n  burst of 48 with replica {victim} killed: {dict(kinds)}, answered by {dict(served_by)}, "
-          f"{retried} sent again after the replica died")
+    print(
+        f"\n  burst of 48 with replica {victim} killed: {dict(kinds)}, answered by {dict(served_by)}, "
+        f"{retried} sent again after the replica died"
+    )
     assert len(outcomes) == 48
     assert kinds["ok"] >= 44, outcomes  # the dead replica's requests were sent again to the other one
     # the cluster heals: Serve replaces the replica and both answer again
@@ -159,10 +194,18 @@ def test_a_cancelled_request_stops_its_replicas_engine(cluster: str) -> None:
     long_body = {"prompt": text, "max_tokens": 1900, "n": 16, "temperature": 1.0}  # 16 rows x ~1900 steps: seconds
     t0 = time.monotonic()
     with pytest.raises(Cancelled):
-        HttpClient(cluster).call("POST", "/v1/completions", long_body, timeout_ms=120_000, session="cancel-me",
-                                 cancel=lambda: time.monotonic() - t0 > 0.3)
+        HttpClient(cluster).call(
+            "POST",
+            "/v1/completions",
+            long_body,
+            timeout_ms=120_000,
+            session="cancel-me",
+            cancel=lambda: time.monotonic() - t0 > 0.3,
+        )
     t1 = time.monotonic()
     complete(http, "cancel-me", text + "o")  # the same replica, one engine thread: it waits if the long one runs on
     waited = time.monotonic() - t1
-    print(f"\n  after cancelling a long request at 0.3 s, the next keystroke on its replica took {waited * 1000:.0f} ms")
+    print(
+        f"\n  after cancelling a long request at 0.3 s, the next keystroke on its replica took {waited * 1000:.0f} ms"
+    )
     assert waited < 1.5  # uncancelled, the long request runs on for 4 s on a quiet machine (92 s measured here, loaded)

@@ -10,16 +10,17 @@ from typing import Any
 
 import pytest
 
-from codegen_ls.suggest import postprocess, ranking
-from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion, _lookup_texts
-from codegen_ls.suggest.context import line_window, offset_of
 from codegen_ls.engine.engine import Candidate, Engine, Generation, GenerationStats
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.settings import Settings
+from codegen_ls.suggest import postprocess, ranking
+from codegen_ls.suggest.context import line_window, offset_of
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion, _lookup_texts
 from helpers import CODE, MODEL
 
-FAST = Settings(max_new_tokens=8, num_candidates=2, context_tokens=256, deadline_ms=20_000, lookup=False,
-                min_confidence=0.0)  # (the default hides what the small model is unsure of)
+FAST = Settings(
+    max_new_tokens=8, num_candidates=2, context_tokens=256, deadline_ms=20_000, lookup=False, min_confidence=0.0
+)  # (the default hides what the small model is unsure of)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,9 @@ def completer(engine: Engine) -> Completer:
 def request(marked: str, uri: str = "file:///greeter.py") -> CompletionRequest:
     i = marked.index("|")
     before = marked[:i]
-    return CompletionRequest(marked[:i] + marked[i + 1:], before.count("\n"), len(before) - before.rfind("\n") - 1, uri=uri)
+    return CompletionRequest(
+        marked[:i] + marked[i + 1 :], before.count("\n"), len(before) - before.rfind("\n") - 1, uri=uri
+    )
 
 
 def accept(text: str, s: Suggestion) -> str:
@@ -73,12 +76,16 @@ def test_suggestions_insert_exactly_once(marked: str, completer: Completer) -> N
         assert s.start == (req.line, req.character) and s.end >= s.start
         assert s.insert_text.strip() and s.insert_text == s.insert_text.rstrip()
         after = accept(req.text, s)
-        assert after == req.text[:cursor] + s.insert_text + req.text[offset_of(req.text, *s.end)[0]:]
-        assert after.endswith(req.text[offset_of(req.text, *s.end)[0]:])  # the rest of the document kept once
+        assert after == req.text[:cursor] + s.insert_text + req.text[offset_of(req.text, *s.end)[0] :]
+        assert after.endswith(req.text[offset_of(req.text, *s.end)[0] :])  # the rest of the document kept once
         if result.mode == "single":
             assert "\n" not in s.insert_text
-            assert not (line_suffix.strip() and s.insert_text.endswith(line_suffix) and line_suffix == ")"
-                        and s.insert_text.count("(") < s.insert_text.count(")"))  # no doubled closer
+            assert not (
+                line_suffix.strip()
+                and s.insert_text.endswith(line_suffix)
+                and line_suffix == ")"
+                and s.insert_text.count("(") < s.insert_text.count(")")
+            )  # no doubled closer
         assert 0.0 <= s.confidence < 1.0 and s.source in ("greedy", "sample")
     assert set(result.timings) >= {"context", "total"}
     if result.mode != "none":
@@ -93,8 +100,11 @@ def test_mid_identifier_makes_no_model_call(completer: Completer, engine: Engine
 
 
 def _with_suggestion(completer: Completer) -> tuple[CompletionRequest, CompletionResult]:
-    for marked in (mark("    print(g.greet())", "    print(|"), mark("        return message", "        return |"),
-                   mark("        message = \"Hello", "        message = |")):
+    for marked in (
+        mark("    print(g.greet())", "    print(|"),
+        mark("        return message", "        return |"),
+        mark('        message = "Hello', "        message = |"),
+    ):
         req = request(marked.split("|")[0] + "|\n", uri="file:///typeahead.py")
         result = completer.complete(req, FAST)
         if result.suggestions and len(result.suggestions[0].insert_text) >= 2:
@@ -133,13 +143,17 @@ def test_typeahead_is_per_document_and_line(completer: Completer, engine: Engine
 
 def test_cancel_raises(completer: Completer) -> None:
     with pytest.raises(Cancelled):
-        completer.complete(request(mark("        return message", "        return |"), uri="file:///cancel.py"), FAST,
-                           cancel=lambda: True)
+        completer.complete(
+            request(mark("        return message", "        return |"), uri="file:///cancel.py"),
+            FAST,
+            cancel=lambda: True,
+        )
 
 
 def test_min_confidence_one_shows_nothing(completer: Completer) -> None:
-    result = completer.complete(request(mark("        self.name = name", "        self.name = |")),
-                                replace(FAST, min_confidence=1.0))
+    result = completer.complete(
+        request(mark("        self.name = name", "        self.name = |")), replace(FAST, min_confidence=1.0)
+    )
     assert result.suggestions == [] and result.reason
 
 
@@ -182,8 +196,15 @@ class ScriptedEngine:
         for i, t in enumerate(self.texts):
             cut = stop(t)
             ids = self._engine.tokenizer.encode(t)
-            cands.append(Candidate(t[:cut] if cut is not None else t, ids, [-0.1] * len(ids),
-                                   "stop" if cut is not None else "eos", i > 0))
+            cands.append(
+                Candidate(
+                    t[:cut] if cut is not None else t,
+                    ids,
+                    [-0.1] * len(ids),
+                    "stop" if cut is not None else "eos",
+                    i > 0,
+                )
+            )
         return Generation(cands, GenerationStats(prompt_tokens=1))
 
 
@@ -204,11 +225,13 @@ def test_multiline_block_with_scripted_candidates(engine: Engine) -> None:
     req = request("def double(x):\n    |\n\n\nprint(double(2))\n")
     result = c.complete(req, FAST)
     assert result.mode == "multi"
-    assert accept(req.text, result.suggestions[0]) == "def double(x):\n    y = x * 2\n    return y\n\n\nprint(double(2))\n"
+    assert (
+        accept(req.text, result.suggestions[0]) == "def double(x):\n    y = x * 2\n    return y\n\n\nprint(double(2))\n"
+    )
 
 
 def test_lookup_candidates_join_the_ranking(completer: Completer) -> None:
-    text = CODE + "\n\ndef other():\n    g = Greeter(\"moon\")\n    print(g.gr|"
+    text = CODE + '\n\ndef other():\n    g = Greeter("moon")\n    print(g.gr|'
     result = completer.complete(request(text, uri="file:///lookup.py"), replace(FAST, lookup=True))
     assert result.mode == "none" or isinstance(result.stats.get("lookup_candidates"), int)
     for s in result.suggestions:
@@ -230,8 +253,15 @@ class FakeLookup:
     def __init__(self, engine: Engine, text: str) -> None:
         self.engine, self.text, self.calls = engine, text, []  # type: ignore[var-annotated]
 
-    def propose(self, engine: Engine, prompt_ids: list[int], prefix: str, suffix: str, other_documents: dict[str, str],
-                **kw: Any) -> list[Candidate]:
+    def propose(
+        self,
+        engine: Engine,
+        prompt_ids: list[int],
+        prefix: str,
+        suffix: str,
+        other_documents: dict[str, str],
+        **kw: Any,
+    ) -> list[Candidate]:
         self.calls.append((prompt_ids, prefix, suffix, other_documents, kw))
         ids = engine.tokenizer.encode(self.text)
         return [Candidate(self.text, ids, [-0.01] * len(ids), "stop", source="lookup:line")]
@@ -253,7 +283,9 @@ def test_lookup_candidates_are_merged_and_keep_their_source(engine: Engine, monk
     copy = next(c for c in result.candidates if c["source"] == "lookup:line")
     assert copy["text"] == "self.name.title()" and 0 < copy["confidence"] < 1
     assert result.stats["lookup_candidates"] == 1
-    assert not c.complete(request("x = |\n", uri="file:///off.py"), replace(FAST, lookup=False)).stats["lookup_candidates"]
+    assert not c.complete(request("x = |\n", uri="file:///off.py"), replace(FAST, lookup=False)).stats[
+        "lookup_candidates"
+    ]
 
 
 # -- huge documents (issue 7): per-request work bounded by the budget ------------------------------
@@ -288,8 +320,10 @@ def test_end_of_a_huge_line_is_answered(engine: Engine, monkeypatch: pytest.Monk
     t0 = time.perf_counter()
     result = c.complete(req, settings)
     elapsed = time.perf_counter() - t0
-    print(f"\ncompletion at the end of a {len(HUGE_LINE) / 1e6:.1f} MB line: {elapsed * 1000:.0f} ms, "
-          f"{result.timings}, {work}")
+    print(
+        f"\ncompletion at the end of a {len(HUGE_LINE) / 1e6:.1f} MB line: {elapsed * 1000:.0f} ms, "
+        f"{result.timings}, {work}"
+    )
     assert result.mode == "single"
     window = line_window(settings.context_tokens)
     assert work["encode"] <= 5 * window and work["scan"] <= 40 * window  # measured: 2.1 and 3.8 windows
@@ -312,8 +346,9 @@ def test_end_of_a_ten_megabyte_file_is_answered(engine: Engine, monkeypatch: pyt
     t0 = time.perf_counter()
     result = c.complete(req, settings)
     elapsed = time.perf_counter() - t0
-    print(f"\ncompletion at the end of a {len(text) / 1e6:.1f} MB file: {elapsed * 1000:.0f} ms, "
-          f"{result.timings}, {work}")
+    print(
+        f"\ncompletion at the end of a {len(text) / 1e6:.1f} MB file: {elapsed * 1000:.0f} ms, {result.timings}, {work}"
+    )
     assert result.mode == "multi"
     window = line_window(settings.context_tokens)
     assert work["encode"] <= 5 * window and work["scan"] <= 40 * window
@@ -329,8 +364,10 @@ def test_lookup_is_given_exactly_the_text_it_reads(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(lookup, "OTHER_DOC_CHARS", 30_000)
     rng = random.Random(4)
     words = ["self", "value", "compute", "x", "(", ")", ".", "items", "return", "for", "in", ":", "=", "+", "'a'"]
-    text = "\n".join("    " * rng.randint(0, 3) + " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
-                     for _ in range(12_000))
+    text = "\n".join(
+        "    " * rng.randint(0, 3) + " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+        for _ in range(12_000)
+    )
     others = {"file:///b.py": text}
     found = 0
     for cursor in rng.sample(range(len(text)), 20):

@@ -35,8 +35,9 @@ def test_the_shipped_coefficients_load_and_match_the_features() -> None:
 
 
 def test_round_trip_and_a_model_directory_takes_precedence(tmp_path: Path) -> None:
-    m = ConfidenceModel(FEATURES, np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.full(len(FEATURES), 0.25), -2.0,
-                        {"note": "test"})
+    m = ConfidenceModel(
+        FEATURES, np.zeros(len(FEATURES)), np.ones(len(FEATURES)), np.full(len(FEATURES), 0.25), -2.0, {"note": "test"}
+    )
     m.save(tmp_path / confidence.FILENAME)
     again = ConfidenceModel.load(tmp_path / confidence.FILENAME)
     assert again.names == m.names and np.allclose(again.weights, m.weights) and again.bias == -2.0

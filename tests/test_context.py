@@ -8,10 +8,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codegen_ls.suggest import context as context_module
-from codegen_ls.suggest.context import Context, Indent, TokenCounter, build_context, guess_indent, line_window, normalize_eol, offset_of, sanitize, token_budget
-from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.engine.engine import Tokenizer
+from codegen_ls.suggest import context as context_module
+from codegen_ls.suggest.context import (
+    Context,
+    Indent,
+    TokenCounter,
+    build_context,
+    guess_indent,
+    line_window,
+    normalize_eol,
+    offset_of,
+    sanitize,
+    token_budget,
+)
+from codegen_ls.suggest.mode import decide_mode
 from helpers import BOS, CODE, REPO
 
 
@@ -32,10 +43,11 @@ def at(text: str, line: int, character: int, counter: TokenCounter, budget: int 
 def cursor_of(text: str, marker: str = "|") -> tuple[str, int, int]:
     i = text.index(marker)
     before = text[:i]
-    return text[:i] + text[i + 1:], before.count("\n"), len(before) - (before.rfind("\n") + 1)
+    return text[:i] + text[i + 1 :], before.count("\n"), len(before) - (before.rfind("\n") + 1)
 
 
 # -- positions ------------------------------------------------------------------------------------
+
 
 def test_offset_of_uses_lsp_line_ends_and_clamps() -> None:
     text = "ab\r\ncd\ref\ngh"
@@ -80,7 +92,7 @@ def test_budget_is_respected_and_the_window_starts_on_a_step_line(counter: Token
         ctx = at(text, 300, 5, counter, budget)
         assert len(ctx.prompt_ids) <= budget
         assert not ctx.at_file_start and ctx.start_line % max(1, min(16, budget // 64)) == 0
-        assert text[ctx.start - 1] == "\n" and ctx.prefix == text[ctx.start: ctx.cursor]
+        assert text[ctx.start - 1] == "\n" and ctx.prefix == text[ctx.start : ctx.cursor]
         assert ctx.prompt == ctx.prefix
     assert len(at(text, 300, 5, counter, 1000).prompt_ids) > 500  # the budget is used, not wasted
 
@@ -97,7 +109,10 @@ def test_start_is_stable_while_typing(counter: TokenCounter) -> None:
         starts.add(ctx.start)
         if prev is not None and ctx.start == prev.start:
             shared = 0
-            while shared < min(len(prev.prompt_ids), len(ctx.prompt_ids)) and prev.prompt_ids[shared] == ctx.prompt_ids[shared]:
+            while (
+                shared < min(len(prev.prompt_ids), len(ctx.prompt_ids))
+                and prev.prompt_ids[shared] == ctx.prompt_ids[shared]
+            ):
                 shared += 1
             assert shared >= len(prev.prompt_ids) - 3  # only the last token(s) differ
         prev = ctx
@@ -135,7 +150,7 @@ def test_one_enormous_line(counter: TokenCounter) -> None:
     text = "x = [" + ", ".join(str(i) for i in range(20_000)) + "]"
     ctx = at(text, 0, len(text) - 1, counter, 100)
     assert len(ctx.prompt_ids) <= 100 and ctx.prompt
-    assert text[: ctx.cursor].endswith(ctx.prompt) and ctx.prefix == text[ctx.start: ctx.cursor]
+    assert text[: ctx.cursor].endswith(ctx.prompt) and ctx.prefix == text[ctx.start : ctx.cursor]
 
 
 HUGE_LINE = "x = [" + ", ".join(str(i) for i in range(180_000))  # 1.3 MB, no line break
@@ -147,15 +162,19 @@ def big_file() -> str:
     return "".join(f"def f_{i}(x):\n    return x * {i} + len('{'é' * (i % 7)}')\n\n" for i in range(200_000))
 
 
-@pytest.mark.parametrize(("doc", "line", "character"), [
-    ("huge line", 0, len(HUGE_LINE)),  # the end of a 1.3 MB line
-    ("huge line", 0, 600_000),  # inside it
-    ("big file", 600_000, 0),  # the end of a 10 MB file
-    ("big file", 300_000, 4),  # its middle
-])
+@pytest.mark.parametrize(
+    ("doc", "line", "character"),
+    [
+        ("huge line", 0, len(HUGE_LINE)),  # the end of a 1.3 MB line
+        ("huge line", 0, 600_000),  # inside it
+        ("big file", 600_000, 0),  # the end of a 10 MB file
+        ("big file", 300_000, 4),  # its middle
+    ],
+)
 @pytest.mark.parametrize("budget", [16, 256, 1024])
-def test_work_is_bounded_on_huge_lines_and_files(doc: str, line: int, character: int, budget: int,
-                                                 tokenizer: Tokenizer, big_file: str) -> None:
+def test_work_is_bounded_on_huge_lines_and_files(
+    doc: str, line: int, character: int, budget: int, tokenizer: Tokenizer, big_file: str
+) -> None:
     """What is tokenized is bounded by the budget, wherever the cursor is (issue 7)."""
     text = HUGE_LINE if doc == "huge line" else big_file
     assert len(text) > (1_300_000 if doc == "huge line" else 10_000_000)
@@ -167,7 +186,7 @@ def test_work_is_bounded_on_huge_lines_and_files(doc: str, line: int, character:
     assert len(ctx.prompt_ids) <= budget and ctx.prompt and text[: ctx.cursor].endswith(ctx.prompt)
     assert len(ctx.line_prefix) <= window and len(ctx.prefix) <= len(ctx.line_prefix) + window
     assert len(ctx.suffix) <= 4000 and ctx.cursor == offset_of(text, line, character)[0]
-    assert ctx.line_prefix == text[ctx.cursor - len(ctx.line_prefix): ctx.cursor]
+    assert ctx.line_prefix == text[ctx.cursor - len(ctx.line_prefix) : ctx.cursor]
     assert ctx.line_cut + len(ctx.line_prefix) == ctx.character
     if doc == "huge line":
         assert ctx.line_cut > 0 and not ctx.at_file_start and not ctx.held and ctx.prev_line == ""
@@ -204,21 +223,26 @@ _line_pieces = st.one_of(
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parts=st.lists(_line_pieces, max_size=40), line=st.integers(0, 5), character=st.integers(0, 400),
-       budget=st.integers(1, 40))
-def test_context_invariants_on_cut_lines(parts: list[str], line: int, character: int, budget: int,
-                                         counter: TokenCounter) -> None:
+@given(
+    parts=st.lists(_line_pieces, max_size=40),
+    line=st.integers(0, 5),
+    character=st.integers(0, 400),
+    budget=st.integers(1, 40),
+)
+def test_context_invariants_on_cut_lines(
+    parts: list[str], line: int, character: int, budget: int, counter: TokenCounter
+) -> None:
     """The invariants hold when the cursor line is cut (a window shrunk to make cuts common)."""
     text = "".join(parts)
     with mock.patch.object(context_module, "LINE_WINDOW_MIN", 1):
         ctx = at(text, line, character, counter, budget)
         window = line_window(budget)
-    assert 0 <= ctx.start <= ctx.cursor <= len(text) and ctx.prefix == sanitize(text[ctx.start: ctx.cursor])
-    assert ctx.line_prefix == sanitize(text[ctx.cursor - len(ctx.line_prefix): ctx.cursor])
+    assert 0 <= ctx.start <= ctx.cursor <= len(text) and ctx.prefix == sanitize(text[ctx.start : ctx.cursor])
+    assert ctx.line_prefix == sanitize(text[ctx.cursor - len(ctx.line_prefix) : ctx.cursor])
     assert ctx.line_cut + len(ctx.line_prefix) == ctx.character and len(ctx.line_prefix) <= window
     assert ctx.line_prefix.endswith(ctx.prefix) if ctx.line_cut else True
     assert len(ctx.prompt_ids) <= budget and ctx.prompt_ids == counter.encode(ctx.prompt)
-    body = ctx.prompt[len(BOS):] if ctx.at_file_start else ctx.prompt
+    body = ctx.prompt[len(BOS) :] if ctx.at_file_start else ctx.prompt
     expected = normalize_eol(ctx.prefix[: len(ctx.prefix) - len(ctx.held)]).replace(BOS, BOS[:-1] + " " + BOS[-1])
     assert expected.endswith(body)
     assert decide_mode(ctx)[0] in ("none", "single", "multi")
@@ -231,14 +255,18 @@ def test_token_budget_leaves_room_for_new_tokens() -> None:
 
 # -- modes ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("marked", "mode"), [
-    ("        self.na|me = name", "none"),  # inside an identifier
-    ("    g = Greeter(|\"world\")", "single"),  # before a string: rest of the line
-    ("    print(g.greet()|)", "single"),  # before closing brackets
-    ("        return message|", "single"),
-    ("        if loud:|", "multi"),  # end of a block opener line
-    ("    |def greet(self, loud=False):", "none"),  # in the indentation before code
-])
+
+@pytest.mark.parametrize(
+    ("marked", "mode"),
+    [
+        ("        self.na|me = name", "none"),  # inside an identifier
+        ('    g = Greeter(|"world")', "single"),  # before a string: rest of the line
+        ("    print(g.greet()|)", "single"),  # before closing brackets
+        ("        return message|", "single"),
+        ("        if loud:|", "multi"),  # end of a block opener line
+        ("    |def greet(self, loud=False):", "none"),  # in the indentation before code
+    ],
+)
 def test_modes_on_lines(marked: str, mode: str, counter: TokenCounter) -> None:
     text, line, ch = cursor_of(CODE.replace(marked.replace("|", ""), marked))
     assert decide_mode(at(text, line, ch, counter))[0] == mode
@@ -267,6 +295,7 @@ def test_multiline_always_needs_an_empty_rest_of_line(counter: TokenCounter) -> 
 
 # -- indentation ----------------------------------------------------------------------------------
 
+
 def test_indentation_guess() -> None:
     assert guess_indent(["def f():", "\tif x:", "\t\treturn 1"]) == Indent(True, 4)
     assert guess_indent(["def f():", "  if x:", "    return 1", "  y = 2"]) == Indent(False, 2)
@@ -283,6 +312,7 @@ def test_indent_columns_and_render() -> None:
 
 # -- robustness -----------------------------------------------------------------------------------
 
+
 def test_sanitize_replaces_lone_surrogates_one_for_one() -> None:
     s = "a\ud800b\U0001f600c"
     assert sanitize(s) == "a?b\U0001f600c" and len(sanitize(s)) == len(s)
@@ -290,24 +320,32 @@ def test_sanitize_replaces_lone_surrogates_one_for_one() -> None:
 
 _pieces = st.one_of(
     st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=12),  # anything, lone surrogates too
-    st.sampled_from(["\n", "\r\n", "\r", "\t", "    ", "\x00", "def f(x):", "é", "\U0001f600", "(", ")", "#", "'", BOS]),
+    st.sampled_from(
+        ["\n", "\r\n", "\r", "\t", "    ", "\x00", "def f(x):", "é", "\U0001f600", "(", ")", "#", "'", BOS]
+    ),
 )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parts=st.lists(_pieces, max_size=40), line=st.integers(-2, 30), character=st.integers(-2, 60),
-       budget=st.integers(1, 300))
+@given(
+    parts=st.lists(_pieces, max_size=40),
+    line=st.integers(-2, 30),
+    character=st.integers(-2, 60),
+    budget=st.integers(1, 300),
+)
 def test_context_invariants(parts: list[str], line: int, character: int, budget: int, counter: TokenCounter) -> None:
     text = "".join(parts)
     ctx = at(text, line, character, counter, budget)
     assert 0 <= ctx.start <= ctx.cursor <= len(text)
-    assert ctx.start == 0 or text[ctx.start - 1] in "\r\n" or "\n" not in ctx.prompt  # a line start, or a long line's end
-    assert ctx.prefix == sanitize(text[ctx.start: ctx.cursor])
+    assert (
+        ctx.start == 0 or text[ctx.start - 1] in "\r\n" or "\n" not in ctx.prompt
+    )  # a line start, or a long line's end
+    assert ctx.prefix == sanitize(text[ctx.start : ctx.cursor])
     assert ctx.prefix.endswith(ctx.line_prefix) or ctx.line_prefix.endswith(ctx.prefix)  # (long line: cut)
     assert ctx.line_prefix.endswith(ctx.held)
     assert "\r" not in ctx.line_suffix and "\n" not in ctx.line_suffix
     assert len(ctx.prompt_ids) <= budget and ctx.prompt_ids == counter.encode(ctx.prompt)
-    body = ctx.prompt[len(BOS):] if ctx.at_file_start else ctx.prompt
+    body = ctx.prompt[len(BOS) :] if ctx.at_file_start else ctx.prompt
     expected = normalize_eol(ctx.prefix[: len(ctx.prefix) - len(ctx.held)]).replace(BOS, BOS[:-1] + " " + BOS[-1])
     assert expected.endswith(body)  # a suffix-aligned slice of the text before the cursor
     if ctx.at_file_start:

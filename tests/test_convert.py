@@ -28,8 +28,9 @@ def test_same_positions_as_pygls(line: str, end: str, encoding: str, data: st.Da
     expected = theirs.position_from_client_units([line], types.Position(0, units)).character
     assert ours.position_from_client_units(lines, types.Position(1, units)) == ServerTextPosition(1, expected)
     column = data.draw(st.integers(0, len(line)))
-    assert ours.position_to_client_units(lines, ServerTextPosition(1, column)) == \
-        theirs.position_to_client_units(lines, ServerTextPosition(1, column))
+    assert ours.position_to_client_units(lines, ServerTextPosition(1, column)) == theirs.position_to_client_units(
+        lines, ServerTextPosition(1, column)
+    )
 
 
 def test_long_lines_convert_fast() -> None:
@@ -62,6 +63,8 @@ def test_edited_lines_equal_a_fresh_split(text: str, data: st.DataObject) -> Non
         n = max(1, len(doc.lines))
         a = types.Position(data.draw(st.integers(0, n)), data.draw(st.integers(0, 8)))
         b = types.Position(data.draw(st.integers(0, n)), data.draw(st.integers(0, 8)))
-        ws.update_text_document(types.VersionedTextDocumentIdentifier(uri="file:///t.py", version=version),
-                                types.TextDocumentContentChangePartial(range=types.Range(a, b), text=data.draw(TEXT)))
+        ws.update_text_document(
+            types.VersionedTextDocumentIdentifier(uri="file:///t.py", version=version),
+            types.TextDocumentContentChangePartial(range=types.Range(a, b), text=data.draw(TEXT)),
+        )
         assert tuple(doc.lines) == split_lines(doc.source)

@@ -27,7 +27,7 @@ from helpers import SERVER_CMD, server_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
-SOURCE = '''import os
+SOURCE = """import os
 
 
 def read_lines(path):
@@ -44,7 +44,7 @@ def main():
     lines = read_lines("data.txt")
     for line in lines:
         print(count_words(line))
-'''
+"""
 AFTER_DOT = (9, 17)  # ``words = text.`` -> the model continues after the trigger character
 DOTTED = SOURCE.replace("words = text.split()", "words = text.")
 ENDS = [(3, 21), (13, 11), (15, 22)]  # line ends where the model runs
@@ -55,14 +55,16 @@ INLINE = types.TextDocumentClientCapabilities(
     synchronization=types.TextDocumentSyncClientCapabilities(),
 )
 NO_INLINE = types.TextDocumentClientCapabilities(
-    completion=types.CompletionClientCapabilities(), synchronization=types.TextDocumentSyncClientCapabilities())
+    completion=types.CompletionClientCapabilities(), synchronization=types.TextDocumentSyncClientCapabilities()
+)
 CONFIG = ClientServerConfig(server_command=SERVER_CMD, server_env=server_env())
 
 
 def capabilities(text_document: types.TextDocumentClientCapabilities) -> types.ClientCapabilities:
     return types.ClientCapabilities(
         general=types.GeneralClientCapabilities(position_encodings=[types.PositionEncodingKind.Utf16]),
-        text_document=text_document)
+        text_document=text_document,
+    )
 
 
 def plain(params: Any) -> Any:
@@ -76,14 +78,21 @@ def plain(params: Any) -> Any:
     return params
 
 
-async def begin(client: LanguageClient, text_document: types.TextDocumentClientCapabilities = INLINE,
-                settings: dict[str, Any] | None = None, wait_ready: bool = True) -> list[dict[str, Any]]:
+async def begin(
+    client: LanguageClient,
+    text_document: types.TextDocumentClientCapabilities = INLINE,
+    settings: dict[str, Any] | None = None,
+    wait_ready: bool = True,
+) -> list[dict[str, Any]]:
     """initialize + initialized with ``settings`` as initializationOptions; the statuses received."""
     statuses: list[dict[str, Any]] = []
     client.feature("codegenLs/status")(lambda params: statuses.append(plain(params)))
     settings = {"minConfidence": 0, **(settings or {})}  # the seam is under test, not the ranking
-    client.init_result = await client.initialize_session(types.InitializeParams(  # type: ignore[attr-defined]
-        capabilities=capabilities(text_document), initialization_options={"codegenLs": settings}))
+    client.init_result = await client.initialize_session(
+        types.InitializeParams(  # type: ignore[attr-defined]
+            capabilities=capabilities(text_document), initialization_options={"codegenLs": settings}
+        )
+    )
     if wait_ready:
         await wait_for(lambda: any(s["state"] in ("ready", "error") for s in statuses), "model load")
         assert statuses[-1]["state"] == "ready", statuses
@@ -99,20 +108,36 @@ async def wait_for(predicate: Any, what: str, timeout: float = 60) -> None:
 
 
 def open_doc(client: LanguageClient, uri: str, text: str = SOURCE, version: int = 1) -> None:
-    client.text_document_did_open(types.DidOpenTextDocumentParams(
-        types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)))
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(
+            types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)
+        )
+    )
 
 
 def inline_request(client: LanguageClient, uri: str, pos: tuple[int, int]) -> asyncio.Future[Any]:
-    return asyncio.ensure_future(client.text_document_inline_completion_async(types.InlineCompletionParams(
-        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
-        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(*pos))))
+    return asyncio.ensure_future(
+        client.text_document_inline_completion_async(
+            types.InlineCompletionParams(
+                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                position=types.Position(*pos),
+            )
+        )
+    )
 
 
-def completion_request(client: LanguageClient, uri: str, pos: tuple[int, int], char: str | None = ".") -> asyncio.Future[Any]:
+def completion_request(
+    client: LanguageClient, uri: str, pos: tuple[int, int], char: str | None = "."
+) -> asyncio.Future[Any]:
     context = types.CompletionContext(trigger_kind=types.CompletionTriggerKind.TriggerCharacter, trigger_character=char)
-    return asyncio.ensure_future(client.text_document_completion_async(types.CompletionParams(
-        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(*pos), context=context)))
+    return asyncio.ensure_future(
+        client.text_document_completion_async(
+            types.CompletionParams(
+                text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(*pos), context=context
+            )
+        )
+    )
 
 
 def inline_texts(result: Any) -> list[str]:
@@ -189,9 +214,16 @@ async def test_requests_at_one_version_all_answered_an_edit_ends_the_older(clien
     before = computed(statuses)
     older = inline_request(client, uri, (4, 25))  # a cursor not asked about yet at this version
     await asyncio.sleep(0)
-    client.text_document_did_change(types.DidChangeTextDocumentParams(  # typing at the start
-        types.VersionedTextDocumentIdentifier(uri=uri, version=2),
-        [types.TextDocumentContentChangePartial(range=types.Range(types.Position(0, 0), types.Position(0, 0)), text="#")]))
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(  # typing at the start
+            types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+            [
+                types.TextDocumentContentChangePartial(
+                    range=types.Range(types.Position(0, 0), types.Position(0, 0)), text="#"
+                )
+            ],
+        )
+    )
     newer = inline_request(client, uri, ENDS[2])
     assert inline_texts(await asyncio.wait_for(older, 60)) == []
     await asyncio.wait_for(newer, 60)
@@ -212,14 +244,17 @@ async def test_accept_shown_partial_are_counted(client: LanguageClient):
     client.protocol.notify("codegenLs/didShowCompletion", {"item": ref})
     client.protocol.notify("codegenLs/didPartiallyAcceptCompletion", {"item": ref, "kind": "word", "acceptedLength": 3})
     await wait_for(lambda: (statuses[-1].get("events") or {}).get("acceptedWord") == 1, "partial accept counted")
-    await client.workspace_execute_command_async(types.ExecuteCommandParams(
-        command=items[0].command.command, arguments=items[0].command.arguments))
+    await client.workspace_execute_command_async(
+        types.ExecuteCommandParams(command=items[0].command.command, arguments=items[0].command.arguments)
+    )
     await wait_for(lambda: (statuses[-1].get("events") or {}).get("accepted") == 1, "accept counted")
     assert statuses[-1]["events"] == {"shown": 1, "accepted": 1, "acceptedWord": 1, "acceptedLine": 0}
     # settings problems are reported in the status (for :checkhealth), and cleared again
     client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"codegenLs": {"bogus": 1}}))
     await wait_for(lambda: statuses[-1].get("settingsProblems"), "settings problems in the status")
-    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings={"codegenLs": {"minConfidence": 0}}))
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(settings={"codegenLs": {"minConfidence": 0}})
+    )
     await wait_for(lambda: statuses[-1].get("settingsProblems") == [], "no settings problems")
     # a malformed reference is ignored, the server keeps serving
     client.protocol.notify("codegenLs/didShowCompletion", {"item": "nonsense"})
@@ -233,8 +268,10 @@ async def test_execute_command_provider_lists_accept(client: LanguageClient):
     assert provider is not None and "codegenLs.accept" in provider.commands
 
 
-@pytest.mark.parametrize(("text_document", "mode", "menu"), [
-    (INLINE, "auto", False), (NO_INLINE, "auto", True), (INLINE, "always", True), (NO_INLINE, "never", False)])
+@pytest.mark.parametrize(
+    ("text_document", "mode", "menu"),
+    [(INLINE, "auto", False), (NO_INLINE, "auto", True), (INLINE, "always", True), (NO_INLINE, "never", False)],
+)
 async def test_completion_fallback(client: LanguageClient, text_document: Any, mode: str, menu: bool):
     await begin(client, text_document, settings={"completionFallback": mode, "deadlineMs": 30000})
     uri = "file:///menu.py"

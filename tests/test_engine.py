@@ -40,8 +40,16 @@ MAX_NEW = 10
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return random_checkpoint(tmp_path_factory.mktemp("tiny") / "src", vocab_size=VOCAB, n_positions=1024,
-                             n_embd=128, n_layer=2, n_head=8, rotary_dim=8, tokenizer=TOKENIZER)
+    return random_checkpoint(
+        tmp_path_factory.mktemp("tiny") / "src",
+        vocab_size=VOCAB,
+        n_positions=1024,
+        n_embd=128,
+        n_layer=2,
+        n_head=8,
+        rotary_dim=8,
+        tokenizer=TOKENIZER,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +70,15 @@ def fp32_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory:
 @pytest.fixture(scope="module", params=["optimum", "flat", "flat-int4", "flat-kv16", "gqa", "gqa-int4"])
 def int8_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp(f"int8-{request.param}") / "model"
-    export(str(checkpoint), out, quantize_int8=True, graph=request.param.split("-")[0], int4="int4" in request.param,
-           kv_fp16="kv16" in request.param, kv_bits=8)  # the int8 cache (the 4-bit one: test_kv4.py)
+    export(
+        str(checkpoint),
+        out,
+        quantize_int8=True,
+        graph=request.param.split("-")[0],
+        int4="int4" in request.param,
+        kv_fp16="kv16" in request.param,
+        kv_bits=8,
+    )  # the int8 cache (the 4-bit one: test_kv4.py)
     return out
 
 
@@ -74,9 +89,15 @@ def engine(fp32_dir: Path) -> Engine:
 
 def hf_greedy(model, ids: list[int], max_new: int = MAX_NEW) -> list[int]:  # type: ignore[no-untyped-def]
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0)
-    return [int(t) for t in out[0, len(ids):]]
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(ids) :]]
 
 
 def hf_logprobs(model, ids: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -123,7 +144,8 @@ def test_greedy_matches_transformers_with_cache_reuse(engine: Engine, hf_model) 
         assert past.room == 512 and past.length == 175
 
 
-def test_flat_prefill_allocates_the_prompt_once(fp32_dir: Path, hf_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_flat_prefill_allocates_the_prompt_once(fp32_dir: Path, hf_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    # type: ignore[no-untyped-def]
     """A multi-chunk prefill reserves the whole prompt's buffers once and widens its views in place
     (no old + new buffer alive at once: the peak RSS of a long prompt)."""
     engine = Engine(fp32_dir, EngineOptions(threads=1, prefill_chunk=64))
@@ -143,7 +165,9 @@ def test_flat_prefill_allocates_the_prompt_once(fp32_dir: Path, hf_model, monkey
     assert allocs == [384] and engine.cache.get("p").past is state
 
 
-def test_gqa_cache_is_allocated_once_and_shared_by_the_candidates(fp32_dir: Path, hf_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_gqa_cache_is_allocated_once_and_shared_by_the_candidates(
+    fp32_dir: Path, hf_model, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
     """gqa: a multi-chunk prefill allocates the prompt's cache (plus a decode's room) once; the
     next keystroke and a 3-candidate decode run in those same buffers, never copying them."""
     engine = Engine(fp32_dir, EngineOptions(threads=1, prefill_chunk=64))
@@ -189,12 +213,14 @@ def test_n_candidates_share_one_prefill(engine: Engine, hf_model) -> None:  # ty
     assert engine.tokens_fed - before == len(ids) + 3 * (MAX_NEW - 1)
     for sampled in gen.candidates[1:]:  # each row attended to the prompt and its own tokens only
         ref = hf_logprobs(hf_model, ids + sampled.token_ids)
-        np.testing.assert_allclose(sampled.logprobs, [ref[len(ids) - 1 + i, t] for i, t in enumerate(sampled.token_ids)],
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            sampled.logprobs, [ref[len(ids) - 1 + i, t] for i, t in enumerate(sampled.token_ids)], atol=1e-4
+        )
     assert len({tuple(c.token_ids) for c in gen.candidates}) > 1  # samples at T=1.5 differ
 
 
-def test_rows_that_finish_early_leave_the_others_exact(engine: Engine, hf_model) -> None:  # type: ignore[no-untyped-def]
+def test_rows_that_finish_early_leave_the_others_exact(engine: Engine, hf_model) -> None:
+    # type: ignore[no-untyped-def]
     """A candidate stopped mid-decode is dropped from the batch; the rows after it stay exact."""
     ids = random_ids(5, 30)
     calls = 0
@@ -204,13 +230,17 @@ def test_rows_that_finish_early_leave_the_others_exact(engine: Engine, hf_model)
         calls += 1
         return len(text) if calls == 5 else None
 
-    gen = engine.generate(ids, doc_key="early", n=3, max_new_tokens=MAX_NEW, temperature=1.5, top_k=50, seed=2, stop=stop)
+    gen = engine.generate(
+        ids, doc_key="early", n=3, max_new_tokens=MAX_NEW, temperature=1.5, top_k=50, seed=2, stop=stop
+    )
     assert [len(c.token_ids) for c in gen.candidates] == [MAX_NEW, 2, MAX_NEW]
     assert gen.candidates[1].finish_reason == "stop"
     assert gen.candidates[0].token_ids == hf_greedy(hf_model, ids)
     last = gen.candidates[2]
     ref = hf_logprobs(hf_model, ids + last.token_ids)
-    np.testing.assert_allclose(last.logprobs, [ref[len(ids) - 1 + i, t] for i, t in enumerate(last.token_ids)], atol=1e-4)
+    np.testing.assert_allclose(
+        last.logprobs, [ref[len(ids) - 1 + i, t] for i, t in enumerate(last.token_ids)], atol=1e-4
+    )
 
 
 def test_score_verifies_a_draft_in_one_pass(engine: Engine, hf_model) -> None:  # type: ignore[no-untyped-def]
@@ -354,15 +384,23 @@ def test_int8_agreement_with_transformers(int8_dir: Path, hf_model) -> None:  # 
         same_prefix += common_prefix(got, ref)
         forced += sum(a == r for a, r in zip(argmax, ref))
         total += len(ref)
-    print(f"{engine.manifest.quantization} ({engine.graph} graph, KV {engine.manifest.extra.get('kv_dtype', 'float32')}) vs transformers fp32: teacher-forced "
-          f"{forced}/{total} tokens, first token {same_next}/{len(prompts)}, greedy prefix {same_prefix}/{total}")
+    print(
+        f"{engine.manifest.quantization} ({engine.graph} graph, KV "
+        f"{engine.manifest.extra.get('kv_dtype', 'float32')}) vs transformers fp32: teacher-forced "
+        f"{forced}/{total} tokens, first token {same_next}/{len(prompts)}, greedy prefix {same_prefix}/{total}"
+    )
     floor = 0.35 if engine.manifest.quantization.startswith("int4") else 0.8  # 4-bit is coarser
     assert forced >= floor * total
     if engine.manifest.extra.get("kv_dtype") == "int8":  # the gqa cache really is int8: a quarter
         state = engine.cache.get("0").past
         assert {b.dtype for b in state.buffers} == {np.dtype(np.int8)}
-        assert state.nbytes == 2 * engine.manifest.n_layer * engine.manifest.n_head * engine.manifest.head_dim * state.room
+        assert (
+            state.nbytes == 2 * engine.manifest.n_layer * engine.manifest.n_head * engine.manifest.head_dim * state.room
+        )
     if engine.manifest.extra.get("kv_dtype") == "float16":  # the cache really is half size
         state = engine.cache.get("0").past
         assert {b.dtype for b in state.buffers} == {np.dtype(np.float16)}
-        assert state.nbytes == 2 * engine.manifest.n_layer * engine.manifest.n_head * engine.manifest.head_dim * state.room * 2
+        assert (
+            state.nbytes
+            == 2 * engine.manifest.n_layer * engine.manifest.n_head * engine.manifest.head_dim * state.room * 2
+        )

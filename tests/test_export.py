@@ -19,9 +19,9 @@ pytest.importorskip("optimum.exporters.onnx")
 
 from codegen_ls.engine import kernels  # noqa: E402
 from codegen_ls.engine.engine import Engine, EngineOptions, Tokenizer  # noqa: E402
+from codegen_ls.engine.modeldir import read_manifest, verify_files  # noqa: E402
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
 from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
-from codegen_ls.engine.modeldir import read_manifest, verify_files  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -39,9 +39,15 @@ def hf_greedy(src: Path, ids: list[int], n: int) -> list[int]:
 
     model = CodeGenForCausalLM.from_pretrained(str(src)).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-    return [int(t) for t in out[0, len(ids):]]
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(ids) :]]
 
 
 def test_unknown_graph_kind_and_bad_int4(checkpoint: Path, tmp_path: Path) -> None:
@@ -112,7 +118,9 @@ def test_pickled_bin_weights_never_run_code(tmp_path: Path) -> None:
     with pytest.raises(ModelError) as info:
         export(str(src), tmp_path / "bad", quantize_int8=False)
     assert "\n" not in str(info.value) and "weights_only=True" in str(info.value)
-    assert "weights_only=False" not in str(info.value) and "can run any code" in str(info.value)  # why, not torch's advice
+    assert "weights_only=False" not in str(info.value) and "can run any code" in str(
+        info.value
+    )  # why, not torch's advice
     assert "GLOBAL" in str(info.value)  # what torch refused
     assert not marker.exists()
 
@@ -165,8 +173,9 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
     assert sorted(verify_files(out, manifest)) == ["checksum mismatch for model.onnx.data", "missing tokenizer.json"]
 
 
-def test_cli_export_defaults_to_the_gqa_graph_and_info_reports_it(checkpoint: Path, tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_defaults_to_the_gqa_graph_and_info_reports_it(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``codegen-ls model export SRC OUT --int4 --name N`` then ``model info OUT``: the gqa graph
     (the default) with its KV cache as ``--kv-bits auto`` (the default) picks it on this machine
     (4-bit where our kernel runs it vectorized, else int8), 4-bit layer weights, the given name,

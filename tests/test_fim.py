@@ -61,21 +61,25 @@ def test_spm_prompt_layout_budget_and_stable_head(fim_tok: Path) -> None:
     line = next(i for i, ln in enumerate(lines) if "def greet" in ln) + 1  # inside greet's body
     text = "\n".join(lines[:line] + ["        msg = "] + lines[line:])
     budget = 256
-    ctx = build_context(text, line, len("        msg = "), counter, budget, bos_text=BOS,
-                        fim_budget=fim_suffix_budget(budget))
-    after = text[ctx.cursor:]
+    ctx = build_context(
+        text, line, len("        msg = "), counter, budget, bos_text=BOS, fim_budget=fim_suffix_budget(budget)
+    )
+    after = text[ctx.cursor :]
     assert ctx.prompt.startswith(fim.PREFIX + fim.SUFFIX)
     head, _, before = ctx.prompt.partition(fim.MIDDLE)
-    assert after.startswith(head[len(fim.PREFIX + fim.SUFFIX):])  # whole lines after the cursor, in order
+    assert after.startswith(head[len(fim.PREFIX + fim.SUFFIX) :])  # whole lines after the cursor, in order
     assert len(head) > len(fim.PREFIX + fim.SUFFIX)
     assert before.endswith("        msg = ") and BOS not in ctx.prompt
     assert ctx.prompt_ids == counter.encode(ctx.prompt) and len(ctx.prompt_ids) <= budget
     # typing at the cursor keeps the head and extends the prompt: the KV cache reuses it all
     text2 = text.replace("        msg = ", "        msg = 'h", 1)
-    ctx2 = build_context(text2, line, len("        msg = 'h"), counter, budget, bos_text=BOS,
-                         fim_budget=fim_suffix_budget(budget))
-    common = next((i for i, (a, b) in enumerate(zip(ctx.prompt_ids, ctx2.prompt_ids)) if a != b),
-                  min(len(ctx.prompt_ids), len(ctx2.prompt_ids)))
+    ctx2 = build_context(
+        text2, line, len("        msg = 'h"), counter, budget, bos_text=BOS, fim_budget=fim_suffix_budget(budget)
+    )
+    common = next(
+        (i for i, (a, b) in enumerate(zip(ctx.prompt_ids, ctx2.prompt_ids)) if a != b),
+        min(len(ctx.prompt_ids), len(ctx2.prompt_ids)),
+    )
     assert common >= len(ctx.prompt_ids) - 1
 
 
@@ -95,8 +99,18 @@ def fim_model(tmp_path_factory: pytest.TempPathFactory, fim_tok: Path) -> Path:
 
     vocab = Tokenizer(fim_tok).vocab_size
     src = tmp_path_factory.mktemp("fimsrc")
-    config = CodeGenConfig(vocab_size=vocab, n_positions=512, n_ctx=512, n_embd=64, n_layer=2, n_head=4,
-                           rotary_dim=8, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    config = CodeGenConfig(
+        vocab_size=vocab,
+        n_positions=512,
+        n_ctx=512,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = CodeGenForCausalLM(config).eval()
     found = fim.detect(fim_tok)
@@ -117,8 +131,9 @@ def test_export_records_fim_and_engine_never_generates_its_tokens(fim_model: Pat
     engine = Engine(fim_model)
     assert engine.fim is not None and manifest.fim == engine.fim.to_json()
     banned = {engine.fim.prefix, engine.fim.middle, engine.fim.suffix}
-    gen = engine.generate(fim.spm_prompt("def f(x):\n    return", "\n\nprint(f(2))\n"), n=3, max_new_tokens=8,
-                          temperature=1.0, seed=0)
+    gen = engine.generate(
+        fim.spm_prompt("def f(x):\n    return", "\n\nprint(f(2))\n"), n=3, max_new_tokens=8, temperature=1.0, seed=0
+    )
     assert len(gen.candidates) == 3
     for cand in gen.candidates:
         assert len(cand.token_ids) == 8 and not banned & set(cand.token_ids)
@@ -130,8 +145,16 @@ def test_model_without_fim_gets_prefix_only_prompts(tmp_path: Path) -> None:
     from codegen_ls.export.pipeline import random_checkpoint
 
     tok = plain_tokenizer(tmp_path)
-    src = random_checkpoint(tmp_path / "src", vocab_size=Tokenizer(tok).vocab_size, n_positions=256, n_embd=32,
-                            n_layer=1, n_head=4, rotary_dim=4, tokenizer=tok)
+    src = random_checkpoint(
+        tmp_path / "src",
+        vocab_size=Tokenizer(tok).vocab_size,
+        n_positions=256,
+        n_embd=32,
+        n_layer=1,
+        n_head=4,
+        rotary_dim=4,
+        tokenizer=tok,
+    )
     out = tmp_path / "model"
     export(str(src), out, graph="gqa", kv_bits=8)
     assert read_manifest(out).fim == {}

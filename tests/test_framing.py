@@ -33,14 +33,19 @@ def problems(events: list[Body | Problem]) -> list[Problem]:
     return [e for e in events if isinstance(e, Problem)]
 
 
-GOOD = [json.dumps({"jsonrpc": "2.0", "id": i, "method": "m", "params": {"text": "é\n" * i}}).encode()
-        for i in range(4)]
+GOOD = [
+    json.dumps({"jsonrpc": "2.0", "id": i, "method": "m", "params": {"text": "é\n" * i}}).encode() for i in range(4)
+]
 
 
 def test_headers_are_case_insensitive_and_other_headers_ignored() -> None:
-    stream = (frame(GOOD[0], b"content-length") + frame(GOOD[1], b"CONTENT-LENGTH")
-              + frame(GOOD[2], extra=b"Content-Type: application/vscode-jsonrpc; charset=utf-8\r\n")
-              + b"Content-Length:%d\r\n\r\n" % len(GOOD[3]) + GOOD[3])
+    stream = (
+        frame(GOOD[0], b"content-length")
+        + frame(GOOD[1], b"CONTENT-LENGTH")
+        + frame(GOOD[2], extra=b"Content-Type: application/vscode-jsonrpc; charset=utf-8\r\n")
+        + b"Content-Length:%d\r\n\r\n" % len(GOOD[3])
+        + GOOD[3]
+    )
     assert bodies(run(stream)) == GOOD[:4]
 
 
@@ -97,8 +102,9 @@ def test_endless_garbage_is_reported_once_and_not_kept() -> None:
     assert bodies(framer.feed(frame(GOOD[0]))) == [GOOD[0]]
 
 
-GARBAGE = st.lists(st.sampled_from([b"x", b"{", b"}", b'"', b":", b" ", b"\r\n", b"\n", b"\r", b"a: b", b"1", b"\xff"]),
-                   max_size=30).map(b"".join)
+GARBAGE = st.lists(
+    st.sampled_from([b"x", b"{", b"}", b'"', b":", b" ", b"\r\n", b"\n", b"\r", b"a: b", b"1", b"\xff"]), max_size=30
+).map(b"".join)
 
 
 @settings(max_examples=300, deadline=None)

@@ -29,8 +29,10 @@ def cpu_has_avx2() -> bool:
         return False
 
 
-needs_kernel = pytest.mark.skipif(kernels.library() is None or kernels.library()[1] == "generic",  # type: ignore[index]
-                                  reason="decode-attention kernel not built with a vector path here")
+needs_kernel = pytest.mark.skipif(
+    kernels.library() is None or kernels.library()[1] == "generic",  # type: ignore[index]
+    reason="decode-attention kernel not built with a vector path here",
+)
 
 
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int) -> Path:
@@ -80,8 +82,9 @@ def backend(model_dir: Path, kernel: bool, path: str = "") -> GqaBackend:
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 6])  # 6: two passes over the cache (4 rows, then 2)
 @pytest.mark.parametrize("path", ["", "avx2", "generic"])  # the CPU's best, then each lesser one
-def test_kernel_matches_group_query_attention(head_size_model: Path, rows: int, path: str, best_path_after: None,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_matches_group_query_attention(
+    head_size_model: Path, rows: int, path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Same prompt, same decode steps (``rows`` candidates side by side, one finishing early):
     the logits agree to float rounding, and the caches hold the same int8 keys and values."""
     best = kernels.library()[1]  # type: ignore[index]
@@ -118,8 +121,9 @@ def test_bad_input_to_the_kernel_is_a_clear_error_and_the_engine_goes_on(model_d
     assert engine.generate(ids, doc_key="b", max_new_tokens=4).candidates[0].token_ids == before
 
 
-def test_a_library_that_does_not_load_leaves_onnxruntimes_attention(model_dir: Path, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_library_that_does_not_load_leaves_onnxruntimes_attention(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A broken or foreign build (here: not a shared library at all) must not stop the engine."""
     broken = tmp_path / "_decode_attention.so"
     broken.write_text("not a shared library")

@@ -24,9 +24,9 @@ from codegen_ls.engine import backends, kernels, kvcache  # noqa: E402
 from codegen_ls.engine.backends import GqaBackend  # noqa: E402
 from codegen_ls.engine.engine import Engine, EngineOptions  # noqa: E402
 from codegen_ls.engine.kvcache import dequantize4, key_rotation, quantize4  # noqa: E402
+from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
 from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
-from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
 from helpers import decode_run, tiny_export  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,9 @@ needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="decode-atte
 PATHS = ["", "avx2", "generic"]  # the CPU's best (AVX-512 VNNI where it has it), AVX2, the plain C loop
 
 
-def tiny(tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int, kv_bits: int = 4, quantize: bool = True) -> Path:
+def tiny(
+    tmp_path_factory: pytest.TempPathFactory, n_embd: int, n_head: int, kv_bits: int = 4, quantize: bool = True
+) -> Path:
     base = tmp_path_factory.mktemp(f"kv{kv_bits}-{n_embd}-{n_head}")
     return tiny_export(base, n_embd=n_embd, n_head=n_head, kv_bits=kv_bits, quantize=quantize)
 
@@ -46,8 +48,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny(tmp_path_factory, 128, 4)  # head size 32
 
 
-@pytest.fixture(scope="module", params=[(128, 4), (192, 4), (320, 4), (1024, 4)],
-                ids=["head32", "head48", "head80", "head256"])
+@pytest.fixture(
+    scope="module", params=[(128, 4), (192, 4), (320, 4), (1024, 4)], ids=["head32", "head48", "head80", "head256"]
+)
 def head_size_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48: the embedded model's head size (rows of 24 bytes, masked loads); 80: CodeGen-2B's; 256:
     6B and 16B's (4 chunks a row); 64 (350M) is the benchmark's."""
@@ -87,7 +90,6 @@ def test_keys_are_stored_rotated_which_keeps_scores_and_spreads_outlier_channels
     rest of its row one or two 4-bit levels, has its scores' quantization error cut several times."""
     import onnx
 
-
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
     r = onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == "key_rotation"))
     assert r.shape == (32, 32) and np.allclose(r @ r.T, np.eye(32), atol=1e-5)
@@ -107,15 +109,16 @@ def test_keys_are_stored_rotated_which_keeps_scores_and_spreads_outlier_channels
 
     def error(k: np.ndarray, q: np.ndarray) -> float:
         scores = q @ dequantize4(*quantize4(k)).T
-        return float(np.mean((scores - exact) ** 2) / np.mean(exact ** 2))
+        return float(np.mean((scores - exact) ** 2) / np.mean(exact**2))
 
     assert np.allclose((queries @ rot) @ (keys @ rot).T, exact, rtol=1e-4, atol=1e-3)
     assert error(keys @ rot, queries @ rot) * 3 < error(keys, queries)
 
 
 @pytest.mark.parametrize("setting", ["", "off"])
-def test_export_picks_the_4bit_cache_by_default_only_where_it_runs_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                        setting: str) -> None:
+def test_export_picks_the_4bit_cache_by_default_only_where_it_runs_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
     """``--kv-bits`` not given: 4-bit where our kernel's vector path for it runs here (AVX-512 VNNI
     or AVX2), int8 elsewhere and where the kernel is turned off, so the model the export writes serves well
     on the machine that wrote it. The model loads and completes either way."""
@@ -132,9 +135,14 @@ def test_export_picks_the_4bit_cache_by_default_only_where_it_runs_fast(tmp_path
 
 
 @needs_kernel
-@pytest.mark.skipif(kernels.library() is None or kernels.library()[1] == "generic", reason="no AVX2 here")  # type: ignore[index]
-def test_head_sizes_the_4bit_cache_takes(tmp_path_factory: pytest.TempPathFactory, best_path_after: None,
-                                         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.skipif(kernels.library() is None or kernels.library()[1] == "generic", reason="no AVX2 here")
+# type: ignore[index]
+def test_head_sizes_the_4bit_cache_takes(
+    tmp_path_factory: pytest.TempPathFactory,
+    best_path_after: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Its layout takes heads of a multiple of 8, and every path runs them: on AVX2 alone
     (``CODEGEN_LS_KERNEL=avx2``) heads of 40 load with no warning and complete; on the plain C
     loop (``generic``) loading warns that it is slow. Heads of 20: ``--kv-bits 4`` is a clear
@@ -150,7 +158,9 @@ def test_head_sizes_the_4bit_cache_takes(tmp_path_factory: pytest.TempPathFactor
         assert len(engine.generate([5, 6, 7, 8], max_new_tokens=4).candidates[0].token_ids) == 4
     monkeypatch.setenv("CODEGEN_LS_KERNEL", "")
     base = tmp_path_factory.mktemp("head20")
-    src = random_checkpoint(base / "src", vocab_size=8192, n_positions=256, n_embd=80, n_layer=1, n_head=4, tokenizer=TOKENIZER)
+    src = random_checkpoint(
+        base / "src", vocab_size=8192, n_positions=256, n_embd=80, n_layer=1, n_head=4, tokenizer=TOKENIZER
+    )
     with pytest.raises(CodegenLsError, match="multiple of 8"):
         export(str(src), base / "four", kv_bits=4)
     assert kernels.path4(head_dim=20) is None
@@ -168,14 +178,31 @@ def op_session(n_head: int, half: int) -> ort.InferenceSession:
     from onnx import TensorProto, helper
 
     f, f16, u8, i32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.UINT8, TensorProto.INT32
-    names = ["query", "key", "value", "past_key", "past_value", "past_key_scale", "past_value_scale", "seqlens_k",
-             "total_sequence_length", "attention_bias", "key_rotation"]
+    names = [
+        "query",
+        "key",
+        "value",
+        "past_key",
+        "past_value",
+        "past_key_scale",
+        "past_value_scale",
+        "seqlens_k",
+        "total_sequence_length",
+        "attention_bias",
+        "key_rotation",
+    ]
     types = [f, f, f, u8, u8, f16, f16, i32, i32, f, f]
     outs = ["output", "present_key", "present_value", "present_key_scale", "present_value_scale"]
     node = helper.make_node(kernels.OP4_NAME, names, outs, domain=kernels.DOMAIN)
-    graph = helper.make_graph([node], "q4", [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
-                              [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, [f, u8, u8, f16, f16])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    graph = helper.make_graph(
+        [node],
+        "q4",
+        [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
+        [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, [f, u8, u8, f16, f16])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)]
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     assert kernels.register(so, required=True)
@@ -186,14 +213,17 @@ def op_session(n_head: int, half: int) -> ort.InferenceSession:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("head", [16, 48, 64, 80, 256])
 @pytest.mark.parametrize("rows", [1, 3, 6])
-def test_the_op_matches_a_numpy_reference(path: str, head: int, rows: int, best_path_after: None,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_op_matches_a_numpy_reference(
+    path: str, head: int, rows: int, best_path_after: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     check_op(path, head, rows, 3, 160, 131, monkeypatch)  # 131 + rows: blocks of 16 keys and a remainder
 
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
-def test_the_op_quantizes_new_rows_exactly_as_numpy(path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_op_quantizes_new_rows_exactly_as_numpy(
+    path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With a signed permutation as the rotation (exact in floating point), the new rows' bytes and
     scales are bit-identical to numpy's quantization of the rotated keys and of the values."""
     check_op(path, 64, 3, 2, 48, 21, monkeypatch, exact=True)
@@ -208,8 +238,9 @@ def test_the_op_past_8192_keys(path: str, best_path_after: None, monkeypatch: py
 
 @needs_kernel
 @pytest.mark.parametrize("path", PATHS)
-def test_the_op_on_widely_spread_scores_flushes_denormals_only_inside(path: str, best_path_after: None,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_op_on_widely_spread_scores_flushes_denormals_only_inside(
+    path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A query 40x larger spreads a row's scores over hundreds, so most keys' weights fall below
     float's normal range: the op flushes them (x86: FTZ and DAZ, for speed) and still matches the
     reference, and the calling thread's floating point is as it was (denormals survive numpy)."""
@@ -219,8 +250,17 @@ def test_the_op_on_widely_spread_scores_flushes_denormals_only_inside(path: str,
     assert (tiny * np.float32(1.0))[0] > 0 and (tiny + tiny)[0] == np.float32(2e-39)
 
 
-def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monkeypatch: pytest.MonkeyPatch,
-             exact: bool = False, query_scale: float = 1.0) -> None:
+def check_op(
+    path: str,
+    head: int,
+    rows: int,
+    h: int,
+    cap: int,
+    past: int,
+    monkeypatch: pytest.MonkeyPatch,
+    exact: bool = False,
+    query_scale: float = 1.0,
+) -> None:
     """The op (``CODEGEN_LS_KERNEL=path``) against numpy: the new rows quantized into the cache as
     the rotated keys kR and the values (``exact``: R a signed permutation, bit-identical; else the
     export's rotation, whose sums the op and numpy round apart: all but a few nibbles the same and
@@ -230,10 +270,16 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
     rng = np.random.default_rng(head * 10 + rows)
     n, e = past + rows, h * head
     if exact:
-        rot = np.eye(head, dtype=np.float32)[rng.permutation(head)] * rng.choice([-1, 1], head).astype(np.float32)[:, None]
+        rot = (
+            np.eye(head, dtype=np.float32)[rng.permutation(head)]
+            * rng.choice([-1, 1], head).astype(np.float32)[:, None]
+        )
     else:
         rot = key_rotation(head)
-    cached_k, cached_v = rng.normal(0, 1.5, (1, h, cap, head)).astype(np.float32), rng.normal(0, 1, (1, h, cap, head)).astype(np.float32)
+    cached_k, cached_v = (
+        rng.normal(0, 1.5, (1, h, cap, head)).astype(np.float32),
+        rng.normal(0, 1, (1, h, cap, head)).astype(np.float32),
+    )
     pk, pks = quantize4(cached_k)
     pv, pvs = quantize4(cached_v)
     q, k, v = (rng.normal(0, 1, (1, rows, e)).astype(np.float32) for _ in range(3))
@@ -241,10 +287,19 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
     bias = np.zeros((1, 1, rows, n), np.float32)
     bias[0, 0, :, past:] = np.triu(np.full((rows, rows), -1e9, np.float32), 1)
     bias[0, 0, :, 7] = -1e9  # a masked key in the prompt
-    feed = {"query": q, "key": k, "value": v, "past_key": kvcache.layout4(pk, False), "past_value": kvcache.layout4(pv, True),
-            "past_key_scale": pks[..., None].copy(), "past_value_scale": pvs[..., None].copy(),
-            "seqlens_k": np.array([n - 1], np.int32), "total_sequence_length": np.array(n, np.int32), "attention_bias": bias,
-            "key_rotation": rot}
+    feed = {
+        "query": q,
+        "key": k,
+        "value": v,
+        "past_key": kvcache.layout4(pk, False),
+        "past_value": kvcache.layout4(pv, True),
+        "past_key_scale": pks[..., None].copy(),
+        "past_value_scale": pvs[..., None].copy(),
+        "seqlens_k": np.array([n - 1], np.int32),
+        "total_sequence_length": np.array(n, np.int32),
+        "attention_bias": bias,
+        "key_rotation": rot,
+    }
     out, ok, ov, oks, ovs = op_session(h, head // 2).run(None, feed)
     ok, ov = kvcache.rows4(ok, False), kvcache.rows4(ov, True)  # the cache's layout -> rows
 
@@ -278,11 +333,19 @@ def check_op(path: str, head: int, rows: int, h: int, cap: int, past: int, monke
 def test_bad_input_to_the_op_is_a_clear_error() -> None:
     sess = op_session(2, 8)
     f = np.zeros
-    feed = {"query": f((1, 1, 32), np.float32), "key": f((1, 1, 32), np.float32), "value": f((1, 1, 32), np.float32),
-            "past_key": f((1, 2, 32, 8), np.uint8), "past_value": f((1, 2, 32, 8), np.uint8),
-            "past_key_scale": f((1, 2, 32, 1), np.float16), "past_value_scale": f((1, 2, 32, 1), np.float16),
-            "seqlens_k": np.array([9], np.int32), "total_sequence_length": np.array(10, np.int32),
-            "attention_bias": f((1, 1, 1, 10), np.float32), "key_rotation": np.eye(16, dtype=np.float32)}
+    feed = {
+        "query": f((1, 1, 32), np.float32),
+        "key": f((1, 1, 32), np.float32),
+        "value": f((1, 1, 32), np.float32),
+        "past_key": f((1, 2, 32, 8), np.uint8),
+        "past_value": f((1, 2, 32, 8), np.uint8),
+        "past_key_scale": f((1, 2, 32, 1), np.float16),
+        "past_value_scale": f((1, 2, 32, 1), np.float16),
+        "seqlens_k": np.array([9], np.int32),
+        "total_sequence_length": np.array(10, np.int32),
+        "attention_bias": f((1, 1, 1, 10), np.float32),
+        "key_rotation": np.eye(16, dtype=np.float32),
+    }
     assert sess.run(None, feed)[0].shape == (1, 1, 32)
     bad = dict(feed, past_value_scale=f((1, 2, 31, 1), np.float16))
     with pytest.raises(Exception, match="codegen_ls.DecodeAttentionQ4: past_key_scale/past_value_scale"):
@@ -290,15 +353,39 @@ def test_bad_input_to_the_op_is_a_clear_error() -> None:
     with pytest.raises(Exception, match="key_rotation \\[D, D\\]"):
         sess.run(None, dict(feed, key_rotation=np.eye(8, dtype=np.float32)))
     with pytest.raises(Exception, match="seqlens_k out of range"):
-        sess.run(None, dict(feed, seqlens_k=np.array([40], np.int32), total_sequence_length=np.array(41, np.int32),
-                            attention_bias=f((1, 1, 1, 41), np.float32)))
+        sess.run(
+            None,
+            dict(
+                feed,
+                seqlens_k=np.array([40], np.int32),
+                total_sequence_length=np.array(41, np.int32),
+                attention_bias=f((1, 1, 1, 41), np.float32),
+            ),
+        )
     with pytest.raises(Exception, match="positions \\(cap\\) a multiple of 16"):
-        sess.run(None, dict(feed, past_key=f((1, 2, 24, 8), np.uint8), past_value=f((1, 2, 24, 8), np.uint8),
-                            past_key_scale=f((1, 2, 24, 1), np.float16), past_value_scale=f((1, 2, 24, 1), np.float16)))
+        sess.run(
+            None,
+            dict(
+                feed,
+                past_key=f((1, 2, 24, 8), np.uint8),
+                past_value=f((1, 2, 24, 8), np.uint8),
+                past_key_scale=f((1, 2, 24, 1), np.float16),
+                past_value_scale=f((1, 2, 24, 1), np.float16),
+            ),
+        )
     with pytest.raises(Exception, match="head size: a multiple of 8"):
-        sess.run(None, dict(feed, query=f((1, 1, 12), np.float32), key=f((1, 1, 12), np.float32), value=f((1, 1, 12), np.float32),
-                            past_key=f((1, 2, 32, 3), np.uint8), past_value=f((1, 2, 32, 3), np.uint8),
-                            key_rotation=np.eye(6, dtype=np.float32)))
+        sess.run(
+            None,
+            dict(
+                feed,
+                query=f((1, 1, 12), np.float32),
+                key=f((1, 1, 12), np.float32),
+                value=f((1, 1, 12), np.float32),
+                past_key=f((1, 2, 32, 3), np.uint8),
+                past_value=f((1, 2, 32, 3), np.uint8),
+                key_rotation=np.eye(6, dtype=np.float32),
+            ),
+        )
     assert sess.run(None, feed)[0].shape == (1, 1, 32)  # and it goes on
 
 
@@ -315,8 +402,9 @@ def backend(model_dir: Path) -> GqaBackend:
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 6])
 @pytest.mark.parametrize("path", PATHS)
-def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, rows: int, path: str,
-                                                      best_path_after: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_decode_matches_the_graphs_prompt_path(
+    head_size_model: Path, rows: int, path: str, best_path_after: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same prompt and decode steps, once with decode runs through the kernel and once with
     every run through the graph's prompt path (``PROMPT_PATH_MIN`` 1): the prompt's cache bytes and
     scales are the same (two implementations of one format), and so are the first layer's decoded
@@ -344,10 +432,14 @@ def test_kernel_decode_matches_the_graphs_prompt_path(head_size_model: Path, row
             # a MatMul, whose sums round apart: all but a few nibbles the same, none a level apart
             np.testing.assert_array_equal(a[:, :, :300], b[:, :, :300])
             if j == 0:
-                got, want = (np.concatenate([x & 15, x >> 4], axis=-1).astype(int) for x in (b[:, :, 300:end], a[:, :, 300:end]))
+                got, want = (
+                    np.concatenate([x & 15, x >> 4], axis=-1).astype(int) for x in (b[:, :, 300:end], a[:, :, 300:end])
+                )
                 assert np.abs(got - want).max() <= 1 and np.mean(got != want) < 0.01
             else:
-                np.testing.assert_allclose(b[:, :, 300:end].astype(np.float32), a[:, :, 300:end].astype(np.float32), rtol=1e-3)
+                np.testing.assert_allclose(
+                    b[:, :, 300:end].astype(np.float32), a[:, :, 300:end].astype(np.float32), rtol=1e-3
+                )
         else:
             np.testing.assert_array_equal(a[:, :, :300], b[:, :, :300])  # the prompt, from the same path
 
@@ -373,8 +465,10 @@ def test_a_reused_and_regrown_cache_holds_the_same_rows_as_a_fresh_one(head_size
     for j in range(8):  # layers 0 and 1: keys, values, their scales
         a, b = fresh.buffers[j][0], state.buffers[j][0]
         if j % 4 < 2:  # the cache's layout -> rows -> nibbles
-            a, b = (np.concatenate([x & 15, x >> 4], axis=-1).astype(int)[:, :475]
-                    for x in (kvcache.rows4(a, j % 4 == 1), kvcache.rows4(b, j % 4 == 1)))
+            a, b = (
+                np.concatenate([x & 15, x >> 4], axis=-1).astype(int)[:, :475]
+                for x in (kvcache.rows4(a, j % 4 == 1), kvcache.rows4(b, j % 4 == 1))
+            )
             assert np.abs(a - b).max() <= 1 and np.mean(a != b) < 0.08, j
         else:
             np.testing.assert_allclose(b[:, :475].astype(np.float32), a[:, :475].astype(np.float32), rtol=0.05)
@@ -396,8 +490,10 @@ def test_greedy_agrees_with_the_fp32_model(tmp_path_factory: pytest.TempPathFact
         for name, eng in engines.items():
             got = eng.generate(ids, doc_key=str(trial), max_new_tokens=12).candidates[0].token_ids
             agree[name].append(sum(a == b for a, b in zip(ref, got)) / len(ref))
-    print(f"greedy agreement with fp32 (tokens): int8 weights + int8 cache {np.mean(agree['int8']):.2f}, "
-          f"int8 weights + int4 cache {np.mean(agree['int4']):.2f}")
+    print(
+        f"greedy agreement with fp32 (tokens): int8 weights + int8 cache {np.mean(agree['int8']):.2f}, "
+        f"int8 weights + int4 cache {np.mean(agree['int4']):.2f}"
+    )
     assert np.mean(agree["int4"]) >= 0.5
 
 
@@ -449,9 +545,15 @@ def test_the_prompt_paths_dequantize_ops_match_numpy_and_reject_bad_input(values
     op = kernels.DEQUANTIZE4_NAMES[values]
     names, types = ["past", "scale", "past_len"], [TensorProto.UINT8, TensorProto.FLOAT16, TensorProto.INT64]
     node = helper.make_node(op, names, ["out"], domain=kernels.DOMAIN)
-    graph = helper.make_graph([node], "dq4", [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
+    graph = helper.make_graph(
+        [node],
+        "dq4",
+        [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)]
+    )
     so = ort.SessionOptions()
     assert kernels.register(so, required=True)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -462,13 +564,17 @@ def test_the_prompt_paths_dequantize_ops_match_numpy_and_reject_bad_input(values
         assert not np.array_equal(packed, rows)  # the layout is not the rows' order
         out = sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([37], np.int64)})[0]
         np.testing.assert_array_equal(out, dequantize4(rows[:, :, :37], scale[:, :, :37]))
-    assert sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([0], np.int64)})[0].shape == (1, 3, 0, 64)
+    assert sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([0], np.int64)})[
+        0
+    ].shape == (1, 3, 0, 64)
     with pytest.raises(Exception, match=f"codegen_ls.{op}: past_len out of range"):
         sess.run(None, {"past": packed, "scale": scale[..., None], "past_len": np.array([65], np.int64)})
     with pytest.raises(Exception, match=f"codegen_ls.{op}: past .* scales"):
         sess.run(None, {"past": packed, "scale": scale[:, :, :63, None], "past_len": np.array([3], np.int64)})
     with pytest.raises(Exception, match=f"codegen_ls.{op}: past: positions .* multiple of 16"):
-        sess.run(None, {"past": packed[:, :, :50], "scale": scale[:, :, :50, None], "past_len": np.array([3], np.int64)})
+        sess.run(
+            None, {"past": packed[:, :, :50], "scale": scale[:, :, :50, None], "past_len": np.array([3], np.int64)}
+        )
 
 
 def test_the_layout_keeps_groups_of_rows_in_place_and_inverts() -> None:

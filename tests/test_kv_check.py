@@ -18,10 +18,10 @@ pytestmark = pytest.mark.slow  # runs the torch model on each cache
 
 from codegen_ls.engine import kernels  # noqa: E402
 from codegen_ls.engine.kvcache import dequantize4, quantize4  # noqa: E402
-from codegen_ls.export import kv_check  # noqa: E402
-from codegen_ls.export.pipeline import calibration_batches, export, random_checkpoint  # noqa: E402
-from codegen_ls.export.graph_builder import kv_scales  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
+from codegen_ls.export import kv_check  # noqa: E402
+from codegen_ls.export.graph_builder import kv_scales  # noqa: E402
+from codegen_ls.export.pipeline import calibration_batches, export, random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -30,8 +30,14 @@ FAST4 = kernels.vector4(best=True) and not kernels.disabled_by_env()
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return random_checkpoint(tmp_path_factory.mktemp("kvcheck") / "src", vocab_size=8192, n_positions=1024, n_embd=128,
-                             n_head=4, tokenizer=TOKENIZER)
+    return random_checkpoint(
+        tmp_path_factory.mktemp("kvcheck") / "src",
+        vocab_size=8192,
+        n_positions=1024,
+        n_embd=128,
+        n_head=4,
+        tokenizer=TOKENIZER,
+    )
 
 
 def test_fake_quantize_is_the_4bit_cache_format() -> None:
@@ -64,8 +70,13 @@ def test_the_check_runs_each_cache_and_restores_the_model(checkpoint: Path) -> N
 
 @pytest.mark.skipif(not FAST4, reason="auto picks int8 here without a check (no fast 4-bit path)")
 @pytest.mark.parametrize("tolerance", [float("inf"), float("-inf")], ids=["passes", "fails"])
-def test_auto_export_follows_the_check(checkpoint: Path, tmp_path: Path, tolerance: float, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_auto_export_follows_the_check(
+    checkpoint: Path,
+    tmp_path: Path,
+    tolerance: float,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """``--kv-bits auto`` on a machine with the fast 4-bit path: the 4-bit cache where the check
     passes, the int8 one (calibrated) where it fails; the export prints the losses and the
     choice, and the manifest keeps them. An explicit ``--kv-bits`` runs no check."""

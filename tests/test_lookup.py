@@ -22,7 +22,7 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "codegen-ls-small"
 
 def split(doc: str, marker: str = "|") -> tuple[str, str]:
     i = doc.index(marker)
-    return doc[:i], doc[i + len(marker):]
+    return doc[:i], doc[i + len(marker) :]
 
 
 def newline_stop(text: str) -> int | None:
@@ -60,16 +60,20 @@ def test_line_source_ignores_indentation_and_dedupes() -> None:
 
 
 def test_line_source_prefers_the_line_whose_context_agrees() -> None:
-    prefix, suffix = split('if mode == "fast":\n    y = quick(x)\nif mode == "slow":\n    y = careful(x)\n'
-                           'z = 0\nif mode == "fast":\n    y = |\n')
+    prefix, suffix = split(
+        'if mode == "fast":\n    y = quick(x)\nif mode == "slow":\n    y = careful(x)\n'
+        'z = 0\nif mode == "fast":\n    y = |\n'
+    )
     drafts = find_drafts(prefix, suffix, {}, include_ngram=False)
     assert [(d.text, d.distance) for d in drafts] == [("quick(x)", 5), ("careful(x)", 3)]
 
 
 def test_other_document_source() -> None:
     prefix, suffix = split("import os\nresult = frobnicate_|\n")
-    others = {"file:///lib.py": "x = 1\nresult = frobnicate_all(items)\nresult = frobnicate_all(items)\n"
-                                "result = frobnicate_one(item)\n"}
+    others = {
+        "file:///lib.py": "x = 1\nresult = frobnicate_all(items)\nresult = frobnicate_all(items)\n"
+        "result = frobnicate_one(item)\n"
+    }
     drafts = find_drafts(prefix, suffix, others)
     assert drafts[0] == Draft("all(items)", "lookup:doc", "file:///lib.py:2", 0)  # seen twice: first
     assert drafts[1].text == "one(item)" and drafts[1].origin == "file:///lib.py:4"
@@ -98,7 +102,10 @@ def test_each_source_keeps_a_place() -> None:
     prefix, suffix = split(lines + "call(pick(z9))\nkey = pick(|\n")
     drafts = find_drafts(prefix, suffix, {"file:///o.py": "key = pick(w)\n"}, max_drafts=3)
     assert [(d.text, d.source) for d in drafts] == [
-        ("v1)", "lookup:line"), ("w)", "lookup:doc"), ("z9))", "lookup:ngram")]
+        ("v1)", "lookup:line"),
+        ("w)", "lookup:doc"),
+        ("z9))", "lookup:ngram"),
+    ]
     assert [d.text for d in find_drafts(prefix, suffix, {}, max_drafts=2)] == ["v1)", "z9))"]
     assert [d.text for d in find_drafts(prefix, suffix, {}, max_drafts=3)] == ["v1)", "v0)", "z9))"]
     assert find_drafts(prefix, suffix, {}, max_drafts=0) == []
@@ -130,6 +137,7 @@ def test_nothing_to_copy_gives_nothing() -> None:
 
 # -- bounded work ------------------------------------------------------------------------------
 
+
 def _big_document(size: int) -> str:
     line = "    value_{0} = compute(value_{0}, 'x' * {0})  # filler to make the line longer\n"
     out, n, i = [], 0, 0
@@ -150,7 +158,7 @@ def test_lookup_stays_within_budget_on_10mb(kind: str) -> None:
         doc = "x = (" + "a + " * (size // 4)
     else:
         doc = "a a a a a a a a a a\n" * (size // 20)
-    prefix, suffix = doc[: len(doc) // 2], doc[len(doc) // 2:]  # somewhere inside a line
+    prefix, suffix = doc[: len(doc) // 2], doc[len(doc) // 2 :]  # somewhere inside a line
     others = {"file:///big1.py": doc, "file:///big2.py": doc}
     for budget in (0.0, 20.0):
         t = time.perf_counter()
@@ -179,6 +187,7 @@ def test_find_drafts_never_crashes(prefix: str, suffix: str, other: str, multili
 
 # -- verification by the model -----------------------------------------------------------------
 
+
 def test_accepted_length_rule() -> None:
     draft, greedy = [5, 6, 7, 8], [5, 6, 9, 8]
     assert accepted_length(draft, [-0.1, -0.2, -5.0, -0.1], greedy, min_accept_p=1.0) == 2
@@ -196,7 +205,7 @@ def engine():  # type: ignore[no-untyped-def]
     return Engine(MODEL_DIR, EngineOptions(threads=1))
 
 
-CODE = '''import os
+CODE = """import os
 
 
 def read_config(path):
@@ -206,7 +215,7 @@ def read_config(path):
 
 def main(argv):
     config = read_config(argv[1])
-    print('''
+    print("""
 
 
 JUNK = "\u2603~QZX"  # after the model's greedy text: tokens it would never write
@@ -228,9 +237,20 @@ def test_draft_is_cut_where_the_model_diverges(engine) -> None:  # type: ignore[
         m = forced
         while m < len(al.draft) and al.draft[m] == greedy[m]:  # first disagreement, computed here
             m += 1
-        cands = propose(engine, prompt, prefix, "", {}, doc_key="t", multiline=True, stop=None, cancel=None,
-                        max_new_tokens=len(al.draft) + 2, min_accept_p=1.0,
-                        drafts=[Draft(draft_text, "lookup:line", "test", 1)])
+        cands = propose(
+            engine,
+            prompt,
+            prefix,
+            "",
+            {},
+            doc_key="t",
+            multiline=True,
+            stop=None,
+            cancel=None,
+            max_new_tokens=len(al.draft) + 2,
+            min_accept_p=1.0,
+            drafts=[Draft(draft_text, "lookup:line", "test", 1)],
+        )
         verified = [c for c in cands if c.rejected == 0]
         copies = [c for c in cands if c.rejected > 0]
         if m < len(al.draft):  # the draft as copied stays a candidate, carrying the evidence against it
@@ -245,12 +265,12 @@ def test_draft_is_cut_where_the_model_diverges(engine) -> None:  # type: ignore[
         assert c.logprobs[:m] == pytest.approx(logprobs[:m], abs=1e-4)
         assert len(c.logprobs) == len(c.token_ids)
         if m < len(al.draft):
-            if m < len(al.draft) - len(engine.tokenizer.encode(JUNK)) and c.token_ids[m:m + 1] == al.draft[m:m + 1]:
+            if m < len(al.draft) - len(engine.tokenizer.encode(JUNK)) and c.token_ids[m : m + 1] == al.draft[m : m + 1]:
                 # inside the model's own greedy text: a near tie that the prompt path (score) and the
                 # decode path (generate, int8 cache) rank the other way round; not a rejected copy
                 continue
             checked += 1
-            assert c.token_ids[m:m + 1] != al.draft[m:m + 1]  # cut: the rejected token is gone
+            assert c.token_ids[m : m + 1] != al.draft[m : m + 1]  # cut: the rejected token is gone
             assert c.source == ("lookup:line+model" if len(c.token_ids) > m else "lookup:line")
     assert checked > 0, "no prefix gave a partly accepted draft"
 
@@ -267,9 +287,20 @@ def test_greedy_agreement_is_lossless(engine) -> None:  # type: ignore[no-untype
     assert text, "the model ends the line at once"
     engine.forward(prompt, "lossless")
     fed = engine.tokens_fed
-    cands = propose(engine, prompt, prefix, "", {}, doc_key="lossless", multiline=False, stop=newline_stop,
-                    cancel=None, max_new_tokens=16, min_accept_p=1.0,
-                    drafts=[Draft(text, "lookup:line", "test", 1)])
+    cands = propose(
+        engine,
+        prompt,
+        prefix,
+        "",
+        {},
+        doc_key="lossless",
+        multiline=False,
+        stop=newline_stop,
+        cancel=None,
+        max_new_tokens=16,
+        min_accept_p=1.0,
+        drafts=[Draft(text, "lookup:line", "test", 1)],
+    )
     al = align_draft(engine, prompt, text)
     assert al is not None
     assert not al.healed, "token healing at the cursor would change the greedy path"
@@ -282,8 +313,19 @@ def test_greedy_agreement_is_lossless(engine) -> None:  # type: ignore[no-untype
 def test_propose_uses_found_drafts(engine) -> None:  # type: ignore[no-untyped-def]
     prefix, suffix = split(DOC)
     prompt = engine.tokenizer.encode(prefix)
-    cands = propose(engine, prompt, prefix, suffix, {}, doc_key="p", multiline=False, stop=newline_stop,
-                    cancel=None, max_new_tokens=12, min_accept_p=0.0)
+    cands = propose(
+        engine,
+        prompt,
+        prefix,
+        suffix,
+        {},
+        doc_key="p",
+        multiline=False,
+        stop=newline_stop,
+        cancel=None,
+        max_new_tokens=12,
+        min_accept_p=0.0,
+    )
     assert cands, "min_accept_p=0 keeps every draft"
     assert cands[0].text.startswith("ute(gamma, ctx)")
     for c in cands:
@@ -291,21 +333,52 @@ def test_propose_uses_found_drafts(engine) -> None:  # type: ignore[no-untyped-d
         assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
         assert "\n" not in c.text
     with pytest.raises(Cancelled):
-        propose(engine, prompt, prefix, suffix, {}, doc_key="p", multiline=False, stop=newline_stop,
-                cancel=lambda: True, max_new_tokens=12)
+        propose(
+            engine,
+            prompt,
+            prefix,
+            suffix,
+            {},
+            doc_key="p",
+            multiline=False,
+            stop=newline_stop,
+            cancel=lambda: True,
+            max_new_tokens=12,
+        )
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
-@given(doc=st.text(alphabet=st.sampled_from(list("ab_x(). :=\n\t#é")), max_size=120), pos=st.integers(0, 120),
-       multiline=st.booleans(), accept=st.sampled_from([0.0, 0.1, 1.0]))
-def test_propose_never_crashes(engine, doc: str, pos: int, multiline: bool,  # type: ignore[no-untyped-def]
-                               accept: float) -> None:
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    doc=st.text(alphabet=st.sampled_from(list("ab_x(). :=\n\t#é")), max_size=120),
+    pos=st.integers(0, 120),
+    multiline=st.booleans(),
+    accept=st.sampled_from([0.0, 0.1, 1.0]),
+)
+def test_propose_never_crashes(
+    engine,
+    doc: str,
+    pos: int,
+    multiline: bool,  # type: ignore[no-untyped-def]
+    accept: float,
+) -> None:
     pos = min(pos, len(doc))
     prefix, suffix = doc[:pos], doc[pos:]
     prompt = engine.tokenizer.encode(prefix) or [engine.eos_id]
-    cands = propose(engine, prompt, prefix, suffix, {"file:///o.py": doc}, doc_key="h", multiline=multiline,
-                    stop=None if multiline else newline_stop, cancel=None, max_new_tokens=6, min_accept_p=accept)
+    cands = propose(
+        engine,
+        prompt,
+        prefix,
+        suffix,
+        {"file:///o.py": doc},
+        doc_key="h",
+        multiline=multiline,
+        stop=None if multiline else newline_stop,
+        cancel=None,
+        max_new_tokens=6,
+        min_accept_p=accept,
+    )
     for c in cands:
         assert c.text.strip()
         assert len(c.logprobs) == len(c.token_ids) <= 6

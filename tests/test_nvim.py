@@ -73,7 +73,9 @@ def readme_init(tmp_path: Path) -> Path:
     return init
 
 
-def run_nvim(script: str, tmp_path: Path, timeout_ms: int, init: Path | None = None, **env_extra: str) -> dict[str, Any]:
+def run_nvim(
+    script: str, tmp_path: Path, timeout_ms: int, init: Path | None = None, **env_extra: str
+) -> dict[str, Any]:
     """Run tests/editors/<script> in headless Neovim; return its JSON result, failing on error.
 
     With ``init``, Neovim starts as a user's would with that init.lua (plugins loaded); else

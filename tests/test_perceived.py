@@ -54,7 +54,9 @@ def test_continuation_extends_a_suggestion_cut_by_the_target():
     completer = Completer()
     completer.load(str(MODEL_DIR))
     completer.speeds = Speeds(prefill_ms_per_token=5.0, extend_ms=20.0, step_ms=40.0, step_ms_n=40.0, rows=1)
-    settings = Settings(model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=150, min_confidence=0.0)
+    settings = Settings(
+        model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=150, min_confidence=0.0
+    )
     assert completer.sized(settings).max_new_tokens == 8  # a slow machine: few tokens per request
     text = "import os\n\n\ndef list_python_files(root):\n    "
     req = CompletionRequest(text=text, line=4, character=4, uri="mem://cont.py")
@@ -89,18 +91,27 @@ async def test_warm_up_prefetch_after_accept_and_statistics(tmp_path: Path):
 
         # a request, then its suggestion accepted by an edit: the server computes the next one at once
         end = {"line": len(lines) - 1, "character": 0}
-        reply = await c.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": URI}, "position": end, "context": {"triggerKind": 1}})
+        reply = await c.request(
+            "textDocument/inlineCompletion",
+            {"textDocument": {"uri": URI}, "position": end, "context": {"triggerKind": 1}},
+        )
         items = reply["result"]["items"]
         assert items, reply
         shown = items[0]["insertText"]
-        await c.notify("textDocument/didChange", {"textDocument": {"uri": URI, "version": 2}, "contentChanges": [
-            {"range": {"start": end, "end": end}, "text": shown}]})
+        await c.notify(
+            "textDocument/didChange",
+            {
+                "textDocument": {"uri": URI, "version": 2},
+                "contentChanges": [{"range": {"start": end, "end": end}, "text": shown}],
+            },
+        )
         after = TEXT + shown
         tail = after.split("\n")
         cursor = {"line": len(tail) - 1, "character": len(tail[-1].encode("utf-16-le")) // 2}
-        reply = await c.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": URI}, "position": cursor, "context": {"triggerKind": 2}})
+        reply = await c.request(
+            "textDocument/inlineCompletion",
+            {"textDocument": {"uri": URI}, "position": cursor, "context": {"triggerKind": 2}},
+        )
         assert "result" in reply
         state = await debug(c)
         assert state["perceived"]["prefetched"] == 1 and state["perceived"]["joins"] == 1, state
@@ -117,8 +128,14 @@ async def test_warm_up_prefetch_after_accept_and_statistics(tmp_path: Path):
 def test_the_answer_after_an_accept_is_ready_before_it():
     completer = Completer()
     completer.load(str(MODEL_DIR))
-    settings = Settings(model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=0, max_new_tokens=3,
-                        min_confidence=0.0)
+    settings = Settings(
+        model_path=str(MODEL_DIR),
+        num_candidates=1,
+        lookup=False,
+        latency_target_ms=0,
+        max_new_tokens=3,
+        min_confidence=0.0,
+    )
     text = "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        "
     req = CompletionRequest(text=text, line=6, character=8, uri="mem://ahead.py")
     shown = completer.complete(req, settings).suggestions[0].insert_text  # cut after 3 tokens: the line goes on

@@ -8,7 +8,15 @@ from hypothesis import strategies as st
 
 from codegen_ls.suggest.context import Indent
 from codegen_ls.suggest.mode import decide_mode
-from codegen_ls.suggest.postprocess import MAX_LINES, clean, fit_suffix, make_stop, scan_brackets, stop_multi, stop_single
+from codegen_ls.suggest.postprocess import (
+    MAX_LINES,
+    clean,
+    fit_suffix,
+    make_stop,
+    scan_brackets,
+    stop_multi,
+    stop_single,
+)
 from helpers import ctx_of
 
 SPACES = Indent(False, 4)
@@ -29,6 +37,7 @@ def apply(marked: str, insert: str) -> str:
 
 
 # -- stop rules -----------------------------------------------------------------------------------
+
 
 def test_single_line_stops_at_the_newline() -> None:
     assert stop_single("x = ", "foo(1)\nbar") == 6
@@ -68,16 +77,20 @@ def test_tabs_count_as_indentation() -> None:
 
 # -- the rest of the line -------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("marked", "raw", "expected_line"), [
-    ("x = foo(|)", "a, b)", "x = foo(a, b)"),  # the model's ')' is the suffix's: once
-    ("x = foo(|)", "g(x)", "x = foo(g(x))"),  # the model's ')' closes its own '('
-    ("x = foo(|)", "a, b) + 1", "x = foo(a, b)"),  # cut where the suffix begins
-    ("x = foo(|)", "a", "x = foo(a)"),
-    ("for x in |:", "range(3):", "for x in range(3):"),
-    ('print("|")', 'hello")', 'print("hello")'),
-    ("d = {'a': [|]}", "1, 2]}", "d = {'a': [1, 2]}"),
-    ("y = f(|)  # note", "z)", "y = f(z)  # note"),
-])
+
+@pytest.mark.parametrize(
+    ("marked", "raw", "expected_line"),
+    [
+        ("x = foo(|)", "a, b)", "x = foo(a, b)"),  # the model's ')' is the suffix's: once
+        ("x = foo(|)", "g(x)", "x = foo(g(x))"),  # the model's ')' closes its own '('
+        ("x = foo(|)", "a, b) + 1", "x = foo(a, b)"),  # cut where the suffix begins
+        ("x = foo(|)", "a", "x = foo(a)"),
+        ("for x in |:", "range(3):", "for x in range(3):"),
+        ('print("|")', 'hello")', 'print("hello")'),
+        ("d = {'a': [|]}", "1, 2]}", "d = {'a': [1, 2]}"),
+        ("y = f(|)  # note", "z)", "y = f(z)  # note"),
+    ],
+)
 def test_suffix_appears_once_after_accept(marked: str, raw: str, expected_line: str) -> None:
     insert = run(marked + "\n", raw)
     assert insert is not None
@@ -85,8 +98,9 @@ def test_suffix_appears_once_after_accept(marked: str, raw: str, expected_line: 
 
 
 @settings(max_examples=60, deadline=None)
-@given(args=st.lists(st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True), min_size=1, max_size=4),
-       nested=st.booleans())
+@given(
+    args=st.lists(st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True), min_size=1, max_size=4), nested=st.booleans()
+)
 def test_closing_bracket_is_never_doubled(args: list[str], nested: bool) -> None:
     inner = ", ".join(args)
     raw = f"g({inner}))" if nested else f"{inner})"
@@ -104,13 +118,17 @@ def test_fit_suffix_leaves_unfixable_text_alone() -> None:
 
 # -- dropping -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("marked", "raw"), [
-    ("x = |\n", "   "),  # whitespace only
-    ("x = |\n", ""),
-    ("a = 1\n|\nb = 2\n", "b = 2"),  # repeats the next line
-    ("def f(x):\n    |\n    return x\n", "    return x"),  # the block re-types what follows
-    ("x = foo(|)\n", ")"),  # only the suffix again
-])
+
+@pytest.mark.parametrize(
+    ("marked", "raw"),
+    [
+        ("x = |\n", "   "),  # whitespace only
+        ("x = |\n", ""),
+        ("a = 1\n|\nb = 2\n", "b = 2"),  # repeats the next line
+        ("def f(x):\n    |\n    return x\n", "    return x"),  # the block re-types what follows
+        ("x = foo(|)\n", ")"),  # only the suffix again
+    ],
+)
 def test_useless_candidates_are_dropped(marked: str, raw: str) -> None:
     assert run(marked, raw) is None
 
@@ -121,6 +139,7 @@ def test_trailing_whitespace_is_dropped() -> None:
 
 
 # -- multi-line blocks and indentation ------------------------------------------------------------
+
 
 def test_block_is_placed_after_the_typed_indentation() -> None:
     marked = "def f(x):\n    |\n"
@@ -179,12 +198,21 @@ def test_kept_chars_count_the_overlap_as_kept() -> None:
     assert cut is not None and cut.truncated and cut.kept_chars == 4
 
 
-_code = st.lists(st.sampled_from(list("ab_ (){}[]:'\"#\\,.=\n\t\r ") + ["    ", "\U0001f600", "é", "\n    ", "return"]),
-                 max_size=40).map("".join)
-_docs = st.sampled_from([
-    "x = foo(|)\n", "def f(x):\n    |\n", "def f(x):|\n", "if a:\r\n\t|\r\n", "print('|')\n", "|", "a = [1,\n     |\n",
-    "class A:\n    def f(self):\n        return (|)\n        pass\n",
-])
+_code = st.lists(
+    st.sampled_from(list("ab_ (){}[]:'\"#\\,.=\n\t\r ") + ["    ", "\U0001f600", "é", "\n    ", "return"]), max_size=40
+).map("".join)
+_docs = st.sampled_from(
+    [
+        "x = foo(|)\n",
+        "def f(x):\n    |\n",
+        "def f(x):|\n",
+        "if a:\r\n\t|\r\n",
+        "print('|')\n",
+        "|",
+        "a = [1,\n     |\n",
+        "class A:\n    def f(self):\n        return (|)\n        pass\n",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -224,7 +252,10 @@ def test_block_body_takes_the_document_width() -> None:
 
 
 def test_typed_indentation_and_opener_end_take_the_document_width() -> None:
-    assert run("def a():\n  return 1\ndef g():\n  |\n", "    x = 1\n    if x:\n        return x") == "x = 1\n  if x:\n    return x"
+    assert (
+        run("def a():\n  return 1\ndef g():\n  |\n", "    x = 1\n    if x:\n        return x")
+        == "x = 1\n  if x:\n    return x"
+    )
     assert run("def a():\n  return 1\ndef f(x):|\n", "\n    if x:\n        return 1") == "\n  if x:\n    return 1"
 
 

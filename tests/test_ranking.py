@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytest
-
 import numpy as np
+import pytest
 
 from codegen_ls.suggest import postprocess, ranking
 from codegen_ls.suggest.confidence import FEATURES, ConfidenceModel
@@ -28,7 +27,7 @@ from codegen_ls.suggest.ranking import (
 )
 from helpers import COUNTER, ctx_of
 
-CLASS = '''import os
+CLASS = """import os
 
 
 class Store:
@@ -39,7 +38,7 @@ class Store:
     def get(self, key, default=None):
         |
         return value
-'''
+"""
 
 
 def test_classify() -> None:
@@ -67,7 +66,9 @@ def test_syntax_check_inside_an_indented_body() -> None:
     check = SyntaxCheck(ctx)
     assert check.usable
     assert not check.is_error("value = self.items.get(key, default)")
-    assert not check.is_error("if key in self.items:\n            value = self.items[key]\n        else:\n            value = default")
+    assert not check.is_error(
+        "if key in self.items:\n            value = self.items[key]\n        else:\n            value = default"
+    )
     assert check.is_error("value = = 1")
     assert check.is_error("if key in self.items")  # a finished line without its colon
 
@@ -125,8 +126,9 @@ def test_without_coefficients_the_earlier_rule_orders() -> None:
 
 def _model(weights: dict[str, float], bias: float = 0.0) -> ConfidenceModel:
     names = FEATURES
-    return ConfidenceModel(names, np.zeros(len(names)), np.ones(len(names)),
-                           np.array([weights.get(n, 0.0) for n in names]), bias)
+    return ConfidenceModel(
+        names, np.zeros(len(names)), np.ones(len(names)), np.array([weights.get(n, 0.0) for n in names]), bias
+    )
 
 
 def test_the_confidence_model_ranks_by_evidence_and_its_probability_is_the_confidence() -> None:

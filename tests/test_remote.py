@@ -30,7 +30,7 @@ from helpers import MODEL_DIR, RawClient, server_env
 
 Handler = Callable[[str, str, dict[str, str], Any], tuple[int, Any]]
 
-SOURCE = '''import os
+SOURCE = """import os
 
 
 class Store:
@@ -48,14 +48,14 @@ class Store:
     def save(self, name, text):
         with open(self.path(name), "w") as f:
             f.write(text)
-'''
+"""
 CURSORS = [(5, 20), (6, 21), (9, 20), (12, 13), (13, 19), (17, 14), (8, 4), (15, 8)]  # (line, character)
 
 
 def typed_to(line: int, character: int) -> str:
     """SOURCE as it is while the user types: the cursor line ends at the cursor."""
     lines = SOURCE.split("\n")
-    return "\n".join(lines[:line] + [lines[line][:character]] + lines[line + 1:])
+    return "\n".join(lines[:line] + [lines[line][:character]] + lines[line + 1 :])
 
 
 class LoopbackServer:
@@ -102,16 +102,22 @@ class LoopbackServer:
 
 def service_handler(service: CompletionService) -> Handler:
     """The cluster's routes over one engine, as the Ray ingress serves them."""
+
     def handle(method: str, path: str, headers: dict[str, str], body: Any) -> tuple[int, Any]:
         if path == "/v1/models":
             e = service.engine
-            return 200, {"object": "list", "data": [{"id": service.model, "owned_by": "codegen-ls",
-                                                     "codegen_ls": {"context_length": e.context_length}}]}
+            return 200, {
+                "object": "list",
+                "data": [
+                    {"id": service.model, "owned_by": "codegen-ls", "codegen_ls": {"context_length": e.context_length}}
+                ],
+            }
         if path == "/v1/completions":
             return 200, service.completions(body, headers.get("x-session-id"))
         if path == "/infill":
             return 200, service.infill(body, headers.get("x-session-id"))
         return 404, {"error": {"message": "no such route"}}
+
     return handle
 
 
@@ -143,7 +149,9 @@ def test_greedy_suggestions_equal_the_local_engines(remote_server: tuple[Loopbac
         got = remote.complete(req, pipeline_settings(backend="remote", remote_url=server.url))
         assert [s.insert_text for s in got.suggestions] == [s.insert_text for s in want.suggestions], (line, col)
         shown += len(want.suggestions)
-        assert [s.logprob_mean for s in got.suggestions] == pytest.approx([s.logprob_mean for s in want.suggestions], abs=1e-3)
+        assert [s.logprob_mean for s in got.suggestions] == pytest.approx(
+            [s.logprob_mean for s in want.suggestions], abs=1e-3
+        )
     assert shown >= len(CURSORS) - 1 and isinstance(remote.engine, RemoteEngine)
     # a second keystroke on the same document: the server's cache held the prompt
     req = CompletionRequest(typed_to(17, 13), 17, 13, uri="file:///store.py")
@@ -151,8 +159,9 @@ def test_greedy_suggestions_equal_the_local_engines(remote_server: tuple[Loopbac
     assert again.stats["cached_tokens"] > 0 and service.cached_tokens > 0
 
 
-def test_lookup_drafts_are_scored_remotely_as_locally(engine: Engine,
-                                                     remote_server: tuple[LoopbackServer, CompletionService]) -> None:
+def test_lookup_drafts_are_scored_remotely_as_locally(
+    engine: Engine, remote_server: tuple[LoopbackServer, CompletionService]
+) -> None:
     server, _ = remote_server
     remote = RemoteEngine(RemoteOptions(server.url), MODEL_DIR)
     prompt = engine.tokenizer.encode(SOURCE[:200])
@@ -165,17 +174,24 @@ def test_lookup_drafts_are_scored_remotely_as_locally(engine: Engine,
     assert got_after[top] == pytest.approx(want_after[top], abs=1e-3)
     assert int(got_after.argmax()) == int(want_after.argmax())
     # and the whole pipeline with lookup on answers through the remote backend
-    res = Completer().complete(CompletionRequest(typed_to(6, 21), 6, 21, uri="file:///s.py"),
-                               Settings(backend="remote", remote_url=server.url, deadline_ms=20_000))
+    res = Completer().complete(
+        CompletionRequest(typed_to(6, 21), 6, 21, uri="file:///s.py"),
+        Settings(backend="remote", remote_url=server.url, deadline_ms=20_000),
+    )
     assert res.suggestions
 
 
 def test_infill_answers_in_llama_cpp_shape(remote_server: tuple[LoopbackServer, CompletionService]) -> None:
     server, _ = remote_server
     http = HttpClient(server.url)
-    body = {"input_prefix": "import os\n\n\ndef home():\n    return ", "input_suffix": "\n", "n_predict": 8,
-            "input_extra": [{"filename": "util.py", "text": "def join(a, b):\n    return a + b\n"}],
-            "t_max_predict_ms": 5000, "cache_prompt": True}
+    body = {
+        "input_prefix": "import os\n\n\ndef home():\n    return ",
+        "input_suffix": "\n",
+        "n_predict": 8,
+        "input_extra": [{"filename": "util.py", "text": "def join(a, b):\n    return a + b\n"}],
+        "t_max_predict_ms": 5000,
+        "cache_prompt": True,
+    }
     first = http.call("POST", "/infill", body, timeout_ms=20_000, session="s1")
     second = http.call("POST", "/infill", body, timeout_ms=20_000, session="s1")
     assert isinstance(first["content"], str) and first["tokens_predicted"] >= 1
@@ -183,7 +199,9 @@ def test_infill_answers_in_llama_cpp_shape(remote_server: tuple[LoopbackServer, 
     assert second["content"] == first["content"]
 
 
-def test_one_connection_is_kept_alive_and_the_key_comes_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_connection_is_kept_alive_and_the_key_comes_from_the_named_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     server = LoopbackServer(lambda m, p, h, b: (200, {"ok": True}))
     try:
         monkeypatch.setenv("TEAM_KEY", "s3cret")
@@ -271,9 +289,14 @@ async def test_status_says_when_the_backend_is_unreachable() -> None:
         assert status["params"]["message"] == f"remote backend {url} unreachable: connection refused"
         await c.open("file:///a.py", typed_to(6, 21))
         since = len(c.notifications)
-        reply = await c.request("textDocument/inlineCompletion", {"textDocument": {"uri": "file:///a.py"},
-                                                                   "position": {"line": 6, "character": 21},
-                                                                   "context": {"triggerKind": 1}})
+        reply = await c.request(
+            "textDocument/inlineCompletion",
+            {
+                "textDocument": {"uri": "file:///a.py"},
+                "position": {"line": 6, "character": 21},
+                "context": {"triggerKind": 1},
+            },
+        )
         assert "result" in reply  # answered (empty), the server keeps serving
         again = await c.notification("codegenLs/status", since=since, where=lambda p: p["state"] == "error")
         assert "unreachable" in again["params"]["message"]

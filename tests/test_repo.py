@@ -28,13 +28,13 @@ def total_price(items, tax_rate=0.2):
     return round(subtotal * (1 + tax_rate), 2)
 '''
 
-MAIN = '''from .util import total_price
+MAIN = """from .util import total_price
 
 
 def checkout(cart):
     amount = total_price(cart.items, tax_rate=0.07)
     return amount
-'''
+"""
 
 
 def make_project(root: Path) -> Path:
@@ -120,9 +120,12 @@ def test_repository_drafts_and_exclusion(tmp_path: Path) -> None:
     index = indexed(root)
     prefix = "def pay(cart):\n    amount = total_price("
     drafts = find_drafts(prefix, "\n", {}, repo=index.snapshot, include_ngram=False)
-    assert [(d.text, d.source, d.origin) for d in drafts] == [("cart.items, tax_rate=0.07)", "lookup:repo", "pkg/main.py:5")]
-    excluded = find_drafts(prefix, "\n", {}, repo=index.snapshot, include_ngram=False,
-                           repo_exclude={str(root / "pkg" / "main.py")})
+    assert [(d.text, d.source, d.origin) for d in drafts] == [
+        ("cart.items, tax_rate=0.07)", "lookup:repo", "pkg/main.py:5")
+    ]
+    excluded = find_drafts(
+        prefix, "\n", {}, repo=index.snapshot, include_ngram=False, repo_exclude={str(root / "pkg" / "main.py")}
+    )
     assert excluded == []
     index.close()
 
@@ -181,8 +184,7 @@ def test_pipeline_uses_the_repository(tmp_path: Path, completer: Completer) -> N
     result = completer.complete(req, settings)
     assert any(c["source"].startswith("lookup:repo") and c["origin"] == "pkg/main.py:5" for c in result.candidates)
     snippets = result.prompt_info["repo_snippets"]
-    assert snippets[0] == {"file": "pkg/util.py", "line": 8, "lines": 3, "why": "import:total_price",
-                           "score": 1.0}
+    assert snippets[0] == {"file": "pkg/util.py", "line": 8, "lines": 3, "why": "import:total_price", "score": 1.0}
     assert result.prompt_info["repo_tokens"] > 0
     completer.forget(req.uri)  # (else the type-ahead cache answers the same cursor)
     off = completer.complete(req, Settings(min_confidence=0.0, repo_lookup=False, repo_context=False))
@@ -195,5 +197,7 @@ def test_every_candidate_has_a_calibrated_confidence(completer: Completer) -> No
     text = "def area(width, height):\n    return width * height\n\n\ndef volume(width, height, depth):\n    return "
     result = completer.complete(CompletionRequest(text, 5, 11), Settings(min_confidence=0.0))
     assert result.candidates and all(0.0 < c["confidence"] < 1.0 for c in result.candidates)
-    assert [c["confidence"] for c in result.candidates] == sorted((c["confidence"] for c in result.candidates), reverse=True)
+    assert [c["confidence"] for c in result.candidates] == sorted(
+        (c["confidence"] for c in result.candidates), reverse=True
+    )
     assert all(set(c["features"]) >= {"lp_mean", "src_line", "rejected", "votes"} for c in result.candidates)

@@ -27,7 +27,7 @@ from helpers import MODEL_DIR, RawClient, server_env
 
 T = TypeVar("T")
 
-SOURCE = '''import json
+SOURCE = """import json
 
 
 def load(path):
@@ -40,15 +40,18 @@ def total(items):
     for item in items:
         result += item["price"] * item["count"]
     return result
-'''
+"""
 
 INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32600, -32601, -32602
 PARSE_ERROR, NOT_INITIALIZED, CANCELLED = -32700, -32002, -32800
 
 
 def inline_params(uri: str, line: int, character: int, trigger: int = 2) -> dict[str, Any]:
-    return {"textDocument": {"uri": uri}, "position": {"line": line, "character": character},
-            "context": {"triggerKind": trigger}}
+    return {
+        "textDocument": {"uri": uri},
+        "position": {"line": line, "character": character},
+        "context": {"triggerKind": trigger},
+    }
 
 
 def error_code(reply: dict[str, Any]) -> int | None:
@@ -90,8 +93,16 @@ async def test_protocol_errors_are_answered():
         await c.open("file:///a.py", SOURCE)
 
         # not JSON, not an object, not JSON-RPC 2.0: answered with "id": null (or the id if valid)
-        for body in (b"{not json", b"\xff\xfe\x00{", b"[" * 100_000 + b"]" * 100_000, b"[]", b'"text"', b"42",
-                     b'{"jsonrpc": "2.0", "id": {"a": 1}, "method": "x"}', b'{"id": 7.5, "method": "x"}'):
+        for body in (
+            b"{not json",
+            b"\xff\xfe\x00{",
+            b"[" * 100_000 + b"]" * 100_000,
+            b"[]",
+            b'"text"',
+            b"42",
+            b'{"jsonrpc": "2.0", "id": {"a": 1}, "method": "x"}',
+            b'{"id": 7.5, "method": "x"}',
+        ):
             before = len(c.null_id_errors)
             await c.send_bytes(body)
             await c.wait_until(lambda n=before: len(c.null_id_errors) > n, 20, f"an answer to {body[:30]!r}")
@@ -102,9 +113,16 @@ async def test_protocol_errors_are_answered():
         # unknown methods, invalid params
         assert error_code(await c.request("codegenLs/unknown", {})) == METHOD_NOT_FOUND
         assert error_code(await c.request("$/unknownRequest")) == METHOD_NOT_FOUND
-        for params in (None, "text", [1, 2], {}, {"textDocument": {"uri": "file:///a.py"}},
-                       inline_params("file:///a.py", -1, 0), inline_params("file:///a.py", 0, "x"),
-                       {**inline_params("file:///a.py", 0, 0), "context": {"triggerKind": 99}}):
+        for params in (
+            None,
+            "text",
+            [1, 2],
+            {},
+            {"textDocument": {"uri": "file:///a.py"}},
+            inline_params("file:///a.py", -1, 0),
+            inline_params("file:///a.py", 0, "x"),
+            {**inline_params("file:///a.py", 0, 0), "context": {"triggerKind": 99}},
+        ):
             for method in ("textDocument/inlineCompletion", "textDocument/completion"):
                 if method == "textDocument/completion" and isinstance(params, dict) and "context" in params:
                     continue
@@ -113,11 +131,18 @@ async def test_protocol_errors_are_answered():
                 assert "params" in reply["error"]["message"]
 
         # notifications with bad params: logged and ignored
-        for method, params in (("textDocument/didChange", {"textDocument": {"uri": "file:///nope.py", "version": 2},
-                                                            "contentChanges": [{"text": "x"}]}),
-                               ("textDocument/didChange", {"contentChanges": "x"}), ("textDocument/didOpen", None),
-                               ("$/cancelRequest", {"id": {"x": 1}}), ("$/cancelRequest", {"id": 12345}),
-                               ("workspace/didChangeConfiguration", "x"), ("codegenLs/unknownNotification", {})):
+        for method, params in (
+            (
+                "textDocument/didChange",
+                {"textDocument": {"uri": "file:///nope.py", "version": 2}, "contentChanges": [{"text": "x"}]},
+            ),
+            ("textDocument/didChange", {"contentChanges": "x"}),
+            ("textDocument/didOpen", None),
+            ("$/cancelRequest", {"id": {"x": 1}}),
+            ("$/cancelRequest", {"id": 12345}),
+            ("workspace/didChangeConfiguration", "x"),
+            ("codegenLs/unknownNotification", {}),
+        ):
             await c.notify(method, params)
         assert "result" in await c.request("textDocument/inlineCompletion", inline_params("file:///a.py", 9, 13))
         assert c.proc.returncode is None
@@ -154,8 +179,14 @@ async def test_client_gone_server_exits_within_a_second():
     try:
         await c.initialize()
         await c.open("file:///a.py", SOURCE)
-        await c.send({"jsonrpc": "2.0", "id": 99, "method": "textDocument/inlineCompletion",
-                      "params": inline_params("file:///a.py", 11, 8, trigger=1)})
+        await c.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 99,
+                "method": "textDocument/inlineCompletion",
+                "params": inline_params("file:///a.py", 11, 8, trigger=1),
+            }
+        )
         assert c.proc.stdin is not None
         c.proc.stdin.close()  # the editor died
         t0 = time.perf_counter()
@@ -212,11 +243,20 @@ async def test_hostile_documents_are_answered():
         methods = ("textDocument/inlineCompletion", "textDocument/completion")
         for uri, text in docs.items():
             last_line, last_col = end_position(text)
-            positions = [(0, 0), (0, 3), (last_line, last_col), (last_line, last_col + 50), (last_line + 5, 0),
-                         (0, 10_000_000), (2**31 - 1, 2**31 - 1)]
-            positions += {"file:///astral.py": [(0, 6), (0, 7), (1, 9)],  # 7: inside a surrogate pair
-                          "file:///big.py": [(300_000, 4), (599_999, 0)],
-                          "file:///long.py": [(0, 120_000)]}.get(uri, [])
+            positions = [
+                (0, 0),
+                (0, 3),
+                (last_line, last_col),
+                (last_line, last_col + 50),
+                (last_line + 5, 0),
+                (0, 10_000_000),
+                (2**31 - 1, 2**31 - 1),
+            ]
+            positions += {
+                "file:///astral.py": [(0, 6), (0, 7), (1, 9)],  # 7: inside a surrogate pair
+                "file:///big.py": [(300_000, 4), (599_999, 0)],
+                "file:///long.py": [(0, 120_000)],
+            }.get(uri, [])
             for i, (line, col) in enumerate(positions):
                 params = inline_params(uri, line, col)
                 if i % 2:
@@ -232,20 +272,35 @@ async def test_hostile_documents_are_answered():
                     rng = item["range"] if "range" in item else item["textEdit"]["range"]
                     assert rng["start"]["line"] == rng["end"]["line"] == min(line, last_line)
         # edits in documents with control characters and CRLF keep the server's copy exact
-        for uri, (start, end, new) in (("file:///control.py", ((2, 0), (2, 1), "C")),
-                                       ("file:///crlf.py", ((1, 1), (1, 7), "yield")),
-                                       ("file:///astral.py", ((0, 7), (0, 7), "?")),
-                                       ("file:///big.py", ((599_990, 0), (599_990, 0), "# edit\n")),
-                                       ("file:///empty.py", ((0, 0), (0, 0), "s = '\udc00'\nt = s"))):
+        for uri, (start, end, new) in (
+            ("file:///control.py", ((2, 0), (2, 1), "C")),
+            ("file:///crlf.py", ((1, 1), (1, 7), "yield")),
+            ("file:///astral.py", ((0, 7), (0, 7), "?")),
+            ("file:///big.py", ((599_990, 0), (599_990, 0), "# edit\n")),
+            ("file:///empty.py", ((0, 0), (0, 0), "s = '\udc00'\nt = s")),
+        ):
             text = docs[uri]
-            await c.notify("textDocument/didChange", {
-                "textDocument": {"uri": uri, "version": 2},
-                "contentChanges": [{"range": {"start": {"line": start[0], "character": start[1]},
-                                              "end": {"line": end[0], "character": end[1]}}, "text": new}]})
+            await c.notify(
+                "textDocument/didChange",
+                {
+                    "textDocument": {"uri": uri, "version": 2},
+                    "contentChanges": [
+                        {
+                            "range": {
+                                "start": {"line": start[0], "character": start[1]},
+                                "end": {"line": end[0], "character": end[1]},
+                            },
+                            "text": new,
+                        }
+                    ],
+                },
+            )
             expected = apply_edit(text, start, end, new)
             reply = await c.request("codegenLs/debugDocument", {"uri": uri}, timeout=60)
             assert reply["result"]["text"] == expected, uri
-            reply = await c.request("textDocument/inlineCompletion", inline_params(uri, *end_position(expected)), timeout=60)
+            reply = await c.request(
+                "textDocument/inlineCompletion", inline_params(uri, *end_position(expected)), timeout=60
+            )
             assert "result" in reply, (uri, reply)  # a lone surrogate brought by an edit is answered too
         assert c.proc.returncode is None
     finally:
@@ -267,7 +322,7 @@ def offset_of(text: str, line: int, utf16_col: int) -> int:
 
 
 def apply_edit(text: str, start: tuple[int, int], end: tuple[int, int], new: str) -> str:
-    return text[:offset_of(text, *start)] + new + text[offset_of(text, *end):]
+    return text[: offset_of(text, *start)] + new + text[offset_of(text, *end) :]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -277,6 +332,7 @@ def apply_edit(text: str, start: tuple[int, int], end: tuple[int, int], new: str
 
 def broken_models(tmp: Path) -> Iterator[tuple[str, Path]]:
     """Model directories with one fault each (unchanged files are symlinked, not copied)."""
+
     def copy(name: str) -> Path:
         d = tmp / name
         d.mkdir()
@@ -310,18 +366,26 @@ async def test_model_faults_one_message_and_recovery(tmp_path: Path):
         for i, (fault, path) in enumerate(faults):
             if i:
                 mark = len(c.notifications)
-                await c.notify("workspace/didChangeConfiguration", {"settings": {"codegenLs": {"modelPath": str(path)}}})
+                await c.notify(
+                    "workspace/didChangeConfiguration", {"settings": {"codegenLs": {"modelPath": str(path)}}}
+                )
                 await c.notification("codegenLs/status", since=mark, where=lambda p: p["state"] == "error")
             status = [n for n in c.notifications if n["method"] == "codegenLs/status"][-1]["params"]
-            errors = [n["params"] for n in c.notifications if n["method"] == "window/showMessage" and n["params"]["type"] == 1]
+            errors = [
+                n["params"] for n in c.notifications if n["method"] == "window/showMessage" and n["params"]["type"] == 1
+            ]
             assert len(errors) == i + 1, (fault, errors)
             print(f"\n{fault}: {errors[-1]['message']}")
             assert status["state"] == "error" and status["message"] in errors[-1]["message"]
             assert "\n" not in errors[-1]["message"] and len(errors[-1]["message"]) < 400
-            assert items_of(await c.request("textDocument/inlineCompletion", inline_params("file:///a.py", 11, 8))) == []
+            assert (
+                items_of(await c.request("textDocument/inlineCompletion", inline_params("file:///a.py", 11, 8))) == []
+            )
         # the same bad setting again: no second message
         mark = len(c.notifications)
-        await c.notify("workspace/didChangeConfiguration", {"settings": {"codegenLs": {"modelPath": str(faults[-1][1])}}})
+        await c.notify(
+            "workspace/didChangeConfiguration", {"settings": {"codegenLs": {"modelPath": str(faults[-1][1])}}}
+        )
         await c.notification("codegenLs/status", since=mark, where=lambda p: p["state"] == "error")
         assert not [n for n in c.notifications[mark:] if n["method"] == "window/showMessage"]
         # a valid model: recovery
@@ -363,16 +427,31 @@ async def test_rapid_requests_with_cancellations():
         version = 1
         for i in range(n):
             msg_id = c.next_id()
-            await c.send({"jsonrpc": "2.0", "id": msg_id, "method": "textDocument/inlineCompletion",
-                          "params": inline_params(uri, *ends[i % len(ends)])})
+            await c.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": msg_id,
+                    "method": "textDocument/inlineCompletion",
+                    "params": inline_params(uri, *ends[i % len(ends)]),
+                }
+            )
             sent[msg_id] = loop.time()
             if i % 3 == 1:
                 await c.notify("$/cancelRequest", {"id": msg_id})
             if i % 50 == 49:  # typing: a character at the start of the first line
                 version += 1
-                await c.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
-                    "contentChanges": [{"range": {"start": {"line": 0, "character": 0},
-                                                  "end": {"line": 0, "character": 0}}, "text": "#"}]})
+                await c.notify(
+                    "textDocument/didChange",
+                    {
+                        "textDocument": {"uri": uri, "version": version},
+                        "contentChanges": [
+                            {
+                                "range": {"start": {"line": 0, "character": 0}, "end": {"line": 0, "character": 0}},
+                                "text": "#",
+                            }
+                        ],
+                    },
+                )
             if i % 100 == 0:
                 peak_threads = max(peak_threads, proc_status(pid)["Threads"])
                 await asyncio.sleep(0)
@@ -387,15 +466,19 @@ async def test_rapid_requests_with_cancellations():
         codes = [error_code(c.responses[k]) for k in answered]
         nonempty = sum(1 for k in answered if "result" in c.responses[k] and c.responses[k]["result"]["items"])
         last_latency = c.arrival[last] - sent[last]
-        print(f"\nload: {n} requests ({n // 3} cancelled by the client, a didChange every 50), "
-              f"sent in {(t_sent - sent[min(sent)]) * 1000:.0f} ms, all answered after "
-              f"{(max(c.arrival[k] for k in answered) - sent[min(sent)]) * 1000:.0f} ms\n"
-              f"  answered {len(answered)}/{n}: {codes.count(None)} results ({nonempty} non-empty), "
-              f"{codes.count(CANCELLED)} RequestCancelled, other errors {[x for x in codes if x not in (None, CANCELLED)]}\n"
-              f"  single-request latency {min(baseline) * 1000:.0f}-{max(baseline) * 1000:.0f} ms; "
-              f"newest request after the burst: {last_latency * 1000:.0f} ms\n"
-              f"  threads {before['Threads']} -> {after['Threads']} (peak {peak_threads}); "
-              f"RSS {before['VmRSS'] / 1024:.0f} -> {after['VmRSS'] / 1024:.0f} MB (high-water {after['VmHWM'] / 1024:.0f} MB)")
+        print(
+            f"\nload: {n} requests ({n // 3} cancelled by the client, a didChange every 50), "
+            f"sent in {(t_sent - sent[min(sent)]) * 1000:.0f} ms, all answered after "
+            f"{(max(c.arrival[k] for k in answered) - sent[min(sent)]) * 1000:.0f} ms\n"
+            f"  answered {len(answered)}/{n}: {codes.count(None)} results ({nonempty} non-empty), "
+            f"{codes.count(CANCELLED)} RequestCancelled, other errors "
+            f"{[x for x in codes if x not in (None, CANCELLED)]}\n"
+            f"  single-request latency {min(baseline) * 1000:.0f}-{max(baseline) * 1000:.0f} ms; "
+            f"newest request after the burst: {last_latency * 1000:.0f} ms\n"
+            f"  threads {before['Threads']} -> {after['Threads']} (peak {peak_threads}); "
+            f"RSS {before['VmRSS'] / 1024:.0f} -> {after['VmRSS'] / 1024:.0f} MB (high-water "
+            f"{after['VmHWM'] / 1024:.0f} MB)"
+        )
         assert len(answered) == n
         assert set(codes) <= {None, CANCELLED}
         assert "result" in c.responses[last]
@@ -404,7 +487,10 @@ async def test_rapid_requests_with_cancellations():
         assert last_latency < 30, "the newest request waited behind the backlog"
         t0 = loop.time()  # after the burst: a fresh request is served at single-request speed, with items
         reply = await c.request("textDocument/inlineCompletion", inline_params(uri, *ends[3], trigger=1))
-        print(f"  a request after the burst: {len(reply['result']['items'])} item(s) in {(loop.time() - t0) * 1000:.0f} ms")
+        print(
+            f"  a request after the burst: {len(reply['result']['items'])} item(s) in {(loop.time() - t0) * 1000:.0f} "
+            "ms"
+        )
         assert reply["result"]["items"]
     finally:
         await c.close()
@@ -414,7 +500,7 @@ async def test_rapid_requests_with_cancellations():
 # Offline guarantee
 # -------------------------------------------------------------------------------------------------
 
-AUDIT_GUARD = '''
+AUDIT_GUARD = """
 import os, socket, sys
 
 _LOG = os.environ["CODEGEN_LS_NET_LOG"]
@@ -436,7 +522,7 @@ def _hook(event, args):
 sys.addaudithook(_hook)
 with open(_LOG, "a") as f:
     f.write("guard installed\\n")
-'''
+"""
 
 
 def socket_inodes(pid: int) -> set[str]:
@@ -464,19 +550,29 @@ def inet_inodes(pid: int) -> set[str]:
 async def test_serve_opens_no_network_sockets(tmp_path: Path):
     (tmp_path / "codegen_ls_net_guard.py").write_text(AUDIT_GUARD)
     log = tmp_path / "net.log"
-    env = server_env(CODEGEN_LS_NET_LOG=str(log),
-                      PYTHONPATH=os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    cmd = [sys.executable, "-c", "import codegen_ls_net_guard, runpy; runpy.run_module('codegen_ls', run_name='__main__')",
-           "serve"]
+    env = server_env(
+        CODEGEN_LS_NET_LOG=str(log),
+        PYTHONPATH=os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        "import codegen_ls_net_guard, runpy; runpy.run_module('codegen_ls', run_name='__main__')",
+        "serve",
+    ]
     c = await RawClient.start(env=env, cmd=cmd)
     try:
         await c.initialize()
         await c.open("file:///a.py", SOURCE)
         for line, col in ((11, 8), (9, 4), (13, 11)):
-            assert "result" in await c.request("textDocument/inlineCompletion", inline_params("file:///a.py", line, col, 1))
+            assert "result" in await c.request(
+                "textDocument/inlineCompletion", inline_params("file:///a.py", line, col, 1)
+            )
         await c.notify("workspace/didChangeConfiguration", {"settings": {"codegenLs": {"numCandidates": 1}}})
-        assert "result" in await c.request("textDocument/completion", {"textDocument": {"uri": "file:///a.py"},
-                                                                         "position": {"line": 11, "character": 8}})
+        assert "result" in await c.request(
+            "textDocument/completion",
+            {"textDocument": {"uri": "file:///a.py"}, "position": {"line": 11, "character": 8}},
+        )
         sockets = socket_inodes(c.proc.pid)
         leaked = sockets & inet_inodes(c.proc.pid)
         assert not leaked, f"network sockets open: {leaked}"
@@ -507,6 +603,7 @@ class ThreadedServer:
     def call(self, fn: Callable[[], Awaitable[T]], timeout: float = 120) -> T:
         async def run() -> T:
             return await fn()
+
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
     def close(self) -> None:
@@ -524,8 +621,29 @@ def edit_server() -> Iterator[ThreadedServer]:
     server.close()
 
 
-ALPHABET = st.sampled_from(["a", "b", " ", "\t", "\n", "\r\n", "\r", "é", "😀", "𝔘", "\x00", "\x0c", "\x1b",
-                            "\u2028", "\x85", "\ud800", "def ", "(", ")"])
+ALPHABET = st.sampled_from(
+    [
+        "a",
+        "b",
+        " ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\r",
+        "é",
+        "😀",
+        "𝔘",
+        "\x00",
+        "\x0c",
+        "\x1b",
+        "\u2028",
+        "\x85",
+        "\ud800",
+        "def ",
+        "(",
+        ")",
+    ]
+)
 TEXT = st.lists(ALPHABET, max_size=30).map("".join)
 
 
@@ -542,11 +660,14 @@ def edit_script(draw: st.DrawFn) -> tuple[str, list[list[dict[str, Any]]], list[
                 batch.append({"text": new})
                 text = new
                 continue
-            a, b = sorted((draw(position_in(text)), draw(position_in(text))),
-                          key=lambda p: offset_of(text, *p))
+            a, b = sorted((draw(position_in(text)), draw(position_in(text))), key=lambda p: offset_of(text, *p))
             new = draw(TEXT)
-            batch.append({"range": {"start": {"line": a[0], "character": a[1]},
-                                    "end": {"line": b[0], "character": b[1]}}, "text": new})
+            batch.append(
+                {
+                    "range": {"start": {"line": a[0], "character": a[1]}, "end": {"line": b[0], "character": b[1]}},
+                    "text": new,
+                }
+            )
             text = apply_edit(text, a, b, new)
         batches.append(batch)
         texts.append(text)
@@ -562,14 +683,16 @@ def position_in(text: str) -> st.SearchStrategy[tuple[int, int]]:
     def column(line: int) -> st.SearchStrategy[tuple[int, int]]:
         content = lines[line].rstrip("\r\n")
         return st.integers(0, len(content)).map(lambda i: (line, utf16_len(content[:i])))
+
     return st.integers(0, len(lines) - 1).flatmap(column)
 
 
 _docs = iter(range(1_000_000))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(script=edit_script())
 def test_random_edits_keep_server_text_equal(edit_server: ThreadedServer, script: Any):
     start, batches, texts = script
@@ -579,13 +702,15 @@ def test_random_edits_keep_server_text_equal(edit_server: ThreadedServer, script
     async def run() -> None:
         await c.open(uri, start)
         for version, (batch, expected) in enumerate(zip(batches, texts, strict=True), start=2):
-            await c.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
-                                                      "contentChanges": batch})
+            await c.notify(
+                "textDocument/didChange", {"textDocument": {"uri": uri, "version": version}, "contentChanges": batch}
+            )
             reply = await c.request("codegenLs/debugDocument", {"uri": uri}, timeout=30)
             assert reply["result"]["text"] == expected, (start, batches)
         line, col = end_position(texts[-1])
         assert "result" in await c.request("textDocument/inlineCompletion", inline_params(uri, line, col), timeout=60)
         await c.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+
     edit_server.call(run)
 
 
@@ -597,27 +722,71 @@ def rpc_server() -> Iterator[ThreadedServer]:
     server.close()
 
 
-METHODS = st.sampled_from([
-    "textDocument/inlineCompletion", "textDocument/completion", "textDocument/didOpen", "textDocument/didChange",
-    "textDocument/didClose", "workspace/didChangeConfiguration", "$/cancelRequest", "initialize", "initialized",
-    "codegenLs/debugDocument", "workspace/executeCommand", "textDocument/hover", "$/setTrace", "window/workDoneProgress/cancel",
-    "completionItem/resolve", "", "x" * 300, "codegenLs/status"])
-KEYS = st.sampled_from(["uri", "textDocument", "position", "line", "character", "context", "triggerKind", "text", "id",
-                        "settings", "codegenLs", "jsonrpc", "range", "contentChanges"]) | st.text(max_size=8)
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=5), max_leaves=12)
+METHODS = st.sampled_from(
+    [
+        "textDocument/inlineCompletion",
+        "textDocument/completion",
+        "textDocument/didOpen",
+        "textDocument/didChange",
+        "textDocument/didClose",
+        "workspace/didChangeConfiguration",
+        "$/cancelRequest",
+        "initialize",
+        "initialized",
+        "codegenLs/debugDocument",
+        "workspace/executeCommand",
+        "textDocument/hover",
+        "$/setTrace",
+        "window/workDoneProgress/cancel",
+        "completionItem/resolve",
+        "",
+        "x" * 300,
+        "codegenLs/status",
+    ]
+)
+KEYS = st.sampled_from(
+    [
+        "uri",
+        "textDocument",
+        "position",
+        "line",
+        "character",
+        "context",
+        "triggerKind",
+        "text",
+        "id",
+        "settings",
+        "codegenLs",
+        "jsonrpc",
+        "range",
+        "contentChanges",
+    ]
+) | st.text(max_size=8)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=5),
+    max_leaves=12,
+)
 POSITION = st.fixed_dictionaries({"line": st.integers(-1, 30), "character": st.integers(-1, 40)})
 PLAUSIBLE = st.fixed_dictionaries(
-    {"textDocument": st.fixed_dictionaries({"uri": st.sampled_from(["file:///a.py", "file:///b.py"])}), "position": POSITION},
-    optional={"context": st.fixed_dictionaries({"triggerKind": st.integers(0, 3)})})
+    {
+        "textDocument": st.fixed_dictionaries({"uri": st.sampled_from(["file:///a.py", "file:///b.py"])}),
+        "position": POSITION,
+    },
+    optional={"context": st.fixed_dictionaries({"triggerKind": st.integers(0, 3)})},
+)
 MESSAGE = st.fixed_dictionaries(
     {"jsonrpc": st.sampled_from(["2.0", "2.0", "2.0", "1.0", None]), "method": METHODS | st.text(max_size=10)},
-    optional={"id": st.integers(0, 2**53) | st.text(max_size=6) | st.none() | st.floats(allow_nan=False) | st.booleans(),
-              "params": JSON | PLAUSIBLE})
+    optional={
+        "id": st.integers(0, 2**53) | st.text(max_size=6) | st.none() | st.floats(allow_nan=False) | st.booleans(),
+        "params": JSON | PLAUSIBLE,
+    },
+)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(message=MESSAGE | JSON, raw=st.none() | st.binary(max_size=40))
 def test_random_jsonrpc_messages_are_answered(rpc_server: ThreadedServer, message: Any, raw: bytes | None):
     c = rpc_server.client
@@ -631,7 +800,11 @@ def test_random_jsonrpc_messages_are_answered(rpc_server: ThreadedServer, messag
         if raw is not None:
             await c.send_bytes(raw)
         else:
-            if isinstance(message, dict) and isinstance(message.get("id"), (int, str)) and not isinstance(message["id"], bool):
+            if (
+                isinstance(message, dict)
+                and isinstance(message.get("id"), (int, str))
+                and not isinstance(message["id"], bool)
+            ):
                 message["id"] = f"fuzz-{c.next_id()}" if isinstance(message["id"], str) else c.next_id() + 10**9
             await c.send(message)
         msg_id = message.get("id") if isinstance(message, dict) else None
@@ -646,6 +819,7 @@ def test_random_jsonrpc_messages_are_answered(rpc_server: ThreadedServer, messag
                 json.loads(raw)
             except ValueError:
                 assert len(c.null_id_errors) > before or not raw.strip(), raw
+
     rpc_server.call(run)
     assert c.proc.returncode is None
 
@@ -665,8 +839,10 @@ async def test_bad_framing_never_makes_the_server_deaf():
         await c.open("file:///a.py", SOURCE)
 
         def body(msg_id: int) -> bytes:
-            return json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "codegenLs/debugDocument",
-                               "params": {"uri": "file:///a.py"}}).encode()
+            return json.dumps(
+                {"jsonrpc": "2.0", "id": msg_id, "method": "codegenLs/debugDocument", "params": {"uri": "file:///a.py"}}
+            ).encode()
+
         bad = {
             "too short": lambda b: b"Content-Length: %d\r\n\r\n" % (len(b) - 7) + b,
             "too long": lambda b: b"Content-Length: %d\r\n\r\n" % (len(b) + 40) + b,
@@ -704,9 +880,12 @@ async def test_old_document_versions_are_ignored_and_null_versions_applied():
         await c.open(uri, "a = 1\n", version=5)
 
         async def change(version: int | None, text: str) -> str:
-            await c.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
-                                                      "contentChanges": [{"text": text}]})
+            await c.notify(
+                "textDocument/didChange",
+                {"textDocument": {"uri": uri, "version": version}, "contentChanges": [{"text": text}]},
+            )
             return (await c.request("codegenLs/debugDocument", {"uri": uri}))["result"]["text"]
+
         assert await change(6, "a = 2\n") == "a = 2\n"
         for old in (4, 5, 3):  # older than the document: ignored
             assert await change(old, f"stale = {old}\n") == "a = 2\n"
@@ -732,7 +911,9 @@ async def test_long_line_does_not_starve_other_documents():
         await c.open("file:///small.py", small)
         await c.open("file:///long.py", long_line)
         small_at = inline_params("file:///small.py", 4, 14, trigger=1)
-        assert "result" in await c.request("textDocument/inlineCompletion", inline_params("file:///long.py", 0, width, 1))
+        assert "result" in await c.request(
+            "textDocument/inlineCompletion", inline_params("file:///long.py", 0, width, 1)
+        )
         loop = asyncio.get_running_loop()
         alone, behind = [], []
         for version in range(2, 5):
@@ -740,20 +921,39 @@ async def test_long_line_does_not_starve_other_documents():
             await c.request("textDocument/inlineCompletion", small_at)
             alone.append(loop.time() - t0)
             t0 = loop.time()
-            await c.notify("textDocument/didChange", {"textDocument": {"uri": "file:///long.py", "version": version},
-                                                      "contentChanges": [{"range": {"start": {"line": 0, "character": width},
-                                                                                    "end": {"line": 0, "character": width}},
-                                                                          "text": "z"}]})
+            await c.notify(
+                "textDocument/didChange",
+                {
+                    "textDocument": {"uri": "file:///long.py", "version": version},
+                    "contentChanges": [
+                        {
+                            "range": {"start": {"line": 0, "character": width}, "end": {"line": 0, "character": width}},
+                            "text": "z",
+                        }
+                    ],
+                },
+            )
             width += 1
             long_id, small_id = c.next_id(), c.next_id()
-            await c.send({"jsonrpc": "2.0", "id": long_id, "method": "textDocument/inlineCompletion",
-                          "params": inline_params("file:///long.py", 0, width, 1)})
-            await c.send({"jsonrpc": "2.0", "id": small_id, "method": "textDocument/inlineCompletion", "params": small_at})
+            await c.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": long_id,
+                    "method": "textDocument/inlineCompletion",
+                    "params": inline_params("file:///long.py", 0, width, 1),
+                }
+            )
+            await c.send(
+                {"jsonrpc": "2.0", "id": small_id, "method": "textDocument/inlineCompletion", "params": small_at}
+            )
             assert "result" in await c.response(small_id, 60)
             behind.append(c.arrival[small_id] - t0)
             assert "result" in await c.response(long_id, 60)
         alone_s, behind_s = sorted(alone)[1], sorted(behind)[1]
-        print(f"\nsmall document: {alone_s * 1000:.0f} ms alone, {behind_s * 1000:.0f} ms behind a keystroke on a 3 MB line")
+        print(
+            f"\nsmall document: {alone_s * 1000:.0f} ms alone, {behind_s * 1000:.0f} ms behind a keystroke on a 3 MB "
+            "line"
+        )
         assert behind_s < 10 * alone_s + 1.0
         reply = await c.request("codegenLs/debugDocument", {"uri": "file:///long.py"})
         assert reply["result"]["text"] == long_line + "zzz"
@@ -789,8 +989,9 @@ async def test_prompt_cache_memory_stays_within_its_setting():
             uri, text = f"file:///m{n}.py", f"# module {n}\n" + body.replace("x * ", f"x * {n} * ") + "\nresult = "
             await c.open(uri, text)
             last = text.split("\n")
-            assert "result" in await c.request("textDocument/inlineCompletion",
-                                               inline_params(uri, len(last) - 1, len(last[-1]), trigger=1))
+            assert "result" in await c.request(
+                "textDocument/inlineCompletion", inline_params(uri, len(last) - 1, len(last[-1]), trigger=1)
+            )
         grown_mb = (proc_status(c.proc.pid)["VmRSS"] - before) / 1024
         text_mb = 40 * len(body) / 2**20
         print(f"\nRSS grew {grown_mb:.0f} MB with 40 completed documents ({text_mb:.1f} MB of text), promptCacheMb 20")
@@ -799,13 +1000,34 @@ async def test_prompt_cache_memory_stays_within_its_setting():
         await c.close()
 
 
-FRAME_PIECES = st.sampled_from([b"Content-Length: ", b"content-length:", b"CONTENT-LENGTH:\t", b"Content-Type: x", b"0",
-                                b"7", b"-1", b"99999999999999", b"12x", b"\r\n", b"\n", b"\r\n\r\n", b"{", b"}", b'"id": 5',
-                                b'{"jsonrpc": "2.0", "id": 1, "method": "x"}', b"\xff", b" ", b"POST / HTTP/1.1"])
+FRAME_PIECES = st.sampled_from(
+    [
+        b"Content-Length: ",
+        b"content-length:",
+        b"CONTENT-LENGTH:\t",
+        b"Content-Type: x",
+        b"0",
+        b"7",
+        b"-1",
+        b"99999999999999",
+        b"12x",
+        b"\r\n",
+        b"\n",
+        b"\r\n\r\n",
+        b"{",
+        b"}",
+        b'"id": 5',
+        b'{"jsonrpc": "2.0", "id": 1, "method": "x"}',
+        b"\xff",
+        b" ",
+        b"POST / HTTP/1.1",
+    ]
+)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(raw=st.binary(max_size=60) | st.lists(FRAME_PIECES, max_size=10).map(b"".join))
 def test_unframed_bytes_never_make_the_server_deaf(rpc_server: ThreadedServer, raw: bytes):
     """Any bytes at all on stdin (bad headers, bodies without headers, huge lengths), and the next
@@ -818,12 +1040,15 @@ def test_unframed_bytes_never_make_the_server_deaf(rpc_server: ThreadedServer, r
         c.writer.write(raw)
         await c.writer.drain()
         first = c.next_id()
-        await c.send({"jsonrpc": "2.0", "id": first, "method": "codegenLs/debugDocument", "params": {"uri": "file:///a.py"}})
+        await c.send(
+            {"jsonrpc": "2.0", "id": first, "method": "codegenLs/debugDocument", "params": {"uri": "file:///a.py"}}
+        )
         try:
             await c.response(first, timeout=5)
         except AssertionError:
             assert b"HTTP/" in raw, raw  # only a foreign header block may take the next message with it
             reply = await c.request("codegenLs/debugDocument", {"uri": "file:///a.py"}, timeout=30)
             assert "result" in reply, reply
+
     rpc_server.call(run)
     assert c.proc.returncode is None

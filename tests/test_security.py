@@ -63,8 +63,10 @@ def test_onnxruntime_telemetry_is_off(tmp_path: Path) -> None:
     assert any(".onnxruntime" in f for f in files_under(control)), files_under(control)
 
     strace = shutil.which("strace")
-    runs = {"engine": [sys.executable, "-c", SESSION, str(MODEL_DIR)],
-            "complete": [sys.executable, "-m", "codegen_ls", "complete", str(REPO / "examples" / "demo.py") + ":41:22"]}
+    runs = {
+        "engine": [sys.executable, "-c", SESSION, str(MODEL_DIR)],
+        "complete": [sys.executable, "-m", "codegen_ls", "complete", str(REPO / "examples" / "demo.py") + ":41:22"],
+    }
     for name, cmd in runs.items():
         home = tmp_path / name
         trace = tmp_path / f"{name}.strace"
@@ -94,8 +96,14 @@ def test_manifest_paths_stay_inside_the_model_directory(tmp_path: Path) -> None:
     outside.write_text("{}")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "link.json").symlink_to(outside)
-    for field, name in (("tokenizer", "/etc/passwd"), ("tokenizer", "../outside.json"), ("onnx", "sub/../../x.onnx"),
-                        ("tokenizer", "link.json"), ("onnx", "C:\\model.onnx"), ("tokenizer", 7)):
+    for field, name in (
+        ("tokenizer", "/etc/passwd"),
+        ("tokenizer", "../outside.json"),
+        ("onnx", "sub/../../x.onnx"),
+        ("tokenizer", "link.json"),
+        ("onnx", "C:\\model.onnx"),
+        ("tokenizer", 7),
+    ):
         (tmp_path / "m" / "manifest.json").write_text(json.dumps({**manifest, field: name}))
         with pytest.raises(ModelError, match="outside the model directory|file name must be"):
             read_manifest(tmp_path / "m")
@@ -141,9 +149,14 @@ async def test_serve_leaves_no_telemetry_and_opens_no_network_socket(tmp_path: P
         status = await c.initialize()
         assert "result" in status
         await c.open("file:///a.py", "import os\n\n\ndef names(root):\n    return os.")
-        reply = await c.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": "file:///a.py"}, "position": {"line": 4, "character": 14},
-            "context": {"triggerKind": 1}})
+        reply = await c.request(
+            "textDocument/inlineCompletion",
+            {
+                "textDocument": {"uri": "file:///a.py"},
+                "position": {"line": 4, "character": 14},
+                "context": {"triggerKind": 1},
+            },
+        )
         assert "result" in reply
     finally:
         assert await c.close() == 0
@@ -168,6 +181,7 @@ def test_scripts_load_onnxruntime_only_after_codegen_ls() -> None:
             if isinstance(node, ast.Import):
                 return [a.name for a in node.names]
             return [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+
         if not any(m.startswith(("onnxruntime", "optimum")) for n in ast.walk(tree) for m in modules(n)):
             continue
         ours = [n.lineno for n in tree.body if any(m.startswith("codegen_ls") for m in modules(n))]

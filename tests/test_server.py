@@ -21,7 +21,7 @@ from helpers import SERVER_CMD, RawClient, server_env, utf16_offset
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SOURCE = '''import os
+SOURCE = """import os
 
 
 def read_lines(path):
@@ -38,7 +38,7 @@ def main():
     lines = read_lines("data.txt")
     for line in lines:
         print(count_words(line))
-'''
+"""
 
 CAPABILITIES = types.ClientCapabilities(
     general=types.GeneralClientCapabilities(position_encodings=[types.PositionEncodingKind.Utf16]),
@@ -52,14 +52,16 @@ CAPABILITIES = types.ClientCapabilities(
 )
 
 
-async def start_session(client: LanguageClient, capabilities: types.ClientCapabilities = CAPABILITIES,
-                        options: Any = None) -> types.InitializeResult:
+async def start_session(
+    client: LanguageClient, capabilities: types.ClientCapabilities = CAPABILITIES, options: Any = None
+) -> types.InitializeResult:
     """initialize + initialized, recording ``codegenLs/status``; wait until the model is loaded."""
     statuses: list[dict[str, Any]] = []
     client.statuses = statuses  # type: ignore[attr-defined]
     client.feature("codegenLs/status")(lambda params: statuses.append(_plain(params)))
-    result = await client.initialize_session(types.InitializeParams(capabilities=capabilities,
-                                                                    initialization_options=options))
+    result = await client.initialize_session(
+        types.InitializeParams(capabilities=capabilities, initialization_options=options)
+    )
     await wait_for(lambda: any(s["state"] in ("ready", "error") for s in statuses), "model load")
     return result
 
@@ -85,26 +87,39 @@ async def client(lsp_client: LanguageClient):
 
 @pytest_lsp.fixture(loop_scope="module", config=ClientServerConfig(server_command=SERVER_CMD, server_env=server_env()))
 async def utf8_client(lsp_client: LanguageClient):
-    caps = types.ClientCapabilities(general=types.GeneralClientCapabilities(
-        position_encodings=[types.PositionEncodingKind.Utf8, types.PositionEncodingKind.Utf16]))
+    caps = types.ClientCapabilities(
+        general=types.GeneralClientCapabilities(
+            position_encodings=[types.PositionEncodingKind.Utf8, types.PositionEncodingKind.Utf16]
+        )
+    )
     lsp_client.init_result = await start_session(  # type: ignore[attr-defined]
-        lsp_client, caps, options={"codegenLs": {"numCandidates": 2, "maxNewTokens": 8}})
+        lsp_client, caps, options={"codegenLs": {"numCandidates": 2, "maxNewTokens": 8}}
+    )
     yield
     await lsp_client.shutdown_session()
 
 
 # -- helpers --------------------------------------------------------------------------------------
 
+
 def open_doc(client: LanguageClient, uri: str, text: str, version: int = 1) -> None:
-    client.text_document_did_open(types.DidOpenTextDocumentParams(
-        types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)))
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(
+            types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)
+        )
+    )
 
 
-def edit(client: LanguageClient, uri: str, version: int, start: tuple[int, int], end: tuple[int, int], text: str) -> None:
+def edit(
+    client: LanguageClient, uri: str, version: int, start: tuple[int, int], end: tuple[int, int], text: str
+) -> None:
     rng = types.Range(types.Position(*start), types.Position(*end))
-    client.text_document_did_change(types.DidChangeTextDocumentParams(
-        types.VersionedTextDocumentIdentifier(uri=uri, version=version),
-        [types.TextDocumentContentChangePartial(range=rng, text=text)]))
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(
+            types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+            [types.TextDocumentContentChangePartial(range=rng, text=text)],
+        )
+    )
 
 
 async def server_text(client: LanguageClient, uri: str) -> str | None:
@@ -112,10 +127,17 @@ async def server_text(client: LanguageClient, uri: str) -> str | None:
     return None if reply is None else reply.text  # pygls turns JSON objects into namedtuples
 
 
-async def inline(client: LanguageClient, uri: str, line: int, character: int, **kw: Any) -> list[types.InlineCompletionItem]:
-    result = await client.text_document_inline_completion_async(types.InlineCompletionParams(
-        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
-        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, character), **kw))
+async def inline(
+    client: LanguageClient, uri: str, line: int, character: int, **kw: Any
+) -> list[types.InlineCompletionItem]:
+    result = await client.text_document_inline_completion_async(
+        types.InlineCompletionParams(
+            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+            text_document=types.TextDocumentIdentifier(uri=uri),
+            position=types.Position(line, character),
+            **kw,
+        )
+    )
     assert result is not None
     return list(result.items if isinstance(result, types.InlineCompletionList) else result)
 
@@ -126,21 +148,25 @@ offset = utf16_offset  # code points of a UTF-16 position, the way an editor cou
 def check_applies(text: str, cursor: tuple[int, int], insert: str, rng: types.Range) -> str:
     """A suggestion continues the line at the cursor and applies exactly once: return the new text."""
     assert rng.start.line == rng.end.line == cursor[0], "range must stay on the cursor line"
-    s, c, e = (offset(text, rng.start.line, rng.start.character), offset(text, *cursor),
-               offset(text, rng.end.line, rng.end.character))
+    s, c, e = (
+        offset(text, rng.start.line, rng.start.character),
+        offset(text, *cursor),
+        offset(text, rng.end.line, rng.end.character),
+    )
     assert s <= c <= e, f"range {rng} must contain the cursor {cursor}"
     typed, replaced = text[s:c], text[c:e]
     assert insert.startswith(typed), f"{insert!r} must re-type {typed!r} (the text before the cursor in its range)"
-    assert insert[len(typed):], "an empty suggestion"
-    rest = iter(insert[len(typed):])  # what it replaces after the cursor is re-typed, in order
+    assert insert[len(typed) :], "an empty suggestion"
+    rest = iter(insert[len(typed) :])  # what it replaces after the cursor is re-typed, in order
     assert all(ch in rest for ch in replaced if not ch.isspace()), f"{insert!r} drops {replaced!r}"
     applied = text[:s] + insert + text[e:]  # what the editor shows after accepting it once
     assert applied.startswith(text[:c]) and applied.endswith(text[e:])
-    assert applied[c:len(applied) - len(text) + e] == insert[len(typed):]
+    assert applied[c : len(applied) - len(text) + e] == insert[len(typed) :]
     return applied
 
 
 # -- tests ----------------------------------------------------------------------------------------
+
 
 async def test_initialize_advertises_features(client: LanguageClient):
     caps = client.init_result.capabilities  # type: ignore[attr-defined]
@@ -155,7 +181,8 @@ async def test_initialize_advertises_features(client: LanguageClient):
 async def test_model_load_reports_progress_and_status(client: LanguageClient):
     states = [s["state"] for s in client.statuses]  # type: ignore[attr-defined]
     assert states[0] == "loading" and "ready" in states, states
-    assert all({"state", "message", "model", "lastLatencyMs"} <= set(s) for s in client.statuses)  # type: ignore[attr-defined]
+    assert all({"state", "message", "model", "lastLatencyMs"} <= set(s) for s in client.statuses)
+    # type: ignore[attr-defined]
     kinds = [[getattr(v, "kind", None) for v in reports] for reports in client.progress_reports.values()]
     assert ["begin", "end"] in kinds, kinds
 
@@ -164,8 +191,13 @@ async def test_incremental_edits_are_applied(client: LanguageClient):
     uri = "file:///edits.py"
     text = "def f(x):\n    return x\n"
     open_doc(client, uri, text)
-    edits = [((1, 11), (1, 12), "x + 1"), ((0, 0), (0, 0), "# 😀 ünïcode\n"), ((1, 4), (1, 5), "y"),
-             ((3, 0), (3, 0), "\r\nprint(f(2))"), ((0, 2), (0, 6), "")]
+    edits = [
+        ((1, 11), (1, 12), "x + 1"),
+        ((0, 0), (0, 0), "# 😀 ünïcode\n"),
+        ((1, 4), (1, 5), "y"),
+        ((3, 0), (3, 0), "\r\nprint(f(2))"),
+        ((0, 2), (0, 6), ""),
+    ]
     for version, (start, end, new) in enumerate(edits, start=2):
         edit(client, uri, version, start, end, new)
         a, b = offset(text, *start), offset(text, *end)
@@ -176,8 +208,13 @@ async def test_incremental_edits_are_applied(client: LanguageClient):
 async def test_inline_completions_continue_the_line(client: LanguageClient):
     uri = "file:///main.py"
     open_doc(client, uri, SOURCE)
-    cursors = [(9, len("    words = text.")), (10, len("    return ")), (15, len("    for line in ")),
-               (14, len("    lines = read_lines(")), (17, 0)]
+    cursors = [
+        (9, len("    words = text.")),
+        (10, len("    return ")),
+        (15, len("    for line in ")),
+        (14, len("    lines = read_lines(")),
+        (17, 0),
+    ]
     answered = 0
     for line, col in cursors:
         items = await inline(client, uri, line, col)
@@ -193,9 +230,13 @@ async def test_inline_completions_continue_the_line(client: LanguageClient):
 
 async def test_completion_fallback_ranked_items(client: LanguageClient):
     uri = "file:///main.py"  # opened above
-    result = await client.text_document_completion_async(types.CompletionParams(
-        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(15, 8),
-        context=types.CompletionContext(trigger_kind=types.CompletionTriggerKind.Invoked)))
+    result = await client.text_document_completion_async(
+        types.CompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri),
+            position=types.Position(15, 8),
+            context=types.CompletionContext(trigger_kind=types.CompletionTriggerKind.Invoked),
+        )
+    )
     assert isinstance(result, types.CompletionList) and result.is_incomplete
     keys = [item.sort_text or "" for item in result.items]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
@@ -209,9 +250,12 @@ async def test_cancel_request_is_answered(client: LanguageClient):
     open_doc(client, uri, SOURCE * 4)
     params = types.InlineCompletionParams(  # the end of a ``def`` line: a long multi-line decode
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
-        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(54, 21))
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        position=types.Position(54, 21),
+    )
     pending = asyncio.ensure_future(  # sent now, not when awaited
-        client.protocol.send_request_async(types.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id="to-cancel"))
+        client.protocol.send_request_async(types.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id="to-cancel")
+    )
     await asyncio.sleep(0.05)
     client.cancel_request(types.CancelParams(id="to-cancel"))
     with pytest.raises(JsonRpcException) as err:
@@ -228,9 +272,16 @@ async def test_requests_at_one_version_are_all_answered(client: LanguageClient):
     (tests/test_editor_seam.py: an edit ends the older version's requests)."""
     uri = "file:///supersede.py"
     open_doc(client, uri, SOURCE)
-    futures = [client.text_document_inline_completion_async(types.InlineCompletionParams(
-        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
-        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(*pos))) for pos in LINE_ENDS]
+    futures = [
+        client.text_document_inline_completion_async(
+            types.InlineCompletionParams(
+                context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
+                text_document=types.TextDocumentIdentifier(uri=uri),
+                position=types.Position(*pos),
+            )
+        )
+        for pos in LINE_ENDS
+    ]
     results = await asyncio.wait_for(asyncio.gather(*futures), 120)
     answers = [r.items for r in results if isinstance(r, types.InlineCompletionList)]
     assert len(answers) == len(results)
@@ -282,10 +333,14 @@ async def test_client_indentation_shapes_block_suggestions(client: LanguageClien
     the file's own (here: none yet, so 4)."""
     text = "import os\n\n\ndef list_files(path):\n\n"
     fixed, guessed = "file:///indent_fixed.py", "file:///indent_guessed.py"
-    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(  # every suggestion: this tests
-        settings={"codegenLs": {"minConfidence": 0}}))  # indentation, not the default minConfidence
-    client.set_configuration({"tabSize": 2, "insertSpaces": True, "detectIndentation": False},
-                             section="editor", scope_uri=fixed)
+    client.workspace_did_change_configuration(
+        types.DidChangeConfigurationParams(  # every suggestion: this tests
+            settings={"codegenLs": {"minConfidence": 0}}
+        )
+    )  # indentation, not the default minConfidence
+    client.set_configuration(
+        {"tabSize": 2, "insertSpaces": True, "detectIndentation": False}, section="editor", scope_uri=fixed
+    )
     open_doc(client, fixed, text)
     open_doc(client, guessed, text)
     await wait_for_async(lambda: debug_field(client, fixed, "indentation"), "the client's indentation")
@@ -320,15 +375,19 @@ async def test_bad_requests_are_answered(client: LanguageClient):
     with pytest.raises(JsonRpcMethodNotFound):
         await client.protocol.send_request_async("codegenLs/noSuchMethod", {})
     assert await client.protocol.send_request_async("codegenLs/debugDocument", {"uri": 3}) is None
-    client.text_document_did_change(types.DidChangeTextDocumentParams(  # unknown document: logged, ignored
-        types.VersionedTextDocumentIdentifier(uri="file:///nope.py", version=2),
-        [types.TextDocumentContentChangeWholeDocument(text="x")]))
+    client.text_document_did_change(
+        types.DidChangeTextDocumentParams(  # unknown document: logged, ignored
+            types.VersionedTextDocumentIdentifier(uri="file:///nope.py", version=2),
+            [types.TextDocumentContentChangeWholeDocument(text="x")],
+        )
+    )
     assert isinstance(await inline(client, "file:///main.py", 1, 0), list)
 
 
 async def test_utf8_position_encoding(utf8_client: LanguageClient):
     client = utf8_client
-    assert client.init_result.capabilities.position_encoding == types.PositionEncodingKind.Utf8  # type: ignore[attr-defined]
+    assert client.init_result.capabilities.position_encoding == types.PositionEncodingKind.Utf8
+    # type: ignore[attr-defined]
     assert client.progress_reports == {}  # the client did not offer window.workDoneProgress
     uri = "file:///utf8.py"
     text = 'greeting = "héllo 😀"\nname = "wörld"\nprint(greeting + name'
@@ -349,16 +408,27 @@ async def test_tcp_transport():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = await asyncio.create_subprocess_exec(
-        *SERVER_CMD, "--tcp", f"127.0.0.1:{port}", stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=server_env())
+        *SERVER_CMD,
+        "--tcp",
+        f"127.0.0.1:{port}",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=server_env(),
+    )
     c = await RawClient.connect_tcp(proc, "127.0.0.1", port)
     try:
         reply = await c.initialize()
         assert "inlineCompletionProvider" in reply["result"]["capabilities"]
         await c.open("file:///tcp.py", SOURCE)
-        reply = await c.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": "file:///tcp.py"}, "position": {"line": 10, "character": 11},
-            "context": {"triggerKind": 1}})
+        reply = await c.request(
+            "textDocument/inlineCompletion",
+            {
+                "textDocument": {"uri": "file:///tcp.py"},
+                "position": {"line": 10, "character": 11},
+                "context": {"triggerKind": 1},
+            },
+        )
         assert isinstance(reply["result"]["items"], list)
         await c.send_bytes(b"{oops")
         await c.wait_until(lambda: bool(c.null_id_errors), 10, "a parse error")

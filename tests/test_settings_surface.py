@@ -19,7 +19,7 @@ def test_every_setting_is_documented_declared_and_forwarded() -> None:
     names = {name for name, _, _ in describe()}
     lua = (REPO / "editors" / "nvim" / "lsp" / "codegen_ls.lua").read_text(encoding="utf-8")
     lua_keys = set(re.findall(r"^    (\w+) = ", lua[lua.index("codegenLs = {") : lua.index("\n  },")], re.M))
-    assert lua_keys == names, (lua_keys ^ names)
+    assert lua_keys == names, lua_keys ^ names
     for name, _, default in describe():
         assert f"| `{name}` |" in readme, f"{name} missing from the README settings table"
         entry = declared.get(f"{NAMESPACE}.{name}")
@@ -42,8 +42,12 @@ def test_one_table_of_bounds_drives_validation_and_the_vscode_declarations() -> 
         for key in ("minimum", "maximum", "enum"):
             assert vscode.get(key) == entry.get(key), (entry["name"], key, vscode.get(key), entry.get(key))
         if "minimum" in entry:
-            for value, ok in ((entry["minimum"], True), (entry["maximum"], True), (entry["maximum"] + 1, False),
-                              (entry["minimum"] - 1, False)):
+            for value, ok in (
+                (entry["minimum"], True),
+                (entry["maximum"], True),
+                (entry["maximum"] + 1, False),
+                (entry["minimum"] - 1, False),
+            ):
                 _, problems = parse_settings({entry["name"]: type(entry["default"])(value)})
                 assert (not problems) == ok, (entry["name"], value, problems)
         if "enum" in entry:

@@ -30,9 +30,11 @@ def test_only_counters_are_stored_and_servers_merge(tmp_path: Path):
     b.close()
     data = json.loads(path.read_text())
     assert set(data) == {"format", "since", "counts"}
-    assert data["counts"] == {"greedy|0.4|python|200-500": [1, 1, 0, 0],
-                              "lookup:line+model|0.9|python|0-50": [1, 0, 0, 0],
-                              "other|0.2|other|>=1000": [0, 0, 0, 1]}
+    assert data["counts"] == {
+        "greedy|0.4|python|200-500": [1, 1, 0, 0],
+        "lookup:line+model|0.9|python|0-50": [1, 0, 0, 0],
+        "other|0.2|other|>=1000": [0, 0, 0, 1],
+    }
     assert "secret" not in path.read_text() and "passwd" not in path.read_text()
     text = "\n".join(stats.report(path))
     assert "all              shown       2" in text

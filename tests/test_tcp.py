@@ -25,8 +25,15 @@ def free_port() -> int:
 async def start(*args: str) -> tuple[asyncio.subprocess.Process, int]:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        *SERVER_CMD, "--tcp", f"127.0.0.1:{port}", *args, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=server_env())
+        *SERVER_CMD,
+        "--tcp",
+        f"127.0.0.1:{port}",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=server_env(),
+    )
     return proc, port
 
 
@@ -54,12 +61,20 @@ def framed(body: bytes) -> bytes:
 async def test_one_client_and_nobody_else():
     proc, port = await start()
     # before any client: a web page's POST, and a message other than initialize, are closed unanswered
-    post = (b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 120\r\n\r\n"
-            + framed(b'{"jsonrpc": "2.0", "method": "workspace/didChangeConfiguration", '
-                     b'"params": {"settings": {"codegenLs": {"modelPath": "/tmp"}}}}'))
+    post = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 120\r\n\r\n" + framed(
+        b'{"jsonrpc": "2.0", "method": "workspace/didChangeConfiguration", '
+        b'"params": {"settings": {"codegenLs": {"modelPath": "/tmp"}}}}'
+    )
     assert await intruder(port, post) == b""
-    assert await intruder(port, framed(b'{"jsonrpc": "2.0", "id": 1, "method": "codegenLs/debugDocument", '
-                                       b'"params": {"uri": "file:///a.py"}}')) == b""
+    assert (
+        await intruder(
+            port,
+            framed(
+                b'{"jsonrpc": "2.0", "id": 1, "method": "codegenLs/debugDocument", "params": {"uri": "file:///a.py"}}'
+            ),
+        )
+        == b""
+    )
     c = await RawClient.connect_tcp(proc, "127.0.0.1", port)
     try:
         await c.initialize()
@@ -67,16 +82,24 @@ async def test_one_client_and_nobody_else():
         assert status["state"] == "ready" and "codegen-ls-small" in status["model"], status  # the POST changed nothing
         await c.open("file:///a.py", SOURCE)
         # a second local program: refused (the listener is closed), it never reads the document
-        stolen = await intruder(port, framed(b'{"jsonrpc": "2.0", "id": 1, "method": "initialize", '
-                                             b'"params": {"capabilities": {}}}')
-                                + framed(b'{"jsonrpc": "2.0", "id": 2, "method": "codegenLs/debugDocument", '
-                                         b'"params": {"uri": "file:///a.py"}}'))
+        stolen = await intruder(
+            port,
+            framed(b'{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}}')
+            + framed(
+                b'{"jsonrpc": "2.0", "id": 2, "method": "codegenLs/debugDocument", "params": {"uri": "file:///a.py"}}'
+            ),
+        )
         assert b"list_files" not in stolen and stolen == b""
         reply = await c.request("codegenLs/debugDocument", {"uri": "file:///a.py"})
         assert reply["result"]["text"] == SOURCE  # the editor's session is untouched
-        reply = await c.request("textDocument/inlineCompletion", {
-            "textDocument": {"uri": "file:///a.py"}, "position": {"line": 4, "character": 11},
-            "context": {"triggerKind": 1}})
+        reply = await c.request(
+            "textDocument/inlineCompletion",
+            {
+                "textDocument": {"uri": "file:///a.py"},
+                "position": {"line": 4, "character": 11},
+                "context": {"triggerKind": 1},
+            },
+        )
         assert "result" in reply
     finally:
         assert await c.close() == 0
@@ -100,13 +123,26 @@ async def test_server_ends_when_its_client_resets_the_connection():
 async def test_non_loopback_address_needs_a_flag():
     port = free_port()
     refused = await asyncio.create_subprocess_exec(
-        *SERVER_CMD, "--tcp", f"0.0.0.0:{port}", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=server_env())
+        *SERVER_CMD,
+        "--tcp",
+        f"0.0.0.0:{port}",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=server_env(),
+    )
     _, err = await asyncio.wait_for(refused.communicate(), 60)
     assert refused.returncode == 1 and b"--allow-remote" in err, err
     allowed = await asyncio.create_subprocess_exec(
-        *SERVER_CMD, "--tcp", f"0.0.0.0:{port}", "--allow-remote", stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=server_env())
+        *SERVER_CMD,
+        "--tcp",
+        f"0.0.0.0:{port}",
+        "--allow-remote",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=server_env(),
+    )
     c = await RawClient.connect_tcp(allowed, "127.0.0.1", port)
     await c.initialize(wait_ready=False)
     assert await c.close() == 0

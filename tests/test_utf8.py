@@ -12,8 +12,14 @@ from codegen_ls.settings import Settings
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 from helpers import MODEL
 
-PROMPTS = ["s = '😀", "greeting = 'héllo 😀😀", "# 日本語のコメント\nx = '日本", "emoji = ['🎉', '🚀', '",
-           "name = 'wörld 𝔘", 's = "ü']
+PROMPTS = [
+    "s = '😀",
+    "greeting = 'héllo 😀😀",
+    "# 日本語のコメント\nx = '日本",
+    "emoji = ['🎉', '🚀', '",
+    "name = 'wörld 𝔘",
+    's = "ü',
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,13 @@ def test_no_replacement_character_in_suggestions(completer: Completer) -> None:
         for prompt in PROMPTS:
             for k in range(3):
                 text = prompt + " " * k
-                req = CompletionRequest(text=text, line=text.count("\n"), character=len(text.split("\n")[-1]),
-                                        uri=f"file:///u{k}.py", explicit=True)
+                req = CompletionRequest(
+                    text=text,
+                    line=text.count("\n"),
+                    character=len(text.split("\n")[-1]),
+                    uri=f"file:///u{k}.py",
+                    explicit=True,
+                )
                 result = completer.complete(req, Settings(num_candidates=4, temperature=temperature, lookup=False))
                 for s in result.suggestions:
                     total += 1

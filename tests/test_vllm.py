@@ -50,19 +50,40 @@ def to_gptj(model_dir: Path, out: Path) -> Path:
                 gptj[f"{p}{name}.weight"] = blocks[:, j].reshape(e, e)
         else:
             gptj[k] = v
-    config = transformers.GPTJConfig(vocab_size=m.vocab_size, n_positions=m.context_length, n_embd=e, n_layer=n_layer,
-                                     n_head=m.n_head, rotary_dim=int(m.extra["rotary_dim"]), n_inner=None,
-                                     activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=False,
-                                     bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id)
+    config = transformers.GPTJConfig(
+        vocab_size=m.vocab_size,
+        n_positions=m.context_length,
+        n_embd=e,
+        n_layer=n_layer,
+        n_head=m.n_head,
+        rotary_dim=int(m.extra["rotary_dim"]),
+        n_inner=None,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=m.bos_token_id,
+        eos_token_id=m.eos_token_id,
+    )
     model = transformers.GPTJForCausalLM(config)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in gptj.items()},
-                                                strict=False)
-    assert not [k for k in missing if not k.endswith((".attn.bias", ".masked_bias"))] and not unexpected, (missing, unexpected)
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in gptj.items()}, strict=False
+    )
+    assert not [k for k in missing if not k.endswith((".attn.bias", ".masked_bias"))] and not unexpected, (
+        missing,
+        unexpected,
+    )
     model.save_pretrained(out, safe_serialization=True)
     (out / "tokenizer.json").write_bytes((model_dir / m.tokenizer).read_bytes())
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                           "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
-                                                           "model_max_length": m.context_length}))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "bos_token": "<|endoftext|>",
+                "model_max_length": m.context_length,
+            }
+        )
+    )
     return out
 
 
@@ -78,10 +99,17 @@ def test_the_gptj_checkpoint_computes_what_codegen_does(gptj_dir: Path) -> None:
     from codegen_ls.engine.engine import Engine, EngineOptions
 
     m = transformers.GPTJForCausalLM.from_pretrained(gptj_dir).eval()
-    cfg = transformers.CodeGenConfig(vocab_size=m.config.vocab_size, n_positions=m.config.n_positions,
-                                     n_ctx=m.config.n_positions, n_embd=m.config.n_embd, n_layer=m.config.n_layer,
-                                     n_head=m.config.n_head, rotary_dim=m.config.rotary_dim,
-                                     activation_function="gelu_new", tie_word_embeddings=False)
+    cfg = transformers.CodeGenConfig(
+        vocab_size=m.config.vocab_size,
+        n_positions=m.config.n_positions,
+        n_ctx=m.config.n_positions,
+        n_embd=m.config.n_embd,
+        n_layer=m.config.n_layer,
+        n_head=m.config.n_head,
+        rotary_dim=m.config.rotary_dim,
+        activation_function="gelu_new",
+        tie_word_embeddings=False,
+    )
     ref = transformers.CodeGenForCausalLM(cfg).eval()
     sd = state_from_onnx(MODEL_DIR, cfg.n_layer)
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
@@ -98,8 +126,11 @@ def test_the_gptj_checkpoint_computes_what_codegen_does(gptj_dir: Path) -> None:
 VLLM_PYTHON = os.environ.get("CODEGEN_LS_VLLM_PYTHON", "")
 
 
-@pytest.mark.skipif(not VLLM_PYTHON, reason="set CODEGEN_LS_VLLM_PYTHON to a Python with vllm (a venv of its own: it pins "
-                                            "transformers>=5.16) to run the remote backend against vLLM")
+@pytest.mark.skipif(
+    not VLLM_PYTHON,
+    reason="set CODEGEN_LS_VLLM_PYTHON to a Python with vllm (a venv of its own: it pins "
+    "transformers>=5.16) to run the remote backend against vLLM",
+)
 @pytest.mark.timeout(1800)
 def test_remote_backend_against_vllm(gptj_dir: Path) -> None:
     from codegen_ls.engine.engine import Engine, EngineOptions
@@ -109,13 +140,41 @@ def test_remote_backend_against_vllm(gptj_dir: Path) -> None:
     from test_remote import CURSORS, free_port, typed_to
 
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     log = open(gptj_dir / "vllm.log", "w")
-    proc = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(gptj_dir),
-                             "--served-model-name", "codegen-ls-small-gptj", "--host", "127.0.0.1", "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", "2048", "--max-logprobs", "8", "--enforce-eager"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [
+            VLLM_PYTHON,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(gptj_dir),
+            "--served-model-name",
+            "codegen-ls-small-gptj",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            "--max-logprobs",
+            "8",
+            "--enforce-eager",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         remote = RemoteEngine(RemoteOptions(f"http://127.0.0.1:{port}"), MODEL_DIR)
         deadline = time.monotonic() + 1200
@@ -148,9 +207,18 @@ def test_remote_backend_against_vllm(gptj_dir: Path) -> None:
         assert got_greedy == want_greedy and got_lp == pytest.approx(want_lp, rel=0.02, abs=0.1)  # int8 vs fp32
         # the language server's pipeline through vLLM (one greedy candidate: this CPU build is slow)
         completer = Completer()
-        res = completer.complete(CompletionRequest(typed_to(6, 21), 6, 21, uri="file:///s.py"),
-                                 Settings(backend="remote", remote_url=f"http://127.0.0.1:{port}", deadline_ms=120_000,
-                                          num_candidates=1, lookup=False, max_new_tokens=8, context_tokens=1000))
+        res = completer.complete(
+            CompletionRequest(typed_to(6, 21), 6, 21, uri="file:///s.py"),
+            Settings(
+                backend="remote",
+                remote_url=f"http://127.0.0.1:{port}",
+                deadline_ms=120_000,
+                num_candidates=1,
+                lookup=False,
+                max_new_tokens=8,
+                context_tokens=1000,
+            ),
+        )
         engine_used = completer.engine
         assert isinstance(engine_used, RemoteEngine) and engine_used.http.requests >= 2  # /v1/models, a completion
         assert res.suggestions or res.reason, res  # shown, or ranked out with a stated reason

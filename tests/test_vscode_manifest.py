@@ -22,14 +22,18 @@ def test_commands_and_languages_agree() -> None:
     assert contributed == registered, contributed ^ registered
 
     default = package["contributes"]["configuration"]["properties"]["codegenLs.languages"]["default"]
-    block = extension[extension.index("DEFAULT_LANGUAGES = [") : extension.index("];", extension.index("DEFAULT_LANGUAGES = ["))]
+    block = extension[
+        extension.index("DEFAULT_LANGUAGES = [") : extension.index("];", extension.index("DEFAULT_LANGUAGES = ["))
+    ]
     assert re.findall(r"'([\w]+)'", block) == default
     activation = {e.split(":", 1)[1] for e in package["activationEvents"] if e.startswith("onLanguage:")}
     assert activation == set(default)
     assert "onStartupFinished" in package["activationEvents"]  # languages the user adds
 
     lua = (REPO / "editors" / "nvim" / "lsp" / "codegen_ls.lua").read_text(encoding="utf-8")
-    filetypes = set(re.findall(r"'(\w+)'", lua[lua.index("filetypes = {") : lua.index("},", lua.index("filetypes = {"))]))
+    filetypes = set(
+        re.findall(r"'(\w+)'", lua[lua.index("filetypes = {") : lua.index("},", lua.index("filetypes = {"))])
+    )
     for language in default:
         assert NVIM_FILETYPES.get(language, {language}) <= filetypes, language
 

@@ -17,21 +17,22 @@ from helpers import SERVER_CMD, server_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-UTIL = '''def total_price(items, tax_rate=0.2):
+UTIL = """def total_price(items, tax_rate=0.2):
     subtotal = sum(item.price for item in items)
     return round(subtotal * (1 + tax_rate), 2)
-'''
-MAIN = '''from .util import total_price
+"""
+MAIN = """from .util import total_price
 
 
 def checkout(cart):
     amount = total_price(cart.items, tax_rate=0.07)
     return amount
-'''
+"""
 CAPABILITIES = types.ClientCapabilities(
     workspace=types.WorkspaceClientCapabilities(
         workspace_folders=True,
-        did_change_watched_files=types.DidChangeWatchedFilesClientCapabilities(dynamic_registration=True)),
+        did_change_watched_files=types.DidChangeWatchedFilesClientCapabilities(dynamic_registration=True),
+    ),
     text_document=types.TextDocumentClientCapabilities(inline_completion=types.InlineCompletionClientCapabilities()),
 )
 
@@ -55,9 +56,13 @@ async def client(lsp_client: LanguageClient, project: Path):
     lsp_client.feature(types.CLIENT_REGISTER_CAPABILITY)(lambda params: registrations.append(params))
     statuses: list[Any] = []
     lsp_client.feature("codegenLs/status")(lambda params: statuses.append(params))
-    lsp_client.init_result = await lsp_client.initialize_session(types.InitializeParams(  # type: ignore[attr-defined]
-        capabilities=CAPABILITIES, root_uri=project.as_uri(),
-        workspace_folders=[types.WorkspaceFolder(uri=project.as_uri(), name="project")]))
+    lsp_client.init_result = await lsp_client.initialize_session(
+        types.InitializeParams(  # type: ignore[attr-defined]
+            capabilities=CAPABILITIES,
+            root_uri=project.as_uri(),
+            workspace_folders=[types.WorkspaceFolder(uri=project.as_uri(), name="project")],
+        )
+    )
     await until(lambda: any(_get(s, "state") in ("ready", "error") for s in statuses), "model load")
     yield
     await lsp_client.shutdown_session()
@@ -102,35 +107,53 @@ async def test_the_workspace_is_indexed_watched_and_used(client: LanguageClient,
 
     uri = (project / "pkg" / "shop.py").as_uri()  # a new file: only in the editor
     text = "from .util import total_price\n\n\ndef pay(cart):\n    amount = total_price("
-    client.text_document_did_open(types.DidOpenTextDocumentParams(
-        types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text))
+    )
     info = await workspace_files(client, uri, 3)  # util, main, and the open document's text; not ignored/
     assert info["roots"] == [str(project)]
-    await client.text_document_inline_completion_async(types.InlineCompletionParams(
-        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(4, 25),
-        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked)))
+    await client.text_document_inline_completion_async(
+        types.InlineCompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri),
+            position=types.Position(4, 25),
+            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
+        )
+    )
     prompt = _as_dict((await debug(client, uri))["lastPrompt"])
     first = _as_dict(prompt["repo_snippets"][0])
     assert first["file"] == "pkg/util.py" and first["why"] == "import:total_price" and prompt["repo_tokens"] > 0
 
     (project / "pkg" / "extra.py").write_text("def helper():\n    return 1\n")  # changed outside the editor
-    client.workspace_did_change_watched_files(types.DidChangeWatchedFilesParams(changes=[
-        types.FileEvent(uri=(project / "pkg" / "extra.py").as_uri(), type=types.FileChangeType.Created)]))
+    client.workspace_did_change_watched_files(
+        types.DidChangeWatchedFilesParams(
+            changes=[types.FileEvent(uri=(project / "pkg" / "extra.py").as_uri(), type=types.FileChangeType.Created)]
+        )
+    )
     await workspace_files(client, uri, 4)
     (project / "pkg" / "extra.py").unlink()
-    client.workspace_did_change_watched_files(types.DidChangeWatchedFilesParams(changes=[
-        types.FileEvent(uri=(project / "pkg" / "extra.py").as_uri(), type=types.FileChangeType.Deleted)]))
+    client.workspace_did_change_watched_files(
+        types.DidChangeWatchedFilesParams(
+            changes=[types.FileEvent(uri=(project / "pkg" / "extra.py").as_uri(), type=types.FileChangeType.Deleted)]
+        )
+    )
     await workspace_files(client, uri, 3)
 
     client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri=uri)))
     other = project.parent / f"{project.name}-second"
     other.mkdir()
     (other / "lib.py").write_text("VALUE = 1\n")
-    client.workspace_did_change_workspace_folders(types.DidChangeWorkspaceFoldersParams(
-        event=types.WorkspaceFoldersChangeEvent(added=[types.WorkspaceFolder(uri=other.as_uri(), name="second")],
-                                                removed=[])))
+    client.workspace_did_change_workspace_folders(
+        types.DidChangeWorkspaceFoldersParams(
+            event=types.WorkspaceFoldersChangeEvent(
+                added=[types.WorkspaceFolder(uri=other.as_uri(), name="second")], removed=[]
+            )
+        )
+    )
     main_uri = (project / "pkg" / "main.py").as_uri()
-    client.text_document_did_open(types.DidOpenTextDocumentParams(
-        types.TextDocumentItem(uri=main_uri, language_id="python", version=1, text=MAIN)))
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(
+            types.TextDocumentItem(uri=main_uri, language_id="python", version=1, text=MAIN)
+        )
+    )
     info = await workspace_files(client, main_uri, 3, roots=2)  # shop.py closed (not on disk), lib.py added
     assert sorted(info["roots"]) == sorted([str(project), str(other)])

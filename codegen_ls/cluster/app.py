@@ -47,7 +47,9 @@ SESSION_HEADER = "x-session-id"
 RETRIES = 3  # a request is sent again this many times when its replica dies
 STUCK_S = 120.0  # a replica whose current request has run this long fails its health check
 
-api = FastAPI(title="codegen-ls", description="CodeGen completions on onnxruntime: OpenAI /v1/completions, llama.cpp /infill")
+api = FastAPI(
+    title="codegen-ls", description="CodeGen completions on onnxruntime: OpenAI /v1/completions, llama.cpp /infill"
+)
 
 
 @dataclass
@@ -151,7 +153,7 @@ class Ingress:
             except (RayActorError, ActorUnavailableError) as exc:  # the replica died: another one answers
                 last = exc
                 log.warning("replica failed (%s), attempt %d of %d", type(exc).__name__, attempt + 1, RETRIES + 1)
-                await asyncio.sleep(0.05 * 2 ** attempt)
+                await asyncio.sleep(0.05 * 2**attempt)
         return JSONResponse(error_body(f"no replica could answer: {type(last).__name__}", "unavailable"), 503)
 
     @api.post("/v1/completions")
@@ -165,8 +167,17 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         info = await self._model_info()
-        return {"object": "list", "data": [{"id": info["model"], "object": "model", "owned_by": "codegen-ls",
-                                             "codegen_ls": {**info, "fim": False, "echo": True, "token_ids": True}}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": info["model"],
+                    "object": "model",
+                    "owned_by": "codegen-ls",
+                    "codegen_ls": {**info, "fim": False, "echo": True, "token_ids": True},
+                }
+            ],
+        }
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
@@ -183,8 +194,13 @@ def build_app(options: ClusterOptions) -> Any:
     model_dir = str(Path(options.model_dir).resolve())
     scaling: dict[str, Any]
     if options.min_replicas is not None and options.max_replicas is not None:
-        scaling = {"autoscaling_config": {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
-                                          "target_ongoing_requests": options.target_ongoing_requests}}
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": options.min_replicas,
+                "max_replicas": options.max_replicas,
+                "target_ongoing_requests": options.target_ongoing_requests,
+            }
+        }
     else:
         scaling = {"num_replicas": options.replicas}
     router_fields: dict[str, Any] = {
@@ -194,7 +210,8 @@ def build_app(options: ClusterOptions) -> Any:
     }
     router = RequestRouterConfig(**router_fields)
     engine: Any = serve.deployment(
-        EngineReplica, name="Engine",
+        EngineReplica,
+        name="Engine",
         ray_actor_options={"num_cpus": options.threads},
         max_ongoing_requests=options.max_ongoing_requests,
         health_check_period_s=options.health_check_period_s,
@@ -204,12 +221,15 @@ def build_app(options: ClusterOptions) -> Any:
         request_router_config=router,
         **scaling,
     )
-    ingress: Any = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)(Ingress)
+    ingress: Any = serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)(
+        Ingress
+    )
     return ingress.bind(engine.bind(model_dir, options.threads, options.cache_mb), options.api_key)
 
 
-def serve_forever(options: ClusterOptions, host: str, port: int, address: str | None = None,
-                  num_cpus: int | None = None) -> int:
+def serve_forever(
+    options: ClusterOptions, host: str, port: int, address: str | None = None, num_cpus: int | None = None
+) -> int:
     """Start (or join) Ray, run the application until interrupted, then drain and stop."""
     import ray
 
@@ -219,9 +239,15 @@ def serve_forever(options: ClusterOptions, host: str, port: int, address: str | 
         ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="serve")
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(options), name=APP_NAME, route_prefix="/")
-    log.warning("codegen-ls cluster: http://%s:%d/v1/completions (and /infill) with %s", host, port,
-                f"{options.min_replicas}-{options.max_replicas} replicas" if options.min_replicas is not None
-                else f"{options.replicas} replica(s)")
+    log.warning(
+        "codegen-ls cluster: http://%s:%d/v1/completions (and /infill) with %s",
+        host,
+        port,
+        f"{options.min_replicas}-{options.max_replicas} replicas"
+        if options.min_replicas is not None
+        else f"{options.replicas} replica(s)",
+    )
+
     def stop(signum: int, frame: Any) -> None:  # SIGTERM (systemd, docker stop, kill): drain as Ctrl-C does
         raise KeyboardInterrupt
 

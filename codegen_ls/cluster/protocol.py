@@ -68,7 +68,11 @@ def _num(body: dict[str, Any], key: str, default: Any, kind: type, lo: float, hi
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
         raise ProtocolError(f"'{key}' must be a number")
     if not lo <= value <= hi:
         raise ProtocolError(f"'{key}' must be between {lo} and {hi}")
@@ -158,8 +162,16 @@ class Choice:
     top: list[list[tuple[int, float]]] | None = None  # per position, when logprobs were asked
 
 
-def completion_response(choices: Sequence[Choice], *, model: str, prompt_tokens: int, cached_tokens: int,
-                        logprobs: int | None, decode: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_response(
+    choices: Sequence[Choice],
+    *,
+    model: str,
+    prompt_tokens: int,
+    cached_tokens: int,
+    logprobs: int | None,
+    decode: Any,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The OpenAI ``text_completion`` body. ``decode`` maps token ids to text (the tokenizer's)."""
     out = []
     for i, c in enumerate(choices):
@@ -171,17 +183,36 @@ def completion_response(choices: Sequence[Choice], *, model: str, prompt_tokens:
                 offsets.append(pos)
                 pos += len(t)
             top = c.top or [[] for _ in c.token_ids]
-            lp = {"tokens": tokens, "token_logprobs": c.token_logprobs, "text_offset": offsets,
-                  "top_logprobs": [{decode([t]): v for t, v in row} if row else None for row in top],
-                  "token_ids": c.token_ids, "top_token_ids": [[[t, v] for t, v in row] for row in top]}
-        out.append({"text": c.text, "index": i, "logprobs": lp, "finish_reason": finish_reason(c.finish_detail),
-                    "finish_detail": c.finish_detail})
+            lp = {
+                "tokens": tokens,
+                "token_logprobs": c.token_logprobs,
+                "text_offset": offsets,
+                "top_logprobs": [{decode([t]): v for t, v in row} if row else None for row in top],
+                "token_ids": c.token_ids,
+                "top_token_ids": [[[t, v] for t, v in row] for row in top],
+            }
+        out.append(
+            {
+                "text": c.text,
+                "index": i,
+                "logprobs": lp,
+                "finish_reason": finish_reason(c.finish_detail),
+                "finish_detail": c.finish_detail,
+            }
+        )
     completion = sum(len(c.token_ids) for c in choices)
     body: dict[str, Any] = {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-        "model": model, "choices": out,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                  "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached_tokens}},
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": out,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        },
     }
     if extra:
         body["codegen_ls"] = extra
@@ -189,6 +220,7 @@ def completion_response(choices: Sequence[Choice], *, model: str, prompt_tokens:
 
 
 # -- llama.cpp /infill --------------------------------------------------------------------------
+
 
 @dataclass
 class InfillArgs:
@@ -209,7 +241,9 @@ def parse_infill(body: Any) -> InfillArgs:
     prefix, suffix, extra = body.get("input_prefix", ""), body.get("input_suffix", ""), body.get("input_extra", [])
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise ProtocolError("'input_prefix' and 'input_suffix' must be strings")
-    if not isinstance(extra, list) or not all(isinstance(c, dict) and isinstance(c.get("text", ""), str) for c in extra):
+    if not isinstance(extra, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("text", ""), str) for c in extra
+    ):
         raise ProtocolError("'input_extra' must be a list of {filename, text} objects")
     chunks = []
     for c in extra:  # llama.cpp's own layout for models without repo-level FIM tokens: file name, then text
@@ -232,18 +266,38 @@ def parse_infill(body: Any) -> InfillArgs:
     )
 
 
-def infill_response(text: str, *, model: str, prompt_tokens: int, cached_tokens: int, predicted: int,
-                    prompt_ms: float, predicted_ms: float, finish_detail: str, extra: dict[str, Any]) -> dict[str, Any]:
+def infill_response(
+    text: str,
+    *,
+    model: str,
+    prompt_tokens: int,
+    cached_tokens: int,
+    predicted: int,
+    prompt_ms: float,
+    predicted_ms: float,
+    finish_detail: str,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     """llama.cpp server's completion shape (the fields its editor clients read)."""
     return {
-        "content": text, "model": model, "stop": True, "stopped_eos": finish_detail == "eos",
-        "stopped_limit": finish_detail == "length", "stopped_word": finish_detail == "stop",
+        "content": text,
+        "model": model,
+        "stop": True,
+        "stopped_eos": finish_detail == "eos",
+        "stopped_limit": finish_detail == "length",
+        "stopped_word": finish_detail == "stop",
         "stop_type": {"eos": "eos", "stop": "word", "length": "limit"}.get(finish_detail, "limit"),
-        "tokens_predicted": predicted, "tokens_evaluated": prompt_tokens, "tokens_cached": cached_tokens,
-        "timings": {"prompt_n": prompt_tokens - cached_tokens, "prompt_ms": round(prompt_ms, 2),
-                    "predicted_n": predicted, "predicted_ms": round(predicted_ms, 2),
-                    "predicted_per_second": round(1000 * predicted / predicted_ms, 2) if predicted_ms > 0 else 0.0,
-                    "cache_n": cached_tokens},
+        "tokens_predicted": predicted,
+        "tokens_evaluated": prompt_tokens,
+        "tokens_cached": cached_tokens,
+        "timings": {
+            "prompt_n": prompt_tokens - cached_tokens,
+            "prompt_ms": round(prompt_ms, 2),
+            "predicted_n": predicted,
+            "predicted_ms": round(predicted_ms, 2),
+            "predicted_per_second": round(1000 * predicted / predicted_ms, 2) if predicted_ms > 0 else 0.0,
+            "cache_n": cached_tokens,
+        },
         "codegen_ls": extra,
     }
 
@@ -253,7 +307,7 @@ def suffix_stop(suffix: str) -> Any:
     first = suffix.split("\n", 1)[0].strip()
     if len(first) < 4:
         return None
-    return lambda text: (i if (i := text.find(first)) >= 0 else None)
+    return lambda text: i if (i := text.find(first)) >= 0 else None
 
 
 def chain_stops(*stops: Any) -> Any:

@@ -36,9 +36,15 @@ class CompletionService:
 
     def stats(self) -> dict[str, Any]:
         """Counters for routing stats and ``/health``: requests, prompt and cached tokens, documents cached."""
-        return {"replica": self.replica, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
-                "cached_tokens": self.cached_tokens, "documents": len(self.engine.cache),
-                "cache_bytes": self.engine.cache.nbytes, "busy_ms": round(self.busy_ms, 1)}
+        return {
+            "replica": self.replica,
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "documents": len(self.engine.cache),
+            "cache_bytes": self.engine.cache.nbytes,
+            "busy_ms": round(self.busy_ms, 1),
+        }
 
     def _count(self, prompt: int, cached: int, t0: float) -> dict[str, Any]:
         with self._lock:
@@ -55,18 +61,42 @@ class CompletionService:
         t0 = time.perf_counter()
         if args.echo:
             return self._echo(args, doc, cancel, t0)
-        gen = self.engine.generate(args.prompt, doc_key=doc, n=args.n, max_new_tokens=max(1, args.max_tokens),
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                   stop=protocol.stop_at_strings(args.stop), deadline_ms=args.deadline_ms,
-                                   cancel=cancel, seed=args.seed, heal=args.heal and isinstance(args.prompt, str))
-        choices = [Choice(c.text, list(c.token_ids), list(c.logprobs), c.finish_reason,
-                          [[(t, lp)] for t, lp in zip(c.token_ids, c.logprobs)]) for c in gen.candidates]
+        gen = self.engine.generate(
+            args.prompt,
+            doc_key=doc,
+            n=args.n,
+            max_new_tokens=max(1, args.max_tokens),
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop=protocol.stop_at_strings(args.stop),
+            deadline_ms=args.deadline_ms,
+            cancel=cancel,
+            seed=args.seed,
+            heal=args.heal and isinstance(args.prompt, str),
+        )
+        choices = [
+            Choice(
+                c.text,
+                list(c.token_ids),
+                list(c.logprobs),
+                c.finish_reason,
+                [[(t, lp)] for t, lp in zip(c.token_ids, c.logprobs)],
+            )
+            for c in gen.candidates
+        ]
         st = gen.stats
         extra = self._count(st.prompt_tokens, st.cached_tokens, t0)
         extra.update(prefill_ms=round(st.prefill_ms, 1), decode_ms=round(st.decode_ms, 1), healed=gen.healed)
-        return protocol.completion_response(choices, model=self.model, prompt_tokens=st.prompt_tokens,
-                                            cached_tokens=st.cached_tokens, logprobs=args.logprobs,
-                                            decode=self.engine.tokenizer.decode, extra=extra)
+        return protocol.completion_response(
+            choices,
+            model=self.model,
+            prompt_tokens=st.prompt_tokens,
+            cached_tokens=st.cached_tokens,
+            logprobs=args.logprobs,
+            decode=self.engine.tokenizer.decode,
+            extra=extra,
+        )
 
     def _echo(self, args: CompletionArgs, doc: str, cancel: Callable[[], bool] | None, t0: float) -> dict[str, Any]:
         """``echo``: the prompt's own log-probs (from ``echo_from`` on) and at most one new token.
@@ -101,8 +131,15 @@ class CompletionService:
         prompt_text = args.prompt if isinstance(args.prompt, str) else tok.decode(ids)
         choice = Choice(prompt_text + text, ids + new, logprobs, detail, tops)
         extra = self._count(len(ids), fwd.cached_tokens, t0)
-        return protocol.completion_response([choice], model=self.model, prompt_tokens=len(ids),
-                                            cached_tokens=fwd.cached_tokens, logprobs=k, decode=tok.decode, extra=extra)
+        return protocol.completion_response(
+            [choice],
+            model=self.model,
+            prompt_tokens=len(ids),
+            cached_tokens=fwd.cached_tokens,
+            logprobs=k,
+            decode=tok.decode,
+            extra=extra,
+        )
 
     def infill(self, body: Any, session: str | None, cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
         """``POST /infill`` (llama.cpp server's shape)."""
@@ -111,14 +148,27 @@ class CompletionService:
         if not args.cache_prompt:
             self.engine.cache.drop(doc)
         t0 = time.perf_counter()
-        gen = self.engine.generate(args.prompt, doc_key=doc, n=1, max_new_tokens=max(1, args.n_predict),
-                                   temperature=args.temperature,
-                                   stop=protocol.chain_stops(protocol.stop_at_strings(args.stop),
-                                                             protocol.suffix_stop(args.suffix)),
-                                   deadline_ms=args.deadline_ms, cancel=cancel, heal=True)
+        gen = self.engine.generate(
+            args.prompt,
+            doc_key=doc,
+            n=1,
+            max_new_tokens=max(1, args.n_predict),
+            temperature=args.temperature,
+            stop=protocol.chain_stops(protocol.stop_at_strings(args.stop), protocol.suffix_stop(args.suffix)),
+            deadline_ms=args.deadline_ms,
+            cancel=cancel,
+            heal=True,
+        )
         c, st = gen.candidates[0], gen.stats
         extra = self._count(st.prompt_tokens, st.cached_tokens, t0)
-        return protocol.infill_response(c.text, model=self.model, prompt_tokens=st.prompt_tokens,
-                                        cached_tokens=st.cached_tokens, predicted=len(c.token_ids),
-                                        prompt_ms=st.prefill_ms, predicted_ms=st.decode_ms,
-                                        finish_detail=c.finish_reason, extra=extra)
+        return protocol.infill_response(
+            c.text,
+            model=self.model,
+            prompt_tokens=st.prompt_tokens,
+            cached_tokens=st.cached_tokens,
+            predicted=len(c.token_ids),
+            prompt_ms=st.prefill_ms,
+            predicted_ms=st.decode_ms,
+            finish_detail=c.finish_reason,
+            extra=extra,
+        )

@@ -8,6 +8,7 @@ is) belongs to the backend the manifest's graph kind selects (:mod:`codegen_ls.e
 
 Input and output names are read from the session; no layer count or shape is hard-coded.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -24,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from codegen_ls.engine import kernels, kvcache
-from codegen_ls.engine.backends import Backend, FlatBackend, GqaBackend, OptimumBackend, PrefillCancelled, release_free_heap
+from codegen_ls.engine.backends import (
+    Backend,
+    FlatBackend,
+    GqaBackend,
+    OptimumBackend,
+    PrefillCancelled,
+    release_free_heap,
+)
 from codegen_ls.engine.fim import Fim
 from codegen_ls.engine.modeldir import Manifest, read_manifest, verify_at_load
 from codegen_ls.engine.sampling import log_softmax, sample_token
@@ -185,8 +193,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-BACKENDS: dict[str, Callable[[Any, int, int, int], Backend]] = {"optimum": OptimumBackend, "flat": FlatBackend,
-                                                                 "gqa": GqaBackend}
+BACKENDS: dict[str, Callable[[Any, int, int, int], Backend]] = {
+    "optimum": OptimumBackend,
+    "flat": FlatBackend,
+    "gqa": GqaBackend,
+}
 
 
 @dataclass
@@ -216,8 +227,10 @@ class Engine:
         self.tokenizer = Tokenizer(self.model_dir / self.manifest.tokenizer)
         self.graph = str(self.manifest.extra.get("graph", "optimum"))
         if self.graph not in BACKENDS:
-            raise ModelError(f"{self.model_dir}: unknown graph kind '{self.graph}' (this version knows "
-                             f"{', '.join(sorted(BACKENDS))})")
+            raise ModelError(
+                f"{self.model_dir}: unknown graph kind '{self.graph}' (this version knows "
+                f"{', '.join(sorted(BACKENDS))})"
+            )
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.options.threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
@@ -230,26 +243,40 @@ class Engine:
             kernel = kernels.register(so, self.options.native_kernel)
         elif op == kernels.OP4:  # a 4-bit cache: only our kernel reads it
             if not kvcache.manifest_ok(self.manifest.extra):
-                raise ModelError(f"{self.model_dir}: its 4-bit KV cache is the format of an earlier codegen-ls (keys not "
-                                 "rotated, or rows not in the kernel's blocks), which this version does not read; export "
-                                 "the model again")
+                raise ModelError(
+                    f"{self.model_dir}: its 4-bit KV cache is the format of an earlier codegen-ls (keys not "
+                    "rotated, or rows not in the kernel's blocks), which this version does not read; export "
+                    "the model again"
+                )
             kernel = kernels.register(so, self.options.native_kernel, required=True)
             if kernel is None:
-                raise ModelError(f"{self.model_dir}: its 4-bit KV cache (exported with --kv-bits 4) needs codegen-ls's "
-                                 f"decode-attention kernel, which is {kernels.status(required=True)}; reinstall "
-                                 "codegen-ls where a C compiler is, or export the model with --kv-bits 8")
+                raise ModelError(
+                    f"{self.model_dir}: its 4-bit KV cache (exported with --kv-bits 4) needs codegen-ls's "
+                    f"decode-attention kernel, which is {kernels.status(required=True)}; reinstall "
+                    "codegen-ls where a C compiler is, or export the model with --kv-bits 8"
+                )
             if not kernels.vector4(head_dim=self.manifest.head_dim):
-                log.warning("%s: the 4-bit KV cache's attention has no vector path here (AVX-512 VNNI or AVX2), so a "
-                            "slow plain C loop runs it; a model exported with --kv-bits 8 decodes faster here", self.model_dir)
-        self.attention = kernel or (kernels.ONNXRUNTIME_ATTENTION if self.graph == "gqa" else "onnxruntime MatMul + Softmax")
+                log.warning(
+                    "%s: the 4-bit KV cache's attention has no vector path here (AVX-512 VNNI or AVX2), so a "
+                    "slow plain C loop runs it; a model exported with --kv-bits 8 decodes faster here",
+                    self.model_dir,
+                )
+        self.attention = kernel or (
+            kernels.ONNXRUNTIME_ATTENTION if self.graph == "gqa" else "onnxruntime MatMul + Softmax"
+        )
         try:
-            self.session = ort.InferenceSession(str(self.model_dir / self.manifest.onnx), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(self.model_dir / self.manifest.onnx), so, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:
-            raise ModelError(f"cannot load ONNX model {self.model_dir / self.manifest.onnx}: {str(exc).splitlines()[0]}") from None
+            raise ModelError(
+                f"cannot load ONNX model {self.model_dir / self.manifest.onnx}: {str(exc).splitlines()[0]}"
+            ) from None
         release_free_heap()  # the parsed model and the weights replaced by prepacked ones
         try:
-            self.backend: Backend = BACKENDS[self.graph](self.session, self.options.prefill_chunk,
-                                                         self.manifest.n_head, self.manifest.n_layer)
+            self.backend: Backend = BACKENDS[self.graph](
+                self.session, self.options.prefill_chunk, self.manifest.n_head, self.manifest.n_layer
+            )
         except ModelError as exc:
             raise ModelError(f"{self.model_dir}: {exc}") from None
         if self.tokenizer.vocab_size > self.manifest.vocab_size:
@@ -269,8 +296,13 @@ class Engine:
     def set_cache_limit(self, megabytes: int, context_tokens: int) -> int:
         """Apply the ``promptCacheMb`` setting; 0 sizes the prompt cache to the model: room for
         :data:`AUTO_CACHE_DOCUMENTS` documents' snapshots at ``context_tokens``. Returns the bytes."""
-        limit = megabytes << 20 if megabytes > 0 else AUTO_CACHE_DOCUMENTS * kv_bytes_per_token(self.manifest) * (
-            min(context_tokens, self.context_length) + SNAPSHOT_ROOM)
+        limit = (
+            megabytes << 20
+            if megabytes > 0
+            else AUTO_CACHE_DOCUMENTS
+            * kv_bytes_per_token(self.manifest)
+            * (min(context_tokens, self.context_length) + SNAPSHOT_ROOM)
+        )
         if limit != self.cache.max_bytes:
             with self._lock:
                 self.cache.resize(limit)
@@ -286,8 +318,9 @@ class Engine:
         """Time inside ``session.run``, to compare with end-to-end time."""
         return self.backend.session_ms
 
-    def forward(self, ids: Sequence[int], doc_key: str, logits_from: int | None = None,
-                cancel: Callable[[], bool] | None = None) -> ForwardResult:
+    def forward(
+        self, ids: Sequence[int], doc_key: str, logits_from: int | None = None, cancel: Callable[[], bool] | None = None
+    ) -> ForwardResult:
         """Run ``ids`` reusing the document's cached prefix; return logits from ``logits_from`` on.
 
         Always feeds at least one token (fresh logits). Stores the new snapshot for ``doc_key``.
@@ -295,8 +328,9 @@ class Engine:
         with self._lock:
             return self._forward(ids, doc_key, logits_from, cancel)
 
-    def _forward(self, ids: Sequence[int], doc_key: str, logits_from: int | None,
-                 cancel: Callable[[], bool] | None) -> ForwardResult:
+    def _forward(
+        self, ids: Sequence[int], doc_key: str, logits_from: int | None, cancel: Callable[[], bool] | None
+    ) -> ForwardResult:
         if not ids:
             raise ValueError("empty prompt")
         ids = list(ids)
@@ -319,8 +353,14 @@ class Engine:
         return ForwardResult(logits, state, p, len(ids) - p)
 
     # -- generation ------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], options: GenerateOptions | None = None, *,
-                 doc_key: str = "default", **overrides: Any) -> Generation:
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        options: GenerateOptions | None = None,
+        *,
+        doc_key: str = "default",
+        **overrides: Any,
+    ) -> Generation:
         """Candidate 0 is greedy; candidates 1..n-1 are samples. All share one prefill.
 
         ``options`` says how (:class:`GenerateOptions`); keyword ``overrides`` replace its fields
@@ -336,7 +376,13 @@ class Engine:
 
     def _generate(self, prompt: str | Sequence[int], doc_key: str, opts: GenerateOptions) -> Generation:
         t0 = time.perf_counter()
-        n, max_new_tokens, stop, deadline_ms, cancel = opts.n, opts.max_new_tokens, opts.stop, opts.deadline_ms, opts.cancel
+        n, max_new_tokens, stop, deadline_ms, cancel = (
+            opts.n,
+            opts.max_new_tokens,
+            opts.stop,
+            opts.deadline_ms,
+            opts.cancel,
+        )
         temperature, top_k, top_p, seed, heal = opts.temperature, opts.top_k, opts.top_p, opts.seed, opts.heal
         ids, healed, max_new_tokens = self._prompt_ids(prompt, heal, max_new_tokens)
         stats = GenerationStats(prompt_tokens=len(ids))
@@ -388,8 +434,10 @@ class Engine:
             if self._banned.size:
                 for lp in step_logp:
                     lp[self._banned] = -np.inf
-            next_tokens = [int(np.argmax(lp)) if not rows[r].sampled else sample_token(lp, rng, temperature, top_k, top_p)
-                           for lp, r in zip(step_logp, active)]
+            next_tokens = [
+                int(np.argmax(lp)) if not rows[r].sampled else sample_token(lp, rng, temperature, top_k, top_p)
+                for lp, r in zip(step_logp, active)
+            ]
         stats.decode_ms = (time.perf_counter() - t_dec) * 1000
         stats.decode_session_ms = self.session_ms - sess0
         stats.new_tokens = sum(len(r.ids) for r in rows)
@@ -439,8 +487,13 @@ class Engine:
         mask[ids[lo:hi]] = 0.0
         return mask
 
-    def score(self, prompt_ids: Sequence[int], draft_ids: Sequence[int], doc_key: str = "default",
-              cancel: Callable[[], bool] | None = None) -> tuple[list[float], list[int], np.ndarray]:
+    def score(
+        self,
+        prompt_ids: Sequence[int],
+        draft_ids: Sequence[int],
+        doc_key: str = "default",
+        cancel: Callable[[], bool] | None = None,
+    ) -> tuple[list[float], list[int], np.ndarray]:
         """Verify a draft in ONE forward pass on top of the cached prompt.
 
         Returns (log-prob of each draft token, the model's greedy token at each draft position,
@@ -464,4 +517,3 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish: FinishReason | None = None
-

@@ -114,8 +114,11 @@ def register(session_options: Any, wanted: bool = True, required: bool = False) 
     try:
         session_options.register_custom_ops_library(path)
     except Exception as exc:  # a broken or foreign build: serve with onnxruntime's attention instead
-        log.warning("decode-attention kernel %s not loaded (%s): onnxruntime's attention is used", path,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning(
+            "decode-attention kernel %s not loaded (%s): onnxruntime's attention is used",
+            path,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
         return None
     if required:  # the 4-bit cache
         return f"codegen-ls kernel ({path4()}, 4-bit cache)"

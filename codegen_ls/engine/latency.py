@@ -114,14 +114,24 @@ def measure(engine: Any, rows: int = 3) -> Speeds:
             extend.append(_timed(lambda: engine.forward(ids + extra, doc_key=key), threads))
             for n, out in ((1, step1), (rows, stepn)):
                 gens: list[Any] = []
-                ms = _timed(lambda: gens.append(engine.generate(ids + extra, doc_key=key, n=n, max_new_tokens=PROBE_STEPS + 1,
-                                                                temperature=1.0)), threads)
+                ms = _timed(
+                    lambda: gens.append(
+                        engine.generate(ids + extra, doc_key=key, n=n, max_new_tokens=PROBE_STEPS + 1, temperature=1.0)
+                    ),
+                    threads,
+                )
                 if gens[0].stats.steps:  # the whole call over its steps: its one-token prefill is a step's cost
                     out.append(ms / (gens[0].stats.steps + 1))
         finally:
             engine.cache.drop(key)
-    return Speeds(min(prefill), min(extend), min(step1 or [0.0]), min(stepn or [0.0]), rows,
-                  round((time.perf_counter() - t0) * 1000, 1))
+    return Speeds(
+        min(prefill),
+        min(extend),
+        min(step1 or [0.0]),
+        min(stepn or [0.0]),
+        rows,
+        round((time.perf_counter() - t0) * 1000, 1),
+    )
 
 
 # -- the cache of measurements ---------------------------------------------------------------------
@@ -136,8 +146,14 @@ def machine_key(engine: Any, threads: int) -> str:
     """What the speeds depend on: the model's files, this CPU, the threads, the attention code."""
     cpu = ""
     try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), "")
+        cpu = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "",
+        )
     except OSError:
         pass
     try:
@@ -146,10 +162,18 @@ def machine_key(engine: Any, threads: int) -> str:
         ort_version = onnxruntime.__version__
     except ImportError:  # pragma: no cover - the engine needs it
         ort_version = "?"
-    parts = {"format": FORMAT, "files": dict(sorted(engine.manifest.files.items())), "onnx": engine.manifest.onnx,
-             "dir": str(engine.model_dir.resolve()), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-             "threads": threads or os.cpu_count(), "ort": ort_version, "attention": engine.attention,
-             "chunk": engine.options.prefill_chunk}
+    parts = {
+        "format": FORMAT,
+        "files": dict(sorted(engine.manifest.files.items())),
+        "onnx": engine.manifest.onnx,
+        "dir": str(engine.model_dir.resolve()),
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "threads": threads or os.cpu_count(),
+        "ort": ort_version,
+        "attention": engine.attention,
+        "chunk": engine.options.prefill_chunk,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -196,11 +220,14 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 def describe(speeds: Speeds, target_ms: float, candidates: int, context_length: int = 2048) -> list[str]:
     """Lines for ``doctor``: the speeds and the budgets the target gives."""
     p = plan(speeds, target_ms, candidates, context_length)
-    return [f"prefill {speeds.prefill_ms_per_token:.2f} ms/token (cold, {1000 / max(1e-3, speeds.prefill_ms_per_token):.0f} "
-            f"tokens/s); a keystroke's {PROBE_EXTEND} tokens {speeds.extend_ms:.1f} ms; decode "
-            f"{speeds.step_ms:.1f} ms/step with 1 candidate, {speeds.step_ms_n:.1f} with {speeds.rows}",
-            f"latencyTargetMs {target_ms:g}, {candidates} candidates -> contextTokens {p.context_tokens}, maxNewTokens "
-            f"{p.max_new_tokens} (expected: keystroke {p.keystroke_ms:.0f} ms, cold prompt {p.cold_ms:.0f} ms)"]
+    return [
+        f"prefill {speeds.prefill_ms_per_token:.2f} ms/token (cold, "
+        f"{1000 / max(1e-3, speeds.prefill_ms_per_token):.0f} "
+        f"tokens/s); a keystroke's {PROBE_EXTEND} tokens {speeds.extend_ms:.1f} ms; decode "
+        f"{speeds.step_ms:.1f} ms/step with 1 candidate, {speeds.step_ms_n:.1f} with {speeds.rows}",
+        f"latencyTargetMs {target_ms:g}, {candidates} candidates -> contextTokens {p.context_tokens}, maxNewTokens "
+        f"{p.max_new_tokens} (expected: keystroke {p.keystroke_ms:.0f} ms, cold prompt {p.cold_ms:.0f} ms)",
+    ]
 
 
 __all__ = ["Speeds", "Plan", "plan", "measure", "speeds_for", "cache_path", "describe"]

@@ -174,15 +174,18 @@ def verify_at_load(directory: Path, manifest: Manifest) -> None:
     key = str(directory.resolve())
     stamps = _stamps(directory, manifest)
     with _verified_lock:
-        if stamps is not None and (_verified.get(key) == stamps
-                                   or _load_stamps().get(key) == [list(s) for s in stamps]):
+        if stamps is not None and (
+            _verified.get(key) == stamps or _load_stamps().get(key) == [list(s) for s in stamps]
+        ):
             _verified[key] = stamps
             return
     problems = verify_files(directory, manifest)
     if problems:
-        raise ModelError(f"model directory {directory} failed its checksum check ({'; '.join(problems)}): "
-                         "its files changed since export (damaged, or modified); export it again "
-                         "(`codegen-ls model info DIR` checks a directory)")
+        raise ModelError(
+            f"model directory {directory} failed its checksum check ({'; '.join(problems)}): "
+            "its files changed since export (damaged, or modified); export it again "
+            "(`codegen-ls model info DIR` checks a directory)"
+        )
     if stamps is not None and stamps == _stamps(directory, manifest):  # unchanged while hashing
         with _verified_lock:
             _verified[key] = stamps

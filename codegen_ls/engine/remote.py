@@ -113,8 +113,16 @@ class HttpClient:
             headers[SESSION_HEADER] = session
         return headers
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout_ms: float,
-             cancel: Callable[[], bool] | None = None, session: str | None = None) -> dict[str, Any]:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout_ms: float,
+        cancel: Callable[[], bool] | None = None,
+        session: str | None = None,
+    ) -> dict[str, Any]:
         """The JSON answer of ``method path``; raises :class:`BackendUnavailable` or :class:`Cancelled`."""
         deadline = time.monotonic() + timeout_ms / 1000
         data = json.dumps(body).encode() if body is not None else None
@@ -133,7 +141,9 @@ class HttpClient:
                 problem = _describe(exc)
                 if isinstance(exc, TimeoutError) or "timed out" in problem:
                     break  # the time is spent: no retry fits
-                if attempt == 0 and isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)):
+                if attempt == 0 and isinstance(
+                    exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+                ):
                     continue  # a kept-alive connection the server had closed: reconnect at once
             else:
                 if status < 300:
@@ -141,11 +151,19 @@ class HttpClient:
                 problem = f"HTTP {status}: {_error_message(payload)}"
                 if status not in RETRYABLE:
                     raise BackendUnavailable(f"remote backend {self.url} refused the request: {problem}")
-            self._sleep(BACKOFF_S * 2 ** attempt, deadline, cancel)
+            self._sleep(BACKOFF_S * 2**attempt, deadline, cancel)
         raise BackendUnavailable(f"remote backend {self.url} unreachable: {problem}")
 
-    def _once(self, method: str, path: str, data: bytes | None, session: str | None, left: float, deadline: float,
-              cancel: Callable[[], bool] | None) -> tuple[int, Any]:
+    def _once(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        session: str | None,
+        left: float,
+        deadline: float,
+        cancel: Callable[[], bool] | None,
+    ) -> tuple[int, Any]:
         conn = self._connection(left)
         conn.request(method, self.base + path, body=data, headers=self._headers(session))
         self.requests += 1
@@ -249,59 +267,109 @@ class RemoteEngine:
         """The ``x-session-id`` of a document: stable for this process, reveals nothing of the URI."""
         return hashlib.blake2b(f"{self._salt}\0{doc_key}".encode(), digest_size=12).hexdigest()
 
-    def _post(self, body: dict[str, Any], doc_key: str, timeout_ms: float,
-              cancel: Callable[[], bool] | None) -> dict[str, Any]:
+    def _post(
+        self, body: dict[str, Any], doc_key: str, timeout_ms: float, cancel: Callable[[], bool] | None
+    ) -> dict[str, Any]:
         if self._ours is None:
             self.probe(min(timeout_ms, 2000.0), cancel)
         if self._model:
             body["model"] = self._model
-        return self.http.call("POST", "/v1/completions", body, timeout_ms=timeout_ms, cancel=cancel,
-                              session=self.session(doc_key))
+        return self.http.call(
+            "POST", "/v1/completions", body, timeout_ms=timeout_ms, cancel=cancel, session=self.session(doc_key)
+        )
 
     # -- the Engine surface the pipeline uses ------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], *, doc_key: str = "default", n: int = 1, max_new_tokens: int = 48,
-                 temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, stop: StopFn | None = None,
-                 deadline_ms: float | None = None, cancel: Callable[[], bool] | None = None, seed: int | None = 0,
-                 heal: bool = False, suffix: str | None = None) -> Generation:
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        doc_key: str = "default",
+        n: int = 1,
+        max_new_tokens: int = 48,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        stop: StopFn | None = None,
+        deadline_ms: float | None = None,
+        cancel: Callable[[], bool] | None = None,
+        seed: int | None = 0,
+        heal: bool = False,
+        suffix: str | None = None,
+    ) -> Generation:
         """Candidate 0 greedy, 1..n-1 sampled, as :meth:`Engine.generate`; ``stop`` applied here per token."""
         t0 = time.monotonic()
         budget = float(deadline_ms) if deadline_ms else DEFAULT_TIMEOUT_MS
         self.timeout_ms = budget
         if self._ours is None:
             self.probe(min(budget, 2000.0), cancel)
-        body: dict[str, Any] = {"prompt": prompt if isinstance(prompt, str) else list(prompt),
-                                "max_tokens": max_new_tokens, "logprobs": 1}
+        body: dict[str, Any] = {
+            "prompt": prompt if isinstance(prompt, str) else list(prompt),
+            "max_tokens": max_new_tokens,
+            "logprobs": 1,
+        }
         if suffix is not None and self.options.fim:
             body["suffix"] = suffix
         left = lambda: budget - (time.monotonic() - t0) * 1000  # noqa: E731
         if self._ours:  # one request: the engine's own N-from-one-prefill (choice 0 greedy)
-            body.update(n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        heal=heal and isinstance(prompt, str), deadline_ms=max(1.0, left() * SERVER_SHARE))
+            body.update(
+                n=n,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+                heal=heal and isinstance(prompt, str),
+                deadline_ms=max(1.0, left() * SERVER_SHARE),
+            )
             answers = [self._post(body, doc_key, left(), cancel)]
         else:  # standard semantics: a greedy request, then the samples
             answers = [self._post({**body, "n": 1, "temperature": 0.0}, doc_key, left(), cancel)]
             if n > 1 and left() > 0:
-                answers.append(self._post({**body, "n": n - 1, "temperature": temperature, "top_p": top_p,
-                                           "seed": seed}, doc_key, left(), cancel))
+                answers.append(
+                    self._post(
+                        {**body, "n": n - 1, "temperature": temperature, "top_p": top_p, "seed": seed},
+                        doc_key,
+                        left(),
+                        cancel,
+                    )
+                )
         healed = str((answers[0].get("codegen_ls") or {}).get("healed", ""))
-        candidates = [self._candidate(ch, stop, healed, sampled=(a is not answers[0] or i > 0))
-                      for a in answers for i, ch in enumerate(a.get("choices", []))]
+        candidates = [
+            self._candidate(ch, stop, healed, sampled=(a is not answers[0] or i > 0))
+            for a in answers
+            for i, ch in enumerate(a.get("choices", []))
+        ]
         return Generation(candidates, self._stats(answers[0], candidates, t0), healed)
 
-    def score(self, prompt_ids: Sequence[int], draft_ids: Sequence[int], doc_key: str = "default",
-              cancel: Callable[[], bool] | None = None) -> tuple[list[float], list[int], np.ndarray]:
-        """Verify a draft with one ``echo`` request: as :meth:`Engine.score` (the last row from the top alternatives)."""
+    def score(
+        self,
+        prompt_ids: Sequence[int],
+        draft_ids: Sequence[int],
+        doc_key: str = "default",
+        cancel: Callable[[], bool] | None = None,
+    ) -> tuple[list[float], list[int], np.ndarray]:
+        """Verify a draft with one ``echo`` request: as :meth:`Engine.score` (the last row from the top "
+        "alternatives)."""
         ids = list(prompt_ids) + list(draft_ids)
-        body = {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": SCORE_TOP,
-                "echo_from": max(1, len(prompt_ids))}
+        body = {
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "echo": True,
+            "logprobs": SCORE_TOP,
+            "echo_from": max(1, len(prompt_ids)),
+        }
         answer = self._post(body, doc_key, self.timeout_ms, cancel)
         lp = (answer.get("choices") or [{}])[0].get("logprobs") or {}
         token_lps = lp.get("token_logprobs") or []
         tops = self._tops(lp)
         first = len(prompt_ids)
-        draft_lp = [float(token_lps[first + i]) if first + i < len(token_lps) and token_lps[first + i] is not None
-                    else -np.inf for i in range(len(draft_ids))]
-        greedy = [tops[first + i][0][0] if first + i < len(tops) and tops[first + i] else -1 for i in range(len(draft_ids))]
+        draft_lp = [
+            float(token_lps[first + i]) if first + i < len(token_lps) and token_lps[first + i] is not None else -np.inf
+            for i in range(len(draft_ids))
+        ]
+        greedy = [
+            tops[first + i][0][0] if first + i < len(tops) and tops[first + i] else -1 for i in range(len(draft_ids))
+        ]
         after = np.full(self.manifest.vocab_size, -np.inf, dtype=np.float32)
         last = tops[len(ids)] if len(tops) > len(ids) else []
         for t, v in last:
@@ -323,7 +391,7 @@ class RemoteEngine:
                 break
             kept.append(tok)
             full = self.tokenizer.decode(kept)
-            text = full[len(healed):] if healed and full.startswith(healed) else full
+            text = full[len(healed) :] if healed and full.startswith(healed) else full
             cut = stop(text) if stop is not None else None
             if cut is not None:
                 text, detail = text[:cut], "stop"
@@ -354,18 +422,26 @@ class RemoteEngine:
         if isinstance(lp.get("top_token_ids"), list):
             return [[(int(t), float(v)) for t, v in row] for row in lp["top_token_ids"]]
         rows = lp.get("top_logprobs") or []
-        return [sorted(((self._id_of(k), float(v)) for k, v in (row or {}).items()), key=lambda e: -e[1]) for row in rows]
+        return [
+            sorted(((self._id_of(k), float(v)) for k, v in (row or {}).items()), key=lambda e: -e[1]) for row in rows
+        ]
 
     def _stats(self, answer: dict[str, Any], candidates: list[Candidate], t0: float) -> GenerationStats:
         usage = answer.get("usage") or {}
         extra = answer.get("codegen_ls") or {}
         prompt = int(usage.get("prompt_tokens") or 0)
-        cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or extra.get("cached_tokens") or 0)
+        cached = int(
+            ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or extra.get("cached_tokens") or 0
+        )
         total_ms = (time.monotonic() - t0) * 1000
-        return GenerationStats(prompt_tokens=prompt, cached_tokens=cached, fed_tokens=max(0, prompt - cached),
-                               new_tokens=sum(len(c.token_ids) for c in candidates),
-                               prefill_ms=float(extra.get("prefill_ms", total_ms)),
-                               decode_ms=float(extra.get("decode_ms", 0.0)))
+        return GenerationStats(
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            fed_tokens=max(0, prompt - cached),
+            new_tokens=sum(len(c.token_ids) for c in candidates),
+            prefill_ms=float(extra.get("prefill_ms", total_ms)),
+            decode_ms=float(extra.get("decode_ms", 0.0)),
+        )
 
 
 __all__ = ["BackendUnavailable", "HttpClient", "RemoteEngine", "RemoteOptions", "SESSION_HEADER"]

@@ -36,7 +36,7 @@ class Tokenizer:
         table = self.token_bytes()
         data = b"".join(table[i] if 0 <= i < len(table) else b"" for i in ids)
         if skip and data.startswith(skip):
-            data = data[len(skip):]
+            data = data[len(skip) :]
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:  # a character cut off, or not UTF-8: the text before it
@@ -53,7 +53,11 @@ class Tokenizer:
 
             alphabet = pre_tokenizers.ByteLevel.alphabet()
             # GPT-2 byte<->unicode table, rebuilt here so we need no transformers import.
-            bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+            bs = (
+                list(range(ord("!"), ord("~") + 1))
+                + list(range(ord("¡"), ord("¬") + 1))
+                + list(range(ord("®"), ord("ÿ") + 1))
+            )
             cs = bs[:]
             n = 0
             for b in range(256):

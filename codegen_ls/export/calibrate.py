@@ -29,8 +29,9 @@ from codegen_ls.export.source import CheckpointSource
 Scales = list[tuple[np.ndarray, np.ndarray]]
 
 
-def run(source: CheckpointSource, batches: list[list[int]], check: bool,
-        headroom: float = KV_HEADROOM) -> tuple[Scales, KvCheck | None]:
+def run(
+    source: CheckpointSource, batches: list[list[int]], check: bool, headroom: float = KV_HEADROOM
+) -> tuple[Scales, KvCheck | None]:
     """The int8 cache's per-layer scales from ``batches`` and, with ``check``, what each cache
     costs on the first :data:`kv_check.CHECK_WINDOWS` of them."""
     import torch

@@ -105,7 +105,9 @@ def qkv_weight(w: np.ndarray, n_head: int, mp_num: int = 4) -> np.ndarray:
     return np.concatenate([q, k, v], axis=0)
 
 
-def kv_scales(model: Any, batches: list[list[int]], headroom: float = KV_HEADROOM) -> list[tuple[np.ndarray, np.ndarray]]:
+def kv_scales(
+    model: Any, batches: list[list[int]], headroom: float = KV_HEADROOM
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-layer int8 scales ``[1, H, 1, D]`` of the keys (after rotary) and the values, from a
     whole transformers model (the reference for :func:`codegen_ls.export.calibrate.kv_scales`,
     which the export runs layer by layer): each channel's largest magnitude over the calibration
@@ -125,7 +127,9 @@ def kv_scales(model: Any, batches: list[list[int]], headroom: float = KV_HEADROO
     return [scales_from_peaks(k, v, headroom) for k, v in peak]
 
 
-def scales_from_peaks(k_max: np.ndarray, v_max: np.ndarray, headroom: float = KV_HEADROOM) -> tuple[np.ndarray, np.ndarray]:
+def scales_from_peaks(
+    k_max: np.ndarray, v_max: np.ndarray, headroom: float = KV_HEADROOM
+) -> tuple[np.ndarray, np.ndarray]:
     """A layer's ``[H, D]`` largest magnitudes -> its int8 cache scales ``[1, H, 1, D]``."""
     pair = [np.maximum(m * headroom, 1e-6) / 127.0 for m in (k_max, v_max)]
     return pair[0][None, :, None, :].astype(np.float32), pair[1][None, :, None, :].astype(np.float32)
@@ -154,11 +158,16 @@ class GraphOptions:
     kv_int4: bool = False
 
     def check(self, head_dim: int) -> None:
-        if (self.graph not in ("flat", "gqa") or (self.graph == "gqa" and self.kv_fp16)
-                or (self.graph == "flat" and (self.kv_int8 is not None or self.kv_int4))
-                or (self.kv_int4 and (self.kv_int8 is not None or head_dim % 2))):
-            raise ValueError(f"unsupported graph options: {self.graph}, kv_fp16={self.kv_fp16}, "
-                             f"kv_int8={self.kv_int8 is not None}, kv_int4={self.kv_int4}")
+        if (
+            self.graph not in ("flat", "gqa")
+            or (self.graph == "gqa" and self.kv_fp16)
+            or (self.graph == "flat" and (self.kv_int8 is not None or self.kv_int4))
+            or (self.kv_int4 and (self.kv_int8 is not None or head_dim % 2))
+        ):
+            raise ValueError(
+                f"unsupported graph options: {self.graph}, kv_fp16={self.kv_fp16}, "
+                f"kv_int8={self.kv_int8 is not None}, kv_int4={self.kv_int4}"
+            )
 
 
 @dataclass
@@ -200,11 +209,15 @@ class ModelBuilder:
     def cache_type(self) -> int:
         from onnx import TensorProto
 
-        return TensorProto.UINT8 if self.kv_int4 else TensorProto.INT8 if self.kv_int8 is not None else TensorProto.FLOAT
+        return (
+            TensorProto.UINT8 if self.kv_int4 else TensorProto.INT8 if self.kv_int8 is not None else TensorProto.FLOAT
+        )
 
     def cache_names(self, i: int) -> CacheNames:
         scales = gqa_scale_out_names(self.n_layer)[i] if self.kv_int4 else ()
-        return CacheNames(gqa_names(self.n_layer)[i], (*gqa_out_names(self.n_layer)[i], *scales), gqa_scale_names(self.n_layer)[i])
+        return CacheNames(
+            gqa_names(self.n_layer)[i], (*gqa_out_names(self.n_layer)[i], *scales), gqa_scale_names(self.n_layer)[i]
+        )
 
     def flat_names(self, i: int) -> tuple[tuple[str, str], tuple[str, str], tuple[str, str]]:
         return prefix_names(self.n_layer)[i], tail_names(self.n_layer)[i], tail_out_names(self.n_layer)[i]
@@ -231,16 +244,35 @@ class ModelBuilder:
 
         wte = self.source.get("transformer.wte.weight")  # [V, E]
         if not self.options.int8:
-            return str(self.g.op("Gather", [self.g.const("model.embed_tokens.weight", wte), "input_ids"], "/model/embed_tokens/Gather",
-                                 axis=0))
+            return str(
+                self.g.op(
+                    "Gather",
+                    [self.g.const("model.embed_tokens.weight", wte), "input_ids"],
+                    "/model/embed_tokens/Gather",
+                    axis=0,
+                )
+            )
         rows, scales = quantize.int8_rows(wte)
         del wte
-        table = self.g.op("Gather", [self.g.const("model.embed_tokens.weight_int8", rows), "input_ids"], "/model/embed_tokens/Gather",
-                          axis=0)  # [n, S, E] int8
-        scale = self.g.op("Gather", [self.g.const("model.embed_tokens.scale", scales), "input_ids"], "/model/embed_tokens/scale/Gather",
-                          axis=0)  # [n, S, 1]
-        return str(self.g.op("Mul", [self.g.op("Cast", [table], "/model/embed_tokens/Cast", to=TensorProto.FLOAT), scale],
-                             "/model/embed_tokens/Mul"))
+        table = self.g.op(
+            "Gather",
+            [self.g.const("model.embed_tokens.weight_int8", rows), "input_ids"],
+            "/model/embed_tokens/Gather",
+            axis=0,
+        )  # [n, S, E] int8
+        scale = self.g.op(
+            "Gather",
+            [self.g.const("model.embed_tokens.scale", scales), "input_ids"],
+            "/model/embed_tokens/scale/Gather",
+            axis=0,
+        )  # [n, S, 1]
+        return str(
+            self.g.op(
+                "Mul",
+                [self.g.op("Cast", [table], "/model/embed_tokens/Cast", to=TensorProto.FLOAT), scale],
+                "/model/embed_tokens/Mul",
+            )
+        )
 
     def make_layernorm(self, x: str, prefix: str, path: str) -> str:
         """LayerNormalization over E with the checkpoint's ``{prefix}.weight`` / ``.bias``."""
@@ -257,10 +289,23 @@ class ModelBuilder:
         block = self.options.int4_block
         if int4 and block and k % block == 0 and block % 2 == 0:
             packed, scales = quantize.pack_int4(w.T, block)
-            return str(self.g.op("MatMulNBits", [x, self.g.const(f"{name}.weight_q4", packed), self.g.const(f"{name}.scales", scales)],
-                                 f"{path}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=4, block_size=block, accuracy_level=4))
+            return str(
+                self.g.op(
+                    "MatMulNBits",
+                    [x, self.g.const(f"{name}.weight_q4", packed), self.g.const(f"{name}.scales", scales)],
+                    f"{path}/MatMulNBits",
+                    domain="com.microsoft",
+                    K=k,
+                    N=n,
+                    bits=4,
+                    block_size=block,
+                    accuracy_level=4,
+                )
+            )
         if not self.options.int8:
-            return str(self.g.op("MatMul", [x, self.g.const(f"{name}.weight", np.ascontiguousarray(w.T))], f"{path}/MatMul"))
+            return str(
+                self.g.op("MatMul", [x, self.g.const(f"{name}.weight", np.ascontiguousarray(w.T))], f"{path}/MatMul")
+            )
         return self._matmul_int8(x, w, path, name)
 
     def _matmul_int8(self, x: str, w: np.ndarray, path: str, name: str) -> str:
@@ -271,7 +316,10 @@ class ModelBuilder:
         q, scale, zero_point = quantize.int8_per_tensor(w)
         w_q = self.g.const(f"{name}.weight_quantized", np.ascontiguousarray(q.T))  # [in, out] int8
         del q
-        w_scale, w_zp = self.g.const(f"{name}.weight_scale", scale), self.g.const(f"{name}.weight_zero_point", zero_point)
+        w_scale, w_zp = (
+            self.g.const(f"{name}.weight_scale", scale),
+            self.g.const(f"{name}.weight_zero_point", zero_point),
+        )
         if x not in self._quantized_inputs:
             base = x[: x.rfind("/output_")] if "/output_" in x else f"/{x}"
             base = base.rsplit("/", 1)[0] if base.rsplit("/", 1)[-1][:1].isupper() else base  # drop the op type
@@ -279,12 +327,16 @@ class ModelBuilder:
         x_q, x_scale, x_zp = self._quantized_inputs[x]
         scales = self.g.op("Mul", [x_scale, w_scale], f"{path}/scales/Mul")
         acc = self.g.op("MatMulInteger", [x_q, w_q, x_zp, w_zp], f"{path}/MatMulInteger")  # int32
-        return str(self.g.op("Mul", [self.g.op("Cast", [acc], f"{path}/Cast", to=TensorProto.FLOAT), scales], f"{path}/Mul"))
+        return str(
+            self.g.op("Mul", [self.g.op("Cast", [acc], f"{path}/Cast", to=TensorProto.FLOAT), scales], f"{path}/Mul")
+        )
 
     def make_attention(self, i: int, x: str) -> str:
         """``x`` ``[n, S, E]`` (after ln_1) -> qkv -> rotary on q, k -> attention -> out_proj."""
         p, path = f"transformer.h.{i}.attn.", f"/model/layers.{i}/attn"
-        qkv = self.make_linear(x, qkv_weight(self.source.get(p + "qkv_proj.weight"), self.n_head), f"{path}/qkv")  # [n, S, 3E]
+        qkv = self.make_linear(
+            x, qkv_weight(self.source.get(p + "qkv_proj.weight"), self.n_head), f"{path}/qkv"
+        )  # [n, S, 3E]
         split = self.const("qkv_split", np.array([self.e] * 3, np.int64))
         q, k, v = self.g.op("Split", [qkv, split], f"{path}/qkv/Split", 3, axis=-1)  # [n, S, E] each
         q, k = self.make_rotary(q, f"{path}/q_rotary"), self.make_rotary(k, f"{path}/k_rotary")
@@ -298,8 +350,17 @@ class ModelBuilder:
 
     def make_rotary(self, x: str, path: str) -> str:
         """Interleaved rotary on the first ``rotary_dim`` channels of each head (CodeGen's)."""
-        return str(self.g.op("RotaryEmbedding", [x, "position_ids", "rope_cos", "rope_sin"], f"{path}/RotaryEmbedding",
-                             domain="com.microsoft", interleaved=1, rotary_embedding_dim=self.rotary_dim, num_heads=self.n_head))
+        return str(
+            self.g.op(
+                "RotaryEmbedding",
+                [x, "position_ids", "rope_cos", "rope_sin"],
+                f"{path}/RotaryEmbedding",
+                domain="com.microsoft",
+                interleaved=1,
+                rotary_embedding_dim=self.rotary_dim,
+                num_heads=self.n_head,
+            )
+        )
 
     def make_mlp(self, i: int, x: str) -> str:
         """``x`` ``[n, S, E]`` -> fc_in ``[n, S, 4E]`` -> activation -> fc_out (+ bias) ``[n, S, E]``."""
@@ -313,29 +374,53 @@ class ModelBuilder:
         else:
             m = self.g.op("Relu", [self.g.op("Add", [m, b_in], f"{path}/fc_in/bias/Add")], f"{path}/act/Relu")
         b_out = self.g.const(f"model.layers.{i}.mlp.fc_out.bias", self.source.get(p + "fc_out.bias"))
-        return str(self.g.op("Add", [self.make_linear(m, self.source.get(p + "fc_out.weight"), f"{path}/fc_out"), b_out],
-                             f"{path}/fc_out/bias/Add"))
+        return str(
+            self.g.op(
+                "Add",
+                [self.make_linear(m, self.source.get(p + "fc_out.weight"), f"{path}/fc_out"), b_out],
+                f"{path}/fc_out/bias/Add",
+            )
+        )
 
     def make_layer(self, i: int, h: str) -> str:
         """CodeGen's parallel block: h + attention(ln_1(h)) + mlp(ln_1(h))."""
         x = self.make_layernorm(h, f"transformer.h.{i}.ln_1", f"/model/layers.{i}/ln_1")
         attn = self.make_attention(i, x)
         m = self.make_mlp(i, x)
-        return str(self.g.op("Add", [self.g.op("Add", [h, attn], f"/model/layers.{i}/residual/Add"), m],
-                             f"/model/layers.{i}/residual/Add_1"))
+        return str(
+            self.g.op(
+                "Add",
+                [self.g.op("Add", [h, attn], f"/model/layers.{i}/residual/Add"), m],
+                f"/model/layers.{i}/residual/Add_1",
+            )
+        )
 
     def make_lm_head(self, h: str) -> str:
         """The positions from ``logits_start`` on -> ln_f -> lm_head (+ bias) -> ``logits`` ``[n, S', V]``
         (int8 even with ``--int4``; the embedding's weight where the checkpoint ties them)."""
-        h = self.g.op("Slice", [h, "logits_start", self.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64)),
-                                self.const("axis1", np.array([1], np.int64))], "/model/logits_positions/Slice")
+        h = self.g.op(
+            "Slice",
+            [
+                h,
+                "logits_start",
+                self.const("int64_max", np.array([np.iinfo(np.int64).max], np.int64)),
+                self.const("axis1", np.array([1], np.int64)),
+            ],
+            "/model/logits_positions/Slice",
+        )
         h = self.make_layernorm(h, "transformer.ln_f", "/model/ln_f")
         name = "lm_head.weight" if "lm_head.weight" in self.source else "transformer.wte.weight"  # tied
         logits = self.make_linear(h, self.source.get(name), "/lm_head", int4=False)  # [n, S', V]
         if "lm_head.bias" not in self.source:
             return str(self.g.op("Identity", [logits], "/lm_head/Identity", ["logits"]))
-        return str(self.g.op("Add", [logits, self.g.const("lm_head.bias", self.source.get("lm_head.bias"))], "/lm_head/bias/Add",
-                             ["logits"]))
+        return str(
+            self.g.op(
+                "Add",
+                [logits, self.g.const("lm_head.bias", self.source.get("lm_head.bias"))],
+                "/lm_head/bias/Add",
+                ["logits"],
+            )
+        )
 
     def make_preamble(self) -> None:
         """Constants and shapes every layer uses: rotary tables, the rotation, ``past_len``, flat's shapes."""
@@ -344,20 +429,28 @@ class ModelBuilder:
 
         sincos = create_sinusoidal_positions(self.n_positions, self.rotary_dim).float().numpy()  # [P, rd]: sin | cos
         self.g.const("rope_sin", sincos[:, : self.rotary_dim // 2])
-        self.g.const("rope_cos", sincos[:, self.rotary_dim // 2:])
+        self.g.const("rope_cos", sincos[:, self.rotary_dim // 2 :])
         if self.kv_int4:
             self.g.const("key_rotation", kvcache.key_rotation(self.d))  # [D, D]
         if self.options.graph == "gqa":  # positions already in the cache before this run: total - S
             s_len = self.g.op("Shape", ["input_ids"], "/model/past_len/Shape", start=1, end=2)
             total = self.g.op("Cast", ["total_sequence_length"], "/model/past_len/Cast", to=TensorProto.INT64)
-            total = self.g.op("Reshape", [total, self.const("shape_1", np.array([1], np.int64))], "/model/past_len/Reshape")
+            total = self.g.op(
+                "Reshape", [total, self.const("shape_1", np.array([1], np.int64))], "/model/past_len/Reshape"
+            )
             self.g.op("Sub", [total, s_len], "/model/past_len/Sub", ["past_len"])
             return
-        h, d, m1 = (self.const(n, np.array([x], np.int64)) for n, x in (("const_h", self.n_head), ("const_d", self.d), ("const_m1", -1)))
+        h, d, m1 = (
+            self.const(n, np.array([x], np.int64))
+            for n, x in (("const_h", self.n_head), ("const_d", self.d), ("const_m1", -1))
+        )
         n_s = self.g.op("Shape", ["input_ids"], "/model/flat/Shape")  # [n, S]
         self._consts["shape_hns_m1"] = self.g.op("Concat", [h, n_s, m1], "/model/flat/shape_hns_m1/Concat", axis=0)
         self._consts["shape_hnsd"] = self.g.op("Concat", [h, n_s, d], "/model/flat/shape_hnsd/Concat", axis=0)
-        sizes = [self.g.op("Shape", ["prefix_bias"], "/model/flat/prefix/Shape"), self.g.op("Shape", ["tail_bias"], "/model/flat/tail/Shape", start=1)]
+        sizes = [
+            self.g.op("Shape", ["prefix_bias"], "/model/flat/prefix/Shape"),
+            self.g.op("Shape", ["tail_bias"], "/model/flat/tail/Shape", start=1),
+        ]
         self._consts["split_sizes"] = self.g.op("Concat", sizes, "/model/flat/split_sizes/Concat", axis=0)
 
     def make_io(self) -> tuple[list[Any], list[Any]]:
@@ -367,10 +460,15 @@ class ModelBuilder:
         i64, f32, info = TensorProto.INT64, TensorProto.FLOAT, helper.make_tensor_value_info
         outputs = [info("logits", f32, ["batch", "logits_seq", self.vocab])]
         if self.options.graph == "gqa":
-            inputs = [info("input_ids", i64, [1, "seq"]), info("position_ids", i64, [1, "seq"]),
-                      info("seqlens_k", TensorProto.INT32, [1]), info("total_sequence_length", TensorProto.INT32, []),
-                      info("attention_bias", f32, [1, 1, "seq", "total"]), info("logits_start", i64, [1]),
-                      info("prompt_path", TensorProto.BOOL, [])]
+            inputs = [
+                info("input_ids", i64, [1, "seq"]),
+                info("position_ids", i64, [1, "seq"]),
+                info("seqlens_k", TensorProto.INT32, [1]),
+                info("total_sequence_length", TensorProto.INT32, []),
+                info("attention_bias", f32, [1, 1, "seq", "total"]),
+                info("logits_start", i64, [1]),
+                info("prompt_path", TensorProto.BOOL, []),
+            ]
             width = self.d // 2 if self.kv_int4 else self.d
             for i in range(self.n_layer):
                 names = self.cache_names(i)
@@ -381,12 +479,21 @@ class ModelBuilder:
                     outputs += [info(x, TensorProto.FLOAT16, None) for x in names.present[2:]]
             return inputs, outputs
         kv = TensorProto.FLOAT16 if self.options.kv_fp16 else f32
-        inputs = [info("input_ids", i64, ["batch", "seq"]), info("position_ids", i64, ["batch", "seq"]),
-                  info("prefix_bias", f32, ["cap"]), info("tail_bias", f32, ["seq", "tail_seq"]), info("logits_start", i64, [1])]
+        inputs = [
+            info("input_ids", i64, ["batch", "seq"]),
+            info("position_ids", i64, ["batch", "seq"]),
+            info("prefix_bias", f32, ["cap"]),
+            info("tail_bias", f32, ["seq", "tail_seq"]),
+            info("logits_start", i64, [1]),
+        ]
         h, d = self.n_head, self.d
         for (pk, pv), (tk, tv), (ok, ov) in (self.flat_names(i) for i in range(self.n_layer)):
-            inputs += [info(pk, kv, [1, h, d, "cap"]), info(pv, kv, [1, h, "cap", d]),
-                       info(tk, kv, [h, "batch", d, "past_tail"]), info(tv, kv, [h, "batch", "past_tail", d])]
+            inputs += [
+                info(pk, kv, [1, h, d, "cap"]),
+                info(pv, kv, [1, h, "cap", d]),
+                info(tk, kv, [h, "batch", d, "past_tail"]),
+                info(tv, kv, [h, "batch", "past_tail", d]),
+            ]
             outputs += [info(ok, kv, [h, "batch", d, "tail_seq"]), info(ov, kv, [h, "batch", "tail_seq", d])]
         return inputs, outputs
 
@@ -400,12 +507,16 @@ class ModelBuilder:
             h = self.make_layer(i, h)
         self.make_lm_head(h)
         inputs, outputs = self.make_io()
-        graph = helper.make_graph(self.g.nodes, f"codegen_{self.options.graph}", inputs, outputs, initializer=self.g.inits)
+        graph = helper.make_graph(
+            self.g.nodes, f"codegen_{self.options.graph}", inputs, outputs, initializer=self.g.inits
+        )
         functions = [attention.decode_attention_function(helper, self.n_head)] if self.kv_int8 is not None else []
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
         if functions:
             opsets.append(helper.make_opsetid(attention.DOMAIN, 1))
-        proto = helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION, producer_name="codegen-ls")
+        proto = helper.make_model(
+            graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION, producer_name="codegen-ls"
+        )
         proto.metadata_props.add(key="codegen_ls.graph", value=self.options.graph)
         return proto
 

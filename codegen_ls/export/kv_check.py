@@ -48,8 +48,12 @@ class KvCheck:
         return self.loss["int4"] <= self.loss["int8"] + KV4_TOLERANCE
 
     def to_json(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "loss": {k: round(v, 4) for k, v in self.loss.items()},
-                "same_next_token": {k: round(v, 4) for k, v in self.same.items()}, "tolerance": KV4_TOLERANCE}
+        return {
+            "tokens": self.tokens,
+            "loss": {k: round(v, 4) for k, v in self.loss.items()},
+            "same_next_token": {k: round(v, 4) for k, v in self.same.items()},
+            "tolerance": KV4_TOLERANCE,
+        }
 
 
 def fake_quantize(x: Any, bits: int, scale: Any | None = None) -> Any:
@@ -61,7 +65,9 @@ def fake_quantize(x: Any, bits: int, scale: Any | None = None) -> Any:
 
     top = 2 ** (bits - 1) - 1
     if scale is None:
-        scale = (x.abs().amax(dim=-1, keepdim=True).clamp(min=kvcache.TINY) / top).clamp(kvcache.SCALE_MIN, kvcache.SCALE_MAX)
+        scale = (x.abs().amax(dim=-1, keepdim=True).clamp(min=kvcache.TINY) / top).clamp(
+            kvcache.SCALE_MIN, kvcache.SCALE_MAX
+        )
         return torch.clamp(torch.round(x / scale), -top - 1, top) * scale.half().float()
     return torch.clamp(torch.round(x / scale), -top - 1, top) * scale
 

@@ -65,15 +65,20 @@ class GraphWriter:
         from onnx import TensorProto
 
         offset, length = self.data.append(value)
-        tensor = TensorProto(name=name, dims=list(value.shape), data_type=self.helper.np_dtype_to_tensor_dtype(value.dtype),
-                             data_location=TensorProto.EXTERNAL)
+        tensor = TensorProto(
+            name=name,
+            dims=list(value.shape),
+            data_type=self.helper.np_dtype_to_tensor_dtype(value.dtype),
+            data_location=TensorProto.EXTERNAL,
+        )
         for key, v in (("location", self.data.path.name), ("offset", str(offset)), ("length", str(length))):
             tensor.external_data.add(key=key, value=v)
         self.inits.append(tensor)
         return name
 
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
-           **attrs: Any) -> Any:
+    def op(
+        self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs: Any
+    ) -> Any:
         """Node ``name`` (a path such as ``/model/layers.0/attn/qkv/MatMul``); returns its output
         name, or the list of them when it has several."""
         if name in self.names:

@@ -38,11 +38,11 @@ import time
 from pathlib import Path
 
 from codegen_ls.engine import kernels, kvcache
-from codegen_ls.export import kv_check
-from codegen_ls.export.kv_check import KvCheck
-from codegen_ls.errors import CodegenLsError, ModelError
 from codegen_ls.engine.fim import detect as detect_fim
 from codegen_ls.engine.modeldir import Manifest, read_manifest, sha256, write_manifest
+from codegen_ls.errors import CodegenLsError, ModelError
+from codegen_ls.export import kv_check
+from codegen_ls.export.kv_check import KvCheck
 
 INT4_BLOCK = 32  # MatMulNBits block size of --int4
 WEIGHT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
@@ -90,8 +90,10 @@ def _resolve_source(src: str) -> Path:
             "in the local cache; download the checkpoint elsewhere and pass its local directory"
         ) from None
     except Exception as exc:  # unknown repo, gated, auth, HTTP errors: one clear line
-        raise CodegenLsError(f"cannot download '{src}' ({type(exc).__name__}): unknown, private or gated "
-                             "model id; pass a local checkpoint directory instead") from None
+        raise CodegenLsError(
+            f"cannot download '{src}' ({type(exc).__name__}): unknown, private or gated "
+            "model id; pass a local checkpoint directory instead"
+        ) from None
     return local
 
 
@@ -122,13 +124,17 @@ def _check_pickled_weights(src: Path) -> None:
         except Exception as exc:
             # torch's own text advises retrying with weights_only=False: we never do (and never say so)
             lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(exc).splitlines()]
-            why = next((ln for ln in lines if re.search(r"unsupported|global", ln, re.I) and "weights_only" not in ln),
-                       "it holds objects other than tensors")
+            why = next(
+                (ln for ln in lines if re.search(r"unsupported|global", ln, re.I) and "weights_only" not in ln),
+                "it holds objects other than tensors",
+            )
             why = why.removeprefix("WeightsUnpickler error: ").split(". Please")[0].rstrip(".")
-            raise ModelError(f"{path} is not a plain PyTorch weights file ({why}): codegen-ls reads .bin weights "
-                             "only with torch.load(weights_only=True), never without it, because unpickling such a "
-                             "file can run any code on this machine; use the checkpoint's safetensors, or convert "
-                             "it to safetensors where you trust its source") from None
+            raise ModelError(
+                f"{path} is not a plain PyTorch weights file ({why}): codegen-ls reads .bin weights "
+                "only with torch.load(weights_only=True), never without it, because unpickling such a "
+                "file can run any code on this machine; use the checkpoint's safetensors, or convert "
+                "it to safetensors where you trust its source"
+            ) from None
 
 
 def _save_tokenizer(src: Path, out: Path) -> None:
@@ -155,8 +161,12 @@ def quantize(src_onnx: Path, dst_onnx: Path, external: bool, exclude: list[str] 
     root.setLevel(max(level, logging.ERROR))  # its "consider pre-processing" advice is for CNNs
     try:
         quantize_dynamic(
-            str(src_onnx), str(dst_onnx), weight_type=QuantType.QInt8, per_channel=False,
-            op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external,
+            str(src_onnx),
+            str(dst_onnx),
+            weight_type=QuantType.QInt8,
+            per_channel=False,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            use_external_data_format=external,
             nodes_to_exclude=exclude or [],
             # ONNX shape inference stops at com.microsoft ops (our graphs): everything is float
             extra_options={"DefaultTensorType": TensorProto.FLOAT},
@@ -172,8 +182,14 @@ def _copy_fp32(tmp_dir: Path, out: Path, external: bool) -> None:
         import onnx
 
         model = onnx.load(str(tmp_dir / "model.onnx"))
-        onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="model.onnx.data", size_threshold=1024)
+        onnx.save(
+            model,
+            str(out / "model.onnx"),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=1024,
+        )
         return
     for p in tmp_dir.glob("model.onnx*"):  # model.onnx (+ model.onnx_data written by optimum past 2 GB)
         shutil.copyfile(p, out / p.name)
@@ -187,8 +203,14 @@ def _export_optimum(source: Path, tmp_dir: Path) -> None:
     try:
         # trust_remote_code stays False; transformers loads *.safetensors, or *.bin with
         # torch.load(weights_only=True), so no pickled code ever runs.
-        main_export(str(source), output=tmp_dir, task="text-generation-with-past",
-                    do_validation=False, no_post_process=False, device="cpu")
+        main_export(
+            str(source),
+            output=tmp_dir,
+            task="text-generation-with-past",
+            do_validation=False,
+            no_post_process=False,
+            device="cpu",
+        )
     except Exception as exc:  # unreadable or unsafe weights, unsupported config: one line
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ModelError(f"cannot export {source}: {lines[0]}") from None
@@ -217,12 +239,21 @@ def calibration_batches(tokenizer: Path | None, n_positions: int, vocab_size: in
 
         ids += [int(i) for i in np.random.default_rng(0).integers(0, vocab_size, CALIBRATION_TOKENS)]
     ids = ids[:CALIBRATION_TOKENS]
-    return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+    return [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
 
 
-def _export_graph(src: Path, out: Path, external: bool | None, quantized: bool, int4: bool, kv_fp16: bool = False,
-                  graph: str = "flat", tokenizer: Path | None = None, kv_bits: int = 8,
-                  check_kv4: bool = False) -> tuple[bool, int, KvCheck | None]:
+def _export_graph(
+    src: Path,
+    out: Path,
+    external: bool | None,
+    quantized: bool,
+    int4: bool,
+    kv_fp16: bool = False,
+    graph: str = "flat",
+    tokenizer: Path | None = None,
+    kv_bits: int = 8,
+    check_kv4: bool = False,
+) -> tuple[bool, int, KvCheck | None]:
     """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.export.graph_builder`) from the
     checkpoint read tensor by tensor (:mod:`codegen_ls.export.source`) straight into ``out``
     (``model.onnx``, and ``model.onnx.data`` written weight by weight when ``external``). A
@@ -246,24 +277,38 @@ def _export_graph(src: Path, out: Path, external: bool | None, quantized: bool, 
         if graph == "gqa" and quantized and (kv_bits == 8 or check_kv4):
             _step("      calibrating the int8 KV cache (the torch model, one layer at a time) ...")
             cfg = source.config
-            batches = calibration_batches(tokenizer, int(cfg.get("n_positions") or cfg.get("n_ctx") or 2048), int(cfg["vocab_size"]))
+            batches = calibration_batches(
+                tokenizer, int(cfg.get("n_positions") or cfg.get("n_ctx") or 2048), int(cfg["vocab_size"])
+            )
             if check_kv4:
                 _step("      checking what the 4-bit KV cache costs this checkpoint (codegen_ls.export.kv_check) ...")
             scales, result = calibrate.run(source, batches, check=check_kv4)
             _return_freed_memory()
             if result is not None:
                 loss = result.loss
-                verdict = "the 4-bit cache" if result.four_bit_ok else (
-                    f"the int8 cache (the 4-bit one costs more than {kv_check.KV4_TOLERANCE} over it)")
-                _step(f"      loss on {result.tokens} tokens of Python: {loss['exact']:.4f} exact, {loss['int8']:.4f} with "
-                      f"the int8 KV cache, {loss['int4']:.4f} with the 4-bit one: {verdict}")
+                verdict = (
+                    "the 4-bit cache"
+                    if result.four_bit_ok
+                    else (f"the int8 cache (the 4-bit one costs more than {kv_check.KV4_TOLERANCE} over it)")
+                )
+                _step(
+                    f"      loss on {result.tokens} tokens of Python: {loss['exact']:.4f} exact, {loss['int8']:.4f} "
+                    "with "
+                    f"the int8 KV cache, {loss['int4']:.4f} with the 4-bit one: {verdict}"
+                )
                 kv_bits = 4 if result.four_bit_ok else 8
             if kv_bits == 4:
                 scales = None
         if external is None:  # 2 GB is protobuf's limit; decided on the float32 size, as before quantizing
             external = source.fp32_bytes() > 1_800_000_000
-        options = GraphOptions(graph=graph, int8=quantized, int4_block=INT4_BLOCK if int4 else 0, kv_fp16=kv_fp16,
-                               kv_int8=scales, kv_int4=kv_bits == 4)
+        options = GraphOptions(
+            graph=graph,
+            int8=quantized,
+            int4_block=INT4_BLOCK if int4 else 0,
+            kv_fp16=kv_fp16,
+            kv_int8=scales,
+            kv_int4=kv_bits == 4,
+        )
         build_graph(source, out / "model.onnx", options, external)
     except CodegenLsError:
         raise
@@ -282,9 +327,18 @@ def default_kv_bits(graph: str = "gqa", quantize_int8: bool = True, head_dim: in
     return 4 if fast4 else 8
 
 
-def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
-           external_data: bool | None = None, graph: str = "gqa", int4: bool = False,
-           name: str | None = None, kv_fp16: bool = False, kv_bits: int | None = None) -> Manifest:
+def export(
+    src: str,
+    out: Path,
+    quantize_int8: bool = True,
+    force: bool = False,
+    external_data: bool | None = None,
+    graph: str = "gqa",
+    int4: bool = False,
+    name: str | None = None,
+    kv_fp16: bool = False,
+    kv_bits: int | None = None,
+) -> Manifest:
     """Export ``src`` into ``out`` and return the manifest written there.
 
     ``graph``: ``gqa`` (our graph on GroupQueryAttention, :mod:`codegen_ls.export.graph_builder`; with
@@ -321,16 +375,23 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
     if kv_bits is None:
         kv_bits = default_kv_bits(graph, quantize_int8, head_dim)
     if auto and graph == "gqa" and quantize_int8:
-        _step(f"KV cache: 4-bit unless the check below finds it costs this checkpoint too much (our kernel runs it here "
-              f"with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs fast on any CPU)" if kv_bits == 4 else
-              f"KV cache: int8 (the 4-bit cache needs heads a multiple of 8, here {head_dim}, and to run fast the "
-              f"compiled kernel with AVX2 or AVX-512 VNNI: not both here)")
+        _step(
+            f"KV cache: 4-bit unless the check below finds it costs this checkpoint too much (our kernel runs it here "
+            f"with {kernels.path4(best=True)}; --kv-bits 8 for a model that runs fast on any CPU)"
+            if kv_bits == 4
+            else f"KV cache: int8 (the 4-bit cache needs heads a multiple of 8, here {head_dim}, and to run fast the "
+            f"compiled kernel with AVX2 or AVX-512 VNNI: not both here)"
+        )
     if kv_bits == 4 and not kvcache.fits(head_dim):
-        raise CodegenLsError(f"a 4-bit KV cache needs heads a multiple of 8 (at most 256); this checkpoint's are {head_dim}: "
-                             "use --kv-bits 8")
+        raise CodegenLsError(
+            f"a 4-bit KV cache needs heads a multiple of 8 (at most 256); this checkpoint's are {head_dim}: "
+            "use --kv-bits 8"
+        )
     if kv_bits == 4 and not kernels.vector4(best=True, head_dim=head_dim):
-        _step("note: the 4-bit KV cache's attention has no fast path on this machine (it needs the compiled kernel, and "
-              "AVX-512 VNNI or AVX2): the model will serve slowly here, or not at all without the kernel")
+        _step(
+            "note: the 4-bit KV cache's attention has no fast path on this machine (it needs the compiled kernel, and "
+            "AVX-512 VNNI or AVX2): the model will serve slowly here, or not at all without the kernel"
+        )
     if out.exists() and any(out.iterdir()):
         if not force:
             raise CodegenLsError(f"output directory is not empty: {out} (use --force to overwrite)")
@@ -340,12 +401,30 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
 
     checked = None
     if graph in ("flat", "gqa"):
-        _step(f"[1/3] building the {graph} ONNX graph of {source} weight by weight (codegen_ls.export.graph_builder) ...")
+        _step(
+            f"[1/3] building the {graph} ONNX graph of {source} weight by weight (codegen_ls.export.graph_builder) ..."
+        )
         external_data, kv_bits, checked = _export_graph(
-            source, out, external_data, quantize_int8, int4, kv_fp16, graph, out / "tokenizer.json", kv_bits,
-            check_kv4=auto and kv_bits == 4)
-        _step("[2/3] " + ("weights quantized as they were written (int8 per tensor, as onnxruntime.quantization's "
-                          "dynamic quantization)" if quantize_int8 else "keeping fp32 weights (--no-quantize)"))
+            source,
+            out,
+            external_data,
+            quantize_int8,
+            int4,
+            kv_fp16,
+            graph,
+            out / "tokenizer.json",
+            kv_bits,
+            check_kv4=auto and kv_bits == 4,
+        )
+        _step(
+            "[2/3] "
+            + (
+                "weights quantized as they were written (int8 per tensor, as onnxruntime.quantization's "
+                "dynamic quantization)"
+                if quantize_int8
+                else "keeping fp32 weights (--no-quantize)"
+            )
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="codegen-ls-export-") as tmp:
             tmp_dir = Path(tmp)
@@ -363,13 +442,29 @@ def export(src: str, out: Path, quantize_int8: bool = True, force: bool = False,
                 _copy_fp32(tmp_dir, out, external_data)
     _step("[3/3] writing manifest.json (tokenizer.json is already there) ...")
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
-    kv_dtype = ("float16" if kv_fp16 else "float32" if graph != "gqa" or not quantize_int8
-                else "int4" if kv_bits == 4 else "int8")
+    kv_dtype = (
+        "float16"
+        if kv_fp16
+        else "float32"
+        if graph != "gqa" or not quantize_int8
+        else "int4"
+        if kv_bits == 4
+        else "int8"
+    )
     return _write_manifest(src, out, config, quantization, graph, t0, name, kv_dtype, checked)
 
 
-def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph: str, t0: float,
-                    name: str | None = None, kv_dtype: str = "float32", checked: KvCheck | None = None) -> Manifest:
+def _write_manifest(
+    src: str,
+    out: Path,
+    config: dict,
+    quantization: str,
+    graph: str,
+    t0: float,
+    name: str | None = None,
+    kv_dtype: str = "float32",
+    checked: KvCheck | None = None,
+) -> Manifest:
     n_head = int(config["n_head"])
     files = {p.name: sha256(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != "manifest.json"}
     manifest = Manifest(
@@ -385,8 +480,14 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
         source=str(src),
         files=files,
         name=name or Path(str(src).rstrip("/")).name,
-        extra={"graph": graph, "kv_dtype": kv_dtype, "rotary_dim": config.get("rotary_dim"), "n_embd": config.get("n_embd"),
-               "exported_with": _versions(), "export_seconds": round(time.time() - t0, 1)},
+        extra={
+            "graph": graph,
+            "kv_dtype": kv_dtype,
+            "rotary_dim": config.get("rotary_dim"),
+            "n_embd": config.get("n_embd"),
+            "exported_with": _versions(),
+            "export_seconds": round(time.time() - t0, 1),
+        },
         fim=fim.to_json() if (fim := detect_fim(out / "tokenizer.json")) is not None else {},
     )
     if graph == "gqa" and kv_dtype == "int8":  # its decode branch is our op (with a GQA function body)
@@ -402,10 +503,21 @@ def _write_manifest(src: str, out: Path, config: dict, quantization: str, graph:
     return manifest
 
 
-def random_checkpoint(out: Path, *, vocab_size: int = 8192, n_positions: int = 2048, n_embd: int = 64,
-                      n_layer: int = 2, n_head: int = 4, rotary_dim: int = 8, tokenizer: Path | None = None,
-                      eos_token_id: int = 0, suppress_eos: bool = True, seed: int = 0,
-                      safetensors: bool = True) -> Path:
+def random_checkpoint(
+    out: Path,
+    *,
+    vocab_size: int = 8192,
+    n_positions: int = 2048,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    rotary_dim: int = 8,
+    tokenizer: Path | None = None,
+    eos_token_id: int = 0,
+    suppress_eos: bool = True,
+    seed: int = 0,
+    safetensors: bool = True,
+) -> Path:
     """Save a random-weight ``CodeGenForCausalLM`` of the given shape (tests and benchmarks).
 
     ``tokenizer``: a ``tokenizer.json`` copied next to the weights (``vocab_size`` grows to its size
@@ -419,9 +531,18 @@ def random_checkpoint(out: Path, *, vocab_size: int = 8192, n_positions: int = 2
         from tokenizers import Tokenizer as HFTokenizer
 
         vocab_size = max(vocab_size, HFTokenizer.from_file(str(tokenizer)).get_vocab_size())
-    config = CodeGenConfig(vocab_size=vocab_size, n_positions=n_positions, n_ctx=n_positions, n_embd=n_embd,
-                           n_layer=n_layer, n_head=n_head, rotary_dim=rotary_dim, bos_token_id=eos_token_id,
-                           eos_token_id=eos_token_id, tie_word_embeddings=False)
+    config = CodeGenConfig(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_ctx=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        rotary_dim=rotary_dim,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = CodeGenForCausalLM(config).eval()
     if suppress_eos:

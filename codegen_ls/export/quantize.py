@@ -32,7 +32,9 @@ def int8_per_tensor(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     flat = w.reshape(-1)
     rmin = min(float(flat[s].min()) for s in _row_chunks(flat.size, 4))
     rmax = max(float(flat[s].max()) for s in _row_chunks(flat.size, 4))
-    zero_point, scale = compute_data_quant_params(flat[:1], TensorProto.INT8, True, rmin_override=rmin, rmax_override=rmax)
+    zero_point, scale = compute_data_quant_params(
+        flat[:1], TensorProto.INT8, True, rmin_override=rmin, rmax_override=rmax
+    )
     out = np.empty(w.shape, np.int8)
     out_flat = out.reshape(-1)
     for s in _row_chunks(flat.size, 4):

@@ -77,7 +77,7 @@ class CheckpointSource:
     def layer(self, i: int) -> dict[str, np.ndarray]:
         """Block ``i``'s tensors without the ``transformer.h.{i}.`` prefix."""
         prefix = f"transformer.h.{i}."
-        return {name[len(prefix):]: self.get(name) for name in self._files if name.startswith(prefix)}
+        return {name[len(prefix) :]: self.get(name) for name in self._files if name.startswith(prefix)}
 
     def fp32_bytes(self) -> int:
         """The checkpoint's size in float32 (what the export would take loaded whole)."""

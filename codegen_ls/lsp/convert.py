@@ -66,8 +66,9 @@ class FastPositionCodec(PositionCodec):
         line = _content(lines[position.line])
         return ServerTextPosition(position.line, self._column(line, position.character))
 
-    def position_to_client_units(self, lines: Sequence[str],
-                                 position: ServerTextPosition | types.Position) -> types.Position:
+    def position_to_client_units(
+        self, lines: Sequence[str], position: ServerTextPosition | types.Position
+    ) -> types.Position:
         if not 0 <= position.line < len(lines):
             return types.Position(line=len(lines), character=0)
         return types.Position(line=position.line, character=self._units(lines[position.line], position.character))

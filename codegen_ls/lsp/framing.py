@@ -109,8 +109,12 @@ class Framer:
         self._garbage = False
         if length > self.max_body:
             found = _ID.search(bytes(buf[:4096]))
-            events.append(Problem(f"a message of {length} bytes is over the limit of {self.max_body}",
-                                  _parse_id(found.group(1)) if found else None))
+            events.append(
+                Problem(
+                    f"a message of {length} bytes is over the limit of {self.max_body}",
+                    _parse_id(found.group(1)) if found else None,
+                )
+            )
             self._skip = length
             return True
         self._need, self._scanned = length, 0

@@ -39,7 +39,9 @@ async def on_initialized(ls: CodegenLanguageServer, params: types.InitializedPar
         return
     ls.initialized = True
     if ls.settings_problems:  # shown now: the client is ready for messages
-        ls.show(types.MessageType.Warning, f"codegen-ls: {'; '.join(ls.settings_problems)}. Using the default settings.")
+        ls.show(
+            types.MessageType.Warning, f"codegen-ls: {'; '.join(ls.settings_problems)}. Using the default settings."
+        )
     ls.start_load()
     await workspace.watch_sources(ls)
 
@@ -85,7 +87,9 @@ def on_did_close(ls: CodegenLanguageServer, params: types.DidCloseTextDocumentPa
     ls.worker.submit(None, lambda cancel: ls.completer.forget(uri))  # its caches, on the worker thread
 
 
-async def on_inline_completion(ls: CodegenLanguageServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
+async def on_inline_completion(
+    ls: CodegenLanguageServer, params: types.InlineCompletionParams
+) -> types.InlineCompletionList:
     explicit = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
     answer = await ls.shared.complete(params.text_document.uri, params.position, explicit)
     return types.InlineCompletionList(items=inline_items(answer.doc, answer.result, answer) if answer else [])
@@ -94,7 +98,9 @@ async def on_inline_completion(ls: CodegenLanguageServer, params: types.InlineCo
 async def on_completion(ls: CodegenLanguageServer, params: types.CompletionParams) -> types.CompletionList:
     explicit = params.context is None or params.context.trigger_kind == types.CompletionTriggerKind.Invoked
     mode = ls.settings.completion_fallback  # auto: the menu only for editors without inline completion
-    if mode == "never" or (mode == "auto" and get_capability(ls.client_capabilities, "text_document", "inline_completion")):
+    if mode == "never" or (
+        mode == "auto" and get_capability(ls.client_capabilities, "text_document", "inline_completion")
+    ):
         return types.CompletionList(is_incomplete=True, items=[])
     answer = await ls.shared.complete(params.text_document.uri, params.position, explicit)
     return types.CompletionList(is_incomplete=True, items=completion_items(answer.doc, answer.result) if answer else [])
@@ -112,7 +118,9 @@ def on_did_show(ls: CodegenLanguageServer, params: Any) -> None:
 
 def on_did_partially_accept(ls: CodegenLanguageServer, params: Any) -> None:
     kind = {"word": EventKind.ACCEPTED_WORD, "line": EventKind.ACCEPTED_LINE}.get(str(getattr(params, "kind", "")))
-    if kind is not None and ls.events.record(kind, getattr(params, "item", None), getattr(params, "acceptedLength", None)):
+    if kind is not None and ls.events.record(
+        kind, getattr(params, "item", None), getattr(params, "acceptedLength", None)
+    ):
         ls.send_status()
 
 
@@ -130,8 +138,16 @@ def on_debug_document(ls: CodegenLanguageServer, params: Any) -> dict[str, Any] 
     doc = ls.document(uri) if isinstance(uri, str) else None
     if doc is None:
         return None
-    return {"text": doc.source, "version": doc.version, "indentation": ls.indentation.get(doc.uri),
-            "lastPrompt": ls.last_prompt.get(doc.uri), "workspace": workspace.info(ls),
-            "cachedTokens": ls.completer.cached_tokens(doc.uri),
-            "perceived": {"warmups": ls.perceived.warmups, "prefetched": ls.perceived.prefetched,
-                          "joins": ls.perceived.joins}}
+    return {
+        "text": doc.source,
+        "version": doc.version,
+        "indentation": ls.indentation.get(doc.uri),
+        "lastPrompt": ls.last_prompt.get(doc.uri),
+        "workspace": workspace.info(ls),
+        "cachedTokens": ls.completer.cached_tokens(doc.uri),
+        "perceived": {
+            "warmups": ls.perceived.warmups,
+            "prefetched": ls.perceived.prefetched,
+            "joins": ls.perceived.joins,
+        },
+    }

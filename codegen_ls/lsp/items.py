@@ -33,7 +33,9 @@ def suggestion_range(doc: TextDocument, s: Suggestion) -> types.Range | None:
     return doc.range_to_client_units(ServerTextRange(ServerTextPosition(*s.start), ServerTextPosition(*s.end)))
 
 
-def inline_items(doc: TextDocument, result: CompletionResult, answer: Answer | None = None) -> list[types.InlineCompletionItem]:
+def inline_items(
+    doc: TextDocument, result: CompletionResult, answer: Answer | None = None
+) -> list[types.InlineCompletionItem]:
     """The items; with ``answer``, each carries the command the editor runs on accept
     (:mod:`codegen_ls.lsp.events`)."""
     items = []
@@ -56,12 +58,19 @@ def completion_items(doc: TextDocument, result: CompletionResult) -> list[types.
         if rng is None:
             continue
         first = next((line.strip() for line in s.insert_text.splitlines() if line.strip()), s.insert_text)
-        items.append(types.CompletionItem(
-            label=first[:80] or "(whitespace)", kind=types.CompletionItemKind.Text, preselect=rank == 0,
-            sort_text=f"{rank:03d}", filter_text=s.insert_text, detail=f"codegen-ls · {s.confidence:.0%} · {s.source}",
-            documentation=s.insert_text if "\n" in s.insert_text else None,
-            insert_text_format=types.InsertTextFormat.PlainText,
-            text_edit=types.TextEdit(range=rng, new_text=s.insert_text)))
+        items.append(
+            types.CompletionItem(
+                label=first[:80] or "(whitespace)",
+                kind=types.CompletionItemKind.Text,
+                preselect=rank == 0,
+                sort_text=f"{rank:03d}",
+                filter_text=s.insert_text,
+                detail=f"codegen-ls · {s.confidence:.0%} · {s.source}",
+                documentation=s.insert_text if "\n" in s.insert_text else None,
+                insert_text_format=types.InsertTextFormat.PlainText,
+                text_edit=types.TextEdit(range=rng, new_text=s.insert_text),
+            )
+        )
     return items
 
 

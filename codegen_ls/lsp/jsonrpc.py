@@ -82,7 +82,8 @@ class LspTextDocument(TextDocument):
             return len(self.source)
         width = self.position_codec.client_num_units(lines[position.line].rstrip("\r\n"))
         column = self.position_codec.position_from_client_units(
-            lines, types.Position(position.line, min(position.character, width))).character
+            lines, types.Position(position.line, min(position.character, width))
+        ).character
         return sum(map(len, lines[: position.line])) + column  # C-speed; no per-document table kept
 
     def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
@@ -114,10 +115,17 @@ class LspWorkspace(Workspace):
     def like(cls, other: Workspace) -> LspWorkspace:
         return cls(other.root_uri, other._sync_kind, list(other.folders.values()), other.position_encoding)
 
-    def _create_text_document(self, doc_uri: str, source: str | None = None, version: int | None = None,
-                              language_id: str | None = None) -> TextDocument:
-        return LspTextDocument(doc_uri, source=source, version=version, language_id=language_id,
-                               sync_kind=self._sync_kind, position_codec=self.position_codec)
+    def _create_text_document(
+        self, doc_uri: str, source: str | None = None, version: int | None = None, language_id: str | None = None
+    ) -> TextDocument:
+        return LspTextDocument(
+            doc_uri,
+            source=source,
+            version=version,
+            language_id=language_id,
+            sync_kind=self._sync_kind,
+            position_codec=self.position_codec,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +163,15 @@ class CodegenLsProtocol(LanguageServerProtocol):
             self.reply_error(None, JsonRpcInvalidRequest("Invalid Request: expected a JSON object"))
             return
         has_id, msg_id, method = "id" in message, message.get("id"), message.get("method")
-        if message.get("jsonrpc") != "2.0" or (has_id and not _valid_id(msg_id)) or (
-                "method" in message and not isinstance(method, str)):
-            self.reply_error(msg_id if _valid_id(msg_id) else None,
-                             JsonRpcInvalidRequest("Invalid Request: not a JSON-RPC 2.0 message"))
+        if (
+            message.get("jsonrpc") != "2.0"
+            or (has_id and not _valid_id(msg_id))
+            or ("method" in message and not isinstance(method, str))
+        ):
+            self.reply_error(
+                msg_id if _valid_id(msg_id) else None,
+                JsonRpcInvalidRequest("Invalid Request: not a JSON-RPC 2.0 message"),
+            )
             return
         if method is None:  # a response to one of our requests
             if has_id and ("result" in message or "error" in message):
@@ -218,8 +231,12 @@ class CodegenLsProtocol(LanguageServerProtocol):
         if not isinstance(params, dict):
             return False
         doc_id = params.get("textDocument")
-        if not (isinstance(doc_id, dict) and "version" in doc_id and doc_id["version"] is None
-                and isinstance(doc_id.get("uri"), str)):
+        if not (
+            isinstance(doc_id, dict)
+            and "version" in doc_id
+            and doc_id["version"] is None
+            and isinstance(doc_id.get("uri"), str)
+        ):
             return False
         doc = self.workspace.text_documents.get(unquote(doc_id["uri"]))
         version = doc.version if doc is not None and isinstance(doc.version, int) else 0
@@ -232,8 +249,10 @@ class CodegenLsProtocol(LanguageServerProtocol):
         doc = self.workspace.text_documents.get(unquote(params.text_document.uri))
         if doc is None or not isinstance(doc.version, int) or params.text_document.version >= doc.version:
             return False
-        self._note_version(params.text_document.uri, f"ignoring edits for version {params.text_document.version}, "
-                                                     f"older than the document's {doc.version}")
+        self._note_version(
+            params.text_document.uri,
+            f"ignoring edits for version {params.text_document.version}, older than the document's {doc.version}",
+        )
         return True
 
     def _note_version(self, uri: str, what: str) -> None:

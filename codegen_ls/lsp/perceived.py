@@ -48,8 +48,9 @@ Answer = tuple[str, "TextDocument", types.Position, tuple[int, int], CompletionR
 
 AHEAD = "\x00ahead"  # the speculative job's worker key: the document's URI + this (an edit that accepts keeps it)
 WARM_IDLE_S = 2.0  # an edit after this long without one warms the document again
-THRESHOLD_REFRESH_S = 60.0
-BUSY_FACTOR = 4.0  # a model answer this many times over the plan's expected time: the machine is busy, no speculative work  # the adaptive threshold is recomputed at most this often
+THRESHOLD_REFRESH_S = 60.0  # the adaptive threshold is recomputed at most this often
+# a model answer this many times over the plan's expected time: the machine is busy, no speculative work
+BUSY_FACTOR = 4.0
 
 
 @dataclass
@@ -100,8 +101,13 @@ class Perceived:
         if cursor is None:
             lines = doc.lines
             cursor = (max(0, len(lines) - 1), len(lines[-1].rstrip("\r\n")) if lines else 0)
-        request = CompletionRequest(text=ls.clean(uri, doc.source), line=cursor[0], character=cursor[1], uri=uri,
-                                    language_id=doc.language_id or "")
+        request = CompletionRequest(
+            text=ls.clean(uri, doc.source),
+            line=cursor[0],
+            character=cursor[1],
+            uri=uri,
+            language_id=doc.language_id or "",
+        )
         settings = ls.effective_settings()
         self.warmups += 1
         future = ls.worker.submit(uri, lambda cancel: ls.completer.warm(request, settings, cancel), background=True)
@@ -142,12 +148,18 @@ class Perceived:
         """Count the outcome of ``shown``; return the inserted text when it was accepted whole."""
         changes = params.content_changes
         change = changes[0] if len(changes) == 1 else None
-        at = (isinstance(change, types.TextDocumentContentChangePartial) and change.range.start == change.range.end
-              and (change.range.start.line, change.range.start.character) == (shown.line, shown.character)
-              and params.text_document.version == shown.version + 1)
+        at = (
+            isinstance(change, types.TextDocumentContentChangePartial)
+            and change.range.start == change.range.end
+            and (change.range.start.line, change.range.start.character) == (shown.line, shown.character)
+            and params.text_document.version == shown.version + 1
+        )
         inserted = change.text if at and change is not None else None
-        outcomes = [(edit_outcome(text, inserted), source, confidence)
-                    for text, source, confidence in shown.items] if inserted is not None else []
+        outcomes = (
+            [(edit_outcome(text, inserted), source, confidence) for text, source, confidence in shown.items]
+            if inserted is not None
+            else []
+        )
         for wanted in (Outcome.ACCEPTED, Outcome.PARTIAL):  # the user may have cycled to another item
             for outcome, source, confidence in outcomes:
                 if outcome is wanted:
@@ -204,8 +216,17 @@ class Perceived:
             table.pop(uri, None)  # type: ignore[attr-defined]
 
     # -- answers -------------------------------------------------------------------------------
-    def answered(self, uri: str, doc: TextDocument, position: types.Position, cursor: tuple[int, int],
-                 request: CompletionRequest, settings: Settings, result: CompletionResult, latency_ms: float) -> None:
+    def answered(
+        self,
+        uri: str,
+        doc: TextDocument,
+        position: types.Position,
+        cursor: tuple[int, int],
+        request: CompletionRequest,
+        settings: Settings,
+        result: CompletionResult,
+        latency_ms: float,
+    ) -> None:
         """An answer went out: count it, remember it for the next edit, continue it if it was cut."""
         self.cursor[uri] = cursor
         previous = self.shown.pop(uri, None)
@@ -224,13 +245,15 @@ class Perceived:
             return
         top = result.suggestions[0].insert_text
         if top.strip():  # the answer after accepting it, computed while the user reads it
-            future = ls.worker.submit(uri + AHEAD, lambda cancel: ls.completer.complete_ahead(request, settings, top, cancel),
-                                      background=True)
+            future = ls.worker.submit(
+                uri + AHEAD, lambda cancel: ls.completer.complete_ahead(request, settings, top, cancel), background=True
+            )
             future.add_done_callback(_log_failure)
             self.ahead[uri] = (top, future)
         if result.more:  # then the rest of a suggestion cut short, for typing along it
-            future = ls.worker.submit(uri, lambda cancel: ls.completer.complete(request, settings, cancel, more=True),
-                                      background=True)
+            future = ls.worker.submit(
+                uri, lambda cancel: ls.completer.complete(request, settings, cancel, more=True), background=True
+            )
             future.add_done_callback(_log_failure)
 
     def busy(self, settings: Settings, result: CompletionResult, latency_ms: float) -> bool:

@@ -22,7 +22,6 @@ import asyncio
 import itertools
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -35,24 +34,23 @@ from urllib.parse import unquote
 from lsprotocol import types
 from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
-from pygls.workspace import ServerTextPosition, ServerTextRange, TextDocument
+from pygls.workspace import TextDocument
 
 from codegen_ls import __version__
-from codegen_ls.engine.remote import BackendUnavailable, RemoteEngine, RemoteOptions
-from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion, remote_options
-from codegen_ls.errors import CodegenLsError
-from codegen_ls.engine.modeldir import resolve_model_dir
-from codegen_ls.lsp import transport
-from codegen_ls.lsp.jsonrpc import CodegenLsProtocol, LspWorkspace
-from codegen_ls.lsp.perceived import Perceived
-from codegen_ls.lsp import workspace
-from codegen_ls.lsp.items import _SURROGATE, _clean, cursor_position, editor_indentation, get_capability
-from codegen_ls.lsp.worker import InferenceWorker
-from codegen_ls.suggest.repo import RepoIndex
-from codegen_ls.settings import NAMESPACE, Settings, parse_settings
 from codegen_ls.engine import kernels
-from codegen_ls.lsp.events import ACCEPT_COMMAND, DID_PARTIALLY_ACCEPT, DID_SHOW, EventKind, SuggestionEvents, reference
-from codegen_ls.lsp.sharing import Answer, SharedCompletions
+from codegen_ls.engine.modeldir import resolve_model_dir
+from codegen_ls.engine.remote import BackendUnavailable, RemoteEngine, RemoteOptions
+from codegen_ls.errors import CodegenLsError
+from codegen_ls.lsp import transport, workspace
+from codegen_ls.lsp.events import ACCEPT_COMMAND, DID_PARTIALLY_ACCEPT, DID_SHOW, SuggestionEvents
+from codegen_ls.lsp.items import _SURROGATE, _clean, cursor_position, editor_indentation, get_capability
+from codegen_ls.lsp.jsonrpc import CodegenLsProtocol
+from codegen_ls.lsp.perceived import Perceived
+from codegen_ls.lsp.sharing import SharedCompletions
+from codegen_ls.lsp.worker import InferenceWorker
+from codegen_ls.settings import Settings, parse_settings
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, remote_options
+from codegen_ls.suggest.repo import RepoIndex
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +67,12 @@ class CodegenLanguageServer(LanguageServer):
     protocol: CodegenLsProtocol
 
     def __init__(self, model: str | None = None, completer: Completer | None = None, threads: int = 0) -> None:
-        super().__init__("codegen-ls", __version__, protocol_cls=CodegenLsProtocol,
-                         text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        super().__init__(
+            "codegen-ls",
+            __version__,
+            protocol_cls=CodegenLsProtocol,
+            text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+        )
         self.cli_model, self.cli_threads = model, threads
         self.completer = completer or Completer()
         self.worker = InferenceWorker()
@@ -114,18 +116,24 @@ class CodegenLanguageServer(LanguageServer):
         if problems:
             log.warning("invalid settings: %s", "; ".join(problems))
             self.show(types.MessageType.Warning, f"codegen-ls: {'; '.join(problems)}. Using the default settings.")
-        return (self.model_key() != self.loaded_key or remote_options(self.settings) != self.loaded_remote
-                or self.model_state == "error")
+        return (
+            self.model_key() != self.loaded_key
+            or remote_options(self.settings) != self.loaded_remote
+            or self.model_state == "error"
+        )
 
     def model_key(self) -> tuple[str, int]:
         """(model directory, onnxruntime threads) the settings and ``--model`` ask for."""
-        return str(resolve_model_dir(self.settings.model_path or self.cli_model)), self.settings.threads or self.cli_threads
+        return str(
+            resolve_model_dir(self.settings.model_path or self.cli_model)
+        ), self.settings.threads or self.cli_threads
 
     def effective_settings(self) -> Settings:
         """The settings, naming the model that was loaded, so the Completer never reloads by itself."""
         path, threads = self.loaded_key or self.model_key()
-        return replace(self.settings, model_path=path, threads=threads,
-                       min_confidence=self.perceived.min_confidence(self.settings))
+        return replace(
+            self.settings, model_path=path, threads=threads, min_confidence=self.perceived.min_confidence(self.settings)
+        )
 
     # -- model ---------------------------------------------------------------------------------
     async def load_model(self) -> None:
@@ -190,10 +198,19 @@ class CodegenLanguageServer(LanguageServer):
         self.send_status()
 
     def send_status(self) -> None:
-        self.protocol.notify(STATUS, {"state": self.model_state, "message": self.model_message,
-                                      "model": str(self.model_dir or ""), "lastLatencyMs": self.last_latency_ms,
-                                      "lastSource": self.last_source, "events": self.events.summary(),
-                                      "settingsProblems": self.settings_problems, "kernel": self.kernel})
+        self.protocol.notify(
+            STATUS,
+            {
+                "state": self.model_state,
+                "message": self.model_message,
+                "model": str(self.model_dir or ""),
+                "lastLatencyMs": self.last_latency_ms,
+                "lastSource": self.last_source,
+                "events": self.events.summary(),
+                "settingsProblems": self.settings_problems,
+                "kernel": self.kernel,
+            },
+        )
 
     def show(self, kind: types.MessageType, message: str) -> None:
         self.window_show_message(types.ShowMessageParams(type=kind, message=message))
@@ -203,8 +220,9 @@ class CodegenLanguageServer(LanguageServer):
         """An open document, or None (pygls' ``get_text_document`` would read unknown URIs from disk)."""
         return self.workspace.text_documents.get(unquote(uri))
 
-    async def complete(self, uri: str, position: types.Position, explicit: bool,
-                       prefetch: bool = False) -> tuple[TextDocument, CompletionResult] | None:
+    async def complete(
+        self, uri: str, position: types.Position, explicit: bool, prefetch: bool = False
+    ) -> tuple[TextDocument, CompletionResult] | None:
         """Run the pipeline for a cursor; None when there is nothing to do or it was superseded.
 
         ``prefetch``: started by the server after an accept (:mod:`codegen_ls.lsp.perceived`); a
@@ -228,14 +246,23 @@ class CodegenLanguageServer(LanguageServer):
                 return None
         source, settings, t0 = doc.source, self.effective_settings(), time.perf_counter()
         tab_size, insert_spaces = self.indentation.get(uri, (None, None))
-        request = CompletionRequest(text=self.clean(uri, source), line=cursor.line, character=cursor.character, uri=uri,
-                                    language_id=doc.language_id or "", explicit=explicit,
-                                    other_documents=self.other_documents(uri), tab_size=tab_size,
-                                    insert_spaces=insert_spaces, repo=workspace.snapshot(self, settings))
+        request = CompletionRequest(
+            text=self.clean(uri, source),
+            line=cursor.line,
+            character=cursor.character,
+            uri=uri,
+            language_id=doc.language_id or "",
+            explicit=explicit,
+            other_documents=self.other_documents(uri),
+            tab_size=tab_size,
+            insert_spaces=insert_spaces,
+            repo=workspace.snapshot(self, settings),
+        )
         quick = None if prefetch else self.completer.quick(request, settings)  # typing along a suggestion: no waiting
         try:
-            result = quick or await self.worker.submit(uri, lambda cancel: self.completer.complete(request, settings, cancel),
-                                              version=doc.version)
+            result = quick or await self.worker.submit(
+                uri, lambda cancel: self.completer.complete(request, settings, cancel), version=doc.version
+            )
         except BackendUnavailable as exc:  # the remote backend is down: one line in the status
             log.warning("%s", exc)
             self.backend_down = True
@@ -260,15 +287,18 @@ class CodegenLanguageServer(LanguageServer):
             self.perceived.answered(*answer, self.last_latency_ms)
         return doc, result
 
-    async def pull_configuration(self, section: str, scope_uri: str | None = None,
-                                 level: int = logging.WARNING) -> tuple[bool, Any]:
+    async def pull_configuration(
+        self, section: str, scope_uri: str | None = None, level: int = logging.WARNING
+    ) -> tuple[bool, Any]:
         """(answered, value) of one ``workspace/configuration`` item; (False, None) when the client
         has no such capability or cannot answer in time (logged at ``level``)."""
         if not get_capability(self.client_capabilities, "workspace", "configuration"):
             return False, None
         try:
             items = types.ConfigurationParams(items=[types.ConfigurationItem(scope_uri=scope_uri, section=section)])
-            return True, (await asyncio.wait_for(self.workspace_configuration_async(items), CLIENT_TIMEOUT_S) or [None])[0]
+            return True, (
+                await asyncio.wait_for(self.workspace_configuration_async(items), CLIENT_TIMEOUT_S) or [None]
+            )[0]
         except Exception as exc:
             log.log(level, "workspace/configuration (%s) failed: %r", section, exc)
             return False, None
@@ -341,8 +371,9 @@ class CodegenLanguageServer(LanguageServer):
         super().shutdown()
 
 
-def create_server(model: str | None = None, completer: Completer | None = None, threads: int = 0,
-                  debug_requests: bool = False) -> CodegenLanguageServer:
+def create_server(
+    model: str | None = None, completer: Completer | None = None, threads: int = 0, debug_requests: bool = False
+) -> CodegenLanguageServer:
     """A server with every feature registered (one per session); ``debug_requests``: also
     ``codegenLs/debugDocument``, which hands out a document's text (tests only)."""
     from codegen_ls.lsp import handlers as h  # (imports this module: here, not at the top)
@@ -356,8 +387,9 @@ def create_server(model: str | None = None, completer: Completer | None = None, 
     ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)(h.on_did_close)
     workspace.register(ls)
     ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(h.on_inline_completion)
-    ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(
-        trigger_characters=[".", "(", "[", ",", "=", ":"]))(h.on_completion)
+    ls.feature(
+        types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", "[", ",", "=", ":"])
+    )(h.on_completion)
     ls.command(ACCEPT_COMMAND)(h.on_accept)
     ls.feature(DID_SHOW)(h.on_did_show)
     ls.feature(DID_PARTIALLY_ACCEPT)(h.on_did_partially_accept)
@@ -373,8 +405,9 @@ def create_server(model: str | None = None, completer: Completer | None = None, 
 # -------------------------------------------------------------------------------------------------
 
 
-def serve(tcp: tuple[str, int] | None = None, model: str | None = None, threads: int = 0,
-          debug_requests: bool = False) -> int:
+def serve(
+    tcp: tuple[str, int] | None = None, model: str | None = None, threads: int = 0, debug_requests: bool = False
+) -> int:
     """Run the server until the client exits or goes away; return the process exit code.
 
     ``model`` and ``threads`` (``--model``, ``--threads``) apply while the client's settings

@@ -62,8 +62,13 @@ def deliver(protocol: MessageSink, event: Event) -> None:
         log.exception("unable to handle a message")
 
 
-async def pump(read: Callable[[], Any], protocol: MessageSink, stop: threading.Event, framer: Framer | None = None,
-               pending: Sequence[Event] = ()) -> None:
+async def pump(
+    read: Callable[[], Any],
+    protocol: MessageSink,
+    stop: threading.Event,
+    framer: Framer | None = None,
+    pending: Sequence[Event] = (),
+) -> None:
     """Read until end of stream (or ``stop``), delivering each message in order."""
     framer = framer or Framer()
     events = list(pending)
@@ -133,8 +138,13 @@ def is_initialize(event: Event) -> bool:
         message = json.loads(event.data)
     except (ValueError, RecursionError):
         return False
-    return (isinstance(message, dict) and message.get("jsonrpc") == "2.0" and message.get("method") == "initialize"
-            and isinstance(message.get("id"), (int, str)) and not isinstance(message.get("id"), bool))
+    return (
+        isinstance(message, dict)
+        and message.get("jsonrpc") == "2.0"
+        and message.get("method") == "initialize"
+        and isinstance(message.get("id"), (int, str))
+        and not isinstance(message.get("id"), bool)
+    )
 
 
 async def _handshake(reader: asyncio.StreamReader, framer: Framer) -> list[Event] | None:
@@ -169,8 +179,11 @@ async def serve_tcp(host: str, port: int, protocol: Any, stop: threading.Event) 
             except (asyncio.TimeoutError, ConnectionError, OSError):
                 events = None
         if events is None or claimed:
-            log.warning("closed a TCP connection from %s: %s", peer, "a client is already connected" if claimed
-                        else "its first message was not an LSP initialize request")
+            log.warning(
+                "closed a TCP connection from %s: %s",
+                peer,
+                "a client is already connected" if claimed else "its first message was not an LSP initialize request",
+            )
             writer.close()
             return
         claimed = True

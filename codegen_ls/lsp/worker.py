@@ -79,8 +79,9 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: str | None, fn: Callable[[CancelFn], T], background: bool = False,
-               version: int | None = None) -> asyncio.Future[T | None]:
+    def submit(
+        self, key: str | None, fn: Callable[[CancelFn], T], background: bool = False, version: int | None = None
+    ) -> asyncio.Future[T | None]:
         """Queue ``fn(cancel)``; the future resolves to its result, or ``None`` if superseded.
 
         ``version``: of the document ``key`` names; the job then supersedes only that key's jobs

@@ -57,9 +57,11 @@ async def watch_sources(ls: CodegenLanguageServer) -> None:
     if not getattr(caps, "dynamic_registration", False):
         return
     options = types.DidChangeWatchedFilesRegistrationOptions(
-        watchers=[types.FileSystemWatcher(glob_pattern=g) for g in WATCH_GLOBS])
-    registration = types.Registration(id=WATCHER_ID, method=types.WORKSPACE_DID_CHANGE_WATCHED_FILES,
-                                      register_options=options)
+        watchers=[types.FileSystemWatcher(glob_pattern=g) for g in WATCH_GLOBS]
+    )
+    registration = types.Registration(
+        id=WATCHER_ID, method=types.WORKSPACE_DID_CHANGE_WATCHED_FILES, register_options=options
+    )
     try:
         await ls.client_register_capability_async(types.RegistrationParams(registrations=[registration]))
     except Exception as exc:  # the client may refuse: saves still reach the index
@@ -68,7 +70,9 @@ async def watch_sources(ls: CodegenLanguageServer) -> None:
 
 def on_did_save(ls: CodegenLanguageServer, params: types.DidSaveTextDocumentParams) -> None:
     doc = ls.document(params.text_document.uri)
-    ls.repo.set_open(params.text_document.uri, params.text if params.text is not None else (doc.source if doc else None))
+    ls.repo.set_open(
+        params.text_document.uri, params.text if params.text is not None else (doc.source if doc else None)
+    )
 
 
 def on_did_change_watched_files(ls: CodegenLanguageServer, params: types.DidChangeWatchedFilesParams) -> None:
@@ -101,8 +105,13 @@ def register(ls: CodegenLanguageServer) -> None:
 def info(ls: CodegenLanguageServer) -> dict[str, Any]:
     """The index's state, for ``codegenLs/debugDocument``."""
     snap = ls.repo.snapshot
-    return {"roots": snap.roots, "files": len(snap), "bytes": snap.nbytes, "version": snap.version,
-            "skipped": ls.repo.skipped}
+    return {
+        "roots": snap.roots,
+        "files": len(snap),
+        "bytes": snap.nbytes,
+        "version": snap.version,
+        "skipped": ls.repo.skipped,
+    }
 
 
 __all__ = ["index_folders", "snapshot", "watch_sources", "register", "info"]

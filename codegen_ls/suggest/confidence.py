@@ -34,15 +34,35 @@ FORMAT = "codegen-ls-confidence/1"
 FILENAME = "confidence.json"
 PACKAGE_FILE = Path(__file__).with_name(FILENAME)
 FEATURES = (
-    "src_sample", "src_line", "src_doc", "src_repo", "src_ngram",  # the group's best source (greedy: none)
+    "src_sample",
+    "src_line",
+    "src_doc",
+    "src_repo",
+    "src_ngram",  # the group's best source (greedy: none)
     "model_continued",  # a copy the model continued ("+model")
-    "votes", "has_greedy", "mixed_votes",  # agreement between candidates
-    "lp_mean", "lp_min", "lp_first", "lp_mean_copy", "lp_min_copy",  # model log-probs (the copy's own too)
-    "tokens_log", "chars_log",  # length
-    "syntax_error", "closers", "repeats", "reindented", "partial",  # structure
-    "distance_log", "agree", "copied_frac", "rejected",  # how the copy matched and was verified
-    "idents_new", "idents_shared",  # identifiers of the first line new to / shared with the context
-    "multi", "blank_prefix",  # the situation
+    "votes",
+    "has_greedy",
+    "mixed_votes",  # agreement between candidates
+    "lp_mean",
+    "lp_min",
+    "lp_first",
+    "lp_mean_copy",
+    "lp_min_copy",  # model log-probs (the copy's own too)
+    "tokens_log",
+    "chars_log",  # length
+    "syntax_error",
+    "closers",
+    "repeats",
+    "reindented",
+    "partial",  # structure
+    "distance_log",
+    "agree",
+    "copied_frac",
+    "rejected",  # how the copy matched and was verified
+    "idents_new",
+    "idents_shared",  # identifiers of the first line new to / shared with the context
+    "multi",
+    "blank_prefix",  # the situation
 )
 MAX_CONFIDENCE = 0.99  # a model is never certain; minConfidence 1 therefore shows nothing
 
@@ -69,9 +89,15 @@ class ConfidenceModel:
         return np.array([float(feats.get(n, 0.0)) for n in self.names])
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "features": list(self.names), "mean": self.mean.round(6).tolist(),
-                "scale": self.scale.round(6).tolist(), "weights": self.weights.round(6).tolist(),
-                "bias": round(float(self.bias), 6), "info": self.info}
+        return {
+            "format": FORMAT,
+            "features": list(self.names),
+            "mean": self.mean.round(6).tolist(),
+            "scale": self.scale.round(6).tolist(),
+            "weights": self.weights.round(6).tolist(),
+            "bias": round(float(self.bias), 6),
+            "info": self.info,
+        }
 
     @staticmethod
     def from_json(raw: dict[str, Any]) -> ConfidenceModel:
@@ -115,8 +141,14 @@ def for_model(model_dir: str | Path | None) -> ConfidenceModel | None:
     return _cache[key]
 
 
-def fit(x: np.ndarray, y: np.ndarray, names: tuple[str, ...] = FEATURES, l2: float = 1.0,
-        iterations: int = 50, info: dict[str, Any] | None = None) -> ConfidenceModel:
+def fit(
+    x: np.ndarray,
+    y: np.ndarray,
+    names: tuple[str, ...] = FEATURES,
+    l2: float = 1.0,
+    iterations: int = 50,
+    info: dict[str, Any] | None = None,
+) -> ConfidenceModel:
     """L2-penalized logistic regression by Newton's method on standardized features (numpy only).
 
     ``l2`` is the penalty on the standardized weights (the bias is free).

@@ -37,8 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from codegen_ls.kinds import Mode
-
 from codegen_ls.engine import fim
 
 CHARS_PER_TOKEN_MAX = 8  # characters per token, generous upper bound: sizes the character window
@@ -49,8 +47,9 @@ NEXT_LINES = 8  # following lines kept (repetition checks)
 BEFORE_CHECK_CHARS = 2000  # text before the cursor line compared by the type-ahead cache
 DEFAULT_INDENT_WIDTH = 4
 BLOCK_OPENERS = (":", "{", "(", "[")  # a line ending with one of these opens an indented block
-PY_BLOCK_KEYWORDS = frozenset(("def", "class", "if", "elif", "else", "for", "while", "try", "except", "finally",
-                               "with", "async", "match", "case"))
+PY_BLOCK_KEYWORDS = frozenset(
+    ("def", "class", "if", "elif", "else", "for", "while", "try", "except", "finally", "with", "async", "match", "case")
+)
 FIM_SUFFIX_SHARE = 0.25  # a FIM prompt's share of the budget for the text after the cursor (Continue: 20 %)
 FIM_SUFFIX_MAX = 256  # ... and at most this many tokens
 MAX_TOKEN_CACHE = 16384  # distinct lines whose token count is remembered
@@ -120,7 +119,8 @@ class Indent:
 class Context:
     """Everything the pipeline needs about the cursor, computed in O(budget)."""
 
-    prompt: str  # model input text: [repository section + eot | eot] + window before the cursor (or before ``held``), LF line ends
+    prompt: str
+    # model input text: [repository section + eot | eot] + window before the cursor (or before ``held``), LF line ends
     prompt_ids: list[int]  # ``encode(prompt)``, at most the budget
     prefix: str  # document[start:cursor], verbatim
     suffix: str  # document[cursor:cursor + SUFFIX_CHARS], verbatim
@@ -149,12 +149,12 @@ class Context:
     def before_line(self) -> str:
         """Text before the cursor line (the tail the type-ahead cache compares)."""
         end = max(0, len(self.prefix) - len(self.line_prefix))  # the prefix may start inside a long line
-        return self.prefix[max(0, end - BEFORE_CHECK_CHARS): end]
+        return self.prefix[max(0, end - BEFORE_CHECK_CHARS) : end]
 
     @property
     def after_line(self) -> str:
         """Text after the cursor line's rest (within the suffix window)."""
-        return self.suffix[len(self.line_suffix):]
+        return self.suffix[len(self.line_suffix) :]
 
 
 def sanitize(text: str) -> str:
@@ -221,7 +221,7 @@ def _line_start(text: str, offset: int) -> int:
 
 
 def _first_line_start_at_or_after(text: str, lo: int, hi: int) -> int:
-    if lo == 0 or text[lo - 1] == "\n" or (text[lo - 1] == "\r" and text[lo:lo + 1] != "\n"):
+    if lo == 0 or text[lo - 1] == "\n" or (text[lo - 1] == "\r" and text[lo : lo + 1] != "\n"):
         return lo
     m = _EOL.search(text, lo, hi)
     return m.end() if m else hi
@@ -251,9 +251,20 @@ def guess_indent(lines: Sequence[str], tab_size: int | None = None, insert_space
     return Indent(use_tabs, width)
 
 
-def build_context(text: str, line: int, character: int, counter: TokenCounter, budget: int, *,
-                  bos_text: str = "", tab_size: int | None = None, insert_spaces: bool | None = None,
-                  line_step: int | None = None, preamble: str = "", fim_budget: int = 0) -> Context:
+def build_context(
+    text: str,
+    line: int,
+    character: int,
+    counter: TokenCounter,
+    budget: int,
+    *,
+    bos_text: str = "",
+    tab_size: int | None = None,
+    insert_spaces: bool | None = None,
+    line_step: int | None = None,
+    preamble: str = "",
+    fim_budget: int = 0,
+) -> Context:
     """The context for the cursor at (line, character); see the module docstring.
 
     ``budget`` counts every prompt token, ``bos_text`` (the end-of-text token's text, prepended
@@ -277,14 +288,14 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
     cursor, line, character = offset_of(text, line, character)
     ls = cursor - character  # cursor line start
     cut = line_cut(character, budget)  # > 0: a very long cursor line, only its end is looked at
-    line_prefix = sanitize(text[ls + cut:cursor])
-    suffix = text[cursor:cursor + SUFFIX_CHARS]
+    line_prefix = sanitize(text[ls + cut : cursor])
+    suffix = text[cursor : cursor + SUFFIX_CHARS]
     fim_head, fim_ids = _fim_head(suffix, counter, min(fim_budget, full_budget // 2)) if fim_budget > 0 else ("", [])
     if fim_head:  # the window before the cursor gets what the text after it left
         budget, full_budget = max(1, budget - len(fim_ids)), max(1, full_budget - len(fim_ids))
     m = _EOL.search(suffix)
     line_suffix = sanitize(suffix[: m.start()] if m else suffix)
-    after = suffix[m.end():] if m else ""
+    after = suffix[m.end() :] if m else ""
     next_lines = [sanitize(s) for s in _EOL.split(after)[:NEXT_LINES]] if m else []
     held = line_prefix if not cut and not line_prefix.strip(" \t") else ""
     head = line_prefix[: len(line_prefix) - len(held)]  # the part of the cursor line in the prompt
@@ -292,8 +303,9 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
     if cut:  # only the end of the cursor line, from a column that stays put while typing
         above, first_line, start_line = [], line, line
         lead, lead_ids, budget = "", [], full_budget
-        prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls + cut, budget, bos_text, cut,
-                                                           max(1, budget // CUT_ALIGN_PER_TOKENS))
+        prompt, ids, start, at_file_start = _cut_long_line(
+            counter, head, ls + cut, budget, bos_text, cut, max(1, budget // CUT_ALIGN_PER_TOKENS)
+        )
     else:
         # Lines above the cursor line inside the character window (the first, partial one dropped).
         lo = _first_line_start_at_or_after(text, max(0, ls - budget * CHARS_PER_TOKEN_MAX), ls)
@@ -332,18 +344,32 @@ def build_context(text: str, line: int, character: int, counter: TokenCounter, b
             prompt, ids = lead + prompt, lead_ids + ids
     prefix = sanitize(text[start:cursor])
     prev_line = next((a for a in reversed(above) if a.strip()), "")
-    typed = sanitize(text[ls:ls + INDENT_PEEK_CHARS]) if cut else line_prefix  # (a cut line: its own start)
+    typed = sanitize(text[ls : ls + INDENT_PEEK_CHARS]) if cut else line_prefix  # (a cut line: its own start)
     typed += line_suffix if line_suffix.strip() else "x"  # the indentation typed counts too
-    window_lines = above[start_line - first_line:] + [typed] + next_lines
-    eol = "\r\n" if "\r\n" in text[start:cursor + len(suffix)] else "\n"
+    window_lines = above[start_line - first_line :] + [typed] + next_lines
+    eol = "\r\n" if "\r\n" in text[start : cursor + len(suffix)] else "\n"
     if fim_head:  # special tokens end the head, so its ids and the window's simply join
         prompt, ids = fim_head + prompt, fim_ids + ids
     return Context(
-        prompt=prompt, prompt_ids=ids, prefix=prefix, suffix=sanitize(suffix), start=start, cursor=cursor,
-        start_line=start_line, line=line, character=character,
-        line_prefix=line_prefix, line_suffix=line_suffix, held=held, prev_line=prev_line,
-        next_lines=next_lines, indent=guess_indent(window_lines, tab_size, insert_spaces), eol=eol,
-        at_file_start=at_file_start, line_cut=cut, preamble_tokens=len(lead_ids),
+        prompt=prompt,
+        prompt_ids=ids,
+        prefix=prefix,
+        suffix=sanitize(suffix),
+        start=start,
+        cursor=cursor,
+        start_line=start_line,
+        line=line,
+        character=character,
+        line_prefix=line_prefix,
+        line_suffix=line_suffix,
+        held=held,
+        prev_line=prev_line,
+        next_lines=next_lines,
+        indent=guess_indent(window_lines, tab_size, insert_spaces),
+        eol=eol,
+        at_file_start=at_file_start,
+        line_cut=cut,
+        preamble_tokens=len(lead_ids),
     )
 
 
@@ -413,8 +439,9 @@ def _skip_terminators(text: str, lo: int, n: int) -> int:
     return pos
 
 
-def _cut_long_line(counter: TokenCounter, head: str, ls: int, budget: int, bos_text: str = "",
-                   column: int = 0, align: int = 1) -> tuple[str, list[int], int, bool]:
+def _cut_long_line(
+    counter: TokenCounter, head: str, ls: int, budget: int, bos_text: str = "", column: int = 0, align: int = 1
+) -> tuple[str, list[int], int, bool]:
     """The last part of an over-long cursor line that fits the budget (starts mid-line).
 
     ``head`` starts at offset ``ls``, column ``column``; all of it when it fits. Otherwise the part
@@ -447,6 +474,17 @@ def token_budget(context_tokens: int, context_length: int, max_new_tokens: int) 
     return max(1, min(context_tokens, context_length - max_new_tokens - 1))
 
 
-__all__ = ["Context", "Indent", "TokenCounter", "build_context", "guess_indent", "offset_of",
-           "sanitize", "normalize_eol", "token_budget",
-           "line_window", "line_cut", "fim_suffix_budget"]
+__all__ = [
+    "Context",
+    "Indent",
+    "TokenCounter",
+    "build_context",
+    "guess_indent",
+    "offset_of",
+    "sanitize",
+    "normalize_eol",
+    "token_budget",
+    "line_window",
+    "line_cut",
+    "fim_suffix_budget",
+]

@@ -125,10 +125,22 @@ class _Cursor:
 
 # -- finding drafts ----------------------------------------------------------------------------
 
-def find_drafts(prefix: str, suffix: str, other_documents: dict[str, str], *, multiline: bool = False,
-                max_drafts: int = 4, budget_ms: float = 5.0, include_other_documents: bool = True,
-                include_ngram: bool = True, include_lines: bool = True, uri: str = "",
-                repo: RepoSnapshot | None = None, repo_exclude: Collection[str] = ()) -> list[Draft]:
+
+def find_drafts(
+    prefix: str,
+    suffix: str,
+    other_documents: dict[str, str],
+    *,
+    multiline: bool = False,
+    max_drafts: int = 4,
+    budget_ms: float = 5.0,
+    include_other_documents: bool = True,
+    include_ngram: bool = True,
+    include_lines: bool = True,
+    uri: str = "",
+    repo: RepoSnapshot | None = None,
+    repo_exclude: Collection[str] = (),
+) -> list[Draft]:
     """Drafts for the cursor between ``prefix`` and ``suffix``: deduplicated, best first.
 
     Order: same-document lines, other documents, repository files (``repo``, but not the paths in
@@ -172,8 +184,9 @@ def find_drafts(prefix: str, suffix: str, other_documents: dict[str, str], *, mu
     return [found[s][i] for s, i in sorted(picked)][:max_drafts]
 
 
-def lookup_only(prefix: str, suffix: str, other_documents: dict[str, str], *, multiline: bool = False,
-                budget_ms: float = 5.0) -> str | None:
+def lookup_only(
+    prefix: str, suffix: str, other_documents: dict[str, str], *, multiline: bool = False, budget_ms: float = 5.0
+) -> str | None:
     """The best draft's text, unverified (the evaluation's lookup-only mode); None if none."""
     drafts = find_drafts(prefix, suffix, other_documents, multiline=multiline, max_drafts=1, budget_ms=budget_ms)
     return drafts[0].text if drafts else None
@@ -215,8 +228,9 @@ def _chunks(text: str, lo: int, hi: int, reverse: bool, clock: _Clock) -> Iterat
             start = end
 
 
-def _line_matches(text: str, pattern: re.Pattern[str], lo: int, hi: int, reverse: bool,
-                  clock: _Clock) -> Iterator[re.Match[str]]:
+def _line_matches(
+    text: str, pattern: re.Pattern[str], lo: int, hi: int, reverse: bool, clock: _Clock
+) -> Iterator[re.Match[str]]:
     for start, end in _chunks(text, lo, hi, reverse, clock):
         found = pattern.finditer(text, start, end)
         for m in reversed(list(found)) if reverse else found:
@@ -229,7 +243,7 @@ def _continuation(text: str, pos: int, indent: str, cur: _Cursor, multiline: boo
     """The rest of the line from ``pos`` (+ the indented block after it when multiline)."""
     eol = text.find("\n", pos, pos + MAX_DRAFT_CHARS)
     if eol == -1:
-        return text[pos: pos + MAX_DRAFT_CHARS].rstrip("\r")
+        return text[pos : pos + MAX_DRAFT_CHARS].rstrip("\r")
     out = text[pos:eol].rstrip("\r")
     if not multiline:
         return out
@@ -238,13 +252,13 @@ def _continuation(text: str, pos: int, indent: str, cur: _Cursor, multiline: boo
     start = eol + 1
     while len(lines) < MAX_BLOCK_LINES and start < len(text) and size < MAX_DRAFT_CHARS:
         end = text.find("\n", start, start + MAX_DRAFT_CHARS)
-        line = text[start: end if end != -1 else start + MAX_DRAFT_CHARS].rstrip("\r")
+        line = text[start : end if end != -1 else start + MAX_DRAFT_CHARS].rstrip("\r")
         body = line.lstrip(" \t")
         deeper = len(line) - len(body) > len(indent)
         closing = bool(lines) and len(line) - len(body) == len(indent) and body[:1] in (")", "]", "}")
         if body and not deeper and not closing:
             break
-        lines.append(cur.indent + line[len(indent):] if body and line.startswith(indent) else line if body else "")
+        lines.append(cur.indent + line[len(indent) :] if body and line.startswith(indent) else line if body else "")
         size += len(line) + 1
         if closing or end == -1:
             break
@@ -268,7 +282,7 @@ def _agreement(prefix: str, text: str, end: int, below: bool) -> int:
     if below and end < CONTEXT_CHARS:
         before = (prefix[-CONTEXT_CHARS:] + text[:end])[-CONTEXT_CHARS:]
     else:
-        before = text[max(0, end - CONTEXT_CHARS): end]
+        before = text[max(0, end - CONTEXT_CHARS) : end]
     n = 0
     for a, b in zip(reversed(prefix[-CONTEXT_CHARS:]), reversed(before)):
         if a != b:
@@ -287,8 +301,9 @@ def _rerank(hits: Iterator[_Hit]) -> Iterator[Draft]:
         yield h.draft
 
 
-def _same_document_lines(prefix: str, suffix: str, cur: _Cursor, pattern: re.Pattern[str],
-                         multiline: bool, uri: str, clock: _Clock) -> Iterator[Draft]:
+def _same_document_lines(
+    prefix: str, suffix: str, cur: _Cursor, pattern: re.Pattern[str], multiline: bool, uri: str, clock: _Clock
+) -> Iterator[Draft]:
     def above() -> Iterator[_Hit]:
         dist, last = 0, cur.line_start
         lo = max(0, cur.line_start - WINDOW_CHARS)
@@ -318,8 +333,9 @@ def _same_document_lines(prefix: str, suffix: str, cur: _Cursor, pattern: re.Pat
     return _rerank(heapq.merge(above(), below(), key=lambda h: h.draft.distance))
 
 
-def _other_documents(prefix: str, documents: dict[str, str], cur: _Cursor, pattern: re.Pattern[str],
-                     multiline: bool, clock: _Clock) -> Iterator[Draft]:
+def _other_documents(
+    prefix: str, documents: dict[str, str], cur: _Cursor, pattern: re.Pattern[str], multiline: bool, clock: _Clock
+) -> Iterator[Draft]:
     """Per document: longest context agreement first, then the continuation seen most often."""
     for uri, text in documents.items():
         best: dict[str, tuple[int, int, int, Draft]] = {}  # text -> (-agree, -count, order, draft)
@@ -344,8 +360,9 @@ def _other_documents(prefix: str, documents: dict[str, str], cur: _Cursor, patte
             return
 
 
-def _repo_lines(prefix: str, repo: RepoSnapshot, cur: _Cursor, multiline: bool, exclude: Collection[str],
-                clock: _Clock) -> Iterator[Draft]:
+def _repo_lines(
+    prefix: str, repo: RepoSnapshot, cur: _Cursor, multiline: bool, exclude: Collection[str], clock: _Clock
+) -> Iterator[Draft]:
     """Lines of the repository's files that start with the cursor line's text: longest context
     agreement first, then the continuation seen most often."""
     if cur.line_start < 0:
@@ -376,7 +393,7 @@ def _ngram_tails(prefix: str) -> list[str]:
     for n in NGRAM_SIZES:
         if len(starts) < n:
             continue
-        gram = tail[starts[-n]:]
+        gram = tail[starts[-n] :]
         if sum(not c.isspace() for c in gram) >= MIN_NGRAM_CHARS and gram not in out:
             out.append(gram)
     return out
@@ -386,9 +403,11 @@ def _ngrams(prefix: str, suffix: str, cur: _Cursor, multiline: bool, uri: str, c
     """The nearest RERANK hits of each n-gram, all ranked together by context agreement."""
     hits: list[_Hit] = []
     for gram in _ngram_tails(prefix):
-        near = heapq.merge(_ngram_above(prefix, gram, cur, multiline, uri, clock),
-                           _ngram_below(prefix, suffix, gram, cur, multiline, uri, clock),
-                           key=lambda h: h.draft.distance)
+        near = heapq.merge(
+            _ngram_above(prefix, gram, cur, multiline, uri, clock),
+            _ngram_below(prefix, suffix, gram, cur, multiline, uri, clock),
+            key=lambda h: h.draft.distance,
+        )
         hits.extend(itertools.islice(near, RERANK))
     hits.sort(key=lambda h: (-h.agree, h.draft.distance))
     for h in hits:
@@ -419,8 +438,9 @@ def _ngram_above(prefix: str, gram: str, cur: _Cursor, multiline: bool, uri: str
         hi = end - 1
 
 
-def _ngram_below(prefix: str, suffix: str, gram: str, cur: _Cursor, multiline: bool, uri: str,
-                 clock: _Clock) -> Iterator[_Hit]:
+def _ngram_below(
+    prefix: str, suffix: str, gram: str, cur: _Cursor, multiline: bool, uri: str, clock: _Clock
+) -> Iterator[_Hit]:
     hi = min(len(suffix), WINDOW_CHARS)
     start, dist, last = 0, 0, 0
     while not clock.over():

@@ -36,9 +36,9 @@ def _translate(pattern: str) -> str:
     while i < n:
         c = pattern[i]
         if c == "*":
-            if pattern[i:i + 2] == "**":
+            if pattern[i : i + 2] == "**":
                 before_ok = i == 0 or pattern[i - 1] == "/"
-                after = pattern[i + 2:i + 3]
+                after = pattern[i + 2 : i + 3]
                 if before_ok and after == "/":  # "**/": zero or more folders
                     out.append("(?:.*/)?")
                     i += 3
@@ -51,11 +51,11 @@ def _translate(pattern: str) -> str:
         elif c == "?":
             out.append("[^/]")
         elif c == "[":
-            j = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            j = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)
             if j == -1:
                 out.append(re.escape(c))
             else:
-                body = pattern[i + 1:j]
+                body = pattern[i + 1 : j]
                 if body.startswith("!"):
                     body = "^" + body[1:]
                 out.append("[" + body.replace("\\", "\\\\") + "]")

@@ -29,7 +29,7 @@ def strip_comment(line: str, language_id: str = "python") -> str:
             quote = ch
         elif ch == "#" and language_id == "python":
             return line[:i]
-        elif ch == "/" and line[i + 1:i + 2] == "/" and language_id != "python":
+        elif ch == "/" and line[i + 1 : i + 2] == "/" and language_id != "python":
             return line[:i]
         i += 1
     return line

@@ -27,22 +27,29 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Any
-from typing import cast
+from typing import Any, cast
 
-from codegen_ls.suggest.context import offset_of, Context, TokenCounter, build_context, fim_suffix_budget, sanitize, token_budget
-from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.engine import latency
 from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
+from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.engine.remote import RemoteEngine, RemoteOptions
 from codegen_ls.errors import CodegenLsError, ModelError
 from codegen_ls.kinds import Mode, Source
-from codegen_ls.engine.modeldir import resolve_model_dir
+from codegen_ls.settings import Settings
+from codegen_ls.suggest import confidence
+from codegen_ls.suggest.context import (
+    Context,
+    TokenCounter,
+    build_context,
+    fim_suffix_budget,
+    offset_of,
+    sanitize,
+    token_budget,
+)
+from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.suggest.postprocess import clean, make_stop
 from codegen_ls.suggest.ranking import Item, rank
-from codegen_ls.suggest import confidence
 from codegen_ls.suggest.repo import RepoSnapshot, Snippet, path_of, render_snippets
-from codegen_ls.settings import Settings
 
 _lookup: ModuleType | None
 try:
@@ -86,7 +93,9 @@ class Suggestion:
     end: tuple[int, int]  # range end (>= cursor; covers suffix text the suggestion re-types)
     score: float  # ranking score, higher is better
     confidence: float  # 0..1, compared with Settings.min_confidence
-    source: str  # "greedy" | "sample" | "typeahead" | lookup's "lookup:line" | "lookup:doc" | "lookup:ngram" (+ "+model")
+    source: (
+        str  # "greedy" | "sample" | "typeahead" | lookup's "lookup:line" | "lookup:doc" | "lookup:ngram" (+ "+model")
+    )
     logprob_mean: float = 0.0
     finish_reason: str = ""
 
@@ -96,11 +105,19 @@ class CompletionResult:
     suggestions: list[Suggestion]
     mode: Mode
     reason: str = ""  # why nothing / which cache answered
-    timings: dict[str, float] = field(default_factory=dict)  # ms: [load,] context, prefill, decode, [lookup,] rank, total
-    stats: dict[str, float] = field(default_factory=dict)  # prompt/cached/new tokens, tokens/s, candidates, lookup_candidates
-    candidates: list[dict[str, Any]] = field(default_factory=list)  # every ranked candidate: text, source, confidence, features
+    timings: dict[str, float] = field(
+        default_factory=dict
+    )  # ms: [load,] context, prefill, decode, [lookup,] rank, total
+    stats: dict[str, float] = field(
+        default_factory=dict
+    )  # prompt/cached/new tokens, tokens/s, candidates, lookup_candidates
+    candidates: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # every ranked candidate: text, source, confidence, features
     prompt_info: dict[str, Any] = field(default_factory=dict)  # what went into the prompt: repository snippets, tokens
-    more: bool = False  # the top suggestion was cut by the new-token count or the deadline: ``complete(.., more=True)`` goes on
+    more: bool = (
+        False  # the top suggestion was cut by the new-token count or the deadline: ``complete(.., more=True)`` goes on
+    )
 
 
 CancelFn = Callable[[], bool]
@@ -125,7 +142,9 @@ def _default_loader(model_path: str | None, threads: int = 0) -> Engine:
     except CodegenLsError:
         raise
     except Exception as exc:  # onnxruntime / tokenizers / OS errors: one clear line
-        raise ModelError(f"cannot load model from {directory}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelError(
+            f"cannot load model from {directory}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 class Completer:
@@ -142,10 +161,14 @@ class Completer:
         self._remote: RemoteOptions | None = None  # the remote backend in use (None: the local engine)
         self._counter: TokenCounter | None = None
         self._shown: OrderedDict[str, _Shown] = OrderedDict()
-        self._sections: OrderedDict[str, tuple[tuple[Any, ...], str, list[Snippet]]] = OrderedDict()  # uri -> (key, text, snippets)
+        self._sections: OrderedDict[str, tuple[tuple[Any, ...], str, list[Snippet]]] = (
+            OrderedDict()
+        )  # uri -> (key, text, snippets)
         self._lock = threading.RLock()
         self.speeds: latency.Speeds | None = None  # this machine's, for the latency target (local engine)
-        self._ahead: OrderedDict[str, _Shown] = OrderedDict()  # per document: the answer as if its suggestion were accepted
+        self._ahead: OrderedDict[str, _Shown] = (
+            OrderedDict()
+        )  # per document: the answer as if its suggestion were accepted
         self._quick_counter: TokenCounter | None = None
 
     # -- model -----------------------------------------------------------------------------
@@ -225,9 +248,15 @@ class Completer:
             return settings
         p = latency.plan(speeds, settings.latency_target_ms, settings.num_candidates, engine.context_length)
         default = Settings()
-        return replace(settings, context_tokens=p.context_tokens if settings.context_tokens == default.context_tokens
-                       else settings.context_tokens, max_new_tokens=p.max_new_tokens
-                       if settings.max_new_tokens == default.max_new_tokens else settings.max_new_tokens)
+        return replace(
+            settings,
+            context_tokens=p.context_tokens
+            if settings.context_tokens == default.context_tokens
+            else settings.context_tokens,
+            max_new_tokens=p.max_new_tokens
+            if settings.max_new_tokens == default.max_new_tokens
+            else settings.max_new_tokens,
+        )
 
     def quick(self, req: CompletionRequest, settings: Settings) -> CompletionResult | None:
         """The type-ahead answer for ``req``, or None when the model is needed. Safe to call on
@@ -240,15 +269,23 @@ class Completer:
             return None
         settings = self.sized(settings)
         budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
-        ctx = build_context(req.text, req.line, req.character, counter, budget,
-                            bos_text=engine.tokenizer.decode([engine.eos_id]), tab_size=req.tab_size,
-                            insert_spaces=req.insert_spaces)
+        ctx = build_context(
+            req.text,
+            req.line,
+            req.character,
+            counter,
+            budget,
+            bos_text=engine.tokenizer.decode([engine.eos_id]),
+            tab_size=req.tab_size,
+            insert_spaces=req.insert_spaces,
+        )
         mode, _ = decide_mode(ctx, settings.multiline, req.language_id or "python")
         hit = self._typeahead(req.uri, ctx, settings) if mode != "none" else []
         return self._done(CompletionResult(hit, mode, "typeahead"), {}, t0) if hit else None
 
-    def complete_ahead(self, req: CompletionRequest, settings: Settings, text: str,
-                       cancel: CancelFn | None = None) -> CompletionResult:
+    def complete_ahead(
+        self, req: CompletionRequest, settings: Settings, text: str, cancel: CancelFn | None = None
+    ) -> CompletionResult:
         """The completion as if ``text`` (the suggestion shown) were accepted at ``req``'s cursor
         (llama.vim's speculative request), kept as a second type-ahead entry: the request right
         after an accept is answered from it at once."""
@@ -267,8 +304,15 @@ class Completer:
         return int(self.complete(req, settings, cancel, warm=True).stats.get("prompt_tokens", 0))
 
     # -- completion ------------------------------------------------------------------------
-    def complete(self, req: CompletionRequest, settings: Settings, cancel: CancelFn | None = None,
-                 more: bool = False, warm: bool = False, ahead: bool = False) -> CompletionResult:
+    def complete(
+        self,
+        req: CompletionRequest,
+        settings: Settings,
+        cancel: CancelFn | None = None,
+        more: bool = False,
+        warm: bool = False,
+        ahead: bool = False,
+    ) -> CompletionResult:
         """Suggestions for the cursor in ``req``; raises :class:`Cancelled` when ``cancel()``.
 
         ``more``: the deadline-first continuation of an answer whose ``more`` was set: the same
@@ -292,12 +336,26 @@ class Completer:
         bos = engine.tokenizer.decode([engine.eos_id])
         budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
         preamble, prompt_info = self._repo_section(engine, counter, req, settings, budget)
-        ctx = build_context(req.text, req.line, req.character, counter, budget, bos_text=bos,
-                            tab_size=req.tab_size, insert_spaces=req.insert_spaces, preamble=preamble,
-                            fim_budget=_fim_budget(engine, settings, budget))
+        ctx = build_context(
+            req.text,
+            req.line,
+            req.character,
+            counter,
+            budget,
+            bos_text=bos,
+            tab_size=req.tab_size,
+            insert_spaces=req.insert_spaces,
+            preamble=preamble,
+            fim_budget=_fim_budget(engine, settings, budget),
+        )
         if warm:
-            return self._done(CompletionResult([], Mode.NONE, "warm", stats={"prompt_tokens": _prefill(engine, ctx, req.uri, cancel)}),
-                              timings, t0)
+            return self._done(
+                CompletionResult(
+                    [], Mode.NONE, "warm", stats={"prompt_tokens": _prefill(engine, ctx, req.uri, cancel)}
+                ),
+                timings,
+                t0,
+            )
         mode, reason = decide_mode(ctx, settings.multiline, language)
         timings["context"] = _ms(t0)
         if mode == Mode.NONE:
@@ -307,15 +365,24 @@ class Completer:
         if hit:
             return self._done(CompletionResult(hit, mode, "typeahead"), timings, t0)
 
-        gen = engine.generate(ctx.prompt, doc_key=req.uri, n=settings.num_candidates,
-                              max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                              stop=make_stop(ctx, mode, ctx.held), deadline_ms=settings.deadline_ms,
-                              cancel=cancel, heal=True,
-                              **({"suffix": ctx.suffix} if isinstance(engine, RemoteEngine) else {}))
+        gen = engine.generate(
+            ctx.prompt,
+            doc_key=req.uri,
+            n=settings.num_candidates,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            stop=make_stop(ctx, mode, ctx.held),
+            deadline_ms=settings.deadline_ms,
+            cancel=cancel,
+            heal=True,
+            **({"suffix": ctx.suffix} if isinstance(engine, RemoteEngine) else {}),
+        )
         timings["prefill"] = round(gen.stats.prefill_ms, 1)
         timings["decode"] = round(gen.stats.decode_ms, 1)
-        items = [self._item(engine, c, ctx, mode, ctx.held, language,
-                            Source.SAMPLE if c.sampled else Source.GREEDY) for c in gen.candidates]
+        items = [
+            self._item(engine, c, ctx, mode, ctx.held, language, Source.SAMPLE if c.sampled else Source.GREEDY)
+            for c in gen.candidates
+        ]
         n_lookup = 0
         if settings.lookup and _lookup is not None:
             t1 = time.perf_counter()
@@ -325,15 +392,38 @@ class Completer:
             timings["lookup"] = _ms(t1)
 
         t2 = time.perf_counter()
-        ranked = rank([it for it in items if it is not None], ctx, mode, language,
-                      confidence.for_model(getattr(engine, "model_dir", None)))
-        explained = [{"text": r.text, "source": r.source, "sources": r.sources, "confidence": round(r.confidence, 4),
-                      "score": round(r.score, 4), "origin": r.origin, "features": r.features} for r in ranked]
+        ranked = rank(
+            [it for it in items if it is not None],
+            ctx,
+            mode,
+            language,
+            confidence.for_model(getattr(engine, "model_dir", None)),
+        )
+        explained = [
+            {
+                "text": r.text,
+                "source": r.source,
+                "sources": r.sources,
+                "confidence": round(r.confidence, 4),
+                "score": round(r.score, 4),
+                "origin": r.origin,
+                "features": r.features,
+            }
+            for r in ranked
+        ]
         prompt_info["prompt_tokens"] = len(ctx.prompt_ids)
         prompt_info["repo_tokens"] = ctx.preamble_tokens
         suggestions = [
-            Suggestion(r.text, (ctx.line, ctx.character), (ctx.line, ctx.character), round(r.score, 4),
-                       round(r.confidence, 4), r.source, round(r.logprob_mean, 4), r.finish_reason)
+            Suggestion(
+                r.text,
+                (ctx.line, ctx.character),
+                (ctx.line, ctx.character),
+                round(r.score, 4),
+                round(r.confidence, 4),
+                r.source,
+                round(r.logprob_mean, 4),
+                r.finish_reason,
+            )
             for r in ranked
         ]
         # lookup drafts join the model's candidates: numCandidates caps the total shown
@@ -343,43 +433,92 @@ class Completer:
             reason = "below minConfidence" if suggestions else "no usable candidate"
         self._remember(req.uri, ctx, shown, ahead, keep_ahead=more)
         st = gen.stats
-        stats = {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.cached_tokens, "new_tokens": st.new_tokens,
-                 "tokens_per_s": round(st.tokens_per_s, 1), "candidates": len(gen.candidates),
-                 "lookup_candidates": n_lookup}
-        cut = bool(shown) and not more and shown[0].finish_reason in ("length", "deadline") and (
-            shown[0].finish_reason == "deadline" or settings.max_new_tokens < full_new)
-        return self._done(CompletionResult(shown, mode, reason if not shown else "", stats=stats, candidates=explained, prompt_info=prompt_info, more=cut), timings, t0)
+        stats = {
+            "prompt_tokens": st.prompt_tokens,
+            "cached_tokens": st.cached_tokens,
+            "new_tokens": st.new_tokens,
+            "tokens_per_s": round(st.tokens_per_s, 1),
+            "candidates": len(gen.candidates),
+            "lookup_candidates": n_lookup,
+        }
+        cut = (
+            bool(shown)
+            and not more
+            and shown[0].finish_reason in ("length", "deadline")
+            and (shown[0].finish_reason == "deadline" or settings.max_new_tokens < full_new)
+        )
+        return self._done(
+            CompletionResult(
+                shown,
+                mode,
+                reason if not shown else "",
+                stats=stats,
+                candidates=explained,
+                prompt_info=prompt_info,
+                more=cut,
+            ),
+            timings,
+            t0,
+        )
 
     def _done(self, result: CompletionResult, timings: dict[str, float], t0: float) -> CompletionResult:
         timings["total"] = _ms(t0)
         result.timings = timings
         return result
 
-    def _item(self, engine: Engine, cand: Candidate, ctx: Context, mode: str, held_out: str, language_id: str,
-              source: str) -> Item | None:
+    def _item(
+        self, engine: Engine, cand: Candidate, ctx: Context, mode: str, held_out: str, language_id: str, source: str
+    ) -> Item | None:
         cleaned = clean(cand.text, ctx, mode, held_out, cand.finish_reason, language_id)
         if cleaned is None:
             return None
         logprobs = _kept_logprobs(engine, cand, cleaned.kept_chars)
-        return Item(cleaned.text, logprobs, source, cand.finish_reason, cleaned.truncated, cleaned.reindented,
-                    **{k: getattr(cand, k) for k in DRAFT_EVIDENCE if hasattr(cand, k)})
+        return Item(
+            cleaned.text,
+            logprobs,
+            source,
+            cand.finish_reason,
+            cleaned.truncated,
+            cleaned.reindented,
+            **{k: getattr(cand, k) for k in DRAFT_EVIDENCE if hasattr(cand, k)},
+        )
 
-    def _lookup(self, engine: Engine, req: CompletionRequest, ctx: Context, mode: str, settings: Settings,
-                cancel: CancelFn | None, t0: float) -> list[Candidate]:
+    def _lookup(
+        self,
+        engine: Engine,
+        req: CompletionRequest,
+        ctx: Context,
+        mode: str,
+        settings: Settings,
+        cancel: CancelFn | None,
+        t0: float,
+    ) -> list[Candidate]:
         """Lookup candidates, continuing the cursor itself (not the prompt, which may end before ``held``)."""
         assert _lookup is not None
         prompt_ids = engine.tokenizer.encode(ctx.prompt + ctx.held) if ctx.held else ctx.prompt_ids
         left = max(LOOKUP_MIN_MS, settings.deadline_ms - _ms(t0))
         prefix, suffix, others = _lookup_texts(req, ctx.cursor, _lookup)
-        return _lookup.propose(engine, prompt_ids, prefix, suffix, others,
-                               doc_key=req.uri, multiline=mode == "multi", stop=make_stop(ctx, mode, ""),
-                               cancel=cancel, max_new_tokens=settings.max_new_tokens, budget_ms=LOOKUP_FIND_MS,
-                               include_other_documents=settings.lookup_other_documents, deadline_ms=left,
-                               repo=req.repo if settings.repo_lookup else None,
-                               repo_exclude=_open_paths(req))
+        return _lookup.propose(
+            engine,
+            prompt_ids,
+            prefix,
+            suffix,
+            others,
+            doc_key=req.uri,
+            multiline=mode == "multi",
+            stop=make_stop(ctx, mode, ""),
+            cancel=cancel,
+            max_new_tokens=settings.max_new_tokens,
+            budget_ms=LOOKUP_FIND_MS,
+            include_other_documents=settings.lookup_other_documents,
+            deadline_ms=left,
+            repo=req.repo if settings.repo_lookup else None,
+            repo_exclude=_open_paths(req),
+        )
 
-    def _repo_section(self, engine: Engine, counter: TokenCounter, req: CompletionRequest, settings: Settings,
-                      budget: int) -> tuple[str, dict[str, Any]]:
+    def _repo_section(
+        self, engine: Engine, counter: TokenCounter, req: CompletionRequest, settings: Settings, budget: int
+    ) -> tuple[str, dict[str, Any]]:
         """The prompt's repository section for ``req`` and what it holds (for ``complete --json``).
 
         Chosen again only when the index changed or the cursor entered another block of
@@ -398,8 +537,13 @@ class Completer:
         else:
             lo, _, _ = offset_of(req.text, max(0, anchor - REPO_QUERY_LINES), 0)
             hi, _, _ = offset_of(req.text, anchor, 0)
-            snippets = req.repo.snippets(req.text[lo:hi], tokens * REPO_CHARS_PER_TOKEN, document_path=path_of(req.uri),
-                                         document_text=req.text[:REPO_IMPORT_CHARS], exclude=_open_paths(req))
+            snippets = req.repo.snippets(
+                req.text[lo:hi],
+                tokens * REPO_CHARS_PER_TOKEN,
+                document_path=path_of(req.uri),
+                document_text=req.text[:REPO_IMPORT_CHARS],
+                exclude=_open_paths(req),
+            )
             eot = engine.tokenizer.decode([engine.eos_id])
             while snippets and len(counter.encode(render_snippets(snippets, eot))) > tokens:
                 snippets = snippets[:-1]  # the weakest go first
@@ -409,13 +553,18 @@ class Completer:
                 self._sections.move_to_end(req.uri)
                 while len(self._sections) > REPO_SECTIONS:
                     self._sections.popitem(last=False)
-        info = {"repo_snippets": [{"file": s.rel, "line": s.start + 1, "lines": s.text.count("\n") + 1, "why": s.why,
-                                   "score": s.score} for s in snippets]}
+        info = {
+            "repo_snippets": [
+                {"file": s.rel, "line": s.start + 1, "lines": s.text.count("\n") + 1, "why": s.why, "score": s.score}
+                for s in snippets
+            ]
+        }
         return text, info
 
     # -- type-ahead cache ------------------------------------------------------------------
-    def _remember(self, uri: str, ctx: Context, suggestions: list[Suggestion], ahead: bool = False,
-                  keep_ahead: bool = False) -> None:
+    def _remember(
+        self, uri: str, ctx: Context, suggestions: list[Suggestion], ahead: bool = False, keep_ahead: bool = False
+    ) -> None:
         with self._lock:
             table = self._ahead if ahead else self._shown
             if not keep_ahead:  # a new answer: the one after accepting the last is stale (a continuation's is not)
@@ -423,8 +572,9 @@ class Completer:
             if not suggestions:
                 table.pop(uri, None)
                 return
-            table[uri] = _Shown(ctx.line, ctx.line_prefix, ctx.line_suffix, ctx.before_line, ctx.after_line,
-                                suggestions)
+            table[uri] = _Shown(
+                ctx.line, ctx.line_prefix, ctx.line_suffix, ctx.before_line, ctx.after_line, suggestions
+            )
             table.move_to_end(uri)
             while len(table) > TYPEAHEAD_DOCUMENTS:
                 table.popitem(last=False)
@@ -442,12 +592,23 @@ class Completer:
 
     def _rest(self, shown: _Shown, ctx: Context, settings: Settings) -> list[Suggestion]:
         """``shown``'s suggestions less what was typed since they were made."""
-        typed = ctx.line_prefix[len(shown.line_prefix):]
+        typed = ctx.line_prefix[len(shown.line_prefix) :]
         out = []
         for s in shown.suggestions:
-            if s.insert_text.startswith(typed) and len(s.insert_text) > len(typed) and s.confidence >= settings.min_confidence:
-                out.append(replace(s, insert_text=s.insert_text[len(typed):], start=(ctx.line, ctx.character),
-                                   end=(ctx.line, ctx.character), source=Source.TYPEAHEAD))
+            if (
+                s.insert_text.startswith(typed)
+                and len(s.insert_text) > len(typed)
+                and s.confidence >= settings.min_confidence
+            ):
+                out.append(
+                    replace(
+                        s,
+                        insert_text=s.insert_text[len(typed) :],
+                        start=(ctx.line, ctx.character),
+                        end=(ctx.line, ctx.character),
+                        source=Source.TYPEAHEAD,
+                    )
+                )
         return out
 
 
@@ -458,7 +619,14 @@ def remote_options(settings: Settings) -> RemoteOptions | None:
     return RemoteOptions(settings.remote_url, settings.remote_model, settings.remote_api_key_env, settings.remote_fim)
 
 
-DRAFT_EVIDENCE = ("distance", "agree", "draft_tokens", "copied_tokens", "rejected", "origin")  # drafts.DraftCandidate -> Item
+DRAFT_EVIDENCE = (
+    "distance",
+    "agree",
+    "draft_tokens",
+    "copied_tokens",
+    "rejected",
+    "origin",
+)  # drafts.DraftCandidate -> Item
 
 
 def _open_paths(req: CompletionRequest) -> set[str]:
@@ -477,22 +645,27 @@ def _lookup_texts(req: CompletionRequest, cursor: int, lookup: ModuleType) -> tu
     """
     window = getattr(lookup, "WINDOW_CHARS", len(req.text))
     first = getattr(lookup, "OTHER_DOC_CHARS", max(map(len, req.other_documents.values()), default=0))
-    prefix = sanitize(req.text[max(0, cursor - window - LOOKUP_MARGIN_CHARS):cursor])
-    suffix = sanitize(req.text[cursor:cursor + 2 * window + LOOKUP_MARGIN_CHARS])
-    others = {u: sanitize(t[:first + LOOKUP_MARGIN_CHARS]) for u, t in req.other_documents.items() if u != req.uri}
+    prefix = sanitize(req.text[max(0, cursor - window - LOOKUP_MARGIN_CHARS) : cursor])
+    suffix = sanitize(req.text[cursor : cursor + 2 * window + LOOKUP_MARGIN_CHARS])
+    others = {u: sanitize(t[: first + LOOKUP_MARGIN_CHARS]) for u, t in req.other_documents.items() if u != req.uri}
     return prefix, suffix, others
 
 
 def _along(shown: _Shown, ctx: Context) -> bool:
     """The cursor is on ``shown``'s line, after its start, with the same text around."""
-    return (shown.line == ctx.line and shown.line_suffix == ctx.line_suffix and ctx.line_prefix.startswith(shown.line_prefix)
-            and shown.after == ctx.after_line and _same_tail(shown.before, ctx.before_line))
+    return (
+        shown.line == ctx.line
+        and shown.line_suffix == ctx.line_suffix
+        and ctx.line_prefix.startswith(shown.line_prefix)
+        and shown.after == ctx.after_line
+        and _same_tail(shown.before, ctx.before_line)
+    )
 
 
 def _same_tail(a: str, b: str) -> bool:
     """Equal text before the cursor line (the window may have moved: compare the common tail)."""
     n = min(len(a), len(b))
-    return a[len(a) - n:] == b[len(b) - n:]
+    return a[len(a) - n :] == b[len(b) - n :]
 
 
 def _kept_logprobs(engine: Engine, cand: Candidate, kept_chars: int) -> list[float]:

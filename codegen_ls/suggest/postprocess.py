@@ -40,6 +40,7 @@ def leading_ws(line: str) -> str:
 
 # -- stop rules ---------------------------------------------------------------------------------
 
+
 def make_stop(ctx: Context, mode: str, held_out: str = "") -> StopFn:
     """The engine's stop callback for ``mode`` in the frame ending ``held_out`` before the cursor."""
     head = ctx.line_prefix[: len(ctx.line_prefix) - len(held_out)]
@@ -93,6 +94,7 @@ def stop_multi(head: str, text: str, indent: Indent) -> int | None:
 
 # -- brackets -----------------------------------------------------------------------------------
 
+
 @dataclass
 class Brackets:
     """Bracket/quote state after scanning some code."""
@@ -124,7 +126,7 @@ def scan_brackets(text: str, state: Brackets | None = None, python: bool = True)
             i += 1
             continue
         if ch in "\"'":
-            q = text[i:i + 3] if text[i:i + 3] in ('"""', "'''") else ch
+            q = text[i : i + 3] if text[i : i + 3] in ('"""', "'''") else ch
             st.quote = q
             i += len(q)
             continue
@@ -147,6 +149,7 @@ MODEL_STEP = 4  # columns of one indentation level in what the models were train
 
 
 # -- trimming -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Cleaned:
@@ -218,14 +221,15 @@ def _align_blank_line(text: str, typed: str, head_frame: str, indent: Indent) ->
         nl = full.find("\n")
         if nl < 0 or full[:nl].strip():
             break
-        full = full[nl + 1:]
+        full = full[nl + 1 :]
     if full.startswith(typed):
-        return full[len(typed):], False
+        return full[len(typed) :], False
     ws = leading_ws(full)
     delta = indent.columns(typed) - indent.columns(ws)
-    first, *rest = full[len(ws):].split("\n")
-    shifted = [indent.render(indent.columns(leading_ws(ln)) + delta) + ln.lstrip(" \t") if ln.strip() else ln
-               for ln in rest]
+    first, *rest = full[len(ws) :].split("\n")
+    shifted = [
+        indent.render(indent.columns(leading_ws(ln)) + delta) + ln.lstrip(" \t") if ln.strip() else ln for ln in rest
+    ]
     return "\n".join([first, *shifted]), indent.columns(ws) < indent.columns(typed)
 
 
@@ -263,7 +267,7 @@ def _match_width(text: str, ctx: Context, head: str, language_id: str) -> tuple[
             return text, head
         lines = _rescale_block((head + text).split("\n"), ctx.indent.columns(leading_ws(ctx.prev_line)), ctx.indent)
         full = "\n".join(lines)
-        return (full[len(head):], head) if full.startswith(head) else (full, "")
+        return (full[len(head) :], head) if full.startswith(head) else (full, "")
     if "\n" not in text or not is_block_header(ctx.line_prefix + text.split("\n", 1)[0], language_id):
         return text, head
     first, *rest = text.split("\n")  # the cursor line is the opener
@@ -277,12 +281,13 @@ def _restyle(text: str, indent: Indent) -> str:
     for i in range(1, len(lines)):
         ws = leading_ws(lines[i])
         if wrong in ws:
-            lines[i] = indent.render(indent.columns(ws)) + lines[i][len(ws):]
+            lines[i] = indent.render(indent.columns(ws)) + lines[i][len(ws) :]
     return "\n".join(lines).rstrip()
 
 
-def clean(raw: str, ctx: Context, mode: str, held_out: str = "", finish_reason: str = "",
-          language_id: str = "python") -> Cleaned | None:
+def clean(
+    raw: str, ctx: Context, mode: str, held_out: str = "", finish_reason: str = "", language_id: str = "python"
+) -> Cleaned | None:
     """The text to insert at the cursor for a raw candidate, or None when it is not worth showing."""
     python = language_id == "python"
     head = ctx.line_prefix[: len(ctx.line_prefix) - len(held_out)]
@@ -333,5 +338,15 @@ def _repeats_following(ctx: Context, text: str, mode: str) -> bool:
     return bool(lines) and lines == following[: len(lines)]
 
 
-__all__ = ["make_stop", "stop_single", "stop_multi", "clean", "Cleaned", "fit_suffix", "scan_brackets",
-           "Brackets", "leading_ws", "MAX_LINES"]
+__all__ = [
+    "make_stop",
+    "stop_single",
+    "stop_multi",
+    "clean",
+    "Cleaned",
+    "fit_suffix",
+    "scan_brackets",
+    "Brackets",
+    "leading_ws",
+    "MAX_LINES",
+]

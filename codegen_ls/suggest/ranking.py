@@ -60,12 +60,20 @@ LOOKUP_PRIOR = 10.0  # the fallback's constant preference for copies (stdlib eva
 LOOKUP_CONFIDENCE_PRIOR = 1.0  # ... and its lift of their confidence
 
 # codeop's compile flags (not in typeshed): an unfinished statement is "incomplete input", not an error.
-_FLAGS = getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0x4000) | getattr(codeop, "PyCF_DONT_IMPLY_DEDENT", 0x200) | ast.PyCF_ONLY_AST
+_FLAGS = (
+    getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0x4000)
+    | getattr(codeop, "PyCF_DONT_IMPLY_DEDENT", 0x200)
+    | ast.PyCF_ONLY_AST
+)
 _LOOP = re.compile(r"(.{%d,%d}?)\1\1" % (LOOP_MIN, LOOP_MAX), re.DOTALL)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_KEYWORDS = frozenset(("False None True and as assert async await break class continue def del elif else except "
-                       "finally for from global if import in is lambda nonlocal not or pass raise return try while "
-                       "with yield self").split())
+_KEYWORDS = frozenset(
+    (
+        "False None True and as assert async await break class continue def del elif else except "
+        "finally for from global if import in is lambda nonlocal not or pass raise return try while "
+        "with yield self"
+    ).split()
+)
 
 
 @dataclass
@@ -120,8 +128,9 @@ def normalize(text: str) -> str:
     return "\n".join(" ".join(ln.split()) for ln in text.splitlines() if ln.strip())
 
 
-def rank(items: list[Item], ctx: Context, mode: str, language_id: str = "python",
-         model: ConfidenceModel | None = None) -> list[Ranked]:
+def rank(
+    items: list[Item], ctx: Context, mode: str, language_id: str = "python", model: ConfidenceModel | None = None
+) -> list[Ranked]:
     """Deduplicated candidates, most likely right first (see the module docstring)."""
     python = language_id == "python"
     check = SyntaxCheck(ctx) if python else None
@@ -143,8 +152,21 @@ def rank(items: list[Item], ctx: Context, mode: str, language_id: str = "python"
         votes = len(group)
         bonus = AGREEMENT_BONUS * min(MAX_VOTES, votes - 1)
         feats = features(rep, group, ctx, mode, known)
-        out.append(Ranked(rep.item.text, rep.item.source, rep.score + bonus, 0.0, rep.item.logprob_mean,
-                          rep.item.finish_reason, rep.penalty, votes, sources, feats, rep.item.origin))
+        out.append(
+            Ranked(
+                rep.item.text,
+                rep.item.source,
+                rep.score + bonus,
+                0.0,
+                rep.item.logprob_mean,
+                rep.item.finish_reason,
+                rep.penalty,
+                votes,
+                sources,
+                feats,
+                rep.item.origin,
+            )
+        )
     if model is not None and out:
         logits = model.logit(np.stack([model.vector(r.features) for r in out]))
         for r, z in zip(out, logits):
@@ -155,8 +177,9 @@ def rank(items: list[Item], ctx: Context, mode: str, language_id: str = "python"
             bonus = AGREEMENT_BONUS * min(MAX_VOTES, r.votes - 1)
             copy = any(src.startswith(COPY_SOURCES) for src in r.sources)
             r.score += LOOKUP_PRIOR * (r.source.startswith(COPY_SOURCES) and r.penalty == 0)
-            r.confidence = min(MAX_CONFIDENCE, math.exp(min(0.0, r.logprob_mean - r.penalty + bonus
-                                                            + LOOKUP_CONFIDENCE_PRIOR * copy)))
+            r.confidence = min(
+                MAX_CONFIDENCE, math.exp(min(0.0, r.logprob_mean - r.penalty + bonus + LOOKUP_CONFIDENCE_PRIOR * copy))
+            )
     out.sort(key=lambda r: r.score, reverse=True)
     return out
 
@@ -178,26 +201,47 @@ def features(rep: _Judged, group: list[_Judged], ctx: Context, mode: str, known:
     names = [w for w in _IDENT.findall(first) if w not in _KEYWORDS]
     new = sum(1 for w in names if w not in known)
     return {
-        "src_sample": float(base == "sample"), "src_line": float(base == "lookup:line"),
-        "src_doc": float(base == "lookup:doc"), "src_repo": float(base == "lookup:repo"),
-        "src_ngram": float(base == "lookup:ngram"), "model_continued": float("+model" in it.source),
-        "votes": float(min(MAX_VOTES, len(group) - 1)), "has_greedy": float("greedy" in sources),
+        "src_sample": float(base == "sample"),
+        "src_line": float(base == "lookup:line"),
+        "src_doc": float(base == "lookup:doc"),
+        "src_repo": float(base == "lookup:repo"),
+        "src_ngram": float(base == "lookup:ngram"),
+        "model_continued": float("+model" in it.source),
+        "votes": float(min(MAX_VOTES, len(group) - 1)),
+        "has_greedy": float("greedy" in sources),
         "mixed_votes": float(bool(sources & set(COPY_SOURCES)) and bool(sources & {"greedy", "sample"})),
-        "lp_mean": mean, "lp_min": low, "lp_first": lps[0],
-        "lp_mean_copy": mean if copy else 0.0, "lp_min_copy": low if copy else 0.0,
-        "tokens_log": math.log1p(len(it.logprobs)), "chars_log": math.log1p(len(first.strip())),
-        "syntax_error": rep.parts["syntax_error"], "closers": rep.parts["closers"], "repeats": rep.parts["repeats"],
-        "reindented": float(it.reindented), "partial": float(it.finish_reason in ("length", "deadline")),
-        "distance_log": math.log1p(it.distance) if copy else 0.0, "agree": it.agree / 64 if copy else 0.0,
+        "lp_mean": mean,
+        "lp_min": low,
+        "lp_first": lps[0],
+        "lp_mean_copy": mean if copy else 0.0,
+        "lp_min_copy": low if copy else 0.0,
+        "tokens_log": math.log1p(len(it.logprobs)),
+        "chars_log": math.log1p(len(first.strip())),
+        "syntax_error": rep.parts["syntax_error"],
+        "closers": rep.parts["closers"],
+        "repeats": rep.parts["repeats"],
+        "reindented": float(it.reindented),
+        "partial": float(it.finish_reason in ("length", "deadline")),
+        "distance_log": math.log1p(it.distance) if copy else 0.0,
+        "agree": it.agree / 64 if copy else 0.0,
         "copied_frac": it.copied_tokens / max(1, it.draft_tokens) if copy else 0.0,
         "rejected": float(min(5, it.rejected)),
-        "idents_new": float(min(5, new)), "idents_shared": float(min(5, len(names) - new)),
-        "multi": float(mode == "multi"), "blank_prefix": float(not ctx.line_prefix.strip()),
+        "idents_new": float(min(5, new)),
+        "idents_shared": float(min(5, len(names) - new)),
+        "multi": float(mode == "multi"),
+        "blank_prefix": float(not ctx.line_prefix.strip()),
     }
 
 
-def structure_parts(text: str, ctx: Context, mode: str, python: bool = True, partial: bool = False,
-                    check: SyntaxCheck | None = None, before: Brackets | None = None) -> dict[str, float]:
+def structure_parts(
+    text: str,
+    ctx: Context,
+    mode: str,
+    python: bool = True,
+    partial: bool = False,
+    check: SyntaxCheck | None = None,
+    before: Brackets | None = None,
+) -> dict[str, float]:
     """The structure checks of inserting ``text`` at the cursor: syntax error (0/1), new unmatched
     closers (up to MAX_BRACKET_PENALTIES), repetition (repeated lines, a decoding loop, re-typing
     what follows the cursor)."""
@@ -206,8 +250,11 @@ def structure_parts(text: str, ctx: Context, mode: str, python: bool = True, par
         check = check or SyntaxCheck(ctx)
         error = float(check.is_error(text, partial))
     closers = float(min(MAX_BRACKET_PENALTIES, new_unmatched_closers(ctx, text, python, before)))
-    repeats = REPEAT_PENALTY * repeated_lines(text) + LOOP_PENALTY * bool(_LOOP.search(text[:400])) \
+    repeats = (
+        REPEAT_PENALTY * repeated_lines(text)
+        + LOOP_PENALTY * bool(_LOOP.search(text[:400]))
         + DUPLICATE_PENALTY * duplicates_following(ctx, text, mode)
+    )
     return {"syntax_error": error, "closers": closers, "repeats": float(repeats)}
 
 
@@ -215,8 +262,15 @@ def penalty_of(parts: dict[str, float]) -> float:
     return SYNTAX_ERROR_PENALTY * parts["syntax_error"] + BRACKET_PENALTY * parts["closers"] + parts["repeats"]
 
 
-def structure_penalty(text: str, ctx: Context, mode: str, python: bool = True, partial: bool = False,
-                      check: SyntaxCheck | None = None, before: Brackets | None = None) -> float:
+def structure_penalty(
+    text: str,
+    ctx: Context,
+    mode: str,
+    python: bool = True,
+    partial: bool = False,
+    check: SyntaxCheck | None = None,
+    before: Brackets | None = None,
+) -> float:
     """Sum of the structure penalties for inserting ``text`` at the cursor.
 
     ``check`` and ``before`` depend only on the context: pass them to share them between candidates.
@@ -266,7 +320,7 @@ def _copy(b: Brackets) -> Brackets:
 
 
 def classify(source: str) -> str:
-    """"ok" | "incomplete" | "error" | "unknown" for Python source (parsing only, no bytecode)."""
+    """ "ok" | "incomplete" | "error" | "unknown" for Python source (parsing only, no bytecode)."""
     return _parse(source)[0]
 
 
@@ -292,7 +346,9 @@ def _window_before(ctx: Context) -> tuple[str, str]:
     """(the last PARSE_LINES lines before the cursor line from a statement start, their margin)."""
     before = ctx.prefix[: max(0, len(ctx.prefix) - len(ctx.line_prefix))].replace("\r\n", "\n").replace("\r", "\n")
     lines = before.split("\n")[:-1][-PARSE_LINES:]
-    starts = [i for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith(("#", ")", "]", "}", "\"", "'"))]
+    starts = [
+        i for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith(("#", ")", "]", "}", '"', "'"))
+    ]
     if not starts:
         return "", ""
     start = min(starts, key=lambda i: (len(leading_ws(lines[i])), i))
@@ -308,7 +364,7 @@ def _dedent(text: str, margin: str) -> str | None:
         if not ln.strip():
             out.append("")
         elif ln.startswith(margin):
-            out.append(ln[len(margin):])
+            out.append(ln[len(margin) :])
         else:
             return None
     return "\n".join(out)
@@ -322,14 +378,15 @@ class SyntaxCheck:
         before, self.margin = _window_before(ctx)
         self.before = _dedent(before, self.margin) if before else ""
         # A cut cursor line (see context.line_cut) starts mid-line: nothing to parse.
-        self.usable = (not ctx.line_cut and self.before is not None
-                       and classify(self.before) in ("ok", "incomplete"))
+        self.usable = not ctx.line_cut and self.before is not None and classify(self.before) in ("ok", "incomplete")
         self.following = self._following()
         self.with_following = False
         if self.usable and self.following:
             original = self._dedent_line(ctx.line_prefix + ctx.line_suffix)
-            self.with_following = original is not None and classify(
-                f"{self.before}{original}\n{self.following}") in ("ok", "incomplete")
+            self.with_following = original is not None and classify(f"{self.before}{original}\n{self.following}") in (
+                "ok",
+                "incomplete",
+            )
 
     def _dedent_line(self, text: str) -> str | None:
         if not text.strip() and "\n" not in text:
@@ -341,7 +398,7 @@ class SyntaxCheck:
         for ln in self.ctx.next_lines:
             if ln.strip() and not ln.startswith(self.margin):
                 break
-            lines.append(ln[len(self.margin):] if ln.strip() else "")
+            lines.append(ln[len(self.margin) :] if ln.strip() else "")
         return "\n".join(lines)
 
     def is_error(self, text: str, partial: bool = False) -> bool:
@@ -360,5 +417,18 @@ class SyntaxCheck:
         return classify(self.before + completed + "\n") == "error"
 
 
-__all__ = ["Item", "Ranked", "rank", "features", "normalize", "structure_penalty", "structure_parts", "classify", "SyntaxCheck",
-           "repeated_lines", "duplicates_following", "new_unmatched_closers", "brackets_before"]
+__all__ = [
+    "Item",
+    "Ranked",
+    "rank",
+    "features",
+    "normalize",
+    "structure_penalty",
+    "structure_parts",
+    "classify",
+    "SyntaxCheck",
+    "repeated_lines",
+    "duplicates_following",
+    "new_unmatched_closers",
+    "brackets_before",
+]

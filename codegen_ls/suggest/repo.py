@@ -36,7 +36,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -46,8 +46,26 @@ from codegen_ls.suggest.gitignore import Ignore
 log = logging.getLogger(__name__)
 
 SOURCE_SUFFIXES = (".py", ".pyi")
-SKIP_DIRS = frozenset((".git", ".hg", ".svn", "__pycache__", "node_modules", ".venv", "venv", ".tox", ".nox",
-                       ".mypy_cache", ".pytest_cache", ".ruff_cache", "site-packages", ".eggs", "build", "dist"))
+SKIP_DIRS = frozenset(
+    (
+        ".git",
+        ".hg",
+        ".svn",
+        "__pycache__",
+        "node_modules",
+        ".venv",
+        "venv",
+        ".tox",
+        ".nox",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        "site-packages",
+        ".eggs",
+        "build",
+        "dist",
+    )
+)
 CHUNK_LINES = 20  # snippet windows: this many lines ...
 CHUNK_STRIDE = 10  # ... every this many lines
 MAX_KEY_CHARS = 200  # stripped lines are indexed up to this many characters
@@ -63,8 +81,11 @@ BATCH_S = 0.2  # changes arriving within this are applied together (one new snap
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 _IMPORT = re.compile(r"^\s*(?:from\s+(\.*[\w.]*)\s+import\s+\(?([^)#\n]*)|import\s+([\w., ]+))", re.M)
 _DEF = re.compile(r"^[ \t]*(?:async[ \t]+def|def|class)[ \t]+(\w+)|^(\w+)[ \t]*(?::[^=\n]*)?=", re.M)
-_KEYWORDS = frozenset("""False None True and as assert async await break class continue def del elif else except
-finally for from global if import in is lambda nonlocal not or pass raise return try while with yield self cls""".split())
+_KEYWORDS = frozenset(
+    """False None True and as assert async await break class continue def del elif else except
+finally for from global if import in is lambda nonlocal not or pass raise return try while with yield self
+cls""".split()
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +127,7 @@ class _File:
         f.line_starts = starts
         lines = text.split("\n")
         for s in range(0, max(1, len(lines) - CHUNK_LINES // 2), CHUNK_STRIDE):
-            f.chunks.append((s, frozenset(_idents("\n".join(lines[s:s + CHUNK_LINES])))))
+            f.chunks.append((s, frozenset(_idents("\n".join(lines[s : s + CHUNK_LINES])))))
         for m in _DEF.finditer(text):
             name = m.group(1) or m.group(2)
             if name and name not in f.defs:
@@ -115,13 +136,13 @@ class _File:
 
     def line(self, n: int) -> str:
         end = self.line_starts[n + 1] - 1 if n + 1 < len(self.line_starts) else len(self.text)
-        return self.text[self.line_starts[n]:end]
+        return self.text[self.line_starts[n] : end]
 
     def lines(self, start: int, count: int) -> str:
         lo = self.line_starts[min(start, len(self.line_starts) - 1)]
         end = start + count
         hi = self.line_starts[end] - 1 if end < len(self.line_starts) else len(self.text)
-        return self.text[lo:max(lo, hi)]
+        return self.text[lo : max(lo, hi)]
 
 
 def _idents(text: str) -> Iterator[str]:
@@ -198,8 +219,15 @@ class RepoSnapshot:
                 yield f, n, f.line_starts[n] + indent + len(key)
 
     # -- snippets ------------------------------------------------------------------------------
-    def snippets(self, query: str, budget_chars: int, *, document_path: str | None = None,
-                 document_text: str = "", exclude: Iterable[str] = ()) -> list[Snippet]:
+    def snippets(
+        self,
+        query: str,
+        budget_chars: int,
+        *,
+        document_path: str | None = None,
+        document_text: str = "",
+        exclude: Iterable[str] = (),
+    ) -> list[Snippet]:
         """The most related pieces of other files, best first, within ``budget_chars``.
 
         ``query``: the code above the cursor (its last ``QUERY_LINES`` lines are compared);
@@ -377,8 +405,12 @@ class RepoIndex:
                     self._apply(kind, path, text)
                 self._enforce_limits()
                 self._snapshot = RepoSnapshot(dict(self._files), list(self._roots), self._snapshot.version + 1)
-                log.info("repository index: %d files, %d bytes (%d skipped by the limits)",
-                         len(self._files), self._snapshot.nbytes, self.skipped)
+                log.info(
+                    "repository index: %d files, %d bytes (%d skipped by the limits)",
+                    len(self._files),
+                    self._snapshot.nbytes,
+                    self.skipped,
+                )
             except Exception:  # the index must never take the server down
                 log.exception("repository index update failed")
             with self._lock:
@@ -431,7 +463,12 @@ class RepoIndex:
                 except OSError:
                     continue
                 if is_dir:
-                    if e.name in SKIP_DIRS or e.name.startswith(".") or e.name.endswith(".egg-info") or ignore.ignored(r, True):
+                    if (
+                        e.name in SKIP_DIRS
+                        or e.name.startswith(".")
+                        or e.name.endswith(".egg-info")
+                        or ignore.ignored(r, True)
+                    ):
                         continue
                     stack.append((Path(e.path), r + "/", ignore.child(Path(e.path), r + "/")))
                 elif e.name.endswith(SOURCE_SUFFIXES) and not ignore.ignored(r, False):

@@ -30,6 +30,7 @@ from codegen_ls.suggest.repo import RepoSnapshot
 
 # -- verifying drafts --------------------------------------------------------------------------
 
+
 @dataclass
 class AlignedDraft:
     base: list[int]  # prompt tokens the draft goes on top of (the prompt, maybe minus a few)
@@ -50,11 +51,11 @@ def align_draft(engine: Engine, prompt_ids: Sequence[int], text: str) -> Aligned
     table = tok.token_bytes()
     prompt = list(prompt_ids)
     k = min(HEAL_TOKENS, len(prompt))
-    tail_bytes = b"".join(table[t] for t in prompt[len(prompt) - k:])
+    tail_bytes = b"".join(table[t] for t in prompt[len(prompt) - k :])
     while k < min(len(prompt), HEAL_TOKENS + 4) and not _decodes(tail_bytes):  # whole characters
         k += 1
         tail_bytes = table[prompt[len(prompt) - k]] + tail_bytes
-    tail = prompt[len(prompt) - k:]
+    tail = prompt[len(prompt) - k :]
     ids = tok.encode(tail_bytes.decode("utf-8", "replace") + text)
     j = common_prefix(tail, ids)
     base, draft = prompt[: len(prompt) - k + j], ids[j:]
@@ -92,8 +93,13 @@ def _decodes(b: bytes) -> bool:
         return False
 
 
-def accepted_length(draft_ids: Sequence[int], draft_logprobs: Sequence[float], greedy_ids: Sequence[int],
-                    min_accept_p: float = MIN_ACCEPT_P, start: int = 0) -> int:
+def accepted_length(
+    draft_ids: Sequence[int],
+    draft_logprobs: Sequence[float],
+    greedy_ids: Sequence[int],
+    min_accept_p: float = MIN_ACCEPT_P,
+    start: int = 0,
+) -> int:
     """How many draft tokens the model accepts: the greedy choice or probability >= min_accept_p.
 
     The first ``start`` tokens are accepted unconditionally (they only re-cover prompt text).
@@ -117,13 +123,29 @@ class DraftCandidate(Candidate):
     origin: str = ""
 
 
-def propose(engine: Engine, prompt_ids: list[int], prefix: str, suffix: str, other_documents: dict[str, str], *,
-            doc_key: str, multiline: bool, stop: StopFn | None, cancel: Callable[[], bool] | None,
-            max_new_tokens: int, budget_ms: float = 5.0, include_other_documents: bool = True,
-            max_drafts: int = 4, include_ngram: bool = True, include_lines: bool = True,
-            min_accept_p: float = MIN_ACCEPT_P, deadline_ms: float | None = None,
-            drafts: list[Draft] | None = None, repo: RepoSnapshot | None = None,
-            repo_exclude: Collection[str] = ()) -> list[Candidate]:
+def propose(
+    engine: Engine,
+    prompt_ids: list[int],
+    prefix: str,
+    suffix: str,
+    other_documents: dict[str, str],
+    *,
+    doc_key: str,
+    multiline: bool,
+    stop: StopFn | None,
+    cancel: Callable[[], bool] | None,
+    max_new_tokens: int,
+    budget_ms: float = 5.0,
+    include_other_documents: bool = True,
+    max_drafts: int = 4,
+    include_ngram: bool = True,
+    include_lines: bool = True,
+    min_accept_p: float = MIN_ACCEPT_P,
+    deadline_ms: float | None = None,
+    drafts: list[Draft] | None = None,
+    repo: RepoSnapshot | None = None,
+    repo_exclude: Collection[str] = (),
+) -> list[Candidate]:
     """Lookup drafts verified by the model: up to two candidates per draft.
 
     Per draft: ONE forward pass (:meth:`Engine.score`) on top of ``prompt_ids``. Where the model
@@ -141,10 +163,20 @@ def propose(engine: Engine, prompt_ids: list[int], prefix: str, suffix: str, oth
     """
     t0 = time.perf_counter()
     if drafts is None:
-        drafts = find_drafts(prefix, suffix, other_documents, multiline=multiline, max_drafts=max_drafts,
-                             budget_ms=budget_ms, include_other_documents=include_other_documents,
-                             include_ngram=include_ngram, include_lines=include_lines, uri=doc_key,
-                             repo=repo, repo_exclude=repo_exclude)
+        drafts = find_drafts(
+            prefix,
+            suffix,
+            other_documents,
+            multiline=multiline,
+            max_drafts=max_drafts,
+            budget_ms=budget_ms,
+            include_other_documents=include_other_documents,
+            include_ngram=include_ngram,
+            include_lines=include_lines,
+            uri=doc_key,
+            repo=repo,
+            repo_exclude=repo_exclude,
+        )
     if not drafts or not prompt_ids or max_new_tokens <= 0:
         return []
     room = max(1, engine.context_length - max_new_tokens)
@@ -157,8 +189,17 @@ def propose(engine: Engine, prompt_ids: list[int], prefix: str, suffix: str, oth
         left = None if deadline_ms is None else deadline_ms - (time.perf_counter() - t0) * 1000
         if left is not None and left <= 0:
             break
-        for cand in _verify(engine, prompt, d, doc_key=doc_key, stop=stop, cancel=cancel,
-                            max_new_tokens=max_new_tokens, min_accept_p=min_accept_p, deadline_ms=left):
+        for cand in _verify(
+            engine,
+            prompt,
+            d,
+            doc_key=doc_key,
+            stop=stop,
+            cancel=cancel,
+            max_new_tokens=max_new_tokens,
+            min_accept_p=min_accept_p,
+            deadline_ms=left,
+        ):
             if cand.text not in texts:
                 texts.add(cand.text)
                 out.append(cand)
@@ -172,18 +213,27 @@ def _walk(engine: Engine, al: AlignedDraft, ids: list[int], m: int, stop: StopFn
     buf, text, kept = b"", "", 0
     for i in range(m):
         buf += table[ids[i]]
-        if len(buf) <= len(al.healed) or not _decodes(buf[len(al.healed):]):
+        if len(buf) <= len(al.healed) or not _decodes(buf[len(al.healed) :]):
             continue
-        kept, text = i + 1, buf[len(al.healed):].decode("utf-8")
+        kept, text = i + 1, buf[len(al.healed) :].decode("utf-8")
         cut = stop(text) if stop is not None else None
         if cut is not None:
             return text[:cut], kept, "stop"
     return text, kept, ""
 
 
-def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, stop: StopFn | None,
-            cancel: Callable[[], bool] | None, max_new_tokens: int, min_accept_p: float,
-            deadline_ms: float | None) -> list[DraftCandidate]:
+def _verify(
+    engine: Engine,
+    prompt: list[int],
+    draft: Draft,
+    *,
+    doc_key: str,
+    stop: StopFn | None,
+    cancel: Callable[[], bool] | None,
+    max_new_tokens: int,
+    min_accept_p: float,
+    deadline_ms: float | None,
+) -> list[DraftCandidate]:
     al = align_draft(engine, prompt, draft.text)
     if al is None:
         return []
@@ -195,16 +245,35 @@ def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, st
 
     def make(text: str, kept: int, finish: str, source: str, token_ids: list[int], lps: list[float]) -> DraftCandidate:
         rejected = sum(1 for i in range(forced, kept) if ids[i] != greedy[i] and logprobs[i] < floor)
-        return DraftCandidate(text, token_ids, [float(x) for x in lps], finish, sampled=False, source=source,
-                              distance=draft.distance, agree=draft.agree, draft_tokens=len(ids),
-                              copied_tokens=kept, rejected=rejected, origin=draft.origin)
+        return DraftCandidate(
+            text,
+            token_ids,
+            [float(x) for x in lps],
+            finish,
+            sampled=False,
+            source=source,
+            distance=draft.distance,
+            agree=draft.agree,
+            draft_tokens=len(ids),
+            copied_tokens=kept,
+            rejected=rejected,
+            origin=draft.origin,
+        )
 
     out: list[DraftCandidate] = []
     if m < len(ids):  # the model rejects a token: the draft as copied, with that evidence
         text, kept, finish = _walk(engine, al, ids, len(ids), stop)
         if kept and text.strip():
-            out.append(make(text, kept, finish or ("length" if kept >= max_new_tokens else "stop"), draft.source,
-                            ids[:kept], logprobs[:kept]))
+            out.append(
+                make(
+                    text,
+                    kept,
+                    finish or ("length" if kept >= max_new_tokens else "stop"),
+                    draft.source,
+                    ids[:kept],
+                    logprobs[:kept],
+                )
+            )
         if kept and kept <= m:  # the stop rule cut the draft inside its accepted part: nothing to verify
             return out
     text, kept, finish = _walk(engine, al, ids, m, stop)
@@ -247,9 +316,16 @@ def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, st
             cut_total = c
             return max(0, c - len(text))
 
-        gen = engine.generate(al.base + token_ids, doc_key=doc_key, n=1, temperature=0.0,
-                              max_new_tokens=max_new_tokens - kept, stop=stop_total, cancel=cancel,
-                              deadline_ms=deadline_ms).candidates[0]
+        gen = engine.generate(
+            al.base + token_ids,
+            doc_key=doc_key,
+            n=1,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens - kept,
+            stop=stop_total,
+            cancel=cancel,
+            deadline_ms=deadline_ms,
+        ).candidates[0]
         text = (text + gen.text)[:cut_total] if cut_total is not None and cut_total < len(text) else text + gen.text
         token_ids, lps, finish = token_ids + gen.token_ids, lps + gen.logprobs, gen.finish_reason
         if gen.token_ids:
@@ -259,5 +335,17 @@ def _verify(engine: Engine, prompt: list[int], draft: Draft, *, doc_key: str, st
     return out
 
 
-__all__ = ["DraftCandidate", "propose", "AlignedDraft", "align_draft", "accepted_length", "forced_tokens",
-           "Draft", "find_drafts", "lookup_only", "MIN_ACCEPT_P", "WINDOW_CHARS", "OTHER_DOC_CHARS"]
+__all__ = [
+    "DraftCandidate",
+    "propose",
+    "AlignedDraft",
+    "align_draft",
+    "accepted_length",
+    "forced_tokens",
+    "Draft",
+    "find_drafts",
+    "lookup_only",
+    "MIN_ACCEPT_P",
+    "WINDOW_CHARS",
+    "OTHER_DOC_CHARS",
+]

@@ -34,6 +34,22 @@ from codegen_ls.engine.backends.flat import FlatBackend, FlatDecode, FlatState
 from codegen_ls.engine.backends.gqa import DECODE_ROOM, PROMPT_PATH_MIN, GqaBackend, GqaDecode, GqaState
 from codegen_ls.engine.backends.optimum import OptimumBackend, PastState
 
-__all__ = ["DECODE_ROOM", "LONG_PREFILL", "MASKED", "PROMPT_PATH_MIN", "ROUND", "Backend", "CancelFn", "FlatBackend",
-           "FlatDecode", "FlatState", "GqaBackend", "GqaDecode", "GqaState", "OptimumBackend", "PastState",
-           "PrefillCancelled", "release_free_heap"]
+__all__ = [
+    "DECODE_ROOM",
+    "LONG_PREFILL",
+    "MASKED",
+    "PROMPT_PATH_MIN",
+    "ROUND",
+    "Backend",
+    "CancelFn",
+    "FlatBackend",
+    "FlatDecode",
+    "FlatState",
+    "GqaBackend",
+    "GqaDecode",
+    "GqaState",
+    "OptimumBackend",
+    "PastState",
+    "PrefillCancelled",
+    "release_free_heap",
+]

@@ -88,8 +88,9 @@ class Backend:
             release_free_heap()
         return out
 
-    def prefill(self, state: Any, keep: int, ids: Sequence[int], logits_from: int,
-                cancel: CancelFn) -> tuple[np.ndarray, Any]:
+    def prefill(
+        self, state: Any, keep: int, ids: Sequence[int], logits_from: int, cancel: CancelFn
+    ) -> tuple[np.ndarray, Any]:
         """Feed ``ids[keep:]`` after the first ``keep`` tokens of ``state`` (None: empty).
 
         Returns (logits ``[len(ids) - logits_from, vocab]``, state covering all of ``ids``).

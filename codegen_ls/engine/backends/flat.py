@@ -74,8 +74,9 @@ class FlatBackend(Backend):
         if self.n_head != n_head:
             raise ModelError("manifest does not match the ONNX model (heads)")
         self.out_index = {o.name: i for i, o in enumerate(session.get_outputs())}
-        self.tail_out = [(self.out_index[f"tail_key_out.{i}"], self.out_index[f"tail_value_out.{i}"])
-                         for i in range(n_layer)]
+        self.tail_out = [
+            (self.out_index[f"tail_key_out.{i}"], self.out_index[f"tail_value_out.{i}"]) for i in range(n_layer)
+        ]
 
     def _views(self, state: FlatState, cap: int) -> None:
         h, d, n = self.n_head, self.head_dim, len(self.prefix)
@@ -84,7 +85,9 @@ class FlatBackend(Backend):
 
     def _alloc(self, room: int, cap: int = 1) -> FlatState:
         size = self.n_head * self.head_dim * room
-        state = FlatState([], [], buffers=[np.zeros(size, self.kv_dtype) for _ in range(2 * len(self.prefix))], room=room)
+        state = FlatState(
+            [], [], buffers=[np.zeros(size, self.kv_dtype) for _ in range(2 * len(self.prefix))], room=room
+        )
         self._views(state, cap)
         return state
 
@@ -126,8 +129,16 @@ class FlatBackend(Backend):
         h, d = self.n_head, self.head_dim
         return [(np.zeros((h, n, d, 0), self.kv_dtype), np.zeros((h, n, 0, d), self.kv_dtype)) for _ in self.tail]
 
-    def _run(self, state: FlatState, valid: int, bias: np.ndarray | None, ids: np.ndarray, pos: int,
-             tails: list[tuple[np.ndarray, np.ndarray]], logits_start: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    def _run(
+        self,
+        state: FlatState,
+        valid: int,
+        bias: np.ndarray | None,
+        ids: np.ndarray,
+        pos: int,
+        tails: list[tuple[np.ndarray, np.ndarray]],
+        logits_start: int,
+    ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         rows, s = ids.shape
         t = tails[0][0].shape[3]
         if bias is None:
@@ -148,8 +159,9 @@ class FlatBackend(Backend):
         out = self._session_run(feed, rows * s)
         return out[0], [(out[i], out[j]) for i, j in self.tail_out]
 
-    def prefill(self, state: FlatState | None, keep: int, ids: Sequence[int], logits_from: int,
-                cancel: CancelFn) -> tuple[np.ndarray, FlatState]:
+    def prefill(
+        self, state: FlatState | None, keep: int, ids: Sequence[int], logits_from: int, cancel: CancelFn
+    ) -> tuple[np.ndarray, FlatState]:
         if state is None:
             state, keep = self._alloc(_round_up(len(ids))), 0
         state.length = keep
@@ -169,7 +181,7 @@ class FlatBackend(Backend):
                 v[0, :, pos:end, :] = tv[:, 0]
             state.length = end
             if end > logits_from:
-                chunks.append(logits[0, max(0, logits_from - pos) - start:])
+                chunks.append(logits[0, max(0, logits_from - pos) - start :])
             pos = end
         return np.concatenate(chunks, axis=0), state
 

@@ -78,20 +78,38 @@ class GqaBackend(Backend):
         kinds = ["key", "value"] + (["key_scale", "value_scale"] if four_bit else [])
         # (input, output) names of every cache buffer, layer by layer
         self.caches = [(f"past_{k}.{i}", f"present_{k}.{i}") for i in range(n_layer) for k in kinds]
-        needed = {"input_ids", "position_ids", "seqlens_k", "total_sequence_length", "attention_bias", "logits_start",
-                  "prompt_path"} | {name for name, _ in self.caches}
-        if (not needed <= set(inputs) or len([n for n in inputs if n.startswith("past_key.")]) != n_layer
-                or not {out for _, out in self.caches} <= outputs):
+        needed = {
+            "input_ids",
+            "position_ids",
+            "seqlens_k",
+            "total_sequence_length",
+            "attention_bias",
+            "logits_start",
+            "prompt_path",
+        } | {name for name, _ in self.caches}
+        if (
+            not needed <= set(inputs)
+            or len([n for n in inputs if n.startswith("past_key.")]) != n_layer
+            or not {out for _, out in self.caches} <= outputs
+        ):
             raise ModelError("ONNX model is not a gqa graph of this manifest (inputs/layers differ)")
         shape = inputs["past_key.0"].shape
         self.n_head = int(shape[1])
-        types = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+        types = {
+            "tensor(int8)": np.int8,
+            "tensor(uint8)": np.uint8,
+            "tensor(float)": np.float32,
+            "tensor(float16)": np.float16,
+        }
         self.layout = [(types[inputs[name].type], int(inputs[name].shape[3])) for name, _ in self.caches]  # dtype, X
         self.head_dim = 2 * int(shape[3]) if four_bit else int(shape[3])
         # per buffer: None, or (a 4-bit cache's keys or values) whether its rows are values, for
         # kvcache.layout4: the kernel keeps them in its own blocks of positions
-        self.packed = [(kind == "value" if four_bit and kind in ("key", "value") else None)
-                       for _ in range(n_layer) for kind in kinds]
+        self.packed = [
+            (kind == "value" if four_bit and kind in ("key", "value") else None)
+            for _ in range(n_layer)
+            for kind in kinds
+        ]
         if self.n_head != n_head:
             raise ModelError("manifest does not match the ONNX model (heads)")
         self.logits_name = session.get_outputs()[0].name
@@ -112,8 +130,9 @@ class GqaBackend(Backend):
             dst[:, :, :keep, :] = old[:, :, :keep, :]
         state.buffers, state.bindings = new.buffers, {}
 
-    def _run(self, state: GqaState, ids: np.ndarray, positions: np.ndarray, past: int, bias: np.ndarray,
-             logits_start: int) -> np.ndarray:
+    def _run(
+        self, state: GqaState, ids: np.ndarray, positions: np.ndarray, past: int, bias: np.ndarray, logits_start: int
+    ) -> np.ndarray:
         """Feed ``ids`` (one run, S tokens) written at buffer positions ``past .. past+S-1``;
         ``bias`` ``[S, past + S]``, complete (causal included). Returns logits ``[S - logits_start,
         vocab]``. A few tokens: GroupQueryAttention writes their keys and values in place; from
@@ -151,16 +170,17 @@ class GqaBackend(Backend):
                 rows = outs[1 + j].numpy()[0].reshape(s, self.n_head, -1).transpose(1, 0, 2)
                 values = self.packed[j]
                 if values is None:
-                    buf[0, :, past:past + s, :] = rows
+                    buf[0, :, past : past + s, :] = rows
                 else:  # the 4-bit cache: the whole blocks the chunk touches, in rows, then back in the layout
                     a, b = kvcache.block_start(past), kvcache.whole_blocks(past + s)
                     span = kvcache.rows4(buf[0, :, a:b, :], values)
-                    span[:, past - a:past - a + s, :] = rows
+                    span[:, past - a : past - a + s, :] = rows
                     buf[0, :, a:b, :] = kvcache.layout4(span, values)
         return np.asarray(outs[0].numpy()[0])
 
-    def prefill(self, state: GqaState | None, keep: int, ids: Sequence[int], logits_from: int,
-                cancel: CancelFn) -> tuple[np.ndarray, GqaState]:
+    def prefill(
+        self, state: GqaState | None, keep: int, ids: Sequence[int], logits_from: int, cancel: CancelFn
+    ) -> tuple[np.ndarray, GqaState]:
         if state is None:
             state, keep = self._alloc(_round_up(len(ids) + DECODE_ROOM)), 0
         self._fit(state, len(ids) + DECODE_ROOM, keep)  # the whole prompt's room (and a decode's) at once
@@ -177,7 +197,7 @@ class GqaBackend(Backend):
             logits = self._run(state, np.asarray(ids[pos:end]), np.arange(pos, end), pos, bias, start)
             state.length = end
             if end > logits_from:
-                chunks.append(logits[max(0, logits_from - pos) - start:])
+                chunks.append(logits[max(0, logits_from - pos) - start :])
             pos = end
         return np.concatenate(chunks, axis=0), state
 
@@ -191,11 +211,14 @@ class GqaBackend(Backend):
         s, state = len(tokens), dec.state
         if dec.end + s > state.room:  # more steps than begin reserved for
             self._fit(state, dec.end + s + ROUND, dec.end, shrink=False)
-            dec.bias = np.concatenate([dec.bias, np.full((s, state.room - dec.bias.shape[1]), MASKED, np.float32)], axis=1)
+            dec.bias = np.concatenate(
+                [dec.bias, np.full((s, state.room - dec.bias.shape[1]), MASKED, np.float32)], axis=1
+            )
         rows = np.arange(s)
         dec.bias[rows, dec.end + rows] = 0  # each row sees its own new token
-        logits = self._run(state, np.asarray(tokens), np.full(s, dec.length + dec.steps), dec.end,
-                           dec.bias[:, : dec.end + s], 0)
+        logits = self._run(
+            state, np.asarray(tokens), np.full(s, dec.length + dec.steps), dec.end, dec.bias[:, : dec.end + s], 0
+        )
         dec.end += s
         dec.steps += 1
         return logits

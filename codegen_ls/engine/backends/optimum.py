@@ -61,8 +61,9 @@ class OptimumBackend(Backend):
         out = self._session_run(feed, batch * n)
         return out[0], out[1:]
 
-    def prefill(self, state: PastState | None, keep: int, ids: Sequence[int], logits_from: int,
-                cancel: CancelFn) -> tuple[np.ndarray, PastState]:
+    def prefill(
+        self, state: PastState | None, keep: int, ids: Sequence[int], logits_from: int, cancel: CancelFn
+    ) -> tuple[np.ndarray, PastState]:
         past = [a[:, :, :keep, :] for a in state.past] if state is not None and keep > 0 else self._empty()
         chunks = []
         pos = keep
@@ -73,7 +74,7 @@ class OptimumBackend(Backend):
             logits, past = self._run(np.asarray([ids[pos:end]]), past)
             chunks.append(logits[0])
             pos = end
-        return np.concatenate(chunks, axis=0)[logits_from - keep:], PastState(past)
+        return np.concatenate(chunks, axis=0)[logits_from - keep :], PastState(past)
 
     def begin(self, state: PastState, length: int, n: int, max_new: int = 0) -> PastState:
         return PastState([np.repeat(a, n, axis=0) for a in state.past] if n > 1 else state.past)
