@@ -81,6 +81,8 @@ async def test_lsp_server_with_the_cluster_gives_the_local_engines_greedy_sugges
         "maxNewTokens": 40,
         "contextTokens": 1000,
         "deadlineMs": 20_000,
+        "minConfidence": 0,
+        "fim": False,
     }
     c = await RawClient.start(env=server_env())
     try:

@@ -135,7 +135,10 @@ def remote_server() -> Iterator[tuple[LoopbackServer, CompletionService]]:
 
 
 def pipeline_settings(**kw: Any) -> Settings:
-    """Greedy only, sizes set (a latency target may size default ones by the local engine's speed)."""
+    """Greedy only, sizes set (a latency target may size default ones by the local engine's speed), every
+    suggestion shown (these tests compare the remote path with the local one, not confidence)."""
+    kw.setdefault("min_confidence", 0.0)
+    kw.setdefault("fim", False)  # the remote client sends prefix-only prompts (a server's FIM is its `suffix` field)
     return Settings(num_candidates=1, lookup=False, deadline_ms=20_000, max_new_tokens=40, context_tokens=1000, **kw)
 
 

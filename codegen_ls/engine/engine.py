@@ -487,6 +487,14 @@ class Engine:
         mask[ids[lo:hi]] = 0.0
         return mask
 
+    def without_banned(self, logp: np.ndarray) -> np.ndarray:
+        """``logp`` (last axis: the vocabulary) with the FIM control tokens at -inf (a copy where there are any)."""
+        if not self._banned.size:
+            return logp
+        out = np.array(logp, copy=True)
+        out[..., self._banned] = -np.inf
+        return out
+
     def score(
         self,
         prompt_ids: Sequence[int],
@@ -503,10 +511,9 @@ class Engine:
             ids = list(prompt_ids) + list(draft_ids)
             fwd = self._forward(ids, doc_key, len(prompt_ids) - 1, cancel)
             lp = log_softmax(fwd.logits)
-            if self._banned.size:  # as in generate(): the greedy token is never a FIM control token
-                lp[:, self._banned] = -np.inf
             draft_lp = [float(lp[i, t]) for i, t in enumerate(draft_ids)]
-            greedy = [int(np.argmax(lp[i])) for i in range(len(draft_ids))]
+            allowed = self.without_banned(lp)  # as in generate(): the greedy token is never a FIM token
+            greedy = [int(np.argmax(allowed[i])) for i in range(len(draft_ids))]
             return draft_lp, greedy, lp[-1]
 
 

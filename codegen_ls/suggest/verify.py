@@ -287,7 +287,7 @@ def _verify(
         # or (unless the rule is plain greedy agreement) when the line-end tokens together have
         # probability >= min_accept_p.
         table = engine.tokenizer.token_bytes()
-        nxt = int(after.argmax())
+        nxt = int(engine.without_banned(after).argmax())
         ends = _line_end_ids(engine.tokenizer, engine.eos_id, len(after))
         p_end = float(np.exp(after[ends]).sum())
         if nxt == engine.eos_id:
