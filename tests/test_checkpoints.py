@@ -102,7 +102,8 @@ src, out, quantize, kv_bits = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] 
 # first a tiny export with the same options: every library and code path loaded, their peak the baseline
 tiny = pipeline.random_checkpoint(out.with_name(out.name + "-tiny-src"), tokenizer=Path(sys.argv[5]), n_positions=256)
 pipeline.export(str(tiny), out.with_name(out.name + "-tiny"), quantize_int8=quantize, kv_bits=kv_bits,
-external_data=True) base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                external_data=True)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 pipeline.export(str(src), out, quantize_int8=quantize, kv_bits=kv_bits, external_data=True)
 print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import re
 import sys
@@ -84,8 +83,19 @@ EVAL = ["bottle", "tomlkit", "marshmallow", "boltons"]
 # Held out for fitting the confidence model and choosing thresholds (never trained on).
 CALIB = ["cachetools", "tenacity", "pluggy", "docopt", "structlog", "sortedcontainers"]
 
-PERMISSIVE = ("MIT", "BSD", "Apache", "PSF", "Python Software Foundation", "ISC", "Unlicense", "0BSD",
-              "Public Domain", "HPND", "Zope Public")
+PERMISSIVE = (
+    "MIT",
+    "BSD",
+    "Apache",
+    "PSF",
+    "Python Software Foundation",
+    "ISC",
+    "Unlicense",
+    "0BSD",
+    "Public Domain",
+    "HPND",
+    "Zope Public",
+)
 
 MAX_BYTES = 300_000
 RESERVED_OVERLAP = 0.30  # a training file sharing more of its lines with a reserved file is dropped
@@ -190,9 +200,11 @@ def norm_lines(text: str) -> set[str]:
 
 def minhash(text: str, perms: tuple[np.ndarray, np.ndarray], k: int = 5) -> np.ndarray:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    shingles = {"\n".join(lines[i:i + k]) for i in range(max(1, len(lines) - k + 1))}
-    h = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 3
-                  for s in shingles], dtype=np.uint64)
+    shingles = {"\n".join(lines[i : i + k]) for i in range(max(1, len(lines) - k + 1))}
+    h = np.array(
+        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 3 for s in shingles],
+        dtype=np.uint64,
+    )
     a, b = perms
     prime = np.uint64((1 << 61) - 1)
     return ((h[:, None] * a[None, :] + b[None, :]) % prime).min(axis=0)
@@ -219,7 +231,7 @@ def dedup(files: list[dict]) -> tuple[list[dict], list[dict]]:
         rows = n_perm // bands
         dup = None
         for bi in range(bands):
-            cand = buckets.get((bi, sig[bi * rows:(bi + 1) * rows].tobytes()))
+            cand = buckets.get((bi, sig[bi * rows : (bi + 1) * rows].tobytes()))
             if cand is not None and float(np.mean(sigs[cand] == sig)) >= NEAR_DUP:
                 dup = cand
                 break
@@ -231,7 +243,7 @@ def dedup(files: list[dict]) -> tuple[list[dict], list[dict]]:
         kept.append(f)
         sigs.append(sig)
         for bi in range(bands):
-            buckets.setdefault((bi, sig[bi * rows:(bi + 1) * rows].tobytes()), idx)
+            buckets.setdefault((bi, sig[bi * rows : (bi + 1) * rows].tobytes()), idx)
     return kept, dropped
 
 
@@ -255,7 +267,7 @@ def build(cache: Path, stdlib_files: list[tuple[str, str, str]]) -> dict:
 
     reserved_lines: set[str] = set()
     for rel in reserved_rel:
-        for p, data in sdist_files(fetch(rel, sdists)):
+        for _path, data in sdist_files(fetch(rel, sdists)):
             try:
                 reserved_lines |= norm_lines(data.decode("utf-8"))
             except UnicodeDecodeError:
@@ -280,8 +292,15 @@ def build(cache: Path, stdlib_files: list[tuple[str, str, str]]) -> dict:
                 continue
             files.append({"pkg": rel.name, "path": p, "split": split_of(rel.name), "text": text})
             n_files += 1
-        packages.append({"name": rel.name, "version": rel.version, "licence": rel.licence,
-                         "split": split_of(rel.name), "files": n_files})
+        packages.append(
+            {
+                "name": rel.name,
+                "version": rel.version,
+                "licence": rel.licence,
+                "split": split_of(rel.name),
+                "files": n_files,
+            }
+        )
 
     kept, dups = dedup(files)
     excluded += [{k: v for k, v in d.items() if k != "text"} for d in dups]
@@ -292,7 +311,9 @@ def build(cache: Path, stdlib_files: list[tuple[str, str, str]]) -> dict:
         "packages": packages,
         "reserved": [{"name": r.name, "version": r.version, "use": "content check only"} for r in reserved_rel],
         "files": {s: sum(1 for d in kept if d["split"] == s) for s in ("train", "heldout", "eval", "calib")},
-        "bytes": {s: sum(len(d["text"]) for d in kept if d["split"] == s) for s in ("train", "heldout", "eval", "calib")},
+        "bytes": {
+            s: sum(len(d["text"]) for d in kept if d["split"] == s) for s in ("train", "heldout", "eval", "calib")
+        },
         "excluded": {},
     }
     for e in excluded:

@@ -49,8 +49,17 @@ EOS = "<|endoftext|>"
 
 # Held-out stdlib modules: never trained on, used for validation loss and the completion eval.
 HELDOUT = [
-    "argparse.py", "csv.py", "textwrap.py", "shlex.py", "fractions.py", "heapq.py",
-    "difflib.py", "calendar.py", "configparser.py", "dataclasses.py", "json",
+    "argparse.py",
+    "csv.py",
+    "textwrap.py",
+    "shlex.py",
+    "fractions.py",
+    "heapq.py",
+    "difflib.py",
+    "calendar.py",
+    "configparser.py",
+    "dataclasses.py",
+    "json",
 ]
 
 
@@ -196,7 +205,7 @@ def fim_row(row: np.ndarray, rng: np.random.Generator, ids: dict[str, int], eos:
     n = len(row)
     cuts = [-1] + [int(i) for i in np.flatnonzero(row == eos)] + [n]
     a, b = max(zip(cuts[:-1], cuts[1:]), key=lambda ab: ab[1] - ab[0])
-    piece = row[a + 1:b]
+    piece = row[a + 1 : b]
     if len(piece) < 16:
         return row
     i = int(rng.integers(0, len(piece)))
@@ -208,7 +217,7 @@ def fim_row(row: np.ndarray, rng: np.random.Generator, ids: dict[str, int], eos:
         fim = np.concatenate([[P], pre, [S], suf, [M], mid, [eos]])
     else:
         fim = np.concatenate([[P, S], suf, [M], pre, mid, [eos]])
-    return np.concatenate([row[:a + 1], fim, row[b:]])[:n].astype(row.dtype)
+    return np.concatenate([row[: a + 1], fim, row[b:]])[:n].astype(row.dtype)
 
 
 def patch_fast_attention() -> None:
@@ -251,9 +260,20 @@ def train(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     special = {t: tokenizer.token_to_id(t) for t in [EOS, *FIM_TOKENS]}
     cfg = CodeGenConfig(
-        vocab_size=meta["vocab_size"], n_positions=2048, n_ctx=2048, n_embd=args.d_model, n_layer=args.layers,
-        n_head=args.heads, rotary_dim=args.rotary_dim, n_inner=None, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+        vocab_size=meta["vocab_size"],
+        n_positions=2048,
+        n_ctx=2048,
+        n_embd=args.d_model,
+        n_layer=args.layers,
+        n_head=args.heads,
+        rotary_dim=args.rotary_dim,
+        n_inner=None,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
     )
     model = CodeGenForCausalLM(cfg)
     if args.init and not (out / "ckpt.pt").exists():
@@ -267,7 +287,9 @@ def train(args: argparse.Namespace) -> None:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), fused=True,
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        fused=True,
     )
     ckpt_path = out / "ckpt.pt"
     step, log = 0, []
@@ -278,8 +300,10 @@ def train(args: argparse.Namespace) -> None:
         step, log = ck["step"], ck["log"]
         print(f"resumed from step {step}")
     vrng = np.random.default_rng(1234)
-    val_sets = {"val_loss": (val_ids, vrng.integers(0, len(val_ids) - args.seq - 1, size=args.val_windows)),
-                "val_eval_loss": (val_eval_ids, vrng.integers(0, len(val_eval_ids) - args.seq - 1, size=args.val_windows))}
+    val_sets = {
+        "val_loss": (val_ids, vrng.integers(0, len(val_ids) - args.seq - 1, size=args.val_windows)),
+        "val_eval_loss": (val_eval_ids, vrng.integers(0, len(val_eval_ids) - args.seq - 1, size=args.val_windows)),
+    }
     fwd = torch.compile(model) if args.compile else model
 
     def evaluate() -> dict[str, float]:
@@ -290,7 +314,7 @@ def train(args: argparse.Namespace) -> None:
             for key, (ids, starts) in val_sets.items():
                 losses = []
                 for i in range(0, len(starts), args.batch):
-                    x = torch.stack([ids[s:s + args.seq] for s in starts[i:i + args.batch]]).to(dev)
+                    x = torch.stack([ids[s : s + args.seq] for s in starts[i : i + args.batch]]).to(dev)
                     losses.append(float(model(input_ids=x, labels=x).loss))
                 res[key] = round(float(np.mean(losses)), 4)
         model.train()
@@ -301,16 +325,33 @@ def train(args: argparse.Namespace) -> None:
         if final or args.save_hf_every:
             hf = out / ("final" if final else "latest")
             model.save_pretrained(hf, safe_serialization=True)
-            tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), bos_token=EOS,
-                                          eos_token=EOS, unk_token=EOS, model_max_length=2048)
+            tok = PreTrainedTokenizerFast(
+                tokenizer_file=str(out / "tokenizer.json"),
+                bos_token=EOS,
+                eos_token=EOS,
+                unk_token=EOS,
+                model_max_length=2048,
+            )
             tok.save_pretrained(hf)
-            (hf / "training.json").write_text(json.dumps(
-                {"step": step, "params": n_params, "tokens_seen": step * args.batch * args.seq,
-                 "args": {k: str(v) for k, v in vars(args).items()}, "data": {k: v for k, v in meta.items() if k != "packages"},
-                 "packages": meta.get("packages", []), "log": log}, indent=1))
+            (hf / "training.json").write_text(
+                json.dumps(
+                    {
+                        "step": step,
+                        "params": n_params,
+                        "tokens_seen": step * args.batch * args.seq,
+                        "args": {k: str(v) for k, v in vars(args).items()},
+                        "data": {k: v for k, v in meta.items() if k != "packages"},
+                        "packages": meta.get("packages", []),
+                        "log": log,
+                    },
+                    indent=1,
+                )
+            )
 
-    print(f"model: {n_params/1e6:.2f}M params; {meta['train_tokens']} train tokens; "
-          f"{args.steps} steps x {args.batch}x{args.seq} tokens")
+    print(
+        f"model: {n_params / 1e6:.2f}M params; {meta['train_tokens']} train tokens; "
+        f"{args.steps} steps x {args.batch}x{args.seq} tokens"
+    )
     model.train()
     t_start = time.time()
     bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, mininterval=5)
@@ -321,7 +362,7 @@ def train(args: argparse.Namespace) -> None:
     while step < args.steps:
         rng = np.random.default_rng([args.seed, step])  # per step: a resumed run sees the same data
         starts = rng.integers(0, len(train_np) - args.seq - 1, size=args.batch)
-        rows = [train_np[s:s + args.seq] for s in starts]
+        rows = [train_np[s : s + args.seq] for s in starts]
         rows = [fim_row(r, rng, special, special[EOS]) if rng.random() < args.fim_rate else r for r in rows]
         x = torch.from_numpy(np.stack(rows).astype(np.int64)).to(dev)
         for g in opt.param_groups:
@@ -335,12 +376,21 @@ def train(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         step += 1
         dt = time.time() - t0
-        entry = {"step": step, "loss": round(float(loss), 4), "tok_s": round(x.numel() / dt), "elapsed_s": round(time.time() - t_start)}
+        entry = {
+            "step": step,
+            "loss": round(float(loss), 4),
+            "tok_s": round(x.numel() / dt),
+            "elapsed_s": round(time.time() - t_start),
+        }
         if step % args.eval_every == 0 or step == args.steps:
             entry.update(evaluate())
         log.append(entry)
-        bar.set_postfix(loss=entry["loss"], val=entry.get("val_loss", ""), val3p=entry.get("val_eval_loss", ""),
-                        tok_s=entry["tok_s"])
+        bar.set_postfix(
+            loss=entry["loss"],
+            val=entry.get("val_loss", ""),
+            val3p=entry.get("val_eval_loss", ""),
+            tok_s=entry["tok_s"],
+        )
         bar.update(1)
         if step % args.ckpt_every == 0 and step < args.steps:
             save()
@@ -372,11 +422,19 @@ def main() -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--prepare-only", action="store_true")
     p.add_argument("--corpus", type=Path, default=Path("build/corpus"), help="corpus.py's cache folder")
-    p.add_argument("--init", type=Path, default=None,
-                   help="start from this exported model dir (its tokenizer plus the FIM tokens); default: from scratch")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this exported model dir (its tokenizer plus the FIM tokens); default: from scratch",
+    )
     p.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is (never required)")
-    p.add_argument("--max-train-tokens", type=int, default=0,
-                   help="cut the packed training stream (0: all); 33554432 tokens = 64 MiB of uint16")
+    p.add_argument(
+        "--max-train-tokens",
+        type=int,
+        default=0,
+        help="cut the packed training stream (0: all); 33554432 tokens = 64 MiB of uint16",
+    )
     p.add_argument("--fim-rate", type=float, default=0.5, help="share of training windows turned into FIM samples")
     args = p.parse_args()
     random.seed(args.seed)

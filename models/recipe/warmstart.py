@@ -14,19 +14,52 @@ from pathlib import Path
 import numpy as np
 
 
-def _dequant(inits: dict[str, np.ndarray], name: str) -> np.ndarray:
-    """A MatMul weight ``[in, out]``: fp32 as is, or int8 with scale and zero point."""
-    if f"{name}.w" in inits:
-        return inits[f"{name}.w"]
-    base = f"{name}.w" if f"{name}.w_quantized" in inits else name  # the LM head is "w_lm_quantized"
+def _weight(inits: dict[str, np.ndarray], base: str) -> np.ndarray:
+    """A MatMul weight ``[in, out]``: fp32 (``base``) or int8 (``base_quantized`` with scale and zero point)."""
+    if base in inits:
+        return inits[base]
     q = inits[f"{base}_quantized"].astype(np.float32)
     return (q - inits[f"{base}_zero_point"].astype(np.float32)) * inits[f"{base}_scale"]
+
+
+# Initializer names of the two graph-builder generations: (embedding int8, its row scales, per-layer
+# name of ln_1 / qkv / out_proj / fc_in / fc_out with {i}, ln_f, LM head weight, LM head bias).
+NAMES = {
+    "model-builder": dict(
+        wte="model.embed_tokens.weight_int8",
+        wte_scale="model.embed_tokens.scale",
+        ln1="model.layers.{i}.ln_1.",
+        qkv="model.layers.{i}.attn.qkv.weight",
+        out="model.layers.{i}.attn.out_proj.weight",
+        fc_in="model.layers.{i}.mlp.fc_in.weight",
+        fc_in_b="model.layers.{i}.mlp.fc_in.bias",
+        fc_out="model.layers.{i}.mlp.fc_out.weight",
+        fc_out_b="model.layers.{i}.mlp.fc_out.bias",
+        lnf="model.ln_f.",
+        lm="lm_head.weight",
+        lm_b="lm_head.bias",
+    ),
+    "flat": dict(
+        wte="wte_int8",
+        wte_scale="wte_scale",
+        ln1="ln1_{}.{i}",
+        qkv="qkv.{i}.w",
+        out="out_proj.{i}.w",
+        fc_in="fc_in.{i}.w",
+        fc_in_b="b_fc_in.{i}",
+        fc_out="fc_out.{i}.w",
+        fc_out_b="b_fc_out.{i}",
+        lnf="lnf_{}",
+        lm="w_lm",
+        lm_b="b_lm",
+    ),
+}
 
 
 def qkv_unfuse(w: np.ndarray, mp_num: int = 4) -> np.ndarray:
     """Rows q | k | v ``[3E, E]`` -> CodeGen's qkv_proj layout ``[mp, (q, v, k), E/mp, E]`` flattened."""
     e = w.shape[1]
-    q, k, v = w[:e], w[e:2 * e], w[2 * e:]
+    q, k, v = w[:e], w[e : 2 * e], w[2 * e :]
     blocks = np.stack([x.reshape(mp_num, e // mp_num, e) for x in (q, v, k)], axis=1)  # [mp, 3, local, in]
     return blocks.reshape(3 * e, e)
 
@@ -37,20 +70,28 @@ def state_from_onnx(model_dir: Path, n_layer: int) -> dict[str, np.ndarray]:
 
     m = onnx.load(str(model_dir / "model.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    n = NAMES["model-builder"] if "model.embed_tokens.weight_int8" in inits else NAMES["flat"]
+
+    def norm(prefix: str, i: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if "{}" in prefix:  # the flat graph: ln1_w.0 / ln1_b.0, lnf_w / lnf_b
+            return tuple(inits[prefix.format(x, i=i)] for x in ("w", "b"))  # type: ignore[return-value]
+        p = prefix.format(i=i)
+        return inits[p + "weight"], inits[p + "bias"]
+
     sd: dict[str, np.ndarray] = {}
-    sd["transformer.wte.weight"] = inits["wte_int8"].astype(np.float32) * inits["wte_scale"]
+    sd["transformer.wte.weight"] = inits[n["wte"]].astype(np.float32) * inits[n["wte_scale"]]
     for i in range(n_layer):
         p = f"transformer.h.{i}."
-        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = inits[f"ln1_w.{i}"], inits[f"ln1_b.{i}"]
-        sd[p + "attn.qkv_proj.weight"] = qkv_unfuse(_dequant(inits, f"qkv.{i}").T)
-        sd[p + "attn.out_proj.weight"] = _dequant(inits, f"out_proj.{i}").T
-        sd[p + "mlp.fc_in.weight"] = _dequant(inits, f"fc_in.{i}").T
-        sd[p + "mlp.fc_in.bias"] = inits[f"b_fc_in.{i}"]
-        sd[p + "mlp.fc_out.weight"] = _dequant(inits, f"fc_out.{i}").T
-        sd[p + "mlp.fc_out.bias"] = inits[f"b_fc_out.{i}"]
-    sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = inits["lnf_w"], inits["lnf_b"]
-    sd["lm_head.weight"] = (inits["w_lm"] if "w_lm" in inits else _dequant(inits, "w_lm")).T
-    sd["lm_head.bias"] = inits["b_lm"]
+        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = norm(n["ln1"], i)
+        sd[p + "attn.qkv_proj.weight"] = qkv_unfuse(_weight(inits, n["qkv"].format(i=i)).T)
+        sd[p + "attn.out_proj.weight"] = _weight(inits, n["out"].format(i=i)).T
+        sd[p + "mlp.fc_in.weight"] = _weight(inits, n["fc_in"].format(i=i)).T
+        sd[p + "mlp.fc_in.bias"] = inits[n["fc_in_b"].format(i=i)]
+        sd[p + "mlp.fc_out.weight"] = _weight(inits, n["fc_out"].format(i=i)).T
+        sd[p + "mlp.fc_out.bias"] = inits[n["fc_out_b"].format(i=i)]
+    sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = norm(n["lnf"])
+    sd["lm_head.weight"] = _weight(inits, n["lm"]).T
+    sd["lm_head.bias"] = inits[n["lm_b"]]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
 
 
