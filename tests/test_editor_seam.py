@@ -225,9 +225,15 @@ async def test_requests_at_one_version_all_answered_an_edit_ends_the_older(clien
         )
     )
     newer = inline_request(client, uri, ENDS[2])
-    assert inline_texts(await asyncio.wait_for(older, 60)) == []
+    got_older = inline_texts(await asyncio.wait_for(older, 60))
     await asyncio.wait_for(newer, 60)
-    assert computed(statuses) - before == 1, "the older version's request was not superseded"
+    runs = computed(statuses) - before
+    if got_older:
+        # LSP requests carry no document version: where the server read the edit before it started the
+        # older request, or finished that request before the edit came, it ran once on its own
+        assert runs == 2, [s.get("message") for s in statuses]
+    else:  # superseded by the edit: answered empty, and only the newer request ran the pipeline
+        assert runs == 1, "the older version's request was answered empty but still ran"
 
 
 async def test_accept_shown_partial_are_counted(client: LanguageClient):
