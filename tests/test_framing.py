@@ -58,6 +58,7 @@ def test_bad_lengths_and_missing_headers_resynchronise() -> None:
         "not a number": b"Content-Length: abc\r\n\r\n" + body,
         "missing header": body,
         "no Content-Length": b"Content-Type: x\r\n\r\n" + body,
+        "junk glued to the next header": b"Content-Length:0\n!",  # '!Content-Length' is a valid field name
         "an HTTP POST": b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
     }
     for name, bad in cases.items():
@@ -113,3 +114,20 @@ def test_every_framed_message_survives_garbage_and_any_read_boundaries(garbage: 
     stream = b"".join(g + frame(m) for g, m in zip(garbage, GOOD))
     got = bodies(run(stream, cuts))
     assert [b for b in got if b in GOOD] == GOOD, (garbage, got)
+
+
+HEADER_JUNK = st.lists(
+    st.sampled_from(
+        [b"Content-Length: ", b"content-length:", b"Content-Type: x", b"0", b"7", b"99999999999999", b"\r\n", b"\n"]
+        + [b"\r\n\r\n", b"{", b"!", GOOD[1]]
+    ),
+    max_size=6,
+).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(junk=HEADER_JUNK, cuts=st.lists(st.integers(0, 200), max_size=6))
+def test_header_shaped_junk_never_swallows_the_next_message(junk: bytes, cuts: list[int]) -> None:
+    """Broken header blocks (a zero length with bytes after it, a header without its blank line, a
+    header line glued to other bytes) never take the next well-framed message with them."""
+    assert GOOD[2] in bodies(run(junk + frame(GOOD[2]), cuts)), junk

@@ -99,6 +99,9 @@ class Framer:
             if len(buf) <= MAX_HEADER:
                 return False
             return self._resync(events, f"a header block over {MAX_HEADER} bytes", 1)
+        glued = _glued_anchor(buf, end.end())
+        if glued is not None:  # a header glued to bytes before it inside the block: a message starts there
+            return self._resync(events, f"not a header: {bytes(buf[: min(glued, 40)])!r}", glued)
         block = bytes(buf[: end.start()])
         if _HTTP.match(block):  # a foreign protocol's request: drop its header block whole
             return self._resync(events, "an HTTP request, not LSP", end.end())
@@ -182,6 +185,17 @@ def _find_anchor(buf: bytearray, start: int, end: int | None = None) -> re.Match
             if found is not None:
                 return found
         eol = buf.find(b"\n", eol + 1, end)
+    return None
+
+
+def _glued_anchor(buf: bytearray, end: int) -> int | None:
+    """Where a ``Content-Length: N`` header glued to other bytes (not at a line start) begins in
+    ``buf[1:end]``: junk (a zero-length body's trailing bytes, a cut body) ran into the next message."""
+    start = 1
+    while (found := _find_anchor(buf, start, end)) is not None:
+        if buf[found.start() - 1] != 0x0A:
+            return found.start()
+        start = found.end()
     return None
 
 
