@@ -60,7 +60,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 from codegen_ls.kinds import Source
-from codegen_ls.suggest.repo import RepoSnapshot
+from codegen_ls.suggest.repo_snapshot import RepoSnapshot
 
 WINDOW_CHARS = 200_000  # looked at on each side of the cursor (~2500 lines of 80 characters)
 OTHER_DOC_CHARS = 2_000_000  # looked at in each other open document (from its start)

@@ -26,7 +26,7 @@ from codegen_ls.suggest.drafts import (  # re-exported: the pipeline reads the l
     find_drafts,
     lookup_only,
 )
-from codegen_ls.suggest.repo import RepoSnapshot
+from codegen_ls.suggest.repo_snapshot import RepoSnapshot
 
 # -- verifying drafts --------------------------------------------------------------------------
 
