@@ -218,6 +218,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
     for name in ("num_candidates", "max_new_tokens", "multiline", "temperature"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+            settings.explicit |= {name}
     if args.no_lookup:
         settings.lookup = False
     problems = settings.validate()

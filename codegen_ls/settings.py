@@ -81,7 +81,7 @@ class Settings:
     )
     latency_target_ms: int = setting(
         150,
-        "sizes requests to this (engine.latency) where contextTokens/maxNewTokens are default; 0: off",
+        "sizes requests to this (engine.latency); a contextTokens/maxNewTokens you give wins; 0: off",
         lo=0,
         hi=10_000,
     )
@@ -95,6 +95,13 @@ class Settings:
     remote_model: str = setting("", "the ``model`` field sent; empty: the server's first model")
     remote_api_key_env: str = setting("", "NAME of the environment variable holding the API key (never the key)")
     remote_fim: bool = setting(False, "send the text after the cursor as ``suffix`` (fill-in-the-middle servers)")
+    # not a setting: the fields the user gave (on the wire or on the command line), so that an
+    # explicit value wins over an automatic one even where it equals the default
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, metadata={"wire": False})
+
+    def is_explicit(self, name: str) -> bool:
+        """Whether the user chose ``name``'s value: they gave it, or it differs from the default."""
+        return name in self.explicit or getattr(self, name) != _DEFAULTS[name]
 
     def validate(self) -> list[str]:
         problems = _check_bounds(self)
@@ -105,13 +112,20 @@ class Settings:
         return problems
 
 
+def _wire_fields() -> list[Any]:
+    return [f for f in fields(Settings) if f.metadata.get("wire", True)]
+
+
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(p.title() for p in rest)
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
-_overrides: dict[str, Any] = {f.name: override(rename=_camel(f.name)) for f in fields(Settings)}
+_overrides: dict[str, Any] = {
+    f.name: override(rename=_camel(f.name)) if f.metadata.get("wire", True) else override(omit=True)
+    for f in fields(Settings)
+}
 _converter.register_structure_hook(
     Settings, make_dict_structure_fn(Settings, _converter, _cattrs_forbid_extra_keys=True, **_overrides)
 )
@@ -135,7 +149,11 @@ def parse_settings(raw: Any) -> tuple[Settings, list[str]]:
         msgs = cattrs.transform_error(exc) if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
         return Settings(), [f"invalid {NAMESPACE} settings: {m}" for m in msgs]
     problems = settings.validate()
-    return (Settings(), problems) if problems else (settings, [])
+    if problems:
+        return Settings(), problems
+    wire = {_camel(f.name): f.name for f in _wire_fields()}
+    settings.explicit = frozenset(wire[k] for k in raw if k in wire)
+    return settings, []
 
 
 def to_wire(settings: Settings) -> dict[str, Any]:
@@ -145,7 +163,7 @@ def to_wire(settings: Settings) -> dict[str, Any]:
 def _check_bounds(settings: Settings) -> list[str]:
     """The problems with ``settings``' values against each field's bounds and choices."""
     problems = []
-    for f in fields(settings):
+    for f in _wire_fields():
         value, lo, hi, choices = (
             getattr(settings, f.name),
             f.metadata.get("min"),
@@ -163,7 +181,9 @@ def schema() -> list[dict[str, Any]]:
     """Every setting as the editors and the README see it: wire name, type, default, doc, and
     minimum/maximum or enum where it has them."""
     out = []
-    for f, default in zip(fields(Settings), asdict(Settings()).values()):
+    defaults = asdict(Settings())
+    for f in _wire_fields():
+        default = defaults[f.name]
         entry: dict[str, Any] = {
             "name": _camel(f.name),
             "type": str(f.type),
@@ -190,7 +210,8 @@ def markdown_table() -> str:
 
 def describe() -> list[tuple[str, str, Any]]:
     """(wire name, type, default) of every setting, for the README table and ``--help``."""
-    return [(_camel(f.name), str(f.type), v) for f, v in zip(fields(Settings), asdict(Settings()).values())]
+    defaults = asdict(Settings())
+    return [(_camel(f.name), str(f.type), defaults[f.name]) for f in _wire_fields()]
 
 
 __all__ = [
@@ -204,6 +225,8 @@ __all__ = [
     "setting",
     "field",
 ]
+
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 if __name__ == "__main__":  # python -m codegen_ls.settings: the README table
     print(markdown_table(), end="")

@@ -10,7 +10,8 @@ names, no positions, no times of day. Each counter is keyed by
 - the document's language id (lower case, at most ``MAX_LANGUAGES`` distinct ones, then ``other``),
 - its latency bucket (``LATENCY_BUCKETS`` ms),
 
-and counts four outcomes: shown, accepted (the whole suggestion), partially accepted (a proper
+and counts four outcomes: shown, accepted (the whole suggestion: the edit inserts it, or the
+editor runs the item's accept command), partially accepted (a proper
 prefix of at least ``PARTIAL_MIN_CHARS`` characters inserted in one edit: a word or a line), and
 dismissed (shown, then something else typed, or another cursor asked). Typing one character along
 a suggestion is none of these: the next answer (the type-ahead cache's) is counted in its turn.
@@ -122,10 +123,13 @@ class Stats:
         self._languages.add(lang)
         return "|".join((source_name(source), confidence_bucket(confidence), lang, latency_bucket(latency_ms)))
 
-    def record(self, outcome: Outcome, source: str, confidence: float, language: str, latency_ms: float) -> None:
+    def record(
+        self, outcome: Outcome, source: str, confidence: float, language: str, latency_ms: float, count: int = 1
+    ) -> None:
+        """Count one ``outcome`` (``count`` -1: take back one counted before, a verdict corrected)."""
         key = self.key(source, confidence, language, latency_ms)
         with self._lock:
-            self._pending[key][outcome] += 1
+            self._pending[key][outcome] += count
         if time.monotonic() - self._last_flush > self.flush_s:
             self.flush()
 

@@ -12,7 +12,7 @@ from typing import Any
 from codegen_ls.engine.latency import Speeds
 from codegen_ls.errors import Cancelled
 from codegen_ls.lsp.worker import InferenceWorker
-from codegen_ls.settings import Settings
+from codegen_ls.settings import Settings, parse_settings
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 from helpers import MODEL_DIR, RawClient, server_env
 
@@ -69,6 +69,9 @@ def test_continuation_extends_a_suggestion_cut_by_the_target():
     explicit = Settings(model_path=str(MODEL_DIR), max_new_tokens=20, context_tokens=512, latency_target_ms=150)
     assert (completer.sized(explicit).max_new_tokens, completer.sized(explicit).context_tokens) == (20, 512)
     assert completer.sized(Settings(latency_target_ms=0)).max_new_tokens == 48
+    given, problems = parse_settings({"maxNewTokens": 48, "contextTokens": 1024})  # the defaults, given by the user
+    assert not problems and (completer.sized(given).max_new_tokens, completer.sized(given).context_tokens) == (48, 1024)
+    assert completer.sized(parse_settings({"numCandidates": 1})[0]).max_new_tokens == 8  # left alone: the plan's
 
 
 async def debug(c: RawClient, uri: str = URI) -> dict[str, Any]:
@@ -147,3 +150,42 @@ def test_the_answer_after_an_accept_is_ready_before_it():
     after = completer.complete(accepted, settings)
     assert ahead.suggestions and after.reason == "typeahead"
     assert [s.insert_text for s in after.suggestions] == [s.insert_text for s in ahead.suggestions]
+
+
+async def test_the_accept_command_names_the_item_taken_before_or_after_its_edit(tmp_path: Path):
+    """An editor that sends the accept as a whole-document edit (full sync) is not seen to insert
+    the suggestion; the item's ``codegenLs.accept`` command says it was accepted, whether it comes
+    after the edit (the verdict is corrected) or before it (the edit is judged by it); both start
+    the prefetch after an accept, and the statistics count two accepts and no dismissal."""
+    env = server_env(XDG_STATE_HOME=str(tmp_path / "state"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    c = await RawClient.start("--model", str(MODEL_DIR), env=env)
+    try:
+        await c.initialize({"codegenLs": {"numCandidates": 1, "lookup": False, "minConfidence": 0}})
+        for n, command_first in enumerate((False, True), 1):
+            uri = f"file:///work/accept{n}.py"
+            await c.open(uri, TEXT)
+            end = {"line": len(TEXT.split("\n")) - 1, "character": 0}
+            reply = await c.request(
+                "textDocument/inlineCompletion",
+                {"textDocument": {"uri": uri}, "position": end, "context": {"triggerKind": 1}},
+            )
+            items = reply["result"]["items"]
+            assert items and items[0]["command"]["command"] == "codegenLs.accept", reply
+            accept = {"command": "codegenLs.accept", "arguments": items[0]["command"]["arguments"]}
+            whole = {
+                "textDocument": {"uri": uri, "version": 2},
+                "contentChanges": [{"text": TEXT + items[0]["insertText"]}],  # full sync: no range
+            }
+            if command_first:
+                assert "result" in await c.request("workspace/executeCommand", accept)
+                await c.notify("textDocument/didChange", whole)
+            else:
+                await c.notify("textDocument/didChange", whole)
+                assert "result" in await c.request("workspace/executeCommand", accept)
+            state = await debug(c, uri)
+            assert state["perceived"]["prefetched"] == n, (command_first, state)
+    finally:
+        await c.close()
+    stats = json.loads((tmp_path / "state" / "codegen-ls" / "stats.json").read_text())
+    totals = [sum(v[i] for v in stats["counts"].values()) for i in range(4)]
+    assert totals[1] == 2 and totals[3] == 0, stats  # accepted twice, never dismissed

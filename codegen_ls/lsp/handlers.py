@@ -107,8 +107,11 @@ async def on_completion(ls: CodegenLanguageServer, params: types.CompletionParam
 
 
 def on_accept(ls: CodegenLanguageServer, *arguments: Any) -> None:
-    """``workspace/executeCommand`` ``codegenLs.accept``: the editor accepted an item whole."""
-    if ls.events.record(EventKind.ACCEPTED, arguments[0] if arguments else None):
+    """``workspace/executeCommand`` ``codegenLs.accept``: the editor accepted an item whole
+    (statistics and the prefetch after an accept learn which one: :mod:`codegen_ls.lsp.perceived`)."""
+    ref = arguments[0] if arguments else None
+    ls.perceived.accept_command(ref)
+    if ls.events.record(EventKind.ACCEPTED, ref):
         ls.send_status()
 
 

@@ -9,14 +9,17 @@
   is computed as a background job (``Completer.complete_ahead``, llama.vim's speculative request)
   into a second type-ahead entry, so the request right after an accept is answered at once. If
   the accept comes first (a ``didChange`` inserting the text of the suggestion just shown, at its
-  position), the completion at the new cursor starts then; a request for that cursor (same
-  version) joins it instead of starting another.
+  position, or any edit the item's ``codegenLs.accept`` command names as its accept), the
+  completion at the new cursor starts then; a request for that cursor (same version) joins it
+  instead of starting another.
 - **Deadline-first continuation**: an answer whose top suggestion was cut by the latency target's
   new-token count or by the deadline is answered as it is; the same request then runs on as a
   background job with the full new-token count (``Completer.complete(more=True)``), and its longer
   suggestions serve the following keystrokes from the type-ahead cache.
 - **Statistics** (:mod:`codegen_ls.stats`): the top suggestion of each answer is counted as shown;
-  the edit after it decides accepted / partially accepted / dismissed. ``adaptiveThreshold`` reads
+  the edit after it decides accepted / partially accepted / dismissed, and the item's accept
+  command, which names the item taken, overrules the edit (an item replacing a range, an editor
+  splitting the insertion, the user cycling to another item), before or after it arrives. ``adaptiveThreshold`` reads
   them back into ``minConfidence``.
 
 Positions here are the client's (line, units), as the requests and edits carry them.
@@ -27,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lsprotocol import types
+from pygls.workspace import ServerTextPosition
 
 from codegen_ls.stats import Outcome, Stats, edit_outcome
 from codegen_ls.suggest.pipeline import CompletionRequest, CompletionResult
@@ -63,6 +67,14 @@ class Shown:
     items: list[tuple[str, str, float]]  # (insert text, source, confidence), best first
     language: str
     latency_ms: float
+    starts: list[types.Position] = field(default_factory=list)  # each item's range start (client units)
+    result: CompletionResult | None = None  # the pipeline's result it shows (to learn its answer id)
+    answer: int | None = None  # the answer id its items' accept command carries
+    chosen: int | None = None  # the item the accept command named before the edit arrived
+
+
+Recorded = tuple[Outcome, str, float]
+"""An outcome counted for a shown answer, with the item's source and confidence."""
 
 
 @dataclass
@@ -83,6 +95,7 @@ class Perceived:
         self.prefetches: dict[str, Prefetch] = {}
         self.stashed: dict[str, Answer] = {}  # a prefetch's answer, until a request joins it
         self.ahead: dict[str, tuple[str, asyncio.Future[Any]]] = {}  # uri -> (the text it assumes accepted, its job)
+        self.judged: dict[str, tuple[Shown, Recorded | None]] = {}  # the last edit's verdict, until the command
         self.last_edit: dict[str, float] = {}
         self.cursor: dict[str, tuple[int, int]] = {}  # last cursor asked about (code points)
         self.warmups = self.prefetched = self.joins = self.busy_skips = 0  # counted for logs and tests
@@ -128,13 +141,17 @@ class Perceived:
         self.stashed.pop(uri, None)
         shown = self.shown.pop(uri, None)
         ahead = self.ahead.pop(uri, None)
+        self.judged.pop(uri, None)
         changes = params.content_changes
-        accepted = self._judge(shown, params) if shown is not None else None
-        if ahead is not None and ahead[0] != accepted:  # its guess did not happen
+        accepted, start, recorded = self._judge(uri, shown, params) if shown is not None else (None, None, None)
+        if shown is not None:
+            self.judged[uri] = (shown, recorded)
+        at_cursor = shown is not None and start == types.Position(shown.line, shown.character)
+        if ahead is not None and (ahead[0] != accepted or not at_cursor):  # its guess did not happen
             self.ls.worker.supersede(uri + AHEAD)
             ahead = None
-        if shown is not None and accepted is not None:
-            self._prefetch(uri, shown, accepted, ahead[1] if ahead is not None else None)
+        if accepted is not None and start is not None:
+            self._prefetch(uri, start, accepted, ahead[1] if ahead is not None else None)
             return
         if idle >= WARM_IDLE_S and changes and isinstance(changes[-1], types.TextDocumentContentChangePartial):
             doc = self.ls.document(uri)
@@ -144,8 +161,19 @@ class Perceived:
                 pos = doc.position_from_client_units(end)
                 self.warm(uri, (pos.line, pos.character))
 
-    def _judge(self, shown: Shown, params: types.DidChangeTextDocumentParams) -> str | None:
-        """Count the outcome of ``shown``; return the inserted text when it was accepted whole."""
+    def _judge(
+        self, uri: str, shown: Shown, params: types.DidChangeTextDocumentParams
+    ) -> tuple[str | None, types.Position | None, Recorded | None]:
+        """Count the outcome of ``shown``: (the text accepted whole and where it starts, or Nones;
+        the outcome counted, None when none was). An item named by its accept command before the
+        edit is accepted where the document now holds its text."""
+        if shown.chosen is not None:
+            text, source, confidence = shown.items[shown.chosen]
+            start = shown.starts[shown.chosen] if shown.chosen < len(shown.starts) else None
+            doc = self.ls.document(uri)
+            if start is not None and doc is not None and _holds(doc, start, text):
+                self.stats.record(Outcome.ACCEPTED, source, confidence, shown.language, shown.latency_ms)
+                return text, start, (Outcome.ACCEPTED, source, confidence)
         changes = params.content_changes
         change = changes[0] if len(changes) == 1 else None
         at = (
@@ -164,20 +192,64 @@ class Perceived:
             for outcome, source, confidence in outcomes:
                 if outcome is wanted:
                     self.stats.record(outcome, source, confidence, shown.language, shown.latency_ms)
-                    return inserted if outcome is Outcome.ACCEPTED else None
+                    whole = outcome is Outcome.ACCEPTED
+                    where = types.Position(shown.line, shown.character) if whole else None
+                    return (inserted if whole else None), where, (outcome, source, confidence)
         if any(outcome is None for outcome, _, _ in outcomes):  # one character typed along: the next answer counts
-            return None
+            return None, None, None
         _, source, confidence = shown.items[0]
         self.stats.record(Outcome.DISMISSED, source, confidence, shown.language, shown.latency_ms)
-        return None
+        return None, None, (Outcome.DISMISSED, source, confidence)
 
-    def _prefetch(self, uri: str, shown: Shown, inserted: str, ahead: asyncio.Future[Any] | None = None) -> None:
-        """Start the completion at the cursor after the accepted text, for the request to join;
-        after the speculative job for exactly this text (``ahead``), whose answer it then finds."""
+    # -- the accept command --------------------------------------------------------------------
+    def identify(self, uri: str, result: CompletionResult, answer: int) -> None:
+        """The answer id the items of ``result`` (shown for ``uri``) carry in their accept command."""
+        shown = self.shown.get(uri)
+        if shown is not None and shown.result is result:
+            shown.answer = answer
+
+    def accept_command(self, ref: Any) -> bool:
+        """``codegenLs.accept``: the editor says which item of which answer the user took. Before
+        its edit arrives, the edit will be judged as that item's accept whatever its shape; after
+        it, a verdict that missed the accept is corrected and the prefetch starts. True when the
+        reference named an answer still known."""
+        if hasattr(ref, "_asdict"):  # pygls hands JSON objects over as namedtuples
+            ref = ref._asdict()
+        if not isinstance(ref, dict) or type(ref.get("id")) is not int or type(ref.get("index")) is not int:
+            return False
+        answer, index = ref["id"], ref["index"]
+        for shown in self.shown.values():
+            if shown.answer == answer and 0 <= index < len(shown.items):
+                shown.chosen = index
+                return True
+        for uri, (shown, recorded) in list(self.judged.items()):
+            if shown.answer == answer and 0 <= index < len(shown.items):
+                del self.judged[uri]
+                self._accepted_after(uri, shown, index, recorded)
+                return True
+        return False
+
+    def _accepted_after(self, uri: str, shown: Shown, index: int, recorded: Recorded | None) -> None:
+        text, source, confidence = shown.items[index]
+        if recorded is not None and recorded[0] is Outcome.ACCEPTED and recorded[1:] == (source, confidence):
+            return  # the edit said so already
+        if recorded is not None:
+            self.stats.record(recorded[0], recorded[1], recorded[2], shown.language, shown.latency_ms, -1)
+        self.stats.record(Outcome.ACCEPTED, source, confidence, shown.language, shown.latency_ms)
+        doc = self.ls.document(uri)
+        start = shown.starts[index] if index < len(shown.starts) else None
+        if doc is not None and start is not None and uri not in self.prefetches and _holds(doc, start, text):
+            self._prefetch(uri, start, text)
+
+    def _prefetch(
+        self, uri: str, start: types.Position, inserted: str, ahead: asyncio.Future[Any] | None = None
+    ) -> None:
+        """Start the completion at the cursor after the text accepted at ``start``, for the request
+        to join; after the speculative job for exactly this text (``ahead``), whose answer it then finds."""
         doc = self.ls.document(uri)
         if doc is None:
             return
-        end = _after(doc, types.Position(shown.line, shown.character), inserted)
+        end = _after(doc, start, inserted)
 
         async def prefetch() -> Any:
             if ahead is not None:
@@ -212,7 +284,7 @@ class Perceived:
             self.stats.record(Outcome.DISMISSED, source, confidence, shown.language, shown.latency_ms)
         if self.ahead.pop(uri, None) is not None:
             self.ls.worker.supersede(uri + AHEAD)
-        for table in (self.prefetches, self.stashed, self.last_edit, self.cursor):
+        for table in (self.prefetches, self.stashed, self.last_edit, self.cursor, self.judged):
             table.pop(uri, None)  # type: ignore[attr-defined]
 
     # -- answers -------------------------------------------------------------------------------
@@ -236,8 +308,11 @@ class Perceived:
         if not result.suggestions:
             return
         items = [(s.insert_text, s.source, s.confidence) for s in result.suggestions]
+        starts = [doc.position_to_client_units(ServerTextPosition(*s.start)) for s in result.suggestions]
         language = doc.language_id or request.language_id or ""
-        self.shown[uri] = Shown(doc.version or 0, position.line, position.character, items, language, latency_ms)
+        self.shown[uri] = Shown(
+            doc.version or 0, position.line, position.character, items, language, latency_ms, starts, result
+        )
         self.stats.record(Outcome.SHOWN, items[0][1], items[0][2], language, latency_ms)
         ls = self.ls
         if self.busy(settings, result, latency_ms):  # background work would only take CPU from the next request
@@ -292,6 +367,15 @@ def _after(doc: TextDocument, start: types.Position, text: str) -> types.Positio
     if len(lines) == 1:
         return types.Position(start.line, start.character + units)
     return types.Position(start.line + len(lines) - 1, units)
+
+
+def _holds(doc: TextDocument, start: types.Position, text: str) -> bool:
+    """Whether the document holds ``text`` at ``start`` (client units)."""
+    try:
+        offset = doc.offset_at_position(start)
+    except (IndexError, ValueError):
+        return False
+    return doc.source[offset : offset + len(text)] == text
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

@@ -106,6 +106,7 @@ class SharedCompletions:
             return None
         doc, result = found
         answer = Answer(doc, result, next(self._ids), self.ls.last_latency_ms)
+        self.ls.perceived.identify(key[0], result, answer.id)  # the id its items' accept command carries
         if doc.version == key[1]:
             self._last[key[0]] = (key, settings, answer)
         return answer

@@ -247,15 +247,10 @@ class Completer:
         if engine is None or speeds is None or settings.latency_target_ms <= 0:
             return settings
         p = latency.plan(speeds, settings.latency_target_ms, settings.num_candidates, engine.context_length)
-        default = Settings()
         return replace(
             settings,
-            context_tokens=p.context_tokens
-            if settings.context_tokens == default.context_tokens
-            else settings.context_tokens,
-            max_new_tokens=p.max_new_tokens
-            if settings.max_new_tokens == default.max_new_tokens
-            else settings.max_new_tokens,
+            context_tokens=settings.context_tokens if settings.is_explicit("context_tokens") else p.context_tokens,
+            max_new_tokens=settings.max_new_tokens if settings.is_explicit("max_new_tokens") else p.max_new_tokens,
         )
 
     def quick(self, req: CompletionRequest, settings: Settings) -> CompletionResult | None:
