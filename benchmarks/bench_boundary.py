@@ -1,12 +1,12 @@
 """Lookup drafts at a KV-buffer boundary: draft verification and the next keystroke, in ms.
 
-The flat graph's prompt KV views grow in steps of 128 positions. A draft verified on top of the
+The gqa graph's in-place KV cache grows in steps of 128 positions. A draft verified on top of the
 prompt (``Engine.score``) can cross a step, and the next keystroke's prompt (without the draft)
 is shorter again. This replays that pattern around 1024 tokens and prints both times per
 keystroke. Build the model first with ``bench_engine.py`` (it is reused from ``build/bench``)::
 
-    python benchmarks/bench_engine.py --shape 350m --graphs flat --skip torch,optimum,rss,flatness
-    python benchmarks/bench_boundary.py build/bench/350m/int8-flat
+    python benchmarks/bench_engine.py --shape 350m --graphs gqa-kv8 --skip torch,optimum,rss,flatness
+    python benchmarks/bench_boundary.py build/bench/350m/int8-gqa
 """
 
 from __future__ import annotations

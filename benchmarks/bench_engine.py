@@ -3,7 +3,7 @@
 A random-weight CodeGen of a chosen shape (``--shape 350m`` is codegen-350M-mono's exact shape:
 n_embd 1024, 20 layers, 16 heads, rotary_dim 32, vocab 51200, 2048 positions; ``--shape small``
 is the embedded model's) is built and exported with our own export (int8; once per graph kind:
-``optimum``, ``flat``, ``gqa`` and their ``-int4`` / ``-kv16`` variants), then, in one run, with the same prompts
+``optimum``, ``gqa`` and its ``-int4`` / ``-kv4`` / ``-kv8`` variants), then, in one run, with the same prompts
 (Python source, tokenized with the embedded tokenizer) and the same number of new tokens (EOS is suppressed, so
 every run decodes exactly ``--new-tokens``):
 
@@ -23,7 +23,7 @@ Prints markdown tables (the
 numbers in the README come from here). On a shared machine, ``--wait-quiet`` waits for other
 processes to leave the CPUs before each measurement::
 
-    python benchmarks/bench_engine.py --shape 350m --graphs optimum,flat,gqa,gqa-kv8,gqa-kv8-ort,gqa-int4 --wait-quiet
+    python benchmarks/bench_engine.py --shape 350m --graphs optimum,gqa,gqa-kv8,gqa-kv8-ort,gqa-int4 --wait-quiet
     600 python benchmarks/bench_engine.py --shape small --new-tokens 8 --requests 2
 """
 
@@ -98,7 +98,7 @@ def corpus() -> str:
 
 def build(shape: str, workdir: Path, variant: str, checkpoint: Path | None = None) -> tuple[Path, Path]:
     """(checkpoint dir, exported model dir) for ``variant`` (optimum, gqa, gqa-int4, gqa-kv4,
-    gqa-kv8, gqa-int4-kv4, flat, flat-int4, flat-kv16, flat-int4-kv16; ``-ort``: the same model
+    gqa-kv8, gqa-int4-kv4; ``-ort``: the same model
     without our decode-attention kernel; ``kv4`` / ``kv8``: ``--kv-bits 4`` / ``8``, else the
     export's default, which for gqa picks by this machine), reused when built. ``checkpoint``: this
     checkpoint instead of a random one built here."""
@@ -106,10 +106,10 @@ def build(shape: str, workdir: Path, variant: str, checkpoint: Path | None = Non
 
     base = workdir / shape
     parts = variant.split("-")
-    graph, int4, kv16 = parts[0], "int4" in parts, "kv16" in parts  # "ort": an engine option
+    graph, int4 = parts[0], "int4" in parts  # "ort": an engine option
     head_dim = SHAPES[shape]["n_embd"] // SHAPES[shape]["n_head"]
     bits = 4 if "kv4" in parts else 8 if "kv8" in parts else default_kv_bits(graph, head_dim=head_dim)
-    suffix = f"{'-kv16' if kv16 else ''}{'-kv4' if bits == 4 and graph == 'gqa' else ''}"
+    suffix = "-kv4" if bits == 4 and graph == "gqa" else ""
     src, out = checkpoint or base / "src", base / f"{'int4' if int4 else 'int8'}-{graph}{suffix}"
     if not (src / "config.json").is_file():
         log(f"building a random {shape} checkpoint in {src} ...")
@@ -124,7 +124,6 @@ def build(shape: str, workdir: Path, variant: str, checkpoint: Path | None = Non
             force=True,
             graph=graph,
             int4=int4,
-            kv_fp16=kv16,
             kv_bits=bits if graph == "gqa" else 8,
         )
     return src, out
@@ -334,7 +333,7 @@ def main() -> None:
     ap.add_argument(
         "--graphs",
         default="optimum,gqa",
-        help="our engine's exports to run: optimum, gqa, gqa-int4, flat, flat-int4, flat-kv16, flat-int4-kv16; "
+        help="our engine's exports to run: optimum, gqa, gqa-int4, gqa-kv4, gqa-kv8, gqa-int4-kv4; "
         "gqa-ort: gqa without our decode-attention kernel",
     )
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens of (a)-(d)")

@@ -5,8 +5,8 @@ Python file of ``--chars`` characters (stdlib ``inspect.py``), asks for inline c
 its end with ``contextTokens`` near the model's 2048 positions and ``numCandidates`` N, and
 prints the server's RSS and high-water mark (``/proc/PID/status``) as one JSON line::
 
-    python benchmarks/bench_engine.py --shape 350m --graphs gqa,flat --skip torch,optimum  # builds the models
-    python benchmarks/bench_server_rss.py build/bench/350m/int8-gqa build/bench/350m/int8-flat
+    python benchmarks/bench_engine.py --shape 350m --graphs gqa,gqa-int4 --skip torch,optimum  # builds the models
+    python benchmarks/bench_server_rss.py build/bench/350m/int8-gqa build/bench/350m/int4-gqa
 """
 
 from __future__ import annotations

@@ -130,15 +130,14 @@ def _add_model(sub: Any) -> None:
     e.add_argument("--no-quantize", action="store_true", help="keep fp32 weights")
     e.add_argument(
         "--graph",
-        choices=["gqa", "flat", "optimum"],
+        choices=["gqa", "optimum"],
         default="gqa",
         help="gqa (default): our graph, one in-place KV cache per layer, int8 unless --no-quantize "
         "(decode attention: our kernel where built, else onnxruntime's GroupQueryAttention); "
-        "flat: our graph with fp32 (or --kv-fp16) shared-prefix KV buffers; "
         "optimum: optimum-onnx's text-generation-with-past export (the reference path)",
     )
     e.add_argument(
-        "--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa or flat graph)"
+        "--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa graph)"
     )
     e.add_argument(
         "--kv-bits",
@@ -147,11 +146,6 @@ def _add_model(sub: Any) -> None:
         help="gqa KV cache: 8 (int8: runs fast on any CPU) or 4 (a scale per token and head: half the "
         "memory and bandwidth at long context; needs the compiled kernel to serve, fast with AVX-512 "
         "VNNI); auto (default): 4 where this machine runs it fast, else 8",
-    )
-    e.add_argument(
-        "--kv-fp16",
-        action="store_true",
-        help="float16 KV cache (flat graph only): half its memory at long context, slightly less exact",
     )
     e.add_argument("--name", help="model name in the manifest (default: SRC's last path component)")
     e.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
@@ -404,7 +398,6 @@ def cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             graph=args.graph,
             int4=args.int4,
             name=args.name,
-            kv_fp16=args.kv_fp16,
             kv_bits=None if args.kv_bits == "auto" else int(args.kv_bits),
         )
         return 0

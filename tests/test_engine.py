@@ -3,8 +3,8 @@
 The model (n_embd 128, 2 layers, 8 heads: two per block of CodeGen's ``mp_num=4`` qkv layout,
 rotary_dim 8 of head_dim 16: partial rotary) is built
 here with transformers, saved, and exported with our own export code (fp32 and int8), in both
-graph kinds: ``optimum`` (the reference export), ``flat`` (our graph, in-place prompt KV) and
-``gqa`` (our graph on GroupQueryAttention: one in-place cache per layer, int8 when quantized).
+graph kinds: ``optimum`` (the reference export) and ``gqa`` (our graph on GroupQueryAttention:
+one in-place cache per layer, int8 when quantized).
 Greedy tokens must equal ``CodeGenForCausalLM.generate(do_sample=False)`` exactly, also when
 the prompt cache is reused across overlapping prompts; ``Engine.tokens_fed`` proves the reuse.
 """
@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.exporters.onnx")
 
-from codegen_ls.engine.backends import FlatState, GqaState, PastState  # noqa: E402
+from codegen_ls.engine.backends import GqaState, PastState  # noqa: E402
 from codegen_ls.engine.engine import (  # noqa: E402
     Engine,
     EngineOptions,
@@ -29,7 +29,7 @@ from codegen_ls.engine.engine import (  # noqa: E402
     log_softmax,
     sample_token,
 )
-from codegen_ls.errors import Cancelled  # noqa: E402
+from codegen_ls.errors import Cancelled, ModelError  # noqa: E402
 from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,14 +60,14 @@ def hf_model(checkpoint: Path):  # type: ignore[no-untyped-def]
     return CodeGenForCausalLM.from_pretrained(str(checkpoint)).eval()
 
 
-@pytest.fixture(scope="module", params=["optimum", "flat", "gqa"])
+@pytest.fixture(scope="module", params=["optimum", "gqa"])
 def fp32_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp(f"fp32-{request.param}") / "model"
     export(str(checkpoint), out, quantize_int8=False, graph=request.param)
     return out
 
 
-@pytest.fixture(scope="module", params=["optimum", "flat", "flat-int4", "flat-kv16", "gqa", "gqa-int4"])
+@pytest.fixture(scope="module", params=["optimum", "gqa", "gqa-int4"])
 def int8_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp(f"int8-{request.param}") / "model"
     export(
@@ -76,7 +76,6 @@ def int8_dir(request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory:
         quantize_int8=True,
         graph=request.param.split("-")[0],
         int4="int4" in request.param,
-        kv_fp16="kv16" in request.param,
         kv_bits=8,
     )  # the int8 cache (the 4-bit one: test_kv4.py)
     return out
@@ -138,31 +137,24 @@ def test_greedy_matches_transformers_with_cache_reuse(engine: Engine, hf_model) 
         assert engine.tokens_fed - before == len(ids) - cached + (MAX_NEW - 1)
         assert cand.finish_reason == "length"
     past = engine.cache.get("a").past  # the 825-token buffer was shrunk back for 175 tokens
-    if isinstance(past, FlatState):
-        assert past.cap == 256
-    elif isinstance(past, GqaState):  # room for the prompt and a decode's rows
+    if isinstance(past, GqaState):  # room for the prompt and a decode's rows
         assert past.room == 512 and past.length == 175
 
 
-def test_flat_prefill_allocates_the_prompt_once(fp32_dir: Path, hf_model, monkeypatch: pytest.MonkeyPatch) -> None:
-    # type: ignore[no-untyped-def]
-    """A multi-chunk prefill reserves the whole prompt's buffers once and widens its views in place
-    (no old + new buffer alive at once: the peak RSS of a long prompt)."""
-    engine = Engine(fp32_dir, EngineOptions(threads=1, prefill_chunk=64))
-    if engine.graph != "flat":
-        pytest.skip("flat graph only")
-    allocs: list[int] = []
-    alloc = engine.backend._alloc  # type: ignore[attr-defined]
-    monkeypatch.setattr(engine.backend, "_alloc", lambda room, cap=1: allocs.append(room) or alloc(room, cap))
-    ids = random_ids(21, 300)
-    assert engine.generate(ids, doc_key="p", max_new_tokens=MAX_NEW).candidates[0].token_ids == hf_greedy(hf_model, ids)
-    state = engine.cache.get("p").past
-    assert allocs == [384] and state.room == 384 and state.cap == 384
-    assert engine.cache.nbytes == state.nbytes == sum(b.nbytes for b in state.buffers)
-    longer = ids + random_ids(22, 50)  # fits the room: the same buffers, views widened in place
-    gen = engine.generate(longer, doc_key="p", max_new_tokens=MAX_NEW)
-    assert gen.candidates[0].token_ids == hf_greedy(hf_model, longer) and gen.stats.cached_tokens == len(ids)
-    assert allocs == [384] and engine.cache.get("p").past is state
+def test_a_model_of_the_retired_flat_graph_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A model directory exported with the retired ``--graph flat`` fails to load with a
+    :class:`ModelError` that says so and how to fix it (the server shows it as one line)."""
+    import json
+
+    shipped = REPO / "models" / "codegen-ls-small"
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    manifest["extra"]["graph"] = "flat"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / manifest["onnx"]).write_bytes(b"")  # refused before it is read
+    (tmp_path / manifest["tokenizer"]).write_bytes((shipped / manifest["tokenizer"]).read_bytes())
+    with pytest.raises(ModelError, match=r"--graph flat, which this version no longer runs.*export it again") as err:
+        Engine(tmp_path, EngineOptions(threads=1))
+    assert "\n" not in str(err.value)
 
 
 def test_gqa_cache_is_allocated_once_and_shared_by_the_candidates(

@@ -125,7 +125,7 @@ def test_pickled_bin_weights_never_run_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("graph", ["optimum", "flat", "gqa"])
+@pytest.mark.parametrize("graph", ["optimum", "gqa"])
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "int8"])
 def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, quantize: bool, graph: str) -> None:
     """The >2 GB path (forced here on a tiny model): weights in ``model.onnx.data``, all files listed."""
@@ -144,12 +144,6 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
     if not quantize:
         assert got == hf_greedy(checkpoint, ids, 6)
 
-    if quantize and graph == "flat":  # weights int8, attention (activation x activation) fp32
-        import onnx
-
-        ops = {n.name: n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
-        assert ops["/model/layers.0/attn/qk_prefix/MatMul"] == ops["/model/layers.1/attn/pv_tail/MatMul"] == "MatMul"
-        assert sum(op == "MatMulInteger" for op in ops.values()) == 2 * 4 + 1  # qkv, out, fc_in, fc_out; lm_head
     if graph == "gqa":  # decode attention: our op over an int8 cache when quantized (an ONNX function
         # whose body is GroupQueryAttention), GroupQueryAttention itself over an fp32 cache
         import onnx
@@ -162,6 +156,8 @@ def test_external_data_manifest_and_checksums(checkpoint: Path, tmp_path: Path, 
         assert functions == ({("codegen_ls", "DecodeAttention"): ["GroupQueryAttention"]} if quantize else {})
         assert manifest.extra.get("decode_attention") == ("codegen_ls.DecodeAttention" if quantize else None)
         assert branches["then_branch"].count("MatMul") == 2  # activation x activation: never quantized
+        integer = sum(n.op_type == "MatMulInteger" for n in proto.graph.node)
+        assert integer == (2 * 4 + 1 if quantize else 0)  # weights: qkv, out, fc_in, fc_out; lm_head
         cache = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}["past_key.0"]
         assert cache == (onnx.TensorProto.INT8 if quantize else onnx.TensorProto.FLOAT)
         assert manifest.extra["kv_dtype"] == ("int8" if quantize else "float32")
@@ -194,7 +190,7 @@ def test_cli_export_defaults_to_the_gqa_graph_and_info_reports_it(
     assert '"graph": "gqa"' in printed and "all files verified" in printed
     assert main(["model", "export", str(checkpoint), str(tmp_path / "o"), "--graph", "optimum", "--int4"]) == 1
     assert "int4 weights need our graph" in capsys.readouterr().err
-    assert main(["model", "export", str(checkpoint), str(tmp_path / "o"), "--kv-fp16"]) == 1
-    assert "float16 KV cache needs the flat graph" in capsys.readouterr().err
-    assert main(["model", "export", str(checkpoint), str(tmp_path / "kv16"), "--graph", "flat", "--kv-fp16"]) == 0
-    assert read_manifest(tmp_path / "kv16").extra["kv_dtype"] == "float16"
+    for retired in (["--graph", "flat"], ["--kv-fp16"]):  # the flat graph and its float16 cache are gone
+        with pytest.raises(SystemExit):
+            main(["model", "export", str(checkpoint), str(tmp_path / "o"), *retired])
+        assert retired[0] in capsys.readouterr().err

@@ -77,7 +77,7 @@ def test_a_4bit_cache_needs_the_gqa_graph_and_quantization(tmp_path: Path) -> No
 
     src = random_checkpoint(tmp_path / "src", vocab_size=8192, n_positions=256, tokenizer=TOKENIZER)
     with pytest.raises(CodegenLsError, match="4-bit KV cache needs the gqa graph"):
-        export(str(src), tmp_path / "a", graph="flat", kv_bits=4)
+        export(str(src), tmp_path / "a", graph="optimum", kv_bits=4)
     with pytest.raises(CodegenLsError, match="4-bit KV cache needs the gqa graph"):
         export(str(src), tmp_path / "b", quantize_int8=False, kv_bits=4)
     with pytest.raises(CodegenLsError, match="must be 8 or 4"):
@@ -127,7 +127,6 @@ def test_export_picks_the_4bit_cache_by_default_only_where_it_runs_fast(
     manifest = export(str(src), tmp_path / "m")
     fast4 = kernels.vector4(best=True) and setting != "off"
     assert manifest.extra["kv_dtype"] == ("int4" if fast4 else "int8")
-    assert export(str(src), tmp_path / "flat", graph="flat").extra["kv_dtype"] == "float32"
     assert export(str(src), tmp_path / "fp32", quantize_int8=False).extra["kv_dtype"] == "float32"
     engine = Engine(tmp_path / "m", EngineOptions(threads=1))
     assert ("4-bit" in engine.attention) == fast4

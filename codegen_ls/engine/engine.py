@@ -27,7 +27,6 @@ import numpy as np
 from codegen_ls.engine import kernels, kvcache
 from codegen_ls.engine.backends import (
     Backend,
-    FlatBackend,
     GqaBackend,
     OptimumBackend,
     PrefillCancelled,
@@ -110,7 +109,7 @@ class _Snapshot:
     """A document's prompt ids and the backend state (KV) that covers exactly them."""
 
     ids: list[int]
-    past: Any  # the backend's state: PastState | FlatState (anything with ``nbytes``)
+    past: Any  # the backend's state: PastState | GqaState (anything with ``nbytes``)
 
     @property
     def nbytes(self) -> int:
@@ -195,9 +194,24 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 BACKENDS: dict[str, Callable[[Any, int, int, int], Backend]] = {
     "optimum": OptimumBackend,
-    "flat": FlatBackend,
     "gqa": GqaBackend,
 }
+
+
+RETIRED_GRAPHS = {"flat": "the flat graph (shared-prefix KV buffers) was retired: gqa is faster and lighter"}
+
+
+def check_graph(model_dir: Path, graph: str) -> None:
+    """Raise :class:`ModelError` with one line unless this version has a backend for ``graph``."""
+    if graph in RETIRED_GRAPHS:
+        raise ModelError(
+            f"{model_dir}: this model was exported with --graph {graph}, which this version no longer "
+            f"runs ({RETIRED_GRAPHS[graph]}); export it again: codegen-ls model export SRC OUT"
+        )
+    if graph not in BACKENDS:
+        raise ModelError(
+            f"{model_dir}: unknown graph kind '{graph}' (this version knows {', '.join(sorted(BACKENDS))})"
+        )
 
 
 @dataclass
@@ -212,7 +226,7 @@ class EngineOptions:
 class Engine:
     """A loaded model: ONNX session + tokenizer + prompt cache. Thread-safe (one call at a time).
 
-    The graph kind in the manifest (``extra.graph``: ``optimum`` when absent, ``flat`` or ``gqa``)
+    The graph kind in the manifest (``extra.graph``: ``optimum`` when absent, or ``gqa``)
     selects the backend (:mod:`codegen_ls.engine.backends`); generation, sampling, stop rules and the
     prompt cache are the same for all.
     """
@@ -223,14 +237,10 @@ class Engine:
         self.options = options or EngineOptions()
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = read_manifest(self.model_dir)
+        self.graph = str(self.manifest.extra.get("graph", "optimum"))
+        check_graph(self.model_dir, self.graph)
         verify_at_load(self.model_dir, self.manifest)  # checksums, on a directory's first load
         self.tokenizer = Tokenizer(self.model_dir / self.manifest.tokenizer)
-        self.graph = str(self.manifest.extra.get("graph", "optimum"))
-        if self.graph not in BACKENDS:
-            raise ModelError(
-                f"{self.model_dir}: unknown graph kind '{self.graph}' (this version knows "
-                f"{', '.join(sorted(BACKENDS))})"
-            )
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.options.threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1

@@ -1,14 +1,11 @@
-"""The attention subgraphs of our CodeGen graphs (:mod:`codegen_ls.export.graph_builder` calls them).
+"""The attention subgraph of our ``gqa`` CodeGen graph (:mod:`codegen_ls.export.graph_builder` calls it).
 
-``gqa``: one ``If(prompt_path)`` per layer::
+One ``If(prompt_path)`` per layer::
 
                     ┌ then (prompt chunks, long drafts): cached rows dequantized ++ the chunk's own,
     q, k, v ── If ──┤      two MatMuls with attention_bias; returns the chunk's rows packed like the cache
                     └ else (decode, a few rows): DecodeAttention[Q4] / GroupQueryAttention, which writes
                            the new rows into the cache in place (present_* is bound to past_*)
-
-``flat``: the prompt's keys and values are a read-only prefix buffer, this request's tokens a
-small per-candidate tail; all candidates' queries meet the prefix in one MatMul.
 """
 
 from __future__ import annotations
@@ -317,88 +314,6 @@ def _scales_out(b: ModelBuilder, g: GraphWriter, x: str, path: str) -> str:
     return str(
         g.op("Reshape", [half, b.const("shape_bsh", np.array([0, 0, b.n_head], np.int64))], f"{path}/scale/Reshape")
     )
-
-
-def make_flat_attention(b: ModelBuilder, i: int, q: str, k: str, v: str) -> str:
-    """Layer ``i``'s attention in the ``flat`` graph; ``q``, ``k``, ``v`` ``[n, S, E]`` -> ``[n, S, E]``.
-
-    The prefix ``prefix_key.L`` ``[1, H, D, cap]`` / ``prefix_value.L`` ``[1, H, cap, D]`` is
-    read-only; the tail grows by this run's rows (``tail_*_out.L``). With ``kv_fp16`` keys and
-    values are float16 and the four MatMuls run in float16; masking and softmax stay float32.
-    """
-    g, path = b.g, f"/model/layers.{i}/attn"
-    kv, f32 = b.to_kv_type, b.to_float
-    nshd = b.const("shape_nshd", np.array([0, 0, b.n_head, b.d], np.int64))
-    qh = g.op(
-        "Transpose", [g.op("Reshape", [q, nshd], f"{path}/q/Reshape")], f"{path}/q/Transpose", perm=[2, 0, 1, 3]
-    )  # [H, n, S, D]
-    qh = kv(
-        g.op("Mul", [qh, b.const("attn_scale", np.array(1.0 / np.sqrt(b.d), np.float32))], f"{path}/q/Mul"), f"{path}/q"
-    )
-    kt = kv(
-        g.op("Transpose", [g.op("Reshape", [k, nshd], f"{path}/k/Reshape")], f"{path}/k/Transpose", perm=[2, 0, 3, 1]),
-        f"{path}/k",
-    )  # [H, n, D, S]
-    vh = kv(
-        g.op("Transpose", [g.op("Reshape", [v, nshd], f"{path}/v/Reshape")], f"{path}/v/Transpose", perm=[2, 0, 1, 3]),
-        f"{path}/v",
-    )  # [H, n, S, D]
-    (pk, pv), (tk, tv), (tk_out, tv_out) = b.flat_names(i)
-    kt_all = g.op("Concat", [tk, kt], f"{path}/tail_k/Concat", [tk_out], axis=3)  # [H, n, D, T+S]
-    vh_all = g.op("Concat", [tv, vh], f"{path}/tail_v/Concat", [tv_out], axis=2)  # [H, n, T+S, D]
-
-    # prefix: all rows' queries in one MatMul against the shared buffer
-    qp = g.op(
-        "Reshape", [qh, b.const("shape_1h_d", np.array([1, b.n_head, -1, b.d], np.int64))], f"{path}/q_rows/Reshape"
-    )  # [1, H, n*S, D]
-    sp = g.op("MatMul", [qp, pk], f"{path}/qk_prefix/MatMul")  # [1, H, n*S, cap]
-    sp = g.op(
-        "Add",
-        [
-            g.op("Reshape", [f32(sp, f"{path}/qk_prefix"), b.flat_shape("shape_hns_m1")], f"{path}/qk_prefix/Reshape"),
-            "prefix_bias",
-        ],
-        f"{path}/qk_prefix/Add",
-    )  # [H, n, S, cap]
-    st = g.op("MatMul", [qh, kt_all], f"{path}/qk_tail/MatMul")  # [H, n, S, T+S]
-    st = g.op("Add", [f32(st, f"{path}/qk_tail"), "tail_bias"], f"{path}/qk_tail/Add")
-    probs = g.op("Softmax", [g.op("Concat", [sp, st], f"{path}/scores/Concat", axis=-1)], f"{path}/Softmax", axis=-1)
-    pp, pt = g.op("Split", [probs, b.flat_shape("split_sizes")], f"{path}/probs/Split", 2, axis=-1)
-    op_ = g.op(
-        "MatMul",
-        [
-            kv(
-                g.op(
-                    "Reshape",
-                    [pp, b.const("shape_1h_0", np.array([1, b.n_head, -1, 0], np.int64))],
-                    f"{path}/pv_prefix/Reshape",
-                ),
-                f"{path}/pv_prefix",
-            ),
-            pv,
-        ],
-        f"{path}/pv_prefix/MatMul",
-    )
-    ot = g.op("MatMul", [kv(pt, f"{path}/pv_tail"), vh_all], f"{path}/pv_tail/MatMul")  # [H, n, S, D]
-    o = f32(
-        g.op(
-            "Add",
-            [g.op("Reshape", [op_, b.flat_shape("shape_hnsd")], f"{path}/pv_prefix/Reshape_1"), ot],
-            f"{path}/pv/Add",
-        ),
-        f"{path}/pv",
-    )
-    b.attention_matmuls += [f"{path}/{n}/MatMul" for n in ("qk_prefix", "qk_tail", "pv_prefix", "pv_tail")]
-    return str(
-        g.op(
-            "Reshape",
-            [
-                g.op("Transpose", [o], f"{path}/merge/Transpose", perm=[1, 2, 0, 3]),
-                b.const("shape_nse", np.array([0, 0, b.e], np.int64)),
-            ],
-            f"{path}/merge/Reshape",
-        )
-    )  # [n, S, E]
 
 
 def decode_attention_function(helper: Any, n_head: int) -> Any:

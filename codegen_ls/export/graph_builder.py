@@ -1,10 +1,9 @@
-"""Our ONNX graphs of CodeGen, built from the checkpoint one weight at a time (onnxruntime-genai's
+"""Our ONNX graph of CodeGen (``gqa``), built from the checkpoint one weight at a time (onnxruntime-genai's
 model builder is the model: a ``make_*`` function per subgraph, nodes named by their place).
 
 The optimum export takes the whole past as input and concatenates it with the new token's keys
 and values every step: decode time grows with the context even where attention itself is cheap.
-Both graphs here keep the prompt's KV in place instead. They share everything but attention
-(:mod:`codegen_ls.export.attention`)::
+This graph keeps the prompt's KV in place instead (attention: :mod:`codegen_ls.export.attention`)::
 
     input_ids ─ embed_tokens ─┬─ ln_1 ─┬─ qkv ─ rotary(q, k) ─ attention ─ out_proj ─┐
                               │        └─ fc_in ─ gelu ─ fc_out ─────────────────────┤  (CodeGen's
@@ -16,7 +15,7 @@ The qkv weight is CodeGen's ``mp_num=4`` interleaved q/v/k layout reordered to q
 ``rotary_dim``, the tables transformers computes); ``logits_start`` slices the positions whose
 logits are computed (prefill needs only the last one).
 
-``gqa`` (the default): one cache per layer, ``past_key.L`` / ``past_value.L`` ``[1, H, cap, D]``;
+One cache per layer, ``past_key.L`` / ``past_value.L`` ``[1, H, cap, D]``;
 the run's tokens go to positions ``total - S .. total - 1`` and attend to ``0 .. total - 1``
 through an additive ``attention_bias`` ``[1, 1, S, total]`` (causal included). Batch is always
 1: N candidates are N query positions of a step, and the bias lets each see only the prompt and
@@ -25,14 +24,9 @@ its own tokens (see :class:`codegen_ls.engine.backends.GqaBackend`). Quantized, 
 **4-bit** with a scale per token and head (``kv_int4``, :mod:`codegen_ls.engine.kvcache`:
 ``past_key.L`` ``uint8 [1, H, cap, D/2]`` plus ``past_key_scale.L`` float16 ``[1, H, cap, 1]``).
 
-``flat``: the **prefix** (the prompt) is a preallocated buffer per layer the graph only reads
-(``prefix_key.L`` ``[1, H, D, cap]``, keys transposed; ``prefix_value.L`` ``[1, H, cap, D]``;
-``prefix_bias`` ``[cap]`` masks the unused tail); the **tail** (this request's tokens) is small
-and per candidate, ``tail_key.L`` ``[H, n, D, T]`` / ``tail_value.L`` ``[H, n, T, D]``, returned
-grown (``tail_*_out.L``). ``kv_fp16``: both in float16. It no longer earns its keep (gqa is
-faster at every context and lighter, benchmarks/README.md; gqa ``--no-quantize`` covers an fp32
-cache); it stays only until its engine backend, ``--graph flat`` / ``--kv-fp16`` and their tests
-are removed together (the engine's side of it is not this module's).
+An earlier ``flat`` graph (a read-only prompt buffer plus per-candidate tails) was retired: gqa
+is faster at every context and lighter (benchmarks/README.md), and ``--no-quantize`` covers an
+fp32 cache.
 
 Weights: ``int8`` stores each MatMul weight as ``quantize_dynamic`` would (per tensor, symmetric,
 ``DynamicQuantizeLinear`` + ``MatMulInteger`` on the activations, :mod:`codegen_ls.export.quantize`)
@@ -54,24 +48,13 @@ from codegen_ls.export import attention, quantize
 from codegen_ls.export.onnx_writer import ExternalData, GraphWriter
 from codegen_ls.export.source import CheckpointSource
 
+GRAPH = "gqa"  # the manifest's extra.graph for this builder's graph (the engine picks its backend by it)
 OPSET = attention.OPSET
 IR_VERSION = 9
 MASKED = -1e9  # additive bias for masked positions (finite: a fully masked row never makes NaN)
 KV_HEADROOM = 1.25  # int8 KV scales: the calibration's largest magnitude times this maps to 127
 GELU_TANH = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")  # FastGelu
 ACTIVATIONS = (*GELU_TANH, "gelu", "relu")
-
-
-def prefix_names(n_layer: int) -> list[tuple[str, str]]:
-    return [(f"prefix_key.{i}", f"prefix_value.{i}") for i in range(n_layer)]
-
-
-def tail_names(n_layer: int) -> list[tuple[str, str]]:
-    return [(f"tail_key.{i}", f"tail_value.{i}") for i in range(n_layer)]
-
-
-def tail_out_names(n_layer: int) -> list[tuple[str, str]]:
-    return [(f"tail_key_out.{i}", f"tail_value_out.{i}") for i in range(n_layer)]
 
 
 def gqa_names(n_layer: int) -> list[tuple[str, str]]:
@@ -146,28 +129,17 @@ class CacheNames:
 
 @dataclass
 class GraphOptions:
-    """What to build: ``graph`` ``gqa`` or ``flat``; ``int8`` weights (and embedding rows);
-    ``int4_block`` layer weights as MatMulNBits; the KV cache: ``kv_int8`` (per-layer scales),
-    ``kv_int4``, ``kv_fp16`` (flat only); otherwise fp32."""
+    """What to build: ``int8`` weights (and embedding rows); ``int4_block`` layer weights as
+    MatMulNBits; the KV cache: ``kv_int8`` (per-layer scales) or ``kv_int4``; otherwise fp32."""
 
-    graph: str = "gqa"
     int8: bool = False
     int4_block: int = 0
-    kv_fp16: bool = False
     kv_int8: list[tuple[np.ndarray, np.ndarray]] | None = None
     kv_int4: bool = False
 
     def check(self, head_dim: int) -> None:
-        if (
-            self.graph not in ("flat", "gqa")
-            or (self.graph == "gqa" and self.kv_fp16)
-            or (self.graph == "flat" and (self.kv_int8 is not None or self.kv_int4))
-            or (self.kv_int4 and (self.kv_int8 is not None or head_dim % 2))
-        ):
-            raise ValueError(
-                f"unsupported graph options: {self.graph}, kv_fp16={self.kv_fp16}, "
-                f"kv_int8={self.kv_int8 is not None}, kv_int4={self.kv_int4}"
-            )
+        if self.kv_int4 and (self.kv_int8 is not None or head_dim % 2):
+            raise ValueError(f"unsupported graph options: kv_int8={self.kv_int8 is not None}, kv_int4={self.kv_int4}")
 
 
 @dataclass
@@ -218,23 +190,6 @@ class ModelBuilder:
         return CacheNames(
             gqa_names(self.n_layer)[i], (*gqa_out_names(self.n_layer)[i], *scales), gqa_scale_names(self.n_layer)[i]
         )
-
-    def flat_names(self, i: int) -> tuple[tuple[str, str], tuple[str, str], tuple[str, str]]:
-        return prefix_names(self.n_layer)[i], tail_names(self.n_layer)[i], tail_out_names(self.n_layer)[i]
-
-    def flat_shape(self, name: str) -> str:
-        return self._consts[name]
-
-    def to_kv_type(self, x: str, path: str) -> str:
-        """``x`` in the flat cache's type (a Cast only for float16)."""
-        from onnx import TensorProto
-
-        return str(self.g.op("Cast", [x], f"{path}/Cast_fp16", to=TensorProto.FLOAT16)) if self.options.kv_fp16 else x
-
-    def to_float(self, x: str, path: str) -> str:
-        from onnx import TensorProto
-
-        return str(self.g.op("Cast", [x], f"{path}/Cast_fp32", to=TensorProto.FLOAT)) if self.options.kv_fp16 else x
 
     # -- subgraphs -----------------------------------------------------------------------------------
 
@@ -340,12 +295,9 @@ class ModelBuilder:
         split = self.const("qkv_split", np.array([self.e] * 3, np.int64))
         q, k, v = self.g.op("Split", [qkv, split], f"{path}/qkv/Split", 3, axis=-1)  # [n, S, E] each
         q, k = self.make_rotary(q, f"{path}/q_rotary"), self.make_rotary(k, f"{path}/k_rotary")
-        if self.options.graph == "gqa":
-            o = attention.make_gqa_attention(self, i, q, k, v)
-            if self.kv_int4:
-                self.attention_matmuls += [f"{path}/prompt/rotate_q/MatMul", f"{path}/prompt/rotate_k/MatMul"]
-        else:
-            o = attention.make_flat_attention(self, i, q, k, v)
+        o = attention.make_gqa_attention(self, i, q, k, v)
+        if self.kv_int4:
+            self.attention_matmuls += [f"{path}/prompt/rotate_q/MatMul", f"{path}/prompt/rotate_k/MatMul"]
         return self.make_linear(o, self.source.get(p + "out_proj.weight"), f"{path}/out_proj")  # [n, S, E]
 
     def make_rotary(self, x: str, path: str) -> str:
@@ -423,7 +375,7 @@ class ModelBuilder:
         )
 
     def make_preamble(self) -> None:
-        """Constants and shapes every layer uses: rotary tables, the rotation, ``past_len``, flat's shapes."""
+        """Constants every layer uses: rotary tables, the 4-bit cache's rotation, ``past_len``."""
         from onnx import TensorProto
         from transformers.models.codegen.modeling_codegen import create_sinusoidal_positions
 
@@ -432,26 +384,11 @@ class ModelBuilder:
         self.g.const("rope_cos", sincos[:, self.rotary_dim // 2 :])
         if self.kv_int4:
             self.g.const("key_rotation", kvcache.key_rotation(self.d))  # [D, D]
-        if self.options.graph == "gqa":  # positions already in the cache before this run: total - S
-            s_len = self.g.op("Shape", ["input_ids"], "/model/past_len/Shape", start=1, end=2)
-            total = self.g.op("Cast", ["total_sequence_length"], "/model/past_len/Cast", to=TensorProto.INT64)
-            total = self.g.op(
-                "Reshape", [total, self.const("shape_1", np.array([1], np.int64))], "/model/past_len/Reshape"
-            )
-            self.g.op("Sub", [total, s_len], "/model/past_len/Sub", ["past_len"])
-            return
-        h, d, m1 = (
-            self.const(n, np.array([x], np.int64))
-            for n, x in (("const_h", self.n_head), ("const_d", self.d), ("const_m1", -1))
-        )
-        n_s = self.g.op("Shape", ["input_ids"], "/model/flat/Shape")  # [n, S]
-        self._consts["shape_hns_m1"] = self.g.op("Concat", [h, n_s, m1], "/model/flat/shape_hns_m1/Concat", axis=0)
-        self._consts["shape_hnsd"] = self.g.op("Concat", [h, n_s, d], "/model/flat/shape_hnsd/Concat", axis=0)
-        sizes = [
-            self.g.op("Shape", ["prefix_bias"], "/model/flat/prefix/Shape"),
-            self.g.op("Shape", ["tail_bias"], "/model/flat/tail/Shape", start=1),
-        ]
-        self._consts["split_sizes"] = self.g.op("Concat", sizes, "/model/flat/split_sizes/Concat", axis=0)
+        # positions already in the cache before this run: total - S
+        s_len = self.g.op("Shape", ["input_ids"], "/model/past_len/Shape", start=1, end=2)
+        total = self.g.op("Cast", ["total_sequence_length"], "/model/past_len/Cast", to=TensorProto.INT64)
+        total = self.g.op("Reshape", [total, self.const("shape_1", np.array([1], np.int64))], "/model/past_len/Reshape")
+        self.g.op("Sub", [total, s_len], "/model/past_len/Sub", ["past_len"])
 
     def make_io(self) -> tuple[list[Any], list[Any]]:
         """The graph's inputs and outputs (the engine's backends bind them by name)."""
@@ -459,42 +396,23 @@ class ModelBuilder:
 
         i64, f32, info = TensorProto.INT64, TensorProto.FLOAT, helper.make_tensor_value_info
         outputs = [info("logits", f32, ["batch", "logits_seq", self.vocab])]
-        if self.options.graph == "gqa":
-            inputs = [
-                info("input_ids", i64, [1, "seq"]),
-                info("position_ids", i64, [1, "seq"]),
-                info("seqlens_k", TensorProto.INT32, [1]),
-                info("total_sequence_length", TensorProto.INT32, []),
-                info("attention_bias", f32, [1, 1, "seq", "total"]),
-                info("logits_start", i64, [1]),
-                info("prompt_path", TensorProto.BOOL, []),
-            ]
-            width = self.d // 2 if self.kv_int4 else self.d
-            for i in range(self.n_layer):
-                names = self.cache_names(i)
-                inputs += [info(x, self.cache_type, [1, self.n_head, "cap", width]) for x in names.past]
-                outputs += [info(x, self.cache_type, None) for x in names.present[:2]]
-                if self.kv_int4:
-                    inputs += [info(x, TensorProto.FLOAT16, [1, self.n_head, "cap", 1]) for x in names.past_scale]
-                    outputs += [info(x, TensorProto.FLOAT16, None) for x in names.present[2:]]
-            return inputs, outputs
-        kv = TensorProto.FLOAT16 if self.options.kv_fp16 else f32
         inputs = [
-            info("input_ids", i64, ["batch", "seq"]),
-            info("position_ids", i64, ["batch", "seq"]),
-            info("prefix_bias", f32, ["cap"]),
-            info("tail_bias", f32, ["seq", "tail_seq"]),
+            info("input_ids", i64, [1, "seq"]),
+            info("position_ids", i64, [1, "seq"]),
+            info("seqlens_k", TensorProto.INT32, [1]),
+            info("total_sequence_length", TensorProto.INT32, []),
+            info("attention_bias", f32, [1, 1, "seq", "total"]),
             info("logits_start", i64, [1]),
+            info("prompt_path", TensorProto.BOOL, []),
         ]
-        h, d = self.n_head, self.d
-        for (pk, pv), (tk, tv), (ok, ov) in (self.flat_names(i) for i in range(self.n_layer)):
-            inputs += [
-                info(pk, kv, [1, h, d, "cap"]),
-                info(pv, kv, [1, h, "cap", d]),
-                info(tk, kv, [h, "batch", d, "past_tail"]),
-                info(tv, kv, [h, "batch", "past_tail", d]),
-            ]
-            outputs += [info(ok, kv, [h, "batch", d, "tail_seq"]), info(ov, kv, [h, "batch", "tail_seq", d])]
+        width = self.d // 2 if self.kv_int4 else self.d
+        for i in range(self.n_layer):
+            names = self.cache_names(i)
+            inputs += [info(x, self.cache_type, [1, self.n_head, "cap", width]) for x in names.past]
+            outputs += [info(x, self.cache_type, None) for x in names.present[:2]]
+            if self.kv_int4:
+                inputs += [info(x, TensorProto.FLOAT16, [1, self.n_head, "cap", 1]) for x in names.past_scale]
+                outputs += [info(x, TensorProto.FLOAT16, None) for x in names.present[2:]]
         return inputs, outputs
 
     def build(self) -> Any:
@@ -507,9 +425,7 @@ class ModelBuilder:
             h = self.make_layer(i, h)
         self.make_lm_head(h)
         inputs, outputs = self.make_io()
-        graph = helper.make_graph(
-            self.g.nodes, f"codegen_{self.options.graph}", inputs, outputs, initializer=self.g.inits
-        )
+        graph = helper.make_graph(self.g.nodes, f"codegen_{GRAPH}", inputs, outputs, initializer=self.g.inits)
         functions = [attention.decode_attention_function(helper, self.n_head)] if self.kv_int8 is not None else []
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
         if functions:
@@ -517,7 +433,7 @@ class ModelBuilder:
         proto = helper.make_model(
             graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION, producer_name="codegen-ls"
         )
-        proto.metadata_props.add(key="codegen_ls.graph", value=self.options.graph)
+        proto.metadata_props.add(key="codegen_ls.graph", value=GRAPH)
         return proto
 
 

@@ -9,9 +9,9 @@ Pipeline (needs the ``export`` extra: torch, transformers, optimum-onnx; serving
    ``--graph gqa`` (the default; GroupQueryAttention over one in-place cache per layer: when
    quantized a 4-bit cache where our kernel runs it fast and it costs the checkpoint little
    (:mod:`codegen_ls.export.kv_check`, run one layer at a time: :mod:`codegen_ls.export.calibrate`),
-   else int8, its scales calibrated here on standard-library source) or ``--graph flat``; or
-   export with past key/values through optimum-onnx (``--graph optimum``,
-   ``text-generation-with-past``, the reference, which loads the whole model);
+   else int8, its scales calibrated here on standard-library source); or export with past
+   key/values through optimum-onnx (``--graph optimum``, ``text-generation-with-past``, the
+   reference, which loads the whole model);
 3. weights int8 as ``onnxruntime.quantization``'s dynamic quantization stores them (our graphs:
    while building, :mod:`codegen_ls.export.quantize`; optimum's: ``quantize_dynamic``);
    ``--no-quantize`` keeps fp32; our graphs also store the token embedding as int8 rows, and
@@ -248,16 +248,14 @@ def _export_graph(
     external: bool | None,
     quantized: bool,
     int4: bool,
-    kv_fp16: bool = False,
-    graph: str = "flat",
     tokenizer: Path | None = None,
     kv_bits: int = 8,
     check_kv4: bool = False,
 ) -> tuple[bool, int, KvCheck | None]:
-    """Build our graph (``flat`` or ``gqa``, :mod:`codegen_ls.export.graph_builder`) from the
+    """Build our graph (``gqa``, :mod:`codegen_ls.export.graph_builder`) from the
     checkpoint read tensor by tensor (:mod:`codegen_ls.export.source`) straight into ``out``
     (``model.onnx``, and ``model.onnx.data`` written weight by weight when ``external``). A
-    quantized ``gqa`` graph gets an int8 KV cache, calibrated here on text encoded with
+    quantized graph gets an int8 KV cache, calibrated here on text encoded with
     ``tokenizer`` (the exported ``tokenizer.json``), or with ``kv_bits`` 4 a 4-bit one (a scale
     per token: nothing to calibrate). ``check_kv4`` (``--kv-bits auto``): first check what the
     4-bit cache costs the checkpoint (:mod:`codegen_ls.export.kv_check`) and take the int8 one
@@ -274,7 +272,7 @@ def _export_graph(
     try:
         source = CheckpointSource(src)
         scales, result = None, None
-        if graph == "gqa" and quantized and (kv_bits == 8 or check_kv4):
+        if quantized and (kv_bits == 8 or check_kv4):
             _step("      calibrating the int8 KV cache (the torch model, one layer at a time) ...")
             cfg = source.config
             batches = calibration_batches(
@@ -302,10 +300,8 @@ def _export_graph(
         if external is None:  # 2 GB is protobuf's limit; decided on the float32 size, as before quantizing
             external = source.fp32_bytes() > 1_800_000_000
         options = GraphOptions(
-            graph=graph,
             int8=quantized,
             int4_block=INT4_BLOCK if int4 else 0,
-            kv_fp16=kv_fp16,
             kv_int8=scales,
             kv_int4=kv_bits == 4,
         )
@@ -336,21 +332,19 @@ def export(
     graph: str = "gqa",
     int4: bool = False,
     name: str | None = None,
-    kv_fp16: bool = False,
     kv_bits: int | None = None,
 ) -> Manifest:
     """Export ``src`` into ``out`` and return the manifest written there.
 
-    ``graph``: ``gqa`` (our graph on GroupQueryAttention, :mod:`codegen_ls.export.graph_builder`; with
-    ``quantize_int8`` its KV cache is int8 too), ``flat`` (our graph with shared-prefix fp32 KV
-    buffers) or ``optimum`` (optimum-onnx's export, the reference); the manifest records it as
-    ``extra.graph`` (and the cache's type as ``extra.kv_dtype``) and the engine picks its
-    backend from it. Our graphs' int8 export also stores the token embedding as int8 rows;
-    ``int4`` makes the layers' weights 4-bit ``MatMulNBits`` blocks (lm_head stays int8);
-    ``kv_fp16`` (flat only) stores the KV cache in float16. ``kv_bits`` 4 (gqa, quantized) makes
-    the gqa cache 4-bit with a scale per token and head: half the int8 cache's memory and
-    bandwidth, for a little accuracy; only our compiled kernel runs its decode attention. None
-    (the default): :func:`default_kv_bits`, 4 where this machine runs that kernel fast and
+    ``graph``: ``gqa`` (our graph on GroupQueryAttention, :mod:`codegen_ls.export.graph_builder`;
+    with ``quantize_int8`` its KV cache is int8 too) or ``optimum`` (optimum-onnx's export, the
+    reference); the manifest records it as ``extra.graph`` (and the cache's type as
+    ``extra.kv_dtype``) and the engine picks its backend from it. Our graph's int8 export also
+    stores the token embedding as int8 rows; ``int4`` makes the layers' weights 4-bit
+    ``MatMulNBits`` blocks (lm_head stays int8). ``kv_bits`` 4 (gqa, quantized) makes the gqa
+    cache 4-bit with a scale per token and head: half the int8 cache's memory and bandwidth, for
+    a little accuracy; only our compiled kernel runs its decode attention. None (the default):
+    :func:`default_kv_bits`, 4 where this machine runs that kernel fast and
     :mod:`codegen_ls.export.kv_check` finds it costs the checkpoint little, else 8.
 
     ``external_data``: None decides by size (ONNX external data when the fp32 export is past
@@ -358,16 +352,14 @@ def export(
     big-model path).
     """
     t0 = time.time()
-    if graph not in ("optimum", "flat", "gqa"):
-        raise CodegenLsError(f"unknown graph kind '{graph}' (gqa, flat or optimum)")
+    if graph not in ("optimum", "gqa"):
+        raise CodegenLsError(f"unknown graph kind '{graph}' (gqa or optimum)")
     if int4 and (graph == "optimum" or not quantize_int8):
-        raise CodegenLsError("int4 weights need our graph (--graph gqa or flat) and quantization (no --no-quantize)")
+        raise CodegenLsError("int4 weights need our graph (--graph gqa) and quantization (no --no-quantize)")
     if kv_bits not in (None, 4, 8):
         raise CodegenLsError(f"--kv-bits must be 8 or 4, not {kv_bits}")
     if kv_bits == 4 and (graph != "gqa" or not quantize_int8):
         raise CodegenLsError("a 4-bit KV cache needs the gqa graph and quantization (no --no-quantize)")
-    if kv_fp16 and graph != "flat":
-        raise CodegenLsError("a float16 KV cache needs the flat graph (--graph flat)")
     source = _resolve_source(src)
     config = _check_config(source)
     auto = kv_bits is None
@@ -400,7 +392,7 @@ def export(
     _save_tokenizer(source, out)  # first: the int8 KV cache's calibration encodes text with it
 
     checked = None
-    if graph in ("flat", "gqa"):
+    if graph == "gqa":
         _step(
             f"[1/3] building the {graph} ONNX graph of {source} weight by weight (codegen_ls.export.graph_builder) ..."
         )
@@ -410,8 +402,6 @@ def export(
             external_data,
             quantize_int8,
             int4,
-            kv_fp16,
-            graph,
             out / "tokenizer.json",
             kv_bits,
             check_kv4=auto and kv_bits == 4,
@@ -442,15 +432,7 @@ def export(
                 _copy_fp32(tmp_dir, out, external_data)
     _step("[3/3] writing manifest.json (tokenizer.json is already there) ...")
     quantization = "none" if not quantize_int8 else f"int4-block{INT4_BLOCK}+int8-dynamic" if int4 else "int8-dynamic"
-    kv_dtype = (
-        "float16"
-        if kv_fp16
-        else "float32"
-        if graph != "gqa" or not quantize_int8
-        else "int4"
-        if kv_bits == 4
-        else "int8"
-    )
+    kv_dtype = "float32" if graph != "gqa" or not quantize_int8 else "int4" if kv_bits == 4 else "int8"
     return _write_manifest(src, out, config, quantization, graph, t0, name, kv_dtype, checked)
 
 

@@ -4,18 +4,15 @@
   one KV cache per layer (int8 when quantized) that GroupQueryAttention reads and writes in
   place when decoding (prompt chunks take the graph's MatMul path and are copied in); N
   candidates are N query positions of one run, sharing the prompt's cache.
-* :class:`FlatBackend` (``graph: flat``): the prompt's keys and values live in preallocated
-  per-document buffers the engine writes in place; a decode step reads them and carries only
-  the tokens generated in this request. N candidate rows share one prefix buffer, never copied.
 * :class:`OptimumBackend` (``graph: optimum``, the reference): optimum's export, the whole past
   in and ``past + new`` out every run. A state is that list of arrays; a prefix is a slice.
 
-All expose the same four calls to the engine: ``prefill`` (feed prompt tokens on top of the
+Both expose the same four calls to the engine: ``prefill`` (feed prompt tokens on top of the
 first ``keep`` tokens of a state; cancelled between chunks it raises :class:`PrefillCancelled`
 with the state fed so far), ``begin`` / ``step`` / ``keep_rows`` (batched decode), and count
 ``tokens_fed`` and ``session_ms``. Input and output names are read from the session.
 
-One module per backend (``optimum``, ``flat``, ``gqa``) over ``base``; the names the engine and
+One module per backend (``optimum``, ``gqa``) over ``base``; the names the engine and
 tests use are re-exported here.
 """
 
@@ -30,7 +27,6 @@ from codegen_ls.engine.backends.base import (
     PrefillCancelled,
     release_free_heap,
 )
-from codegen_ls.engine.backends.flat import FlatBackend, FlatDecode, FlatState
 from codegen_ls.engine.backends.gqa import DECODE_ROOM, PROMPT_PATH_MIN, GqaBackend, GqaDecode, GqaState
 from codegen_ls.engine.backends.optimum import OptimumBackend, PastState
 
@@ -42,9 +38,6 @@ __all__ = [
     "ROUND",
     "Backend",
     "CancelFn",
-    "FlatBackend",
-    "FlatDecode",
-    "FlatState",
     "GqaBackend",
     "GqaDecode",
     "GqaState",

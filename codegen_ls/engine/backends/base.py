@@ -112,7 +112,7 @@ class Backend:
         raise NotImplementedError
 
 
-ROUND = 128  # prefix buffers grow in steps of this many positions
+ROUND = 128  # in-place caches grow in steps of this many positions
 MASKED = np.float32(-1e9)
 
 
