@@ -47,7 +47,7 @@ from typing import Any
 from codegen_ls.engine.engine import Engine, EngineOptions
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.settings import Settings
-from codegen_ls.suggest.context import TokenCounter, build_context, fim_suffix_budget, token_budget
+from codegen_ls.suggest.context import ContextOptions, TokenCounter, build_context, fim_suffix_budget, token_budget
 from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 
@@ -195,8 +195,7 @@ def warm(engine: Engine, counter: TokenCounter, sample: Sample, settings: Settin
         sample.character,
         counter,
         budget,
-        bos_text=bos,
-        fim_budget=fim_suffix_budget(budget) if settings.fim and engine.fim else 0,
+        ContextOptions(bos_text=bos, fim_budget=fim_suffix_budget(budget) if settings.fim and engine.fim else 0),
     )
     head = ctx.line_prefix[: len(ctx.line_prefix) - len(ctx.held)]
     upto = len(ctx.prompt_ids) - len(counter.encode(head)) - 1 if head else len(ctx.prompt_ids) - 1

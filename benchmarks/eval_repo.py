@@ -146,6 +146,7 @@ class Worker:
         from codegen_ls.engine.engine import Engine, EngineOptions
         from codegen_ls.engine.modeldir import resolve_model_dir
         from codegen_ls.settings import Settings
+        from codegen_ls.suggest import context as context_mod
         from codegen_ls.suggest import pipeline
         from codegen_ls.suggest.context import TokenCounter, build_context, token_budget
 
@@ -158,6 +159,7 @@ class Worker:
         self.engine = Engine(resolve_model_dir(args.model), EngineOptions(threads=args.threads))
         self.counter = TokenCounter(self.engine.tokenizer)
         self.build_context, self.token_budget = build_context, token_budget
+        self.context_options = getattr(context_mod, "ContextOptions", None)  # (an earlier tree: keyword arguments)
         overrides: dict[str, Any] = {"model_path": args.model, "threads": args.threads}
         if args.min_confidence is not None:
             overrides["min_confidence"] = args.min_confidence
@@ -249,7 +251,11 @@ class Worker:
             budget = self.token_budget(settings.context_tokens, self.engine.context_length, settings.max_new_tokens)
             section = getattr(self.completer, "_repo_section", None)  # the repository section, where the tree has one
             kw = {"preamble": section(self.engine, self.counter, req, settings, budget)[0]} if section else {}
-            ctx = self.build_context(req.text, req.line, req.character, self.counter, budget, bos_text=bos, **kw)
+            where = (req.text, req.line, req.character, self.counter, budget)
+            if self.context_options is not None:
+                ctx = self.build_context(*where, self.context_options(bos_text=bos, **kw))
+            else:
+                ctx = self.build_context(*where, bos_text=bos, **kw)
         head = ctx.line_prefix[: len(ctx.line_prefix) - len(ctx.held)]
         upto = len(ctx.prompt_ids) - len(self.counter.encode(head)) - 1 if head else len(ctx.prompt_ids) - 1
         if upto > 0:

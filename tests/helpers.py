@@ -27,7 +27,7 @@ import numpy as np
 
 from codegen_ls.engine.engine import Tokenizer
 from codegen_ls.engine.kvcache import dequantize4, quantize4
-from codegen_ls.suggest.context import Context, TokenCounter, build_context
+from codegen_ls.suggest.context import Context, ContextOptions, TokenCounter, build_context
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "codegen-ls-small"
@@ -68,9 +68,8 @@ def ctx_of(marked: str, **kw: object) -> Context:
         len(before) - before.rfind("\n") - 1,
         COUNTER,
         512,
-        bos_text=BOS,
-        **kw,
-    )  # type: ignore[arg-type]
+        ContextOptions(bos_text=BOS, **kw),  # type: ignore[arg-type]
+    )
 
 
 def decode_run(

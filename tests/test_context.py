@@ -12,6 +12,7 @@ from codegen_ls.engine.engine import Tokenizer
 from codegen_ls.suggest import context as context_module
 from codegen_ls.suggest.context import (
     Context,
+    ContextOptions,
     Indent,
     TokenCounter,
     build_context,
@@ -37,7 +38,7 @@ def counter(tokenizer: Tokenizer) -> TokenCounter:
 
 
 def at(text: str, line: int, character: int, counter: TokenCounter, budget: int = 1024, **kw: object) -> Context:
-    return build_context(text, line, character, counter, budget, bos_text=BOS, **kw)  # type: ignore[arg-type]
+    return build_context(text, line, character, counter, budget, ContextOptions(bos_text=BOS, **kw))  # type: ignore[arg-type]
 
 
 def cursor_of(text: str, marker: str = "|") -> tuple[str, int, int]:
@@ -140,7 +141,7 @@ def test_work_is_bounded_by_the_budget_not_the_document(tokenizer: Tokenizer) ->
     line = "    some_object.method_call(argument_one, argument_two)  # comment\n"
     text = line * 50_000  # 3.3 MB
     counting = CountingTokenizer(tokenizer)
-    ctx = build_context(text, 40_000, 10, TokenCounter(counting), 256, bos_text=BOS)
+    ctx = build_context(text, 40_000, 10, TokenCounter(counting), 256, ContextOptions(bos_text=BOS))
     assert len(ctx.prompt_ids) <= 256
     assert counting.chars < 256 * 8 * 3
     assert len(ctx.suffix) <= 4000
@@ -179,7 +180,7 @@ def test_work_is_bounded_on_huge_lines_and_files(
     text = HUGE_LINE if doc == "huge line" else big_file
     assert len(text) > (1_300_000 if doc == "huge line" else 10_000_000)
     counting = CountingTokenizer(tokenizer)
-    ctx = build_context(text, line, character, TokenCounter(counting), budget, bos_text=BOS)
+    ctx = build_context(text, line, character, TokenCounter(counting), budget, ContextOptions(bos_text=BOS))
     window = line_window(budget)
     assert window <= 4096 + 8 * budget
     assert counting.chars <= 3 * window  # measured: at most 2.2 windows

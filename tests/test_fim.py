@@ -14,7 +14,7 @@ from codegen_ls.engine import fim  # noqa: E402
 from codegen_ls.engine.engine import Engine, Tokenizer  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
 from codegen_ls.export.pipeline import export  # noqa: E402
-from codegen_ls.suggest.context import TokenCounter, build_context, fim_suffix_budget  # noqa: E402
+from codegen_ls.suggest.context import ContextOptions, TokenCounter, build_context, fim_suffix_budget  # noqa: E402
 from helpers import BOS, CODE, MODEL  # noqa: E402
 
 
@@ -61,9 +61,8 @@ def test_spm_prompt_layout_budget_and_stable_head(fim_tok: Path) -> None:
     line = next(i for i, ln in enumerate(lines) if "def greet" in ln) + 1  # inside greet's body
     text = "\n".join(lines[:line] + ["        msg = "] + lines[line:])
     budget = 256
-    ctx = build_context(
-        text, line, len("        msg = "), counter, budget, bos_text=BOS, fim_budget=fim_suffix_budget(budget)
-    )
+    opts = ContextOptions(bos_text=BOS, fim_budget=fim_suffix_budget(budget))
+    ctx = build_context(text, line, len("        msg = "), counter, budget, opts)
     after = text[ctx.cursor :]
     assert ctx.prompt.startswith(fim.PREFIX + fim.SUFFIX)
     head, _, before = ctx.prompt.partition(fim.MIDDLE)
@@ -73,9 +72,7 @@ def test_spm_prompt_layout_budget_and_stable_head(fim_tok: Path) -> None:
     assert ctx.prompt_ids == counter.encode(ctx.prompt) and len(ctx.prompt_ids) <= budget
     # typing at the cursor keeps the head and extends the prompt: the KV cache reuses it all
     text2 = text.replace("        msg = ", "        msg = 'h", 1)
-    ctx2 = build_context(
-        text2, line, len("        msg = 'h"), counter, budget, bos_text=BOS, fim_budget=fim_suffix_budget(budget)
-    )
+    ctx2 = build_context(text2, line, len("        msg = 'h"), counter, budget, opts)
     common = next(
         (i for i, (a, b) in enumerate(zip(ctx.prompt_ids, ctx2.prompt_ids)) if a != b),
         min(len(ctx.prompt_ids), len(ctx2.prompt_ids)),
@@ -88,7 +85,7 @@ def test_document_cannot_inject_fim_tokens(fim_tok: Path) -> None:
     found = fim.detect(fim_tok)
     assert found is not None
     text = f"x = 1\ny = '{fim.MIDDLE}'\nz = 2\n"
-    ctx = build_context(text, 0, 2, counter, 128, fim_budget=32)
+    ctx = build_context(text, 0, 2, counter, 128, ContextOptions(fim_budget=32))
     assert ctx.prompt_ids.count(found.middle) == 1 and ctx.prompt_ids.count(found.prefix) == 1
 
 

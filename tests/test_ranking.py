@@ -10,7 +10,7 @@ import pytest
 
 from codegen_ls.suggest import postprocess, ranking
 from codegen_ls.suggest.confidence import FEATURES, ConfidenceModel
-from codegen_ls.suggest.context import build_context, line_window
+from codegen_ls.suggest.context import ContextOptions, build_context, line_window
 from codegen_ls.suggest.mode import decide_mode
 from codegen_ls.suggest.postprocess import clean
 from codegen_ls.suggest.ranking import (
@@ -202,7 +202,7 @@ def test_a_huge_line_is_scanned_and_parsed_in_a_bounded_window(monkeypatch: pyte
     line = "total = compute(" + ", ".join(f"a{i}" for i in range(160_000))  # 1.3 MB
     text = line + ", )\n"
     budget = 512
-    ctx = build_context(text, 0, len(line) + 2, COUNTER, budget, bos_text="<|endoftext|>")
+    ctx = build_context(text, 0, len(line) + 2, COUNTER, budget, ContextOptions(bos_text="<|endoftext|>"))
     assert ctx.line_cut > 0 and ctx.line_suffix == ")"
     mode = decide_mode(ctx)[0]
     raws = ["a160000)", "a160000, b)", "a160000))", "a160000) + 1"]

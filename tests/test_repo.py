@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from codegen_ls.settings import Settings
-from codegen_ls.suggest.context import build_context
+from codegen_ls.suggest.context import ContextOptions, build_context
 from codegen_ls.suggest.drafts import find_drafts
 from codegen_ls.suggest.gitignore import Ignore, parse
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
@@ -155,13 +155,13 @@ def test_repository_section_goes_first_within_the_budget() -> None:
     text = "import os\n\n\ndef f(x):\n    return x\n" * 30 + "y = f("
     line = text.count("\n")
     preamble = "<|endoftext|># pkg/util.py\ndef helper(a, b):\n    return a + b\n"
-    plain = build_context(text, line, 6, COUNTER, 200, bos_text="<|endoftext|>")
-    ctx = build_context(text, line, 6, COUNTER, 200, bos_text="<|endoftext|>", preamble=preamble)
+    plain = build_context(text, line, 6, COUNTER, 200, ContextOptions(bos_text="<|endoftext|>"))
+    ctx = build_context(text, line, 6, COUNTER, 200, ContextOptions(bos_text="<|endoftext|>", preamble=preamble))
     assert ctx.prompt.startswith(preamble + "<|endoftext|>") and ctx.prompt.endswith("y = f(")
     assert len(ctx.prompt_ids) <= 200 and ctx.preamble_tokens == len(COUNTER.encode(preamble + "<|endoftext|>"))
     assert ctx.prompt_ids[: ctx.preamble_tokens] == COUNTER.encode(preamble + "<|endoftext|>")
     assert len(plain.prompt_ids) > len(ctx.prompt_ids) - ctx.preamble_tokens  # the window gave way
-    huge = build_context(text, line, 6, COUNTER, 200, bos_text="<|endoftext|>", preamble=preamble * 20)
+    huge = build_context(text, line, 6, COUNTER, 200, ContextOptions(bos_text="<|endoftext|>", preamble=preamble * 20))
     assert huge.preamble_tokens == 0 and huge.prompt == plain.prompt  # over half the budget: left out
 
 

@@ -11,7 +11,8 @@ tokenized (each distinct line once, via :class:`TokenCounter`'s cache), and the 
 for an exact count; after the cursor, ``SUFFIX_CHARS`` are kept. A cursor line longer than its
 window (``line_window``) is cut: only its last part is looked at (:attr:`Context.line_cut`), from a
 column that moves in steps while the user types. The one pass that depends on the position is
-finding the cursor's offset (:func:`offset_of`): newlines are counted in C, a chunk at a time.
+finding the cursor's offset
+(:func:`codegen_ls.suggest.positions.offset_of`): newlines are counted in C, a chunk at a time.
 
 The prompt must start at the same place while the user types, so that the engine's KV cache is
 reused (it keeps the longest common token prefix). The window therefore starts at a line whose
@@ -31,13 +32,14 @@ indentation itself and :mod:`codegen_ls.suggest.postprocess` aligns it with what
 
 from __future__ import annotations
 
-import re
-from collections import Counter, OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from codegen_ls.engine import fim
+from codegen_ls.suggest.indent import Indent, guess_indent
+from codegen_ls.suggest.positions import EOL as _EOL
+from codegen_ls.suggest.positions import normalize_eol, offset_of, sanitize
 
 CHARS_PER_TOKEN_MAX = 8  # characters per token, generous upper bound: sizes the character window
 LINE_STEP = 16  # the prompt starts on a line number that is a multiple of this (KV-cache reuse)
@@ -45,7 +47,6 @@ TOKENS_PER_STEP = 64  # ... or of budget / TOKENS_PER_STEP when smaller (small b
 SUFFIX_CHARS = 4000  # text after the cursor kept for stop rules and trimming
 NEXT_LINES = 8  # following lines kept (repetition checks)
 BEFORE_CHECK_CHARS = 2000  # text before the cursor line compared by the type-ahead cache
-DEFAULT_INDENT_WIDTH = 4
 BLOCK_OPENERS = (":", "{", "(", "[")  # a line ending with one of these opens an indented block
 PY_BLOCK_KEYWORDS = frozenset(
     ("def", "class", "if", "elif", "else", "for", "while", "try", "except", "finally", "with", "async", "match", "case")
@@ -57,9 +58,6 @@ LINE_WINDOW_MIN = 4096  # the cursor line is cut only when longer than this (and
 LINE_CUT_STEPS = 4  # ... at a multiple of window / LINE_CUT_STEPS, so the cut stays put while typing
 INDENT_PEEK_CHARS = 256  # start of a cut cursor line read for its indentation
 CUT_ALIGN_PER_TOKENS = 4  # on a cut line the prompt starts at a column that is a multiple of budget / this
-OFFSET_CHUNK = 1 << 16  # offset_of skips whole chunks of this many characters by counting terminators
-
-_EOL = re.compile(r"\r\n|\r|\n")  # LSP line terminators
 
 
 class Encoder(Protocol):
@@ -87,32 +85,6 @@ class TokenCounter:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
-
-
-@dataclass(frozen=True)
-class Indent:
-    """The document's indentation style."""
-
-    use_tabs: bool = False
-    width: int = DEFAULT_INDENT_WIDTH  # columns per level (also the tab stop)
-
-    @property
-    def unit(self) -> str:
-        return "\t" if self.use_tabs else " " * self.width
-
-    def columns(self, ws: str) -> int:
-        """Visual width of leading whitespace (tabs advance to the next tab stop)."""
-        col = 0
-        for ch in ws:
-            col = (col // self.width + 1) * self.width if ch == "\t" else col + 1
-        return col
-
-    def render(self, columns: int) -> str:
-        """Leading whitespace of ``columns`` in this style."""
-        columns = max(0, columns)
-        if self.use_tabs:
-            return "\t" * (columns // self.width) + " " * (columns % self.width)
-        return " " * columns
 
 
 @dataclass
@@ -157,69 +129,6 @@ class Context:
         return self.suffix[len(self.line_suffix) :]
 
 
-def sanitize(text: str) -> str:
-    """Replace lone surrogates (which cannot be encoded) with ``?``, one code point for one."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def normalize_eol(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
-
-
-def offset_of(text: str, line: int, character: int) -> tuple[int, int, int]:
-    """(offset, line, character) of an LSP position, clamped into the document.
-
-    Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (the LSP definition; ``str.splitlines`` also
-    splits at form feeds and the like). O(position), but in C: whole chunks of ``OFFSET_CHUNK``
-    characters are skipped by counting their terminators (``str.count``, no copies), and only the
-    chunk holding the line start is walked line by line.
-    """
-    line = max(0, line)
-    pos, n, size = 0, 0, len(text)  # pos: start of line n
-    scan, hi = 0, size  # chunks are counted from ``scan``; the line-by-line walk stays before ``hi``
-    while n < line and scan + OFFSET_CHUNK < size:
-        end = scan + OFFSET_CHUNK
-        if text[end - 1] == "\r" and text[end] == "\n":  # never split a CRLF
-            end += 1
-        k = text.count("\n", scan, end)
-        if text.find("\r", scan, end) >= 0:  # (memchr: much cheaper than a count)
-            k += text.count("\r", scan, end) - text.count("\r\n", scan, end)
-        if n + k >= line:  # the line starts in this chunk
-            hi = end
-            break
-        if k:
-            n, pos = n + k, max(text.rfind("\n", scan, end), text.rfind("\r", scan, end)) + 1
-        scan = end
-    simple = n < line and text.find("\r", pos, hi) < 0
-    while n < line:
-        if simple:
-            nl = text.find("\n", pos, hi)
-            if nl < 0:
-                break
-            pos = nl + 1
-        else:
-            m = _EOL.search(text, pos, hi)
-            if m is None:
-                break
-            pos = m.end()
-        n += 1
-    # The character must lie on the line: a terminator before it (none searched beyond it) clamps it.
-    lim = min(size, pos + max(0, character))
-    nl = text.find("\n", pos, lim)
-    cr = text.find("\r", pos, nl if nl >= 0 else lim)
-    end = cr if cr >= 0 else nl if nl >= 0 else lim
-    return end, n, end - pos
-
-
-def _line_start(text: str, offset: int) -> int:
-    """Start of the line containing ``offset`` (just after the previous terminator)."""
-    return max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
-
-
 def _first_line_start_at_or_after(text: str, lo: int, hi: int) -> int:
     if lo == 0 or text[lo - 1] == "\n" or (text[lo - 1] == "\r" and text[lo : lo + 1] != "\n"):
         return lo
@@ -227,149 +136,195 @@ def _first_line_start_at_or_after(text: str, lo: int, hi: int) -> int:
     return m.end() if m else hi
 
 
-def guess_indent(lines: Sequence[str], tab_size: int | None = None, insert_spaces: bool | None = None) -> Indent:
-    """Tabs vs spaces and the width, from the client's options, else from the lines given."""
-    tabs = spaces = 0
-    steps: Counter[int] = Counter()
-    prev = 0
-    for ln in lines:
-        body = ln.lstrip(" \t")
-        if not body or body.startswith("#"):
-            continue
-        ws = ln[: len(ln) - len(body)]
-        if ws.startswith("\t"):
-            tabs += 1
-            continue
-        if ws:
-            spaces += 1
-        if len(ws) > prev:  # an indentation step between two space-indented lines
-            steps[len(ws) - prev] += 1
-        prev = len(ws)
-    use_tabs = (not insert_spaces) if insert_spaces is not None else tabs > spaces
-    common = [w for w, _ in steps.most_common(3) if 2 <= w <= 8]
-    width = tab_size if tab_size and tab_size > 0 else (common[0] if common else DEFAULT_INDENT_WIDTH)
-    return Indent(use_tabs, width)
+@dataclass(frozen=True)
+class ContextOptions:
+    """How :func:`build_context` builds the prompt, beside the document, the cursor and the budget."""
+
+    bos_text: str = ""  # the end-of-text token's text, prepended when the window reaches the top of the file
+    tab_size: int | None = None  # the client's formatting options (None: guessed from the lines)
+    insert_spaces: bool | None = None
+    line_step: int | None = None  # the prompt starts on a multiple of this many lines (None: from the budget)
+    preamble: str = ""  # the repository section (codegen_ls.suggest.repo_snapshot.render_snippets)
+    fim_budget: int = 0  # > 0: a fill-in-the-middle prompt, the text after the cursor in at most this many tokens
+
+
+@dataclass(frozen=True)
+class _Cursor:
+    """The cursor and the text around it, as the prompt sees it."""
+
+    offset: int
+    line: int  # clamped to the document
+    character: int  # clamped to the line
+    line_start: int  # offset of the cursor line's start
+    cut: int  # > 0: a very long cursor line, only its end (from this column) is looked at
+    line_prefix: str
+    suffix: str  # the document after the cursor (SUFFIX_CHARS), verbatim
+    line_suffix: str
+    next_lines: list[str]
+    held: str  # whitespace-only line_prefix kept out of the prompt
+    head: str  # the part of the cursor line in the prompt
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the window before the cursor is fitted to."""
+
+    counter: TokenCounter
+    bos_text: str  # escaped wherever the document holds it
+    file_bos: bool  # the window starts with bos_text when it reaches the top of the file (no lead before it)
+    budget: int  # tokens for the window
+    step: int  # its start line is a multiple of this
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The document part of the prompt."""
+
+    prompt: str
+    ids: list[int]
+    start: int  # offset of its first character
+    at_file_start: bool
+    above: list[str]  # lines above the cursor line inside the character window
+    first_line: int  # line number of above[0]
+    start_line: int  # line number of ``start``
 
 
 def build_context(
-    text: str,
-    line: int,
-    character: int,
-    counter: TokenCounter,
-    budget: int,
-    *,
-    bos_text: str = "",
-    tab_size: int | None = None,
-    insert_spaces: bool | None = None,
-    line_step: int | None = None,
-    preamble: str = "",
-    fim_budget: int = 0,
+    text: str, line: int, character: int, counter: TokenCounter, budget: int, options: ContextOptions | None = None
 ) -> Context:
     """The context for the cursor at (line, character); see the module docstring.
 
-    ``budget`` counts every prompt token, ``bos_text`` (the end-of-text token's text, prepended
-    when the window reaches the top of the file) included. ``preamble`` (the repository section,
-    :func:`codegen_ls.suggest.repo.render_snippets`) goes first, then ``bos_text`` so the document
-    starts as a file of its own, then the window in what is left of the budget; it is left out
-    when it would take more than half the budget, and on a cut cursor line. ``fim_budget`` > 0: a
-    fill-in-the-middle prompt (:mod:`codegen_ls.engine.fim`, SPM order): the text after the cursor
-    comes first, in at most that many tokens (and half the budget), then the rest as above, without
-    the end-of-text token (FIM training samples never hold one).
+    ``budget`` counts every prompt token, the end-of-text token's text (``options.bos_text``,
+    prepended when the window reaches the top of the file) included. ``options.preamble`` (the
+    repository section) goes first, then ``bos_text`` so the document starts as a file of its own,
+    then the window in what is left of the budget; it is left out when it would take more than
+    half the budget, and on a cut cursor line. ``options.fim_budget`` > 0: a fill-in-the-middle
+    prompt (:mod:`codegen_ls.engine.fim`, SPM order): the text after the cursor comes first, in at
+    most that many tokens (and half the budget), then the rest as above, without the end-of-text
+    token (FIM training samples never hold one).
     """
+    opts = options or ContextOptions()
     budget = max(1, budget)
-    if fim_budget > 0:
-        bos_text = ""
+    bos_text = "" if opts.fim_budget > 0 else opts.bos_text
+    lead, lead_ids = _lead(opts.preamble, bos_text, counter, budget)
+    full_budget, budget = budget, budget - len(lead_ids)
+    step = opts.line_step if opts.line_step else max(1, min(LINE_STEP, budget // TOKENS_PER_STEP))
+    cur = _cursor_at(text, line, character, budget)
+    fim_head: str = ""
+    fim_ids: list[int] = []
+    if opts.fim_budget > 0:
+        fim_head, fim_ids = _fim_head(cur.suffix, counter, min(opts.fim_budget, full_budget // 2))
+    if fim_head:  # the window before the cursor gets what the text after it left
+        budget, full_budget = max(1, budget - len(fim_ids)), max(1, full_budget - len(fim_ids))
+    if cur.cut:  # only the end of the cursor line, from a column that stays put while typing
+        align = max(1, full_budget // CUT_ALIGN_PER_TOKENS)
+        cut = _cut_long_line(counter, cur.head, cur.line_start + cur.cut, full_budget, bos_text, cur.cut, align)
+        win, lead_ids = _Window(*cut, above=[], first_line=cur.line, start_line=cur.line), []
+    else:
+        win = _window(text, cur, _Plan(counter, bos_text, not lead, budget, step))
+        if len(win.ids) > budget:  # one enormous cursor line: keep its end
+            cut = _cut_long_line(counter, cur.head, cur.line_start, full_budget, bos_text)
+            win, lead_ids = _Window(*cut, above=win.above, first_line=win.first_line, start_line=win.start_line), []
+        else:
+            win = replace(win, prompt=lead + win.prompt, ids=lead_ids + win.ids)
+    if fim_head:  # special tokens end the head, so its ids and the window's simply join
+        win = replace(win, prompt=fim_head + win.prompt, ids=fim_ids + win.ids)
+    return _assemble(text, cur, win, opts, len(lead_ids))
+
+
+def _lead(preamble: str, bos_text: str, counter: TokenCounter, budget: int) -> tuple[str, list[int]]:
+    """The repository section and the end-of-text token before the document, and their ids; nothing
+    when there is no section or it would take more than half the budget."""
     lead = preamble + bos_text if preamble else ""
     lead_ids = counter.encode(lead) if lead else []
     if len(lead_ids) > budget // 2:
-        lead, lead_ids = "", []
-    full_budget, budget = budget, budget - len(lead_ids)
-    step = line_step if line_step else max(1, min(LINE_STEP, budget // TOKENS_PER_STEP))
-    cursor, line, character = offset_of(text, line, character)
-    ls = cursor - character  # cursor line start
+        return "", []
+    return lead, lead_ids
+
+
+def _cursor_at(text: str, line: int, character: int, budget: int) -> _Cursor:
+    """The cursor line split at the cursor, and the text after it, for a window of ``budget`` tokens."""
+    offset, line, character = offset_of(text, line, character)
+    line_start = offset - character
     cut = line_cut(character, budget)  # > 0: a very long cursor line, only its end is looked at
-    line_prefix = sanitize(text[ls + cut : cursor])
-    suffix = text[cursor : cursor + SUFFIX_CHARS]
-    fim_head, fim_ids = _fim_head(suffix, counter, min(fim_budget, full_budget // 2)) if fim_budget > 0 else ("", [])
-    if fim_head:  # the window before the cursor gets what the text after it left
-        budget, full_budget = max(1, budget - len(fim_ids)), max(1, full_budget - len(fim_ids))
+    line_prefix = sanitize(text[line_start + cut : offset])
+    suffix = text[offset : offset + SUFFIX_CHARS]
     m = _EOL.search(suffix)
     line_suffix = sanitize(suffix[: m.start()] if m else suffix)
     after = suffix[m.end() :] if m else ""
     next_lines = [sanitize(s) for s in _EOL.split(after)[:NEXT_LINES]] if m else []
     held = line_prefix if not cut and not line_prefix.strip(" \t") else ""
-    head = line_prefix[: len(line_prefix) - len(held)]  # the part of the cursor line in the prompt
+    head = line_prefix[: len(line_prefix) - len(held)]
+    return _Cursor(offset, line, character, line_start, cut, line_prefix, suffix, line_suffix, next_lines, held, head)
 
-    if cut:  # only the end of the cursor line, from a column that stays put while typing
-        above, first_line, start_line = [], line, line
-        lead, lead_ids, budget = "", [], full_budget
-        prompt, ids, start, at_file_start = _cut_long_line(
-            counter, head, ls + cut, budget, bos_text, cut, max(1, budget // CUT_ALIGN_PER_TOKENS)
-        )
-    else:
-        # Lines above the cursor line inside the character window (the first, partial one dropped).
-        lo = _first_line_start_at_or_after(text, max(0, ls - budget * CHARS_PER_TOKEN_MAX), ls)
-        above = [sanitize(s) for s in _EOL.split(text[lo:ls])[:-1]] if ls > lo else []
-        first_line = line - len(above)  # line number of above[0]
-        bos_cost = 1 if bos_text and not lead else 0
 
-        # Walk up from the cursor while the (over-)estimated token count fits. The cursor line
-        # changes with every keystroke: counted, not cached.
-        used = len(counter.encode(head)) if head and above else 0
-        s = len(above)
-        while s > 0:
-            cost = counter.count(above[s - 1] + "\n") + (bos_cost if first_line + s - 1 == 0 else 0)
-            if used + cost > budget:
-                break
-            used += cost
-            s -= 1
-        # Align the start to a multiple of the step (line 0 is one), never below the cursor line.
-        start_line = first_line + s
-        if start_line > 0:
-            start_line = min(line, -(-start_line // step) * step)
-        while True:
-            k = start_line - first_line  # index into ``above``
-            window = "\n".join(above[k:]) + ("\n" if k < len(above) else "") + head
-            at_file_start = start_line == 0
-            prompt = (bos_text if at_file_start and not lead else "") + _escape(window, bos_text)
-            ids = counter.encode(prompt)
-            if len(ids) <= budget or start_line >= line:
-                break
-            start_line = min(line, start_line + step)  # estimate was low: jump one step
-        start = _skip_terminators(text, lo, start_line - first_line)
-        if len(ids) > budget:  # one enormous cursor line: keep its end
-            prompt, ids, start, at_file_start = _cut_long_line(counter, head, ls, full_budget, bos_text)
-            lead, lead_ids = "", []
-        else:
-            prompt, ids = lead + prompt, lead_ids + ids
-    prefix = sanitize(text[start:cursor])
-    prev_line = next((a for a in reversed(above) if a.strip()), "")
-    typed = sanitize(text[ls : ls + INDENT_PEEK_CHARS]) if cut else line_prefix  # (a cut line: its own start)
-    typed += line_suffix if line_suffix.strip() else "x"  # the indentation typed counts too
-    window_lines = above[start_line - first_line :] + [typed] + next_lines
-    eol = "\r\n" if "\r\n" in text[start : cursor + len(suffix)] else "\n"
-    if fim_head:  # special tokens end the head, so its ids and the window's simply join
-        prompt, ids = fim_head + prompt, fim_ids + ids
+def _window(text: str, cur: _Cursor, plan: _Plan) -> _Window:
+    """Whole lines above the cursor line, then its head, within the plan's budget; the start line a
+    multiple of the plan's step (line 0 is one), never below the cursor line. The window may exceed
+    the budget only when the cursor line alone does."""
+    ls = cur.line_start
+    # Lines above the cursor line inside the character window (the first, partial one dropped).
+    lo = _first_line_start_at_or_after(text, max(0, ls - plan.budget * CHARS_PER_TOKEN_MAX), ls)
+    above = [sanitize(s) for s in _EOL.split(text[lo:ls])[:-1]] if ls > lo else []
+    first_line = cur.line - len(above)  # line number of above[0]
+    start_line = _estimated_start(above, first_line, cur.head, plan)
+    if start_line > 0:
+        start_line = min(cur.line, -(-start_line // plan.step) * plan.step)
+    while True:
+        k = start_line - first_line  # index into ``above``
+        window = "\n".join(above[k:]) + ("\n" if k < len(above) else "") + cur.head
+        at_file_start = start_line == 0
+        prompt = (plan.bos_text if at_file_start and plan.file_bos else "") + _escape(window, plan.bos_text)
+        ids = plan.counter.encode(prompt)
+        if len(ids) <= plan.budget or start_line >= cur.line:
+            break
+        start_line = min(cur.line, start_line + plan.step)  # estimate was low: jump one step
+    start = _skip_terminators(text, lo, start_line - first_line)
+    return _Window(prompt, ids, start, at_file_start, above, first_line, start_line)
+
+
+def _estimated_start(above: list[str], first_line: int, head: str, plan: _Plan) -> int:
+    """The first line of the window by the (over-)estimated token count: walk up from the cursor
+    while it fits. The cursor line changes with every keystroke: counted, not cached."""
+    bos_cost = 1 if plan.bos_text and plan.file_bos else 0
+    used = len(plan.counter.encode(head)) if head and above else 0
+    s = len(above)
+    while s > 0:
+        cost = plan.counter.count(above[s - 1] + "\n") + (bos_cost if first_line + s - 1 == 0 else 0)
+        if used + cost > plan.budget:
+            break
+        used += cost
+        s -= 1
+    return first_line + s
+
+
+def _assemble(text: str, cur: _Cursor, win: _Window, opts: ContextOptions, preamble_tokens: int) -> Context:
+    """The :class:`Context` of a cursor and its window."""
+    prev_line = next((a for a in reversed(win.above) if a.strip()), "")
+    # the indentation typed counts too (a cut line: its own start)
+    typed = sanitize(text[cur.line_start : cur.line_start + INDENT_PEEK_CHARS]) if cur.cut else cur.line_prefix
+    typed += cur.line_suffix if cur.line_suffix.strip() else "x"
+    window_lines = win.above[win.start_line - win.first_line :] + [typed] + cur.next_lines
     return Context(
-        prompt=prompt,
-        prompt_ids=ids,
-        prefix=prefix,
-        suffix=sanitize(suffix),
-        start=start,
-        cursor=cursor,
-        start_line=start_line,
-        line=line,
-        character=character,
-        line_prefix=line_prefix,
-        line_suffix=line_suffix,
-        held=held,
+        prompt=win.prompt,
+        prompt_ids=win.ids,
+        prefix=sanitize(text[win.start : cur.offset]),
+        suffix=sanitize(cur.suffix),
+        start=win.start,
+        cursor=cur.offset,
+        start_line=win.start_line,
+        line=cur.line,
+        character=cur.character,
+        line_prefix=cur.line_prefix,
+        line_suffix=cur.line_suffix,
+        held=cur.held,
         prev_line=prev_line,
-        next_lines=next_lines,
-        indent=guess_indent(window_lines, tab_size, insert_spaces),
-        eol=eol,
-        at_file_start=at_file_start,
-        line_cut=cut,
-        preamble_tokens=len(lead_ids),
+        next_lines=cur.next_lines,
+        indent=guess_indent(window_lines, opts.tab_size, opts.insert_spaces),
+        eol="\r\n" if "\r\n" in text[win.start : cur.offset + len(cur.suffix)] else "\n",
+        at_file_start=win.at_file_start,
+        line_cut=cur.cut,
+        preamble_tokens=preamble_tokens,
     )
 
 
@@ -476,6 +431,7 @@ def token_budget(context_tokens: int, context_length: int, max_new_tokens: int) 
 
 __all__ = [
     "Context",
+    "ContextOptions",
     "Indent",
     "TokenCounter",
     "build_context",

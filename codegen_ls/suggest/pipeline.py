@@ -39,6 +39,7 @@ from codegen_ls.settings import Settings
 from codegen_ls.suggest import confidence
 from codegen_ls.suggest.context import (
     Context,
+    ContextOptions,
     TokenCounter,
     build_context,
     fim_suffix_budget,
@@ -270,9 +271,11 @@ class Completer:
             req.character,
             counter,
             budget,
-            bos_text=engine.tokenizer.decode([engine.eos_id]),
-            tab_size=req.tab_size,
-            insert_spaces=req.insert_spaces,
+            ContextOptions(
+                bos_text=engine.tokenizer.decode([engine.eos_id]),
+                tab_size=req.tab_size,
+                insert_spaces=req.insert_spaces,
+            ),
         )
         mode, _ = decide_mode(ctx, settings.multiline, req.language_id or "python")
         hit = self._typeahead(req.uri, ctx, settings) if mode != "none" else []
@@ -337,11 +340,13 @@ class Completer:
             req.character,
             counter,
             budget,
-            bos_text=bos,
-            tab_size=req.tab_size,
-            insert_spaces=req.insert_spaces,
-            preamble=preamble,
-            fim_budget=_fim_budget(engine, settings, budget),
+            ContextOptions(
+                bos_text=bos,
+                tab_size=req.tab_size,
+                insert_spaces=req.insert_spaces,
+                preamble=preamble,
+                fim_budget=_fim_budget(engine, settings, budget),
+            ),
         )
         if warm:
             return self._done(

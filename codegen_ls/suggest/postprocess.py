@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from codegen_ls.kinds import FinishReason, Mode
-from codegen_ls.suggest.context import Context, Indent
+from codegen_ls.suggest.context import Context
+from codegen_ls.suggest.indent import Indent
 from codegen_ls.suggest.mode import is_block_header
 
 StopFn = Callable[[str], "int | None"]
