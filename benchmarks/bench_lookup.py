@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codegen_ls.engine.engine import Engine, EngineOptions
-from codegen_ls.suggest.drafts import MIN_ACCEPT_P, Draft, find_drafts, lookup_only
-from codegen_ls.suggest.verify import propose
+from codegen_ls.suggest.drafts import MIN_ACCEPT_P, Draft, DraftOptions, find_drafts, lookup_only
+from codegen_ls.suggest.verify import ProposeOptions, propose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def main() -> None:
         if len(body.strip()) < 4:
             continue
         pos = starts[i] + rng.randint(lead + 1, len(body) - 1)
-        drafts = find_drafts(text[:pos], text[starts[i] + len(body) :], {}, max_drafts=1)
+        drafts = find_drafts(text[:pos], text[starts[i] + len(body) :], {}, DraftOptions(max_drafts=1))
         if drafts:
             picks.append((pos, drafts[0], text[pos : starts[i] + len(body)]))
         if len(picks) >= args.cursors:
@@ -136,12 +136,14 @@ def main() -> None:
                 prefix,
                 suffix,
                 {},
-                doc_key=key,
-                multiline=False,
-                stop=newline_stop,
-                cancel=None,
-                max_new_tokens=args.max_new_tokens,
-                min_accept_p=p,
+                ProposeOptions(
+                    doc_key=key,
+                    stop=newline_stop,
+                    cancel=None,
+                    max_new_tokens=args.max_new_tokens,
+                    min_accept_p=p,
+                    find=DraftOptions(multiline=False),
+                ),
                 drafts=None if d is None else [d],
             )
 

@@ -16,6 +16,7 @@ from codegen_ls.settings import Settings
 from codegen_ls.suggest import postprocess, ranking
 from codegen_ls.suggest.context import line_window, offset_of
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion, _lookup_texts
+from codegen_ls.suggest.verify import DraftOptions, ProposeOptions
 from helpers import CODE, MODEL
 
 FAST = Settings(
@@ -250,6 +251,8 @@ def test_keystrokes_reuse_the_kv_cache(completer: Completer) -> None:
 class FakeLookup:
     """Stands in for codegen_ls.suggest.verify: one verified candidate continuing the cursor."""
 
+    ProposeOptions, DraftOptions = ProposeOptions, DraftOptions
+
     def __init__(self, engine: Engine, text: str) -> None:
         self.engine, self.text, self.calls = engine, text, []  # type: ignore[var-annotated]
 
@@ -260,9 +263,10 @@ class FakeLookup:
         prefix: str,
         suffix: str,
         other_documents: dict[str, str],
+        options: ProposeOptions,
         **kw: Any,
     ) -> list[Candidate]:
-        self.calls.append((prompt_ids, prefix, suffix, other_documents, kw))
+        self.calls.append((prompt_ids, prefix, suffix, other_documents, options))
         ids = engine.tokenizer.encode(self.text)
         return [Candidate(self.text, ids, [-0.01] * len(ids), "stop", source="lookup:line")]
 
@@ -276,9 +280,9 @@ def test_lookup_candidates_are_merged_and_keep_their_source(engine: Engine, monk
     req = request("class A:\n    def f(self):\n        return str(|)\n", uri="file:///fake-lookup.py")
     req.other_documents = {"file:///b.py": "x = 1\n", req.uri: "stale copy"}
     result = c.complete(req, replace(FAST, lookup=True))
-    (prompt_ids, prefix, suffix, others, kw) = fake.calls[0]
+    (prompt_ids, prefix, suffix, others, opts) = fake.calls[0]
     assert prefix == req.text[: len(prefix)] and prefix.endswith("return str(") and suffix.startswith(")\n")
-    assert others == {"file:///b.py": "x = 1\n"} and kw["doc_key"] == req.uri and kw["multiline"] is False
+    assert others == {"file:///b.py": "x = 1\n"} and opts.doc_key == req.uri and opts.find.multiline is False
     # ranked with the model's candidates (the calibrated model orders them), its text fitted to the closer
     copy = next(c for c in result.candidates if c["source"] == "lookup:line")
     assert copy["text"] == "self.name.title()" and 0 < copy["confidence"] < 1
@@ -375,7 +379,12 @@ def test_lookup_is_given_exactly_the_text_it_reads(monkeypatch: pytest.MonkeyPat
         prefix, suffix, sliced = _lookup_texts(req, cursor, lookup)
         assert len(prefix) + len(suffix) < len(text) and len(sliced["file:///b.py"]) < len(text)
         for multiline in (False, True):
-            whole = lookup.find_drafts(text[:cursor], text[cursor:], others, multiline=multiline, budget_ms=1e6)
-            assert lookup.find_drafts(prefix, suffix, sliced, multiline=multiline, budget_ms=1e6) == whole
+            whole = lookup.find_drafts(
+                text[:cursor], text[cursor:], others, lookup.DraftOptions(multiline=multiline, budget_ms=1e6)
+            )
+            assert (
+                lookup.find_drafts(prefix, suffix, sliced, lookup.DraftOptions(multiline=multiline, budget_ms=1e6))
+                == whole
+            )
             found += len(whole)
     assert found > 20

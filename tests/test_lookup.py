@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codegen_ls.errors import Cancelled
-from codegen_ls.suggest.drafts import Draft, find_drafts, lookup_only
-from codegen_ls.suggest.verify import accepted_length, align_draft, forced_tokens, propose
+from codegen_ls.suggest.drafts import Draft, DraftOptions, find_drafts, lookup_only
+from codegen_ls.suggest.verify import ProposeOptions, accepted_length, align_draft, forced_tokens, propose
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "codegen-ls-small"
 
@@ -46,7 +46,7 @@ def setup(ctx):
 
 def test_line_source_finds_other_lines_nearest_first() -> None:
     prefix, suffix = split(DOC)
-    drafts = find_drafts(prefix, suffix, {}, include_ngram=False)
+    drafts = find_drafts(prefix, suffix, {}, DraftOptions(include_ngram=False))
     assert [d.text for d in drafts] == ["ute(gamma, ctx)", "ute(beta, ctx)", "ute(alpha, ctx)"]
     assert all(d.source == "lookup:line" for d in drafts)
     assert [d.distance for d in drafts] == [1, 2, 4]
@@ -55,7 +55,7 @@ def test_line_source_finds_other_lines_nearest_first() -> None:
 
 def test_line_source_ignores_indentation_and_dedupes() -> None:
     prefix, suffix = split("if x:\n        total = add(a)\ntotal = add(a)\n  total = a|\n")
-    drafts = find_drafts(prefix, suffix, {}, include_ngram=False)
+    drafts = find_drafts(prefix, suffix, {}, DraftOptions(include_ngram=False))
     assert [d.text for d in drafts] == ["dd(a)"]
 
 
@@ -64,7 +64,7 @@ def test_line_source_prefers_the_line_whose_context_agrees() -> None:
         'if mode == "fast":\n    y = quick(x)\nif mode == "slow":\n    y = careful(x)\n'
         'z = 0\nif mode == "fast":\n    y = |\n'
     )
-    drafts = find_drafts(prefix, suffix, {}, include_ngram=False)
+    drafts = find_drafts(prefix, suffix, {}, DraftOptions(include_ngram=False))
     assert [(d.text, d.distance) for d in drafts] == [("quick(x)", 5), ("careful(x)", 3)]
 
 
@@ -77,38 +77,38 @@ def test_other_document_source() -> None:
     drafts = find_drafts(prefix, suffix, others)
     assert drafts[0] == Draft("all(items)", "lookup:doc", "file:///lib.py:2", 0)  # seen twice: first
     assert drafts[1].text == "one(item)" and drafts[1].origin == "file:///lib.py:4"
-    assert not find_drafts(prefix, suffix, others, include_other_documents=False, include_ngram=False)
+    assert not find_drafts(prefix, suffix, others, DraftOptions(include_other_documents=False, include_ngram=False))
 
 
 def test_same_document_ranks_before_other_documents() -> None:
     prefix, suffix = split("y = load_config(path)\ny = load_|\n")
-    drafts = find_drafts(prefix, suffix, {"file:///b.py": "y = load_data(path)\n"}, include_ngram=False)
+    drafts = find_drafts(prefix, suffix, {"file:///b.py": "y = load_data(path)\n"}, DraftOptions(include_ngram=False))
     assert [(d.text, d.source) for d in drafts] == [("config(path)", "lookup:line"), ("data(path)", "lookup:doc")]
 
 
 def test_ngram_source_matches_inside_lines() -> None:
     # No other line starts like the current one; the last words occur in the middle of a line.
     prefix, suffix = split("print(self.registry.lookup(name, default=None))\nvalue = self.registry.lookup(|\n")
-    assert not find_drafts(prefix, suffix, {}, include_ngram=False)
+    assert not find_drafts(prefix, suffix, {}, DraftOptions(include_ngram=False))
     drafts = find_drafts(prefix, suffix, {})
     assert drafts[0].source == "lookup:ngram"
     assert drafts[0].text == "name, default=None))"
     assert drafts[0].distance == 1
-    assert find_drafts(prefix, suffix, {}, include_lines=False)[0].source == "lookup:ngram"
+    assert find_drafts(prefix, suffix, {}, DraftOptions(include_lines=False))[0].source == "lookup:ngram"
 
 
 def test_each_source_keeps_a_place() -> None:
     lines = "key = pick(v0)\nkey = pick(v1)\n"
     prefix, suffix = split(lines + "call(pick(z9))\nkey = pick(|\n")
-    drafts = find_drafts(prefix, suffix, {"file:///o.py": "key = pick(w)\n"}, max_drafts=3)
+    drafts = find_drafts(prefix, suffix, {"file:///o.py": "key = pick(w)\n"}, DraftOptions(max_drafts=3))
     assert [(d.text, d.source) for d in drafts] == [
         ("v1)", "lookup:line"),
         ("w)", "lookup:doc"),
         ("z9))", "lookup:ngram"),
     ]
-    assert [d.text for d in find_drafts(prefix, suffix, {}, max_drafts=2)] == ["v1)", "z9))"]
-    assert [d.text for d in find_drafts(prefix, suffix, {}, max_drafts=3)] == ["v1)", "v0)", "z9))"]
-    assert find_drafts(prefix, suffix, {}, max_drafts=0) == []
+    assert [d.text for d in find_drafts(prefix, suffix, {}, DraftOptions(max_drafts=2))] == ["v1)", "z9))"]
+    assert [d.text for d in find_drafts(prefix, suffix, {}, DraftOptions(max_drafts=3))] == ["v1)", "v0)", "z9))"]
+    assert find_drafts(prefix, suffix, {}, DraftOptions(max_drafts=0)) == []
 
 
 def test_multiline_draft_takes_the_block_reindented() -> None:
@@ -122,9 +122,9 @@ def test_multiline_draft_takes_the_block_reindented() -> None:
         "        return 1\n"
         "def clo|\n"
     )
-    drafts = find_drafts(prefix, suffix, {}, multiline=True, include_ngram=False)
+    drafts = find_drafts(prefix, suffix, {}, DraftOptions(multiline=True, include_ngram=False))
     assert drafts[0].text == "se(self):\n    self.handle.flush()\n    self.handle.close()"
-    single = find_drafts(prefix, suffix, {}, include_ngram=False)
+    single = find_drafts(prefix, suffix, {}, DraftOptions(include_ngram=False))
     assert single[0].text == "se(self):"
 
 
@@ -132,7 +132,7 @@ def test_nothing_to_copy_gives_nothing() -> None:
     assert find_drafts("", "", {}) == []
     assert lookup_only("    ", "\n", {"file:///a.py": "    x = 1\n"}) is None  # no text to match on
     prefix, suffix = split("a = f(x)\na = f(|x)\n")  # the copy would re-type what follows the cursor
-    assert find_drafts(prefix, suffix, {}, include_ngram=False) == []
+    assert find_drafts(prefix, suffix, {}, DraftOptions(include_ngram=False)) == []
 
 
 # -- bounded work ------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_lookup_stays_within_budget_on_10mb(kind: str) -> None:
     others = {"file:///big1.py": doc, "file:///big2.py": doc}
     for budget in (0.0, 20.0):
         t = time.perf_counter()
-        find_drafts(prefix, suffix, others, multiline=True, max_drafts=8, budget_ms=budget)
+        find_drafts(prefix, suffix, others, DraftOptions(multiline=True, max_drafts=8, budget_ms=budget))
         lookup_only(prefix, suffix, others, budget_ms=budget)
         elapsed_ms = (time.perf_counter() - t) * 1000
         assert elapsed_ms < 2 * budget + 200, (kind, budget, elapsed_ms)
@@ -176,7 +176,9 @@ _text = st.text(alphabet=st.sampled_from(list("ab_x(). :=\n\t\r#é\u2603")), max
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefix=_text, suffix=_text, other=_text, multiline=st.booleans(), max_drafts=st.integers(0, 6))
 def test_find_drafts_never_crashes(prefix: str, suffix: str, other: str, multiline: bool, max_drafts: int) -> None:
-    drafts = find_drafts(prefix, suffix, {"file:///o.py": other}, multiline=multiline, max_drafts=max_drafts)
+    drafts = find_drafts(
+        prefix, suffix, {"file:///o.py": other}, DraftOptions(multiline=multiline, max_drafts=max_drafts)
+    )
     assert len(drafts) <= max_drafts
     assert len({d.text for d in drafts}) == len(drafts)
     for d in drafts:
@@ -243,12 +245,14 @@ def test_draft_is_cut_where_the_model_diverges(engine) -> None:  # type: ignore[
             prefix,
             "",
             {},
-            doc_key="t",
-            multiline=True,
-            stop=None,
-            cancel=None,
-            max_new_tokens=len(al.draft) + 2,
-            min_accept_p=1.0,
+            ProposeOptions(
+                doc_key="t",
+                stop=None,
+                cancel=None,
+                max_new_tokens=len(al.draft) + 2,
+                min_accept_p=1.0,
+                find=DraftOptions(multiline=True),
+            ),
             drafts=[Draft(draft_text, "lookup:line", "test", 1)],
         )
         verified = [c for c in cands if c.rejected == 0]
@@ -293,12 +297,14 @@ def test_greedy_agreement_is_lossless(engine) -> None:  # type: ignore[no-untype
         prefix,
         "",
         {},
-        doc_key="lossless",
-        multiline=False,
-        stop=newline_stop,
-        cancel=None,
-        max_new_tokens=16,
-        min_accept_p=1.0,
+        ProposeOptions(
+            doc_key="lossless",
+            stop=newline_stop,
+            cancel=None,
+            max_new_tokens=16,
+            min_accept_p=1.0,
+            find=DraftOptions(multiline=False),
+        ),
         drafts=[Draft(text, "lookup:line", "test", 1)],
     )
     al = align_draft(engine, prompt, text)
@@ -319,12 +325,14 @@ def test_propose_uses_found_drafts(engine) -> None:  # type: ignore[no-untyped-d
         prefix,
         suffix,
         {},
-        doc_key="p",
-        multiline=False,
-        stop=newline_stop,
-        cancel=None,
-        max_new_tokens=12,
-        min_accept_p=0.0,
+        ProposeOptions(
+            doc_key="p",
+            stop=newline_stop,
+            cancel=None,
+            max_new_tokens=12,
+            min_accept_p=0.0,
+            find=DraftOptions(multiline=False),
+        ),
     )
     assert cands, "min_accept_p=0 keeps every draft"
     assert cands[0].text.startswith("ute(gamma, ctx)")
@@ -339,11 +347,13 @@ def test_propose_uses_found_drafts(engine) -> None:  # type: ignore[no-untyped-d
             prefix,
             suffix,
             {},
-            doc_key="p",
-            multiline=False,
-            stop=newline_stop,
-            cancel=lambda: True,
-            max_new_tokens=12,
+            ProposeOptions(
+                doc_key="p",
+                stop=newline_stop,
+                cancel=lambda: True,
+                max_new_tokens=12,
+                find=DraftOptions(multiline=False),
+            ),
         )
 
 
@@ -372,12 +382,14 @@ def test_propose_never_crashes(
         prefix,
         suffix,
         {"file:///o.py": doc},
-        doc_key="h",
-        multiline=multiline,
-        stop=None if multiline else newline_stop,
-        cancel=None,
-        max_new_tokens=6,
-        min_accept_p=accept,
+        ProposeOptions(
+            doc_key="h",
+            stop=None if multiline else newline_stop,
+            cancel=None,
+            max_new_tokens=6,
+            min_accept_p=accept,
+            find=DraftOptions(multiline=multiline),
+        ),
     )
     for c in cands:
         assert c.text.strip()

@@ -10,7 +10,7 @@ import pytest
 
 from codegen_ls.settings import Settings
 from codegen_ls.suggest.context import ContextOptions, build_context
-from codegen_ls.suggest.drafts import find_drafts
+from codegen_ls.suggest.drafts import DraftOptions, find_drafts
 from codegen_ls.suggest.gitignore import Ignore, parse
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 from codegen_ls.suggest.repo import RepoIndex, RepoLimits, path_of, render_snippets
@@ -119,12 +119,13 @@ def test_repository_drafts_and_exclusion(tmp_path: Path) -> None:
     root = make_project(tmp_path)
     index = indexed(root)
     prefix = "def pay(cart):\n    amount = total_price("
-    drafts = find_drafts(prefix, "\n", {}, repo=index.snapshot, include_ngram=False)
+    drafts = find_drafts(prefix, "\n", {}, DraftOptions(repo=index.snapshot, include_ngram=False))
     assert [(d.text, d.source, d.origin) for d in drafts] == [
         ("cart.items, tax_rate=0.07)", "lookup:repo", "pkg/main.py:5")
     ]
+    exclude = {str(root / "pkg" / "main.py")}
     excluded = find_drafts(
-        prefix, "\n", {}, repo=index.snapshot, include_ngram=False, repo_exclude={str(root / "pkg" / "main.py")}
+        prefix, "\n", {}, DraftOptions(repo=index.snapshot, include_ngram=False, repo_exclude=exclude)
     )
     assert excluded == []
     index.close()

@@ -126,69 +126,87 @@ class _Cursor:
 # -- finding drafts ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DraftOptions:
+    """Where :func:`find_drafts` looks and how much it keeps."""
+
+    multiline: bool = False  # drafts may run over several lines (joined with ``\n``)
+    max_drafts: int = 4
+    budget_ms: float = 5.0  # time for the search (checked between chunks of work)
+    include_other_documents: bool = True
+    include_ngram: bool = True
+    include_lines: bool = True
+    uri: str = ""  # the document's; only labels ``origin``
+    repo: RepoSnapshot | None = None  # the workspace index's snapshot (``lookup:repo``)
+    repo_exclude: Collection[str] = ()  # paths the repository source skips: this document and the open ones
+
+
 def find_drafts(
-    prefix: str,
-    suffix: str,
-    other_documents: dict[str, str],
-    *,
-    multiline: bool = False,
-    max_drafts: int = 4,
-    budget_ms: float = 5.0,
-    include_other_documents: bool = True,
-    include_ngram: bool = True,
-    include_lines: bool = True,
-    uri: str = "",
-    repo: RepoSnapshot | None = None,
-    repo_exclude: Collection[str] = (),
+    prefix: str, suffix: str, other_documents: dict[str, str], options: DraftOptions | None = None
 ) -> list[Draft]:
     """Drafts for the cursor between ``prefix`` and ``suffix``: deduplicated, best first.
 
-    Order: same-document lines, other documents, repository files (``repo``, but not the paths in
-    ``repo_exclude``: this document and the open ones), n-grams, each ranked as the module says. When
-    several sources found something, each keeps at least one of the ``max_drafts`` places
-    (diversity for the verifier), the rest go to the sources in that order. ``uri`` (the
-    document's) only labels ``origin``. Multi-line drafts join lines with ``\n``.
+    Order: same-document lines, other documents, repository files (``options.repo``, but not the
+    paths in ``options.repo_exclude``), n-grams, each ranked as the module says. When several
+    sources found something, each keeps at least one of the ``options.max_drafts`` places
+    (diversity for the verifier), the rest go to the sources in that order.
     """
-    if max_drafts <= 0:
+    opts = options or DraftOptions()
+    if opts.max_drafts <= 0:
         return []
-    clock = _Clock(budget_ms)
     cur = _Cursor.of(prefix, suffix)
+    found = _distinct_per_source(_sources(prefix, suffix, other_documents, cur, opts), cur, opts)
+    picked = {(s, 0) for s, got in enumerate(found) if got}  # one place per source that found any
+    for s, got in enumerate(found):
+        for i in range(len(got)):
+            if len(picked) >= opts.max_drafts:
+                break
+            picked.add((s, i))
+    return [found[s][i] for s, i in sorted(picked)][: opts.max_drafts]
+
+
+def _sources(
+    prefix: str, suffix: str, other_documents: dict[str, str], cur: _Cursor, opts: DraftOptions
+) -> list[Iterator[Draft]]:
+    """The draft sources the options ask for, in rank order, sharing one clock."""
+    clock = _Clock(opts.budget_ms)
+    multiline = opts.multiline
     sources: list[Iterator[Draft]] = []
     line_pattern = _line_pattern(cur.key)
-    if include_lines and line_pattern is not None:
-        sources.append(_same_document_lines(prefix, suffix, cur, line_pattern, multiline, uri, clock))
-    if include_other_documents and line_pattern is not None:
+    if opts.include_lines and line_pattern is not None:
+        sources.append(_same_document_lines(prefix, suffix, cur, line_pattern, multiline, opts.uri, clock))
+    if opts.include_other_documents and line_pattern is not None:
         sources.append(_other_documents(prefix, other_documents, cur, line_pattern, multiline, clock))
-    if repo is not None and line_pattern is not None:
-        sources.append(_repo_lines(prefix, repo, cur, multiline, repo_exclude, clock))
-    if include_ngram:
-        sources.append(_ngrams(prefix, suffix, cur, multiline, uri, clock))
+    if opts.repo is not None and line_pattern is not None:
+        sources.append(_repo_lines(prefix, opts.repo, cur, multiline, opts.repo_exclude, clock))
+    if opts.include_ngram:
+        sources.append(_ngrams(prefix, suffix, cur, multiline, opts.uri, clock))
+    return sources
+
+
+def _distinct_per_source(sources: list[Iterator[Draft]], cur: _Cursor, opts: DraftOptions) -> list[list[Draft]]:
+    """Each source's first ``max_drafts`` useful drafts whose text no earlier draft has."""
     seen: set[str] = set()
     found: list[list[Draft]] = []
     for it in sources:  # each source: up to max_drafts new texts, in its own order
         got: list[Draft] = []
         for d in it:
-            if d.text in seen or not _useful(d.text, cur, multiline):
+            if d.text in seen or not _useful(d.text, cur, opts.multiline):
                 continue
             seen.add(d.text)
             got.append(d)
-            if len(got) >= max_drafts:
+            if len(got) >= opts.max_drafts:
                 break
         found.append(got)
-    picked = {(s, 0) for s, got in enumerate(found) if got}  # one place per source that found any
-    for s, got in enumerate(found):
-        for i in range(len(got)):
-            if len(picked) >= max_drafts:
-                break
-            picked.add((s, i))
-    return [found[s][i] for s, i in sorted(picked)][:max_drafts]
+    return found
 
 
 def lookup_only(
     prefix: str, suffix: str, other_documents: dict[str, str], *, multiline: bool = False, budget_ms: float = 5.0
 ) -> str | None:
     """The best draft's text, unverified (the evaluation's lookup-only mode); None if none."""
-    drafts = find_drafts(prefix, suffix, other_documents, multiline=multiline, max_drafts=1, budget_ms=budget_ms)
+    options = DraftOptions(multiline=multiline, max_drafts=1, budget_ms=budget_ms)
+    drafts = find_drafts(prefix, suffix, other_documents, options)
     return drafts[0].text if drafts else None
 
 
@@ -456,4 +474,13 @@ def _ngram_below(
         start = pos + 1
 
 
-__all__ = ["Draft", "find_drafts", "lookup_only", "MIN_ACCEPT_P", "SOURCES", "WINDOW_CHARS", "OTHER_DOC_CHARS"]
+__all__ = [
+    "Draft",
+    "DraftOptions",
+    "find_drafts",
+    "lookup_only",
+    "MIN_ACCEPT_P",
+    "SOURCES",
+    "WINDOW_CHARS",
+    "OTHER_DOC_CHARS",
+]

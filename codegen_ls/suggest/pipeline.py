@@ -504,16 +504,20 @@ class Completer:
             prefix,
             suffix,
             others,
-            doc_key=req.uri,
-            multiline=mode == "multi",
-            stop=make_stop(ctx, mode, ""),
-            cancel=cancel,
-            max_new_tokens=settings.max_new_tokens,
-            budget_ms=LOOKUP_FIND_MS,
-            include_other_documents=settings.lookup_other_documents,
-            deadline_ms=left,
-            repo=req.repo if settings.repo_lookup else None,
-            repo_exclude=_open_paths(req),
+            _lookup.ProposeOptions(
+                doc_key=req.uri,
+                max_new_tokens=settings.max_new_tokens,
+                stop=make_stop(ctx, mode, ""),
+                cancel=cancel,
+                deadline_ms=left,
+                find=_lookup.DraftOptions(
+                    multiline=mode == "multi",
+                    budget_ms=LOOKUP_FIND_MS,
+                    include_other_documents=settings.lookup_other_documents,
+                    repo=req.repo if settings.repo_lookup else None,
+                    repo_exclude=_open_paths(req),
+                ),
+            ),
         )
 
     def _repo_section(

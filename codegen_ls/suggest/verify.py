@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,10 +23,10 @@ from codegen_ls.suggest.drafts import (  # re-exported: the pipeline reads the l
     OTHER_DOC_CHARS,
     WINDOW_CHARS,
     Draft,
+    DraftOptions,
     find_drafts,
     lookup_only,
 )
-from codegen_ls.suggest.repo_snapshot import RepoSnapshot
 
 # -- verifying drafts --------------------------------------------------------------------------
 
@@ -123,87 +123,128 @@ class DraftCandidate(Candidate):
     origin: str = ""
 
 
+@dataclass(frozen=True)
+class ProposeOptions:
+    """How :func:`propose` verifies drafts, and where it finds them when none are given."""
+
+    doc_key: str  # the engine's cache key for the document (also the drafts' ``uri``)
+    max_new_tokens: int
+    stop: StopFn | None = None  # applied token by token, as in the engine
+    cancel: Callable[[], bool] | None = None
+    min_accept_p: float = MIN_ACCEPT_P
+    deadline_ms: float | None = None  # from the call: stops verifying further drafts, bounds the continuation
+    find: DraftOptions = field(default_factory=DraftOptions)  # :func:`find_drafts` (its ``uri`` is ``doc_key``)
+
+
 def propose(
     engine: Engine,
     prompt_ids: list[int],
     prefix: str,
     suffix: str,
     other_documents: dict[str, str],
+    options: ProposeOptions,
     *,
-    doc_key: str,
-    multiline: bool,
-    stop: StopFn | None,
-    cancel: Callable[[], bool] | None,
-    max_new_tokens: int,
-    budget_ms: float = 5.0,
-    include_other_documents: bool = True,
-    max_drafts: int = 4,
-    include_ngram: bool = True,
-    include_lines: bool = True,
-    min_accept_p: float = MIN_ACCEPT_P,
-    deadline_ms: float | None = None,
     drafts: list[Draft] | None = None,
-    repo: RepoSnapshot | None = None,
-    repo_exclude: Collection[str] = (),
 ) -> list[Candidate]:
     """Lookup drafts verified by the model: up to two candidates per draft.
 
-    Per draft: ONE forward pass (:meth:`Engine.score`) on top of ``prompt_ids``. Where the model
-    accepts the whole draft (:func:`accepted_length`), the draft is the candidate. Where it
+    ``drafts``: found in ``prefix`` / ``suffix`` / ``other_documents`` (:func:`find_drafts`) unless
+    given. Per draft: ONE forward pass (:meth:`Engine.score`) on top of ``prompt_ids``. Where the
+    model accepts the whole draft (:func:`accepted_length`), the draft is the candidate. Where it
     rejects a token, there are two: the *verified* one, cut before that token and continued by
     greedy decoding from the cache (source gets ``+model``; none when the first token is
     rejected, the model's own greedy candidate covers that), and the draft as copied, which
     carries how many of its tokens the model rejected (:attr:`DraftCandidate.rejected`): the
-    ranking weighs that evidence, no rule picks one of the two. ``stop`` applies token by token
-    as in the engine. ``logprobs`` are the model's log-probs of every token in ``token_ids``; as
-    with token healing, the first token may also cover prompt text, which ``text`` leaves out.
-    ``deadline_ms`` (from the call) stops verifying further drafts and bounds the continuation.
-    Candidates with the same text are given once (the better-ranked draft's). Raises Cancelled
-    when ``cancel()``.
+    ranking weighs that evidence, no rule picks one of the two. ``logprobs`` are the model's
+    log-probs of every token in ``token_ids``; as with token healing, the first token may also
+    cover prompt text, which ``text`` leaves out. Candidates with the same text are given once
+    (the better-ranked draft's). Raises Cancelled when ``options.cancel()``.
     """
     t0 = time.perf_counter()
+    opts = options
     if drafts is None:
-        drafts = find_drafts(
-            prefix,
-            suffix,
-            other_documents,
-            multiline=multiline,
-            max_drafts=max_drafts,
-            budget_ms=budget_ms,
-            include_other_documents=include_other_documents,
-            include_ngram=include_ngram,
-            include_lines=include_lines,
-            uri=doc_key,
-            repo=repo,
-            repo_exclude=repo_exclude,
-        )
-    if not drafts or not prompt_ids or max_new_tokens <= 0:
+        drafts = find_drafts(prefix, suffix, other_documents, replace(opts.find, uri=opts.doc_key))
+    if not drafts or not prompt_ids or opts.max_new_tokens <= 0:
         return []
-    room = max(1, engine.context_length - max_new_tokens)
+    room = max(1, engine.context_length - opts.max_new_tokens)
     prompt = list(prompt_ids)[-room:]  # the same cut generate() makes, so the cache matches
     out: list[Candidate] = []
     texts: set[str] = set()
     for d in drafts:
-        if cancel is not None and cancel():
+        if opts.cancel is not None and opts.cancel():
             raise Cancelled("cancelled")
-        left = None if deadline_ms is None else deadline_ms - (time.perf_counter() - t0) * 1000
+        left = None if opts.deadline_ms is None else opts.deadline_ms - (time.perf_counter() - t0) * 1000
         if left is not None and left <= 0:
             break
-        for cand in _verify(
-            engine,
-            prompt,
-            d,
-            doc_key=doc_key,
-            stop=stop,
-            cancel=cancel,
-            max_new_tokens=max_new_tokens,
-            min_accept_p=min_accept_p,
-            deadline_ms=left,
-        ):
+        for cand in _verify(engine, prompt, d, replace(opts, deadline_ms=left)):
             if cand.text not in texts:
                 texts.add(cand.text)
                 out.append(cand)
     return out
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A draft aligned to the prompt and scored in one forward pass."""
+
+    draft: Draft
+    al: AlignedDraft
+    ids: list[int]  # the draft tokens judged (at most max_new_tokens)
+    logprobs: list[float]  # the model's log-prob of each
+    greedy: list[int]  # the model's greedy token at each position
+    after: np.ndarray  # log-probs of the token after the whole draft
+    forced: int  # leading tokens inside the healed prompt text (nothing to judge)
+    accepted: int  # leading tokens the model accepts (:func:`accepted_length`)
+    floor: float  # log(min_accept_p)
+
+    def candidate(self, p: _Piece) -> DraftCandidate:
+        rejected = sum(
+            1 for i in range(self.forced, p.kept) if self.ids[i] != self.greedy[i] and self.logprobs[i] < self.floor
+        )
+        return DraftCandidate(
+            p.text,
+            p.token_ids,
+            [float(x) for x in p.logprobs],
+            p.finish,
+            sampled=False,
+            source=p.source,
+            distance=self.draft.distance,
+            agree=self.draft.agree,
+            draft_tokens=len(self.ids),
+            copied_tokens=p.kept,
+            rejected=rejected,
+            origin=self.draft.origin,
+        )
+
+
+@dataclass
+class _Piece:
+    """A candidate being made from a draft: its text and tokens so far."""
+
+    text: str
+    kept: int  # draft tokens it keeps
+    finish: str
+    source: str
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+def _score(engine: Engine, prompt: list[int], draft: Draft, opts: ProposeOptions) -> _Scored | None:
+    al = align_draft(engine, prompt, draft.text)
+    if al is None:
+        return None
+    ids = al.draft[: opts.max_new_tokens]
+    logprobs, greedy, after = engine.score(al.base, ids, doc_key=opts.doc_key, cancel=opts.cancel)
+    forced = forced_tokens(engine, al)
+    m = accepted_length(ids, logprobs, greedy, opts.min_accept_p, forced)
+    floor = math.log(opts.min_accept_p) if opts.min_accept_p > 0 else -math.inf
+    return _Scored(draft, al, ids, logprobs, greedy, after, forced, m, floor)
+
+
+def _piece(engine: Engine, s: _Scored, m: int, stop: StopFn | None) -> _Piece:
+    """The first ``m`` draft tokens as a candidate (cut where ``stop`` says)."""
+    text, kept, finish = _walk(engine, s.al, s.ids, m, stop)
+    return _Piece(text, kept, finish, s.draft.source, s.ids[:kept], s.logprobs[:kept])
 
 
 def _walk(engine: Engine, al: AlignedDraft, ids: list[int], m: int, stop: StopFn | None) -> tuple[str, int, str]:
@@ -222,121 +263,95 @@ def _walk(engine: Engine, al: AlignedDraft, ids: list[int], m: int, stop: StopFn
     return text, kept, ""
 
 
-def _verify(
-    engine: Engine,
-    prompt: list[int],
-    draft: Draft,
-    *,
-    doc_key: str,
-    stop: StopFn | None,
-    cancel: Callable[[], bool] | None,
-    max_new_tokens: int,
-    min_accept_p: float,
-    deadline_ms: float | None,
-) -> list[DraftCandidate]:
-    al = align_draft(engine, prompt, draft.text)
-    if al is None:
+def _verify(engine: Engine, prompt: list[int], draft: Draft, opts: ProposeOptions) -> list[DraftCandidate]:
+    """The candidates of one draft: the verified one first (if any), then the draft as copied."""
+    s = _score(engine, prompt, draft, opts)
+    if s is None:
         return []
-    ids = al.draft[:max_new_tokens]
-    logprobs, greedy, after = engine.score(al.base, ids, doc_key=doc_key, cancel=cancel)
-    forced = forced_tokens(engine, al)
-    m = accepted_length(ids, logprobs, greedy, min_accept_p, forced)
-    floor = math.log(min_accept_p) if min_accept_p > 0 else -math.inf
-
-    def make(text: str, kept: int, finish: str, source: str, token_ids: list[int], lps: list[float]) -> DraftCandidate:
-        rejected = sum(1 for i in range(forced, kept) if ids[i] != greedy[i] and logprobs[i] < floor)
-        return DraftCandidate(
-            text,
-            token_ids,
-            [float(x) for x in lps],
-            finish,
-            sampled=False,
-            source=source,
-            distance=draft.distance,
-            agree=draft.agree,
-            draft_tokens=len(ids),
-            copied_tokens=kept,
-            rejected=rejected,
-            origin=draft.origin,
-        )
-
     out: list[DraftCandidate] = []
-    if m < len(ids):  # the model rejects a token: the draft as copied, with that evidence
-        text, kept, finish = _walk(engine, al, ids, len(ids), stop)
-        if kept and text.strip():
-            out.append(
-                make(
-                    text,
-                    kept,
-                    finish or ("length" if kept >= max_new_tokens else "stop"),
-                    draft.source,
-                    ids[:kept],
-                    logprobs[:kept],
-                )
-            )
-        if kept and kept <= m:  # the stop rule cut the draft inside its accepted part: nothing to verify
+    if s.accepted < len(s.ids):  # the model rejects a token: the draft as copied, with that evidence
+        copy = _piece(engine, s, len(s.ids), opts.stop)
+        if copy.kept and copy.text.strip():
+            copy.finish = copy.finish or ("length" if copy.kept >= opts.max_new_tokens else "stop")
+            out.append(s.candidate(copy))
+        if copy.kept and copy.kept <= s.accepted:  # the stop rule cut the draft inside its accepted part
             return out
-    text, kept, finish = _walk(engine, al, ids, m, stop)
-    if kept == 0:
+    p = _piece(engine, s, s.accepted, opts.stop)
+    if p.kept == 0:
         return out  # rejected at once: the model's own greedy candidate covers this
-    token_ids, lps = ids[:kept], logprobs[:kept]
-    source = draft.source
-    if not finish and kept == len(ids) == len(al.draft):
-        # The whole draft was accepted. It ended a line (or block) of its source, so that line
-        # end is judged like one more draft token: kept when the greedy next token ends the line,
-        # or (unless the rule is plain greedy agreement) when the line-end tokens together have
-        # probability >= min_accept_p.
-        table = engine.tokenizer.token_bytes()
-        nxt = int(engine.without_banned(after).argmax())
-        ends = _line_end_ids(engine.tokenizer, engine.eos_id, len(after))
-        p_end = float(np.exp(after[ends]).sum())
-        if nxt == engine.eos_id:
-            finish = "eos"
-        elif nxt in ends or (min_accept_p <= 0.5 and p_end >= min_accept_p):
-            finish = "stop"
-        elif stop is not None:
-            more = text + table[nxt].decode("utf-8", "replace")
-            cut = stop(more)
-            if cut is not None and cut <= len(text):
-                text, finish = more[:cut], "stop"
-        if not finish and text.strip():  # the model goes on where the copy ended: keep the copy too
-            copy = make(text, kept, "stop", source, token_ids, lps)
-            copy.rejected += 1
-            out.append(copy)
-    if not finish and kept >= max_new_tokens:
-        finish = "length"
-    if not finish:
-        cut_total: int | None = None
-
-        def stop_total(s: str) -> int | None:  # the caller's stop sees the whole candidate
-            nonlocal cut_total
-            c = stop(text + s) if stop is not None else None
-            if c is None:
-                return None
-            cut_total = c
-            return max(0, c - len(text))
-
-        gen = engine.generate(
-            al.base + token_ids,
-            doc_key=doc_key,
-            n=1,
-            temperature=0.0,
-            max_new_tokens=max_new_tokens - kept,
-            stop=stop_total,
-            cancel=cancel,
-            deadline_ms=deadline_ms,
-        ).candidates[0]
-        text = (text + gen.text)[:cut_total] if cut_total is not None and cut_total < len(text) else text + gen.text
-        token_ids, lps, finish = token_ids + gen.token_ids, lps + gen.logprobs, gen.finish_reason
-        if gen.token_ids:
-            source += "+model"
-    if text.strip():
-        out.insert(0, make(text, kept, finish, source, token_ids, lps))
+    if not p.finish and p.kept == len(s.ids) == len(s.al.draft):
+        copy_too = _judge_line_end(engine, s, p, opts)
+        if copy_too is not None:
+            out.append(copy_too)
+    if not p.finish and p.kept >= opts.max_new_tokens:
+        p.finish = "length"
+    if not p.finish:
+        _continue(engine, s, p, opts)
+    if p.text.strip():
+        out.insert(0, s.candidate(p))
     return out
+
+
+def _judge_line_end(engine: Engine, s: _Scored, p: _Piece, opts: ProposeOptions) -> DraftCandidate | None:
+    """The whole draft was accepted. It ended a line (or block) of its source, so that line end is
+    judged like one more draft token: kept (``p.finish`` set) when the greedy next token ends the
+    line, or (unless the rule is plain greedy agreement) when the line-end tokens together have
+    probability >= min_accept_p. Where the model goes on instead, the copy as it ends is returned
+    too, with one more rejected token."""
+    table = engine.tokenizer.token_bytes()
+    nxt = int(engine.without_banned(s.after).argmax())
+    ends = _line_end_ids(engine.tokenizer, engine.eos_id, len(s.after))
+    p_end = float(np.exp(s.after[ends]).sum())
+    if nxt == engine.eos_id:
+        p.finish = "eos"
+    elif nxt in ends or (opts.min_accept_p <= 0.5 and p_end >= opts.min_accept_p):
+        p.finish = "stop"
+    elif opts.stop is not None:
+        more = p.text + table[nxt].decode("utf-8", "replace")
+        cut = opts.stop(more)
+        if cut is not None and cut <= len(p.text):
+            p.text, p.finish = more[:cut], "stop"
+    if p.finish or not p.text.strip():
+        return None
+    copy = s.candidate(replace(p, finish="stop"))
+    copy.rejected += 1
+    return copy
+
+
+def _continue(engine: Engine, s: _Scored, p: _Piece, opts: ProposeOptions) -> None:
+    """Greedy decoding from the cache after the kept draft tokens (the caller's stop sees the
+    whole candidate); ``p`` grows by what the model wrote."""
+    text, stop = p.text, opts.stop
+    cut_total: int | None = None
+
+    def stop_total(x: str) -> int | None:
+        nonlocal cut_total
+        c = stop(text + x) if stop is not None else None
+        if c is None:
+            return None
+        cut_total = c
+        return max(0, c - len(text))
+
+    gen = engine.generate(
+        s.al.base + p.token_ids,
+        doc_key=opts.doc_key,
+        n=1,
+        temperature=0.0,
+        max_new_tokens=opts.max_new_tokens - p.kept,
+        stop=stop_total,
+        cancel=opts.cancel,
+        deadline_ms=opts.deadline_ms,
+    ).candidates[0]
+    p.text = (text + gen.text)[:cut_total] if cut_total is not None and cut_total < len(text) else text + gen.text
+    p.token_ids, p.logprobs, p.finish = p.token_ids + gen.token_ids, p.logprobs + gen.logprobs, gen.finish_reason
+    if gen.token_ids:
+        p.source += "+model"
 
 
 __all__ = [
     "DraftCandidate",
+    "DraftOptions",
+    "ProposeOptions",
     "propose",
     "AlignedDraft",
     "align_draft",
