@@ -210,45 +210,8 @@ def _pack_rows(b: ModelBuilder, g: GraphWriter, x: str, scale: np.ndarray | None
     """The chunk's new keys or values ``[1, S, E]`` as the cache stores them."""
     from onnx import TensorProto
 
-    if b.kv_int4:  # per token and head: round(x / scale) + 8, value j low nibble, j + D/2 high
-        qv = g.op(
-            "Add",
-            [
-                g.op(
-                    "Clip",
-                    [
-                        g.op(
-                            "Round",
-                            [g.op("Div", [_rows(b, g, x, path), _row_scale(b, g, x, path)], f"{path}/Div")],
-                            f"{path}/Round",
-                        ),
-                        b.const("kv4_lo", np.array(-kvcache.LEVELS - 1, np.float32)),
-                        b.const("kv4_hi", np.array(kvcache.LEVELS, np.float32)),
-                    ],
-                    f"{path}/Clip",
-                ),
-                b.const("kv4_offset", np.array(kvcache.OFFSET, np.float32)),
-            ],
-            f"{path}/offset/Add",
-        )  # [1, S, H, D]
-        lo, hi = g.op(
-            "Split", [qv, b.const("kv4_halves", np.array([b.d // 2, b.d // 2], np.int64))], f"{path}/Split", 2, axis=-1
-        )
-        packed = g.op(
-            "Add",
-            [lo, g.op("Mul", [hi, b.const("kv4_sixteen", np.array(16, np.float32))], f"{path}/high/Mul")],
-            f"{path}/pack/Add",
-        )
-        return str(
-            g.op(
-                "Reshape",
-                [
-                    g.op("Cast", [packed], f"{path}/Cast", to=TensorProto.UINT8),
-                    b.const("shape_packed", np.array([0, 0, b.e // 2], np.int64)),
-                ],
-                f"{path}/Reshape",
-            )
-        )
+    if b.kv_int4:
+        return _pack4(b, g, x, path)
     if scale is None:
         return str(g.op("Identity", [x], f"{path}/Identity"))
     # the int8 cache's quantization: per channel, symmetric, saturating (elementwise ops:
@@ -264,6 +227,51 @@ def _pack_rows(b: ModelBuilder, g: GraphWriter, x: str, scale: np.ndarray | None
         f"{path}/Clip",
     )
     return str(g.op("Cast", [clipped], f"{path}/Cast", to=TensorProto.INT8))
+
+
+def _pack4(b: ModelBuilder, g: GraphWriter, x: str, path: str) -> str:
+    """The 4-bit cache's rows: per token and head round(x / scale) + 8, value j in the low nibble
+    and j + D/2 in the high one, ``[1, S, E/2]`` uint8."""
+    from onnx import TensorProto
+
+    qv = g.op(
+        "Add",
+        [
+            g.op(
+                "Clip",
+                [
+                    g.op(
+                        "Round",
+                        [g.op("Div", [_rows(b, g, x, path), _row_scale(b, g, x, path)], f"{path}/Div")],
+                        f"{path}/Round",
+                    ),
+                    b.const("kv4_lo", np.array(-kvcache.LEVELS - 1, np.float32)),
+                    b.const("kv4_hi", np.array(kvcache.LEVELS, np.float32)),
+                ],
+                f"{path}/Clip",
+            ),
+            b.const("kv4_offset", np.array(kvcache.OFFSET, np.float32)),
+        ],
+        f"{path}/offset/Add",
+    )  # [1, S, H, D]
+    lo, hi = g.op(
+        "Split", [qv, b.const("kv4_halves", np.array([b.d // 2, b.d // 2], np.int64))], f"{path}/Split", 2, axis=-1
+    )
+    packed = g.op(
+        "Add",
+        [lo, g.op("Mul", [hi, b.const("kv4_sixteen", np.array(16, np.float32))], f"{path}/high/Mul")],
+        f"{path}/pack/Add",
+    )
+    return str(
+        g.op(
+            "Reshape",
+            [
+                g.op("Cast", [packed], f"{path}/Cast", to=TensorProto.UINT8),
+                b.const("shape_packed", np.array([0, 0, b.e // 2], np.int64)),
+            ],
+            f"{path}/Reshape",
+        )
+    )
 
 
 def _rows(b: ModelBuilder, g: GraphWriter, x: str, path: str) -> str:
