@@ -6,7 +6,12 @@
   client (:class:`RawClient`) that writes any bytes to its stdin (malformed JSON, bad framing,
   unknown methods) and records everything it sends back;
 - tiny exports: a random CodeGen checkpoint of a given shape exported with our command
-  (:func:`tiny_export`);
+  (:func:`tiny_export`); a random CodeGen saved by transformers, its LM head biased per token
+  (:func:`random_codegen`);
+- the remote backend's and the cluster's material: a document typed up to a cursor
+  (:func:`typed_to`), a free loopback port, an ``/infill`` body;
+- language-server sessions over pytest-lsp: a document, statuses recorded as dicts, polling,
+  opening a document;
 - UTF-16 positions the way an editor counts them (:func:`utf16_len`, :func:`utf16_offset`);
 - the 4-bit KV cache's reference quantizer (:func:`quantize4`, :func:`dequantize4`, from
   :mod:`codegen_ls.engine.kvcache`, the format's owner);
@@ -19,15 +24,20 @@ import asyncio
 import itertools
 import json
 import os
+import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from codegen_ls.engine.engine import Tokenizer
 from codegen_ls.engine.kvcache import dequantize4, quantize4
+from codegen_ls.settings import Settings
 from codegen_ls.suggest.context import Context, ContextOptions, TokenCounter, build_context
+
+if TYPE_CHECKING:
+    from pytest_lsp import LanguageClient
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "codegen-ls-small"
@@ -321,6 +331,161 @@ def tiny_export(
     return base / "model"
 
 
+def random_codegen(
+    out: Path,
+    config: dict[str, Any],
+    *,
+    biases: dict[int, float] | None = None,
+    tokenizer: Path | None = None,
+    seed: int = 0,
+    **save: Any,
+) -> Path:
+    """A random CodeGen built and saved by transformers at ``out``: a tiny shape (256 positions, 64
+    wide, 2 layers, 4 heads, rotary 8, untied head) with ``config`` over it (``vocab_size`` at
+    least). The LM head's bias is -1e4 for end of text (id 0: decode runs to its length), then
+    ``biases`` (token id -> bias); ``tokenizer`` is copied in as ``tokenizer.json``; ``save``:
+    ``save_pretrained``'s options (``safe_serialization``, ``max_shard_size``)."""
+    import torch
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    tiny: dict[str, Any] = dict(
+        n_positions=256,
+        n_ctx=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = CodeGenForCausalLM(CodeGenConfig(**(tiny | config))).eval()
+    with torch.no_grad():
+        for token, bias in ({0: -1e4} | (biases or {})).items():
+            model.lm_head.bias[token] = bias
+    model.save_pretrained(str(out), **save)
+    if tokenizer is not None:
+        (out / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return out
+
+
+# -- the remote backend and the cluster (test_remote, test_cluster) ---------------------------------
+
+STORE_SOURCE = """import os
+
+
+class Store:
+    def __init__(self, root):
+        self.root = root
+        self.items = {}
+
+    def path(self, name):
+        return os.path.join(self.root, name)
+
+    def load(self, name):
+        with open(self.path(name)) as f:
+            return f.read()
+
+    def save(self, name, text):
+        with open(self.path(name), "w") as f:
+            f.write(text)
+"""
+STORE_CURSORS = [(5, 20), (6, 21), (9, 20), (12, 13), (13, 19), (17, 14), (8, 4), (15, 8)]  # (line, character)
+
+
+def typed_to(line: int, character: int) -> str:
+    """STORE_SOURCE as it is while the user types: the cursor line ends at the cursor."""
+    lines = STORE_SOURCE.split("\n")
+    return "\n".join(lines[:line] + [lines[line][:character]] + lines[line + 1 :])
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def remote_pipeline_settings(**kw: Any) -> Settings:
+    """Greedy only, sizes set (a latency target may size default ones by the local engine's speed), every
+    suggestion shown (these tests compare the remote path with the local one, not confidence)."""
+    kw.setdefault("min_confidence", 0.0)
+    kw.setdefault("fim", False)  # the remote client sends prefix-only prompts (a server's FIM is its `suffix` field)
+    return Settings(num_candidates=1, lookup=False, deadline_ms=20_000, max_new_tokens=40, context_tokens=1000, **kw)
+
+
+def infill_request() -> dict[str, Any]:
+    """A llama.cpp ``/infill`` body with one extra file, the prompt cache asked for."""
+    return {
+        "input_prefix": "import os\n\n\ndef home():\n    return ",
+        "input_suffix": "\n",
+        "n_predict": 8,
+        "input_extra": [{"filename": "util.py", "text": "def join(a, b):\n    return a + b\n"}],
+        "t_max_predict_ms": 5000,
+        "cache_prompt": True,
+    }
+
+
+# -- language-server sessions over pytest-lsp (test_server, test_editor_seam) -----------------------
+
+LSP_SOURCE = """import os
+
+
+def read_lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+def count_words(text):
+    words = text.split()
+    return len(words)
+
+
+def main():
+    lines = read_lines("data.txt")
+    for line in lines:
+        print(count_words(line))
+"""
+
+
+def plain(params: Any) -> Any:
+    """pygls hands JSON objects over as namedtuples; dicts all the way down."""
+    if hasattr(params, "_asdict"):
+        return {k: plain(v) for k, v in params._asdict().items()}
+    if isinstance(params, dict):
+        return {k: plain(v) for k, v in params.items()}
+    if isinstance(params, (list, tuple)):
+        return [plain(v) for v in params]
+    return params
+
+
+def record_statuses(client: LanguageClient) -> list[dict[str, Any]]:
+    """The ``codegenLs/status`` notifications the client receives from now on, as dicts."""
+    statuses: list[dict[str, Any]] = []
+    client.feature("codegenLs/status")(lambda params: statuses.append(plain(params)))
+    return statuses
+
+
+async def wait_for(predicate: Any, what: str, timeout: float = 60) -> None:
+    """Poll ``predicate()`` until it holds; an AssertionError naming ``what`` after ``timeout`` s."""
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def open_doc(client: LanguageClient, uri: str, text: str = LSP_SOURCE, version: int = 1) -> None:
+    from lsprotocol import types
+
+    client.text_document_did_open(
+        types.DidOpenTextDocumentParams(
+            types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)
+        )
+    )
+
+
 def utf16_len(text: str) -> int:
     """``text``'s length in UTF-16 code units (an LSP column)."""
     return sum(2 if ord(ch) > 0xFFFF else 1 for ch in text)
@@ -343,18 +508,30 @@ __all__ = [
     "BOS",
     "CODE",
     "COUNTER",
+    "LSP_SOURCE",
     "MODEL",
     "MODEL_DIR",
     "REPO",
     "SERVER_CMD",
+    "STORE_CURSORS",
+    "STORE_SOURCE",
     "TOKENIZER",
     "RawClient",
     "ctx_of",
     "decode_run",
     "dequantize4",
+    "free_port",
+    "infill_request",
+    "open_doc",
+    "plain",
     "quantize4",
+    "random_codegen",
+    "record_statuses",
+    "remote_pipeline_settings",
     "server_env",
     "tiny_export",
+    "typed_to",
     "utf16_len",
     "utf16_offset",
+    "wait_for",
 ]

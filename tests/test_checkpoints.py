@@ -31,6 +31,7 @@ from codegen_ls.export import calibrate, kv_check  # noqa: E402
 from codegen_ls.export.graph_builder import kv_scales  # noqa: E402
 from codegen_ls.export.pipeline import calibration_batches, export  # noqa: E402
 from codegen_ls.export.source import CheckpointSource  # noqa: E402
+from helpers import random_codegen  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # exports of real-checkpoint forms, several per test
 
@@ -46,32 +47,10 @@ def checkpoint(
     out: Path, *, shard: str | None = None, safetensors: bool = True, seed: int = 0, **config: object
 ) -> Path:
     """A random CodeGen saved by transformers (``shard``: its ``max_shard_size``); EOS (0) suppressed."""
-    from transformers import CodeGenConfig, CodeGenForCausalLM
-
-    shape = (
-        dict(
-            vocab_size=VOCAB,
-            n_positions=256,
-            n_ctx=256,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            rotary_dim=8,
-            bos_token_id=0,
-            eos_token_id=0,
-            tie_word_embeddings=False,
-        )
-        | config
-    )
-    torch.manual_seed(seed)
-    model = CodeGenForCausalLM(CodeGenConfig(**shape)).eval()
-    with torch.no_grad():
-        model.lm_head.bias[0] = -1e4
-    kwargs = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(str(out), safe_serialization=safetensors, **kwargs)
-    if int(shape["vocab_size"]) >= VOCAB:  # type: ignore[call-overload]
-        (out / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
-    return out
+    shape: dict[str, Any] = {"vocab_size": VOCAB} | config
+    save: dict[str, Any] = {"max_shard_size": shard} if shard else {}
+    tokenizer = TOKENIZER if int(shape["vocab_size"]) >= VOCAB else None
+    return random_codegen(out, shape, tokenizer=tokenizer, seed=seed, safe_serialization=safetensors, **save)
 
 
 def hf_greedy(src: Path, ids: list[int], n: int) -> list[int]:

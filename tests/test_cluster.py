@@ -25,8 +25,16 @@ from codegen_ls.cluster.app import APP_NAME, ClusterOptions, build_app  # noqa: 
 from codegen_ls.engine.remote import BackendUnavailable, HttpClient, RemoteEngine, RemoteOptions  # noqa: E402
 from codegen_ls.errors import Cancelled  # noqa: E402
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest  # noqa: E402
-from helpers import MODEL_DIR, RawClient, server_env  # noqa: E402
-from test_remote import CURSORS, free_port, pipeline_settings, typed_to  # noqa: E402
+from helpers import (  # noqa: E402
+    MODEL_DIR,
+    STORE_CURSORS,
+    RawClient,
+    free_port,
+    infill_request,
+    remote_pipeline_settings,
+    server_env,
+    typed_to,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -90,7 +98,7 @@ async def test_lsp_server_with_the_cluster_gives_the_local_engines_greedy_sugges
         status = await c.notification("codegenLs/status", where=lambda p: p["state"] == "ready")
         assert "codegen-ls cluster" in status["params"]["message"]
         shown = 0
-        for i, (line, col) in enumerate(CURSORS):
+        for i, (line, col) in enumerate(STORE_CURSORS):
             uri = f"file:///doc{i}.py"
             await c.open(uri, typed_to(line, col))
             reply = await c.request(
@@ -103,11 +111,11 @@ async def test_lsp_server_with_the_cluster_gives_the_local_engines_greedy_sugges
             )
             got = [item["insertText"] for item in reply["result"]["items"]]
             want = local.complete(
-                CompletionRequest(typed_to(line, col), line, col, uri=uri), pipeline_settings()
+                CompletionRequest(typed_to(line, col), line, col, uri=uri), remote_pipeline_settings()
             ).suggestions
             assert got == [s.insert_text for s in want], (line, col)
             shown += len(got)
-        assert shown >= len(CURSORS) - 1
+        assert shown >= len(STORE_CURSORS) - 1
     finally:
         await c.close()
 
@@ -137,14 +145,7 @@ def test_a_documents_keystrokes_stay_on_its_replica_and_reuse_its_cache(cluster:
 
 def test_infill_speaks_llama_cpp(cluster: str) -> None:
     http = HttpClient(cluster)
-    body = {
-        "input_prefix": "import os\n\n\ndef home():\n    return ",
-        "input_suffix": "\n",
-        "n_predict": 8,
-        "input_extra": [{"filename": "util.py", "text": "def join(a, b):\n    return a + b\n"}],
-        "t_max_predict_ms": 5000,
-        "cache_prompt": True,
-    }
+    body = infill_request()
     first = http.call("POST", "/infill", body, timeout_ms=60_000, session="infill")
     second = http.call("POST", "/infill", body, timeout_ms=60_000, session="infill")
     assert second["content"] == first["content"] and second["tokens_cached"] > 0

@@ -23,30 +23,12 @@ import pytest_lsp
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
-from helpers import SERVER_CMD, server_env
+from helpers import LSP_SOURCE, SERVER_CMD, open_doc, plain, record_statuses, server_env, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
-SOURCE = """import os
-
-
-def read_lines(path):
-    with open(path) as f:
-        return f.read().splitlines()
-
-
-def count_words(text):
-    words = text.split()
-    return len(words)
-
-
-def main():
-    lines = read_lines("data.txt")
-    for line in lines:
-        print(count_words(line))
-"""
 AFTER_DOT = (9, 17)  # ``words = text.`` -> the model continues after the trigger character
-DOTTED = SOURCE.replace("words = text.split()", "words = text.")
+DOTTED = LSP_SOURCE.replace("words = text.split()", "words = text.")
 ENDS = [(3, 21), (13, 11), (15, 22)]  # line ends where the model runs
 
 INLINE = types.TextDocumentClientCapabilities(
@@ -67,17 +49,6 @@ def capabilities(text_document: types.TextDocumentClientCapabilities) -> types.C
     )
 
 
-def plain(params: Any) -> Any:
-    """pygls hands JSON objects over as namedtuples; dicts all the way down."""
-    if hasattr(params, "_asdict"):
-        return {k: plain(v) for k, v in params._asdict().items()}
-    if isinstance(params, dict):
-        return {k: plain(v) for k, v in params.items()}
-    if isinstance(params, (list, tuple)):
-        return [plain(v) for v in params]
-    return params
-
-
 async def begin(
     client: LanguageClient,
     text_document: types.TextDocumentClientCapabilities = INLINE,
@@ -85,8 +56,7 @@ async def begin(
     wait_ready: bool = True,
 ) -> list[dict[str, Any]]:
     """initialize + initialized with ``settings`` as initializationOptions; the statuses received."""
-    statuses: list[dict[str, Any]] = []
-    client.feature("codegenLs/status")(lambda params: statuses.append(plain(params)))
+    statuses = record_statuses(client)
     settings = {"minConfidence": 0, **(settings or {})}  # the seam is under test, not the ranking
     client.init_result = await client.initialize_session(
         types.InitializeParams(  # type: ignore[attr-defined]
@@ -97,22 +67,6 @@ async def begin(
         await wait_for(lambda: any(s["state"] in ("ready", "error") for s in statuses), "model load")
         assert statuses[-1]["state"] == "ready", statuses
     return statuses
-
-
-async def wait_for(predicate: Any, what: str, timeout: float = 60) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def open_doc(client: LanguageClient, uri: str, text: str = SOURCE, version: int = 1) -> None:
-    client.text_document_did_open(
-        types.DidOpenTextDocumentParams(
-            types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)
-        )
-    )
 
 
 def inline_request(client: LanguageClient, uri: str, pos: tuple[int, int]) -> asyncio.Future[Any]:

@@ -15,7 +15,7 @@ from codegen_ls.engine.engine import Engine, Tokenizer  # noqa: E402
 from codegen_ls.engine.modeldir import read_manifest  # noqa: E402
 from codegen_ls.export.pipeline import export  # noqa: E402
 from codegen_ls.suggest.context import ContextOptions, TokenCounter, build_context, fim_suffix_budget  # noqa: E402
-from helpers import BOS, CODE, MODEL  # noqa: E402
+from helpers import BOS, CODE, MODEL, random_codegen  # noqa: E402
 
 
 def fim_tokenizer(tmp: Path) -> Path:
@@ -92,32 +92,14 @@ def test_document_cannot_inject_fim_tokens(fim_tok: Path) -> None:
 @pytest.fixture(scope="module")
 def fim_model(tmp_path_factory: pytest.TempPathFactory, fim_tok: Path) -> Path:
     """A tiny random CodeGen whose LM head strongly prefers the FIM tokens: only the ban keeps them out."""
-    from transformers import CodeGenConfig, CodeGenForCausalLM
-
-    vocab = Tokenizer(fim_tok).vocab_size
-    src = tmp_path_factory.mktemp("fimsrc")
-    config = CodeGenConfig(
-        vocab_size=vocab,
-        n_positions=512,
-        n_ctx=512,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        rotary_dim=8,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = CodeGenForCausalLM(config).eval()
     found = fim.detect(fim_tok)
     assert found is not None
-    with torch.no_grad():
-        model.lm_head.bias[0] = -1e4  # no end of text: decode runs to its length
-        for i in (found.prefix, found.middle, found.suffix):
-            model.lm_head.bias[i] = 50.0
-    model.save_pretrained(str(src))
-    (src / "tokenizer.json").write_bytes(fim_tok.read_bytes())
+    src = random_codegen(
+        tmp_path_factory.mktemp("fimsrc"),
+        {"vocab_size": Tokenizer(fim_tok).vocab_size, "n_positions": 512, "n_ctx": 512},
+        biases={i: 50.0 for i in (found.prefix, found.middle, found.suffix)},
+        tokenizer=fim_tok,
+    )
     out = tmp_path_factory.mktemp("fimout") / "model"
     export(str(src), out, graph="gqa", kv_bits=8)
     return out

@@ -10,7 +10,6 @@ language server's status line when the backend is unreachable.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,36 +25,19 @@ from codegen_ls.engine.remote import BackendUnavailable, HttpClient, RemoteEngin
 from codegen_ls.errors import Cancelled
 from codegen_ls.settings import Settings
 from codegen_ls.suggest.pipeline import Completer, CompletionRequest
-from helpers import MODEL_DIR, RawClient, server_env
+from helpers import (
+    MODEL_DIR,
+    STORE_CURSORS,
+    STORE_SOURCE,
+    RawClient,
+    free_port,
+    infill_request,
+    remote_pipeline_settings,
+    server_env,
+    typed_to,
+)
 
 Handler = Callable[[str, str, dict[str, str], Any], tuple[int, Any]]
-
-SOURCE = """import os
-
-
-class Store:
-    def __init__(self, root):
-        self.root = root
-        self.items = {}
-
-    def path(self, name):
-        return os.path.join(self.root, name)
-
-    def load(self, name):
-        with open(self.path(name)) as f:
-            return f.read()
-
-    def save(self, name, text):
-        with open(self.path(name), "w") as f:
-            f.write(text)
-"""
-CURSORS = [(5, 20), (6, 21), (9, 20), (12, 13), (13, 19), (17, 14), (8, 4), (15, 8)]  # (line, character)
-
-
-def typed_to(line: int, character: int) -> str:
-    """SOURCE as it is while the user types: the cursor line ends at the cursor."""
-    lines = SOURCE.split("\n")
-    return "\n".join(lines[:line] + [lines[line][:character]] + lines[line + 1 :])
 
 
 class LoopbackServer:
@@ -134,31 +116,23 @@ def remote_server() -> Iterator[tuple[LoopbackServer, CompletionService]]:
     server.close()
 
 
-def pipeline_settings(**kw: Any) -> Settings:
-    """Greedy only, sizes set (a latency target may size default ones by the local engine's speed), every
-    suggestion shown (these tests compare the remote path with the local one, not confidence)."""
-    kw.setdefault("min_confidence", 0.0)
-    kw.setdefault("fim", False)  # the remote client sends prefix-only prompts (a server's FIM is its `suffix` field)
-    return Settings(num_candidates=1, lookup=False, deadline_ms=20_000, max_new_tokens=40, context_tokens=1000, **kw)
-
-
 def test_greedy_suggestions_equal_the_local_engines(remote_server: tuple[LoopbackServer, CompletionService]) -> None:
     server, service = remote_server
     local, remote = Completer(), Completer()
     shown = 0
-    for line, col in CURSORS:
+    for line, col in STORE_CURSORS:
         req = CompletionRequest(typed_to(line, col), line, col, uri="file:///store.py")
-        want = local.complete(req, pipeline_settings())
-        got = remote.complete(req, pipeline_settings(backend="remote", remote_url=server.url))
+        want = local.complete(req, remote_pipeline_settings())
+        got = remote.complete(req, remote_pipeline_settings(backend="remote", remote_url=server.url))
         assert [s.insert_text for s in got.suggestions] == [s.insert_text for s in want.suggestions], (line, col)
         shown += len(want.suggestions)
         assert [s.logprob_mean for s in got.suggestions] == pytest.approx(
             [s.logprob_mean for s in want.suggestions], abs=1e-3
         )
-    assert shown >= len(CURSORS) - 1 and isinstance(remote.engine, RemoteEngine)
+    assert shown >= len(STORE_CURSORS) - 1 and isinstance(remote.engine, RemoteEngine)
     # a second keystroke on the same document: the server's cache held the prompt
     req = CompletionRequest(typed_to(17, 13), 17, 13, uri="file:///store.py")
-    again = remote.complete(req, pipeline_settings(backend="remote", remote_url=server.url))
+    again = remote.complete(req, remote_pipeline_settings(backend="remote", remote_url=server.url))
     assert again.stats["cached_tokens"] > 0 and service.cached_tokens > 0
 
 
@@ -167,7 +141,7 @@ def test_lookup_drafts_are_scored_remotely_as_locally(
 ) -> None:
     server, _ = remote_server
     remote = RemoteEngine(RemoteOptions(server.url), MODEL_DIR)
-    prompt = engine.tokenizer.encode(SOURCE[:200])
+    prompt = engine.tokenizer.encode(STORE_SOURCE[:200])
     draft = engine.tokenizer.encode("        self.items = {}\n")
     want_lp, want_greedy, want_after = engine.score(prompt, draft, doc_key="a")
     got_lp, got_greedy, got_after = remote.score(prompt, draft, doc_key="a")
@@ -187,14 +161,7 @@ def test_lookup_drafts_are_scored_remotely_as_locally(
 def test_infill_answers_in_llama_cpp_shape(remote_server: tuple[LoopbackServer, CompletionService]) -> None:
     server, _ = remote_server
     http = HttpClient(server.url)
-    body = {
-        "input_prefix": "import os\n\n\ndef home():\n    return ",
-        "input_suffix": "\n",
-        "n_predict": 8,
-        "input_extra": [{"filename": "util.py", "text": "def join(a, b):\n    return a + b\n"}],
-        "t_max_predict_ms": 5000,
-        "cache_prompt": True,
-    }
+    body = infill_request()
     first = http.call("POST", "/infill", body, timeout_ms=20_000, session="s1")
     second = http.call("POST", "/infill", body, timeout_ms=20_000, session="s1")
     assert isinstance(first["content"], str) and first["tokens_predicted"] >= 1
@@ -238,12 +205,6 @@ def test_a_client_error_is_not_retried_and_says_why() -> None:
         assert len(server.seen) == 1
     finally:
         server.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_down_server_fails_fast_with_one_line() -> None:

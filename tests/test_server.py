@@ -7,7 +7,6 @@ cancellation, settings, answers to bad requests), never the quality of a suggest
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import pytest
@@ -17,28 +16,19 @@ from pygls.exceptions import JsonRpcException, JsonRpcMethodNotFound
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from codegen_ls.lsp.items import editor_indentation
-from helpers import SERVER_CMD, RawClient, server_env, utf16_offset
+from helpers import (
+    LSP_SOURCE,
+    SERVER_CMD,
+    RawClient,
+    free_port,
+    open_doc,
+    record_statuses,
+    server_env,
+    utf16_offset,
+    wait_for,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-SOURCE = """import os
-
-
-def read_lines(path):
-    with open(path) as f:
-        return f.read().splitlines()
-
-
-def count_words(text):
-    words = text.split()
-    return len(words)
-
-
-def main():
-    lines = read_lines("data.txt")
-    for line in lines:
-        print(count_words(line))
-"""
 
 CAPABILITIES = types.ClientCapabilities(
     general=types.GeneralClientCapabilities(position_encodings=[types.PositionEncodingKind.Utf16]),
@@ -56,26 +46,13 @@ async def start_session(
     client: LanguageClient, capabilities: types.ClientCapabilities = CAPABILITIES, options: Any = None
 ) -> types.InitializeResult:
     """initialize + initialized, recording ``codegenLs/status``; wait until the model is loaded."""
-    statuses: list[dict[str, Any]] = []
+    statuses = record_statuses(client)
     client.statuses = statuses  # type: ignore[attr-defined]
-    client.feature("codegenLs/status")(lambda params: statuses.append(_plain(params)))
     result = await client.initialize_session(
         types.InitializeParams(capabilities=capabilities, initialization_options=options)
     )
     await wait_for(lambda: any(s["state"] in ("ready", "error") for s in statuses), "model load")
     return result
-
-
-def _plain(params: Any) -> dict[str, Any]:
-    return params if isinstance(params, dict) else {k: getattr(params, k) for k in dir(params) if not k.startswith("_")}
-
-
-async def wait_for(predicate: Any, what: str, timeout: float = 60) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest_lsp.fixture(scope="module", config=ClientServerConfig(server_command=SERVER_CMD, server_env=server_env()))
@@ -100,14 +77,6 @@ async def utf8_client(lsp_client: LanguageClient):
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def open_doc(client: LanguageClient, uri: str, text: str, version: int = 1) -> None:
-    client.text_document_did_open(
-        types.DidOpenTextDocumentParams(
-            types.TextDocumentItem(uri=uri, language_id="python", version=version, text=text)
-        )
-    )
 
 
 def edit(
@@ -207,7 +176,7 @@ async def test_incremental_edits_are_applied(client: LanguageClient):
 
 async def test_inline_completions_continue_the_line(client: LanguageClient):
     uri = "file:///main.py"
-    open_doc(client, uri, SOURCE)
+    open_doc(client, uri, LSP_SOURCE)
     cursors = [
         (9, len("    words = text.")),
         (10, len("    return ")),
@@ -221,7 +190,7 @@ async def test_inline_completions_continue_the_line(client: LanguageClient):
         assert len(items) <= 3  # numCandidates default
         for item in items:
             assert isinstance(item.insert_text, str) and item.range is not None
-            check_applies(SOURCE, (line, col), item.insert_text, item.range)
+            check_applies(LSP_SOURCE, (line, col), item.insert_text, item.range)
         answered += bool(items)
     assert answered >= 1, "the model suggested nothing at any of the positions"
     status = client.statuses[-1]  # type: ignore[attr-defined]
@@ -242,12 +211,12 @@ async def test_completion_fallback_ranked_items(client: LanguageClient):
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     for item in result.items:
         assert isinstance(item.text_edit, types.TextEdit)
-        check_applies(SOURCE, (15, 8), item.text_edit.new_text, item.text_edit.range)
+        check_applies(LSP_SOURCE, (15, 8), item.text_edit.new_text, item.text_edit.range)
 
 
 async def test_cancel_request_is_answered(client: LanguageClient):
     uri = "file:///cancel.py"
-    open_doc(client, uri, SOURCE * 4)
+    open_doc(client, uri, LSP_SOURCE * 4)
     params = types.InlineCompletionParams(  # the end of a ``def`` line: a long multi-line decode
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
         text_document=types.TextDocumentIdentifier(uri=uri),
@@ -271,7 +240,7 @@ async def test_requests_at_one_version_are_all_answered(client: LanguageClient):
     """Only an edit supersedes a request (#23): at one version each cursor gets its own answer
     (tests/test_editor_seam.py: an edit ends the older version's requests)."""
     uri = "file:///supersede.py"
-    open_doc(client, uri, SOURCE)
+    open_doc(client, uri, LSP_SOURCE)
     futures = [
         client.text_document_inline_completion_async(
             types.InlineCompletionParams(
@@ -404,9 +373,7 @@ async def test_utf8_position_encoding(utf8_client: LanguageClient):
 
 
 async def test_tcp_transport():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         *SERVER_CMD,
         "--tcp",
@@ -420,7 +387,7 @@ async def test_tcp_transport():
     try:
         reply = await c.initialize()
         assert "inlineCompletionProvider" in reply["result"]["capabilities"]
-        await c.open("file:///tcp.py", SOURCE)
+        await c.open("file:///tcp.py", LSP_SOURCE)
         reply = await c.request(
             "textDocument/inlineCompletion",
             {
