@@ -40,8 +40,16 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from codegen_ls.engine.engine import Candidate, Generation, GenerationStats, StopFn, Tokenizer
+from codegen_ls.engine.generation import (
+    Candidate,
+    GenerateOptions,
+    Generation,
+    GenerationStats,
+    StopFn,
+    resolve,
+)
 from codegen_ls.engine.modeldir import read_manifest
+from codegen_ls.engine.tokenizer import Tokenizer
 from codegen_ls.errors import Cancelled, CodegenLsError
 
 log = logging.getLogger(__name__)
@@ -125,14 +133,14 @@ class HttpClient:
     ) -> dict[str, Any]:
         """The JSON answer of ``method path``; raises :class:`BackendUnavailable` or :class:`Cancelled`."""
         deadline = time.monotonic() + timeout_ms / 1000
-        data = json.dumps(body).encode() if body is not None else None
+        request = _Request(method, path, json.dumps(body).encode() if body is not None else None, session)
         problem = "no attempt"
         for attempt in range(self.retries + 1):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
-                status, payload = self._once(method, path, data, session, left, deadline, cancel)
+                status, payload = self._once(request, deadline, cancel)
             except Cancelled:
                 self.close()  # the server sees the request go away
                 raise
@@ -154,18 +162,9 @@ class HttpClient:
             self._sleep(BACKOFF_S * 2**attempt, deadline, cancel)
         raise BackendUnavailable(f"remote backend {self.url} unreachable: {problem}")
 
-    def _once(
-        self,
-        method: str,
-        path: str,
-        data: bytes | None,
-        session: str | None,
-        left: float,
-        deadline: float,
-        cancel: Callable[[], bool] | None,
-    ) -> tuple[int, Any]:
-        conn = self._connection(left)
-        conn.request(method, self.base + path, body=data, headers=self._headers(session))
+    def _once(self, req: _Request, deadline: float, cancel: Callable[[], bool] | None) -> tuple[int, Any]:
+        conn = self._connection(deadline - time.monotonic())
+        conn.request(req.method, self.base + req.path, body=req.data, headers=self._headers(req.session))
         self.requests += 1
         sock = conn.sock
         while sock is not None:  # wait for the answer, looking at the cancel flag and the deadline
@@ -193,6 +192,16 @@ class HttpClient:
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             time.sleep(min(POLL_S, max(0.0, end - time.monotonic())))
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One HTTP request as :meth:`HttpClient.call` sends it, each attempt the same."""
+
+    method: str
+    path: str
+    data: bytes | None
+    session: str | None
 
 
 def _describe(exc: BaseException) -> str:
@@ -282,29 +291,24 @@ class RemoteEngine:
     def generate(
         self,
         prompt: str | Sequence[int],
+        options: GenerateOptions | None = None,
         *,
         doc_key: str = "default",
-        n: int = 1,
-        max_new_tokens: int = 48,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        stop: StopFn | None = None,
-        deadline_ms: float | None = None,
-        cancel: Callable[[], bool] | None = None,
-        seed: int | None = 0,
-        heal: bool = False,
         suffix: str | None = None,
+        **overrides: Any,
     ) -> Generation:
-        """Candidate 0 greedy, 1..n-1 sampled, as :meth:`Engine.generate`; ``stop`` applied here per token."""
+        """Candidate 0 greedy, 1..n-1 sampled, as :meth:`Engine.generate` (the same ``options``
+        and keyword ``overrides``); ``stop`` applied here per token; ``suffix``: the text after
+        the cursor, sent where the ``remoteFim`` setting says the server's model takes it."""
+        opts = resolve(options, overrides)
         t0 = time.monotonic()
-        budget = float(deadline_ms) if deadline_ms else DEFAULT_TIMEOUT_MS
+        budget = float(opts.deadline_ms) if opts.deadline_ms else DEFAULT_TIMEOUT_MS
         self.timeout_ms = budget
         if self._ours is None:
-            self.probe(min(budget, 2000.0), cancel)
+            self.probe(min(budget, 2000.0), opts.cancel)
         body: dict[str, Any] = {
             "prompt": prompt if isinstance(prompt, str) else list(prompt),
-            "max_tokens": max_new_tokens,
+            "max_tokens": opts.max_new_tokens,
             "logprobs": 1,
         }
         if suffix is not None and self.options.fim:
@@ -312,33 +316,34 @@ class RemoteEngine:
         left = lambda: budget - (time.monotonic() - t0) * 1000  # noqa: E731
         if self._ours:  # one request: the engine's own N-from-one-prefill (choice 0 greedy)
             body.update(
-                n=n,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                heal=heal and isinstance(prompt, str),
+                n=opts.n,
+                temperature=opts.temperature,
+                top_k=opts.top_k,
+                top_p=opts.top_p,
+                seed=opts.seed,
+                heal=opts.heal and isinstance(prompt, str),
                 deadline_ms=max(1.0, left() * SERVER_SHARE),
             )
-            answers = [self._post(body, doc_key, left(), cancel)]
-        else:  # standard semantics: a greedy request, then the samples
-            answers = [self._post({**body, "n": 1, "temperature": 0.0}, doc_key, left(), cancel)]
-            if n > 1 and left() > 0:
-                answers.append(
-                    self._post(
-                        {**body, "n": n - 1, "temperature": temperature, "top_p": top_p, "seed": seed},
-                        doc_key,
-                        left(),
-                        cancel,
-                    )
-                )
+            answers = [self._post(body, doc_key, left(), opts.cancel)]
+        else:
+            answers = self._greedy_then_samples(body, doc_key, opts, left)
         healed = str((answers[0].get("codegen_ls") or {}).get("healed", ""))
         candidates = [
-            self._candidate(ch, stop, healed, sampled=(a is not answers[0] or i > 0))
+            self._candidate(ch, opts.stop, healed, sampled=(a is not answers[0] or i > 0))
             for a in answers
             for i, ch in enumerate(a.get("choices", []))
         ]
         return Generation(candidates, self._stats(answers[0], candidates, t0), healed)
+
+    def _greedy_then_samples(
+        self, body: dict[str, Any], doc_key: str, opts: GenerateOptions, left: Callable[[], float]
+    ) -> list[dict[str, Any]]:
+        """Standard semantics: a greedy request, then the n - 1 samples while time is left."""
+        answers = [self._post({**body, "n": 1, "temperature": 0.0}, doc_key, left(), opts.cancel)]
+        if opts.n > 1 and left() > 0:
+            samples = {**body, "n": opts.n - 1, "temperature": opts.temperature, "top_p": opts.top_p, "seed": opts.seed}
+            answers.append(self._post(samples, doc_key, left(), opts.cancel))
+        return answers
 
     def score(
         self,
