@@ -14,11 +14,11 @@
  *           lane is one byte of the quad's rows (4 terms of the weighted sum in one instruction).
  * Every path quantizes the query to int8 (a scale per row; its error is a small part of the 4-bit
  * keys' own), so the key pass is integer dot products, the keys' scales applied per token after;
- * the value pass weighs with integer weights of 14 bits or more. The AVX-512 path (it needs VNNI)
- * does both passes with vpdpbusd and masks, no shuffles, and the softmax inside the value pass
- * (its arithmetic then overlaps the values' reads; the weights scaled by a bound on the largest,
- * to at most 32767, in two byte parts); the AVX2 path uses vpmaddubsw and vpmaddwd, the weights
- * w * 16383 / max w. Both skip the values whose weights all round to 0 (exact: they add nothing).
+ * the value pass weighs with integer weights of 14 bits or more. The vector paths are one algorithm
+ * (attend4_body.h) on 16 lanes (AVX-512 VNNI: vpdpbusd and mask registers) and on 8 (AVX2: the
+ * same products as vpmaddubsw and vpmaddwd): the softmax inside the value pass (its arithmetic then
+ * overlaps the values' reads; the weights scaled by a bound on the largest, to at most 32767, in two
+ * byte parts), and a block of 16 keys whose weights all round to 0 skipped (exact: it adds nothing).
  * Other CPUs use the plain loop, which is several times slower.
  */
 #ifndef CODEGEN_LS_ATTEND4_H

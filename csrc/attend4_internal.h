@@ -2,8 +2,9 @@
  *
  *   attend4_format.c  the cache's layout, float16, quantizing rows and the query, dequantizing
  *   attend4_plain.c   the plain C path (any CPU)
- *   attend4_avx512.c  the AVX-512 VNNI path
- *   attend4_avx2.c    the AVX2 path
+ *   attend4_body.h    the vector paths' algorithm, written once over a vector width's primitives
+ *   attend4_avx512.c  the AVX-512 VNNI path (the body on 16 lanes)
+ *   attend4_avx2.c    the AVX2 path (the body on 8 lanes)
  *   attend4.c         the rotation and the dispatch between the paths
  */
 #ifndef CODEGEN_LS_ATTEND4_INTERNAL_H
@@ -54,7 +55,7 @@ static inline __attribute__((always_inline)) void rotate_body(const float *restr
     }
 }
 
-/* the arguments' fields as locals of the same names (what HEAD_BODY and the path bodies use) */
+/* the arguments' fields as locals of the same names (what HEAD_BODY and the paths use) */
 #define UNPACK_ARGS(a)                                                                                                 \
     const float *q = (a)->q;                                                                                           \
     const int q_stride = (a)->q_stride;                                                                                \

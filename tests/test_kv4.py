@@ -249,6 +249,20 @@ def test_the_op_on_widely_spread_scores_flushes_denormals_only_inside(
     assert (tiny * np.float32(1.0))[0] > 0 and (tiny + tiny)[0] == np.float32(2e-39)
 
 
+@needs_kernel
+@pytest.mark.skipif(kernels.path4(best=True) != "avx512-vnni", reason="no AVX-512 VNNI here")
+@pytest.mark.parametrize("head", [16, 48, 80, 256])
+@pytest.mark.parametrize("query_scale", [1.0, 40.0])
+def test_the_vector_paths_share_one_algorithm(
+    head: int, query_scale: float, best_path_after: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The AVX-512 VNNI and AVX2 paths are one body (``csrc/attend4_body.h``) on 16 and 8 lanes:
+    the same integer dot products, weights and skipped blocks, so their outputs differ only by
+    the order of a float sum (far inside the reference's tolerance, which each path also meets)."""
+    wide, narrow = (check_op(path, head, 6, 2, 304, 280, monkeypatch, query_scale=query_scale) for path in ("", "avx2"))
+    np.testing.assert_allclose(narrow, wide, rtol=0, atol=2e-6 * float(np.abs(wide).max()))
+
+
 def check_op(
     path: str,
     head: int,
@@ -259,11 +273,12 @@ def check_op(
     monkeypatch: pytest.MonkeyPatch,
     exact: bool = False,
     query_scale: float = 1.0,
-) -> None:
-    """The op (``CODEGEN_LS_KERNEL=path``) against numpy: the new rows quantized into the cache as
-    the rotated keys kR and the values (``exact``: R a signed permutation, bit-identical; else the
-    export's rotation, whose sums the op and numpy round apart: all but a few nibbles the same and
-    none a level apart), and the output as attention over the op's cache with the query qR."""
+) -> np.ndarray:
+    """The op (``CODEGEN_LS_KERNEL=path``) against numpy, its output returned: the new rows quantized
+    into the cache as the rotated keys kR and the values (``exact``: R a signed permutation,
+    bit-identical; else the export's rotation, whose sums the op and numpy round apart: all but a
+    few nibbles the same and none a level apart), and the output as attention over the op's cache
+    with the query qR."""
 
     monkeypatch.setenv("CODEGEN_LS_KERNEL", path)
     rng = np.random.default_rng(head * 10 + rows)
@@ -326,6 +341,7 @@ def check_op(
     p /= p.sum(axis=-1, keepdims=True)
     ref = (p @ values).transpose(1, 0, 2).reshape(1, rows, e)
     np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3 * float(np.abs(ref).max()))
+    return out
 
 
 @needs_kernel
