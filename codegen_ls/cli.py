@@ -136,9 +136,7 @@ def _add_model(sub: Any) -> None:
         "(decode attention: our kernel where built, else onnxruntime's GroupQueryAttention); "
         "optimum: optimum-onnx's text-generation-with-past export (the reference path)",
     )
-    e.add_argument(
-        "--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa graph)"
-    )
+    e.add_argument("--int4", action="store_true", help="4-bit weight-only layer matrices (MatMulNBits; gqa graph)")
     e.add_argument(
         "--kv-bits",
         choices=("auto", "8", "4"),
