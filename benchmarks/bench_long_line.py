@@ -17,70 +17,18 @@ Prints one table (medians over ``--runs``)::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from lsp_client import StdioClient
 
 SMALL = (
     "import os\n\n\ndef list_python_files(root):\n    result = []\n    for name in os.listdir(root):\n        if "
     "name.endswith('.py'):\n            result."
 )
-
-
-class Client:
-    """JSON-RPC over the server's stdio; a reader thread records when each response arrives."""
-
-    def __init__(self, cmd: list[str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
-        self.responses: dict[int, tuple[float, dict[str, Any]]] = {}
-        self.ready = threading.Event()
-        self.cond = threading.Condition()
-        self.ids = iter(range(1, 1 << 30))
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def send(self, msg: dict[str, Any]) -> None:
-        body = json.dumps({"jsonrpc": "2.0", **msg}).encode()
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        self.proc.stdin.flush()
-
-    def request(self, method: str, params: Any) -> int:
-        msg_id = next(self.ids)
-        self.send({"id": msg_id, "method": method, "params": params})
-        return msg_id
-
-    def wait(self, msg_id: int, timeout: float = 600) -> tuple[float, dict[str, Any]]:
-        with self.cond:
-            if not self.cond.wait_for(lambda: msg_id in self.responses, timeout):
-                raise TimeoutError(f"no answer to request {msg_id}")
-            return self.responses[msg_id]
-
-    def _read(self) -> None:
-        out = self.proc.stdout
-        assert out is not None
-        while True:
-            length = 0
-            while (line := out.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            if not line:
-                return
-            msg = json.loads(out.read(length))
-            if msg.get("method") == "codegenLs/status" and msg["params"]["state"] in ("ready", "error"):
-                self.ready.set()
-            elif "method" in msg and "id" in msg:  # a request from the server: answer it
-                self.send({"id": msg["id"], "result": None})
-            elif "id" in msg:
-                with self.cond:
-                    self.responses[msg["id"]] = (time.perf_counter(), msg)
-                    self.cond.notify_all()
 
 
 def inline(uri: str, line: int, character: int) -> dict[str, Any]:
@@ -93,9 +41,9 @@ def inline(uri: str, line: int, character: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, mb: float, text: str) -> dict[str, float]:
     cmd = [sys.executable, "-m", "codegen_ls", "serve", *(["--model", args.model] if args.model else [])]
-    c = Client(cmd, args.cwd)
+    c = StdioClient(cmd, args.cwd)
     c.wait(
-        c.request(
+        c.start(
             "initialize",
             {
                 "processId": None,
@@ -122,7 +70,7 @@ def run(args: argparse.Namespace, mb: float, text: str) -> dict[str, float]:
     alone, longs, others = [], [], []
     for run_no in range(args.runs):
         t0 = time.perf_counter()
-        done, _ = c.wait(c.request("textDocument/inlineCompletion", small_at))
+        done, _ = c.wait(c.start("textDocument/inlineCompletion", small_at))
         alone.append(done - t0)
         t0 = time.perf_counter()
         c.send(
@@ -140,14 +88,14 @@ def run(args: argparse.Namespace, mb: float, text: str) -> dict[str, float]:
             }
         )
         width += 1
-        long_id = c.request("textDocument/inlineCompletion", inline("file:///long.py", 0, width))
-        other_id = c.request("textDocument/inlineCompletion", small_at)
+        long_id = c.start("textDocument/inlineCompletion", inline("file:///long.py", 0, width))
+        other_id = c.start("textDocument/inlineCompletion", small_at)
         t_other, _ = c.wait(other_id)
         t_long, reply = c.wait(long_id)
         assert "result" in reply, reply
         longs.append(t_long - t0)
         others.append(t_other - t0)
-    c.wait(c.request("shutdown", None))
+    c.wait(c.start("shutdown", None))
     c.send({"method": "exit"})
     c.proc.wait(30)
     return {"alone": statistics.median(alone), "long": statistics.median(longs), "other": statistics.median(others)}

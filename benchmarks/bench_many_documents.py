@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_long_line import Client  # noqa: E402
+from lsp_client import StdioClient  # noqa: E402
 
 
 def document(i: int, kb: int) -> str:
@@ -56,10 +56,10 @@ def main() -> None:
     p.add_argument("--cwd", type=Path, default=Path(__file__).resolve().parent.parent)
     args = p.parse_args()
     cmd = [sys.executable, "-m", "codegen_ls", "serve", *(["--model", args.model] if args.model else [])]
-    c = Client(cmd, args.cwd)
+    c = StdioClient(cmd, args.cwd)
     options: dict[str, Any] = {"numCandidates": 1, **json.loads(args.settings)}
     c.wait(
-        c.request(
+        c.start(
             "initialize",
             {"processId": None, "rootUri": None, "capabilities": {}, "initializationOptions": {"codegenLs": options}},
         )
@@ -77,7 +77,7 @@ def main() -> None:
         )
         lines = text.split("\n")
         c.wait(
-            c.request(
+            c.start(
                 "textDocument/inlineCompletion",
                 {
                     "textDocument": {"uri": uri},
@@ -88,7 +88,7 @@ def main() -> None:
         )
         if (i + 1) % args.every == 0:
             print(f"{i + 1:>4} documents of {args.kb} kB open and completed: {status(c.proc.pid)} MB", flush=True)
-    c.wait(c.request("shutdown", None))
+    c.wait(c.start("shutdown", None))
     c.send({"method": "exit"})
     c.proc.wait(30)
 

@@ -27,97 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import statistics
-import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lsp_client import StdioClient
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-class Client:
-    """JSON-RPC over a server's stdio: a reader thread answers the server's requests at once."""
-
-    def __init__(self, cmd: list[str], env: dict[str, str], cwd: str) -> None:
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=cwd
-        )
-        self.responses: dict[int, tuple[float, dict[str, Any]]] = {}
-        self.status: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        self._ids = 0
-        self._out = queue.Queue[bytes]()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def send(self, msg: dict[str, Any]) -> None:
-        body = json.dumps({"jsonrpc": "2.0", **msg}).encode()
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        self.proc.stdin.flush()
-
-    def notify(self, method: str, params: Any) -> None:
-        self.send({"method": method, "params": params})
-
-    def request(self, method: str, params: Any, timeout: float = 300) -> tuple[float, dict[str, Any]]:
-        """(seconds from sending to the answer, the answer)."""
-        self._ids += 1
-        msg_id = self._ids
-        t0 = time.perf_counter()
-        self.send({"id": msg_id, "method": method, "params": params})
-        with self._cond:
-            if not self._cond.wait_for(lambda: msg_id in self.responses, timeout):
-                raise TimeoutError(f"{method}: no answer in {timeout} s")
-            t1, reply = self.responses.pop(msg_id)
-        return t1 - t0, reply
-
-    def wait_state(self, state: str, timeout: float = 600) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: any(s.get("state") == state for s in self.status), timeout):
-                raise TimeoutError(f"server never became {state}")
-            if any(s.get("state") == "error" for s in self.status):
-                raise RuntimeError(f"model error: {self.status}")
-
-    def _read(self) -> None:
-        out = self.proc.stdout
-        assert out is not None
-        while True:
-            length = 0
-            while (line := out.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split()[1])
-            if not length:
-                return
-            msg = json.loads(out.read(length))
-            now = time.perf_counter()
-            if "method" in msg and "id" in msg:  # the server asks (configuration, progress): answer
-                self.send(
-                    {
-                        "id": msg["id"],
-                        "result": [None] * len(msg["params"].get("items", []))
-                        if msg["method"] == "workspace/configuration"
-                        else None,
-                    }
-                )
-            with self._cond:
-                if msg.get("method") == "codegenLs/status":
-                    self.status.append(msg["params"])
-                elif "id" in msg and "method" not in msg:
-                    self.responses[msg["id"]] = (now, msg)
-                self._cond.notify_all()
-
-    def close(self) -> None:
-        try:
-            self.request("shutdown", None, timeout=30)
-            self.notify("exit", None)
-            self.proc.wait(10)
-        except Exception:
-            self.proc.kill()
 
 
 @dataclass
@@ -139,7 +59,7 @@ class Run:
 class Document:
     """The text the client holds, edited at the cursor (one line per list item, LF ends)."""
 
-    def __init__(self, uri: str, text: str, client: Client) -> None:
+    def __init__(self, uri: str, text: str, client: StdioClient) -> None:
         self.uri, self.text, self.client, self.version = uri, text, client, 1
         client.notify(
             "textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}}
@@ -198,7 +118,7 @@ def source_text(module: str, doc_tokens: int, model: str) -> tuple[str, list[str
     return "\n".join(lines[:n]) + "\n" + indent, rest
 
 
-def replay(client: Client, args: argparse.Namespace, text: str, lines: list[str]) -> list[Record]:
+def replay(client: StdioClient, args: argparse.Namespace, text: str, lines: list[str]) -> list[Record]:
     doc = Document("file:///work/replay.py", text, client)
     records: list[Record] = []
     last = [time.perf_counter()]
@@ -266,7 +186,7 @@ def run_once(tree: str, directory: Path, args: argparse.Namespace, text: str, li
     env = {k: v for k, v in os.environ.items() if k != "CODEGEN_LS_MODEL"}
     env["PYTHONPATH"] = str(directory)
     busy = busy_fraction()
-    client = Client([sys.executable, "-m", "codegen_ls", "serve", "--model", args.model], env, str(directory))
+    client = StdioClient([sys.executable, "-m", "codegen_ls", "serve", "--model", args.model], str(directory), env)
     t0 = time.perf_counter()
     try:
         client.request(
