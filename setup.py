@@ -8,6 +8,8 @@ are compiled whatever the flags and picked at run time, so the build is portable
 
 from __future__ import annotations
 
+import glob
+
 from setuptools import Extension, setup
 
 setup(
@@ -16,8 +18,7 @@ setup(
             "codegen_ls.engine._decode_attention",
             sources=["csrc/attend.c", "csrc/attend4.c", "csrc/attend4_format.c", "csrc/attend4_plain.c", "csrc/attend4_avx512.c",
                      "csrc/attend4_avx2.c", "csrc/decode_attention.c"],
-            depends=["csrc/attend.h", "csrc/attend4.h", "csrc/attend4_internal.h", "csrc/attend_body.h", "csrc/ort_abi.h",
-                     "csrc/vec.h"],
+            depends=sorted(glob.glob("csrc/*.h")),  # every header: in the sdist, and a change rebuilds
             extra_compile_args=["-O3", "-std=c11", "-fvisibility=hidden"],
             libraries=["m"],
             optional=True,  # a failed build warns and installs the package without it

@@ -243,7 +243,7 @@ class Completer:
     def sized(self, settings: Settings) -> Settings:
         """``settings`` with the prompt budget and new-token count that ``latencyTargetMs`` gives
         this model on this machine (:func:`codegen_ls.engine.latency.plan`), where the user left
-        ``contextTokens`` / ``maxNewTokens`` at their defaults."""
+        ``contextTokens`` / ``maxNewTokens`` to it (values they gave win, defaults included)."""
         engine, speeds = self._engine, self.speeds
         if engine is None or speeds is None or settings.latency_target_ms <= 0:
             return settings
@@ -296,6 +296,35 @@ class Completer:
         after = replace(req, text=req.text[:at] + text + req.text[at:], line=line, character=character)
         return self.complete(after, settings, cancel, ahead=True)
 
+    def context(self, req: CompletionRequest, settings: Settings) -> Context:
+        """The prompt a completion at ``req``'s cursor would have (repository section and
+        fill-in-the-middle included): what a warm-up prefills, and what an evaluation harness
+        prefills to stand for the keystrokes before a cursor."""
+        engine, counter, _ = self._engine_for(settings)
+        return self._context(engine, counter, req, self.sized(settings))[0]
+
+    def _context(
+        self, engine: Engine, counter: TokenCounter, req: CompletionRequest, settings: Settings
+    ) -> tuple[Context, dict[str, Any]]:
+        """(the prompt context for ``req`` under sized ``settings``, what went into its prompt)."""
+        budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
+        preamble, prompt_info = self._repo_section(engine, counter, req, settings, budget)
+        ctx = build_context(
+            req.text,
+            req.line,
+            req.character,
+            counter,
+            budget,
+            ContextOptions(
+                bos_text=engine.tokenizer.decode([engine.eos_id]),
+                tab_size=req.tab_size,
+                insert_spaces=req.insert_spaces,
+                preamble=preamble,
+                fim_budget=_fim_budget(engine, settings, budget),
+            ),
+        )
+        return ctx, prompt_info
+
     def warm(self, req: CompletionRequest, settings: Settings, cancel: CancelFn | None = None) -> int:
         """Prefill the prompt a completion at ``req``'s cursor would have (the warm-up), so that
         the request itself only extends the KV cache; returns the tokens prefilled (0: none)."""
@@ -331,23 +360,7 @@ class Completer:
         full_new = settings.max_new_tokens
         settings = replace(planned, max_new_tokens=full_new, deadline_ms=CONTINUE_MS) if more else planned
         language = req.language_id or "python"  # the models are trained on Python
-        bos = engine.tokenizer.decode([engine.eos_id])
-        budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
-        preamble, prompt_info = self._repo_section(engine, counter, req, settings, budget)
-        ctx = build_context(
-            req.text,
-            req.line,
-            req.character,
-            counter,
-            budget,
-            ContextOptions(
-                bos_text=bos,
-                tab_size=req.tab_size,
-                insert_spaces=req.insert_spaces,
-                preamble=preamble,
-                fim_budget=_fim_budget(engine, settings, budget),
-            ),
-        )
+        ctx, prompt_info = self._context(engine, counter, req, settings)
         if warm:
             return self._done(
                 CompletionResult(
