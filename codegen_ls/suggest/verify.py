@@ -170,13 +170,14 @@ def propose(
     prompt = list(prompt_ids)[-room:]  # the same cut generate() makes, so the cache matches
     out: list[Candidate] = []
     texts: set[str] = set()
+    memo: _Memo = {}  # drafts that keep the same tokens continue alike: decoded once
     for d in drafts:
         if opts.cancel is not None and opts.cancel():
             raise Cancelled("cancelled")
         left = None if opts.deadline_ms is None else opts.deadline_ms - (time.perf_counter() - t0) * 1000
         if left is not None and left <= 0:
             break
-        for cand in _verify(engine, prompt, d, replace(opts, deadline_ms=left)):
+        for cand in _verify(engine, prompt, d, replace(opts, deadline_ms=left), memo):
             if cand.text not in texts:
                 texts.add(cand.text)
                 out.append(cand)
@@ -263,7 +264,9 @@ def _walk(engine: Engine, al: AlignedDraft, ids: list[int], m: int, stop: StopFn
     return text, kept, ""
 
 
-def _verify(engine: Engine, prompt: list[int], draft: Draft, opts: ProposeOptions) -> list[DraftCandidate]:
+def _verify(
+    engine: Engine, prompt: list[int], draft: Draft, opts: ProposeOptions, memo: _Memo | None = None
+) -> list[DraftCandidate]:
     """The candidates of one draft: the verified one first (if any), then the draft as copied."""
     s = _score(engine, prompt, draft, opts)
     if s is None:
@@ -286,7 +289,7 @@ def _verify(engine: Engine, prompt: list[int], draft: Draft, opts: ProposeOption
     if not p.finish and p.kept >= opts.max_new_tokens:
         p.finish = "length"
     if not p.finish:
-        _continue(engine, s, p, opts)
+        _continue(engine, s, p, opts, {} if memo is None else memo)
     if p.text.strip():
         out.insert(0, s.candidate(p))
     return out
@@ -318,9 +321,17 @@ def _judge_line_end(engine: Engine, s: _Scored, p: _Piece, opts: ProposeOptions)
     return copy
 
 
-def _continue(engine: Engine, s: _Scored, p: _Piece, opts: ProposeOptions) -> None:
+_Memo = dict[tuple[tuple[int, ...], int], tuple[Candidate, int | None]]
+"""Continuations by (prompt + kept draft tokens, new-token count): greedy decoding is a function
+of them (the same tokens are the same text, so the stop rule cuts alike): (the continuation,
+where the stop rule cut the whole candidate)."""
+
+
+def _continue(engine: Engine, s: _Scored, p: _Piece, opts: ProposeOptions, memo: _Memo) -> None:
     """Greedy decoding from the cache after the kept draft tokens (the caller's stop sees the
-    whole candidate); ``p`` grows by what the model wrote."""
+    whole candidate); ``p`` grows by what the model wrote. Several drafts often keep the same
+    tokens (the same line found in the document and the repository, copies cut at the same
+    place): ``memo`` decodes each such continuation once."""
     text, stop = p.text, opts.stop
     cut_total: int | None = None
 
@@ -332,16 +343,20 @@ def _continue(engine: Engine, s: _Scored, p: _Piece, opts: ProposeOptions) -> No
         cut_total = c
         return max(0, c - len(text))
 
-    gen = engine.generate(
-        s.al.base + p.token_ids,
-        doc_key=opts.doc_key,
-        n=1,
-        temperature=0.0,
-        max_new_tokens=opts.max_new_tokens - p.kept,
-        stop=stop_total,
-        cancel=opts.cancel,
-        deadline_ms=opts.deadline_ms,
-    ).candidates[0]
+    key = (tuple(s.al.base + p.token_ids), opts.max_new_tokens - p.kept)
+    if key not in memo:
+        gen = engine.generate(
+            s.al.base + p.token_ids,
+            doc_key=opts.doc_key,
+            n=1,
+            temperature=0.0,
+            max_new_tokens=opts.max_new_tokens - p.kept,
+            stop=stop_total,
+            cancel=opts.cancel,
+            deadline_ms=opts.deadline_ms,
+        ).candidates[0]
+        memo[key] = gen, cut_total
+    gen, cut_total = memo[key]
     p.text = (text + gen.text)[:cut_total] if cut_total is not None and cut_total < len(text) else text + gen.text
     p.token_ids, p.logprobs, p.finish = p.token_ids + gen.token_ids, p.logprobs + gen.logprobs, gen.finish_reason
     if gen.token_ids:
