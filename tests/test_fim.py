@@ -80,6 +80,19 @@ def test_spm_prompt_layout_budget_and_stable_head(fim_tok: Path) -> None:
     assert common >= len(ctx.prompt_ids) - 1
 
 
+def test_a_repository_section_joins_the_fim_prompt_as_one_encoding_would(fim_tok: Path) -> None:
+    """The prompt's ids are what encoding the whole prompt gives (what generate feeds and the KV
+    cache holds): the repository section ends in a special token, so BPE cannot merge it with the
+    document's first characters (a section ending in a line break, a window starting indented)."""
+    counter = TokenCounter(Tokenizer(fim_tok))
+    text = "        value = compute(1)\n        total = value + "
+    section = "# lib/util.py\ndef compute(x):\n    return x * 2\n"
+    opts = ContextOptions(bos_text=BOS, fim_budget=32, preamble=section)
+    ctx = build_context(text, 1, len("        total = value + "), counter, 256, opts)
+    assert section in ctx.prompt and ctx.preamble_tokens > 0
+    assert ctx.prompt_ids == counter.encode(ctx.prompt)
+
+
 def test_document_cannot_inject_fim_tokens(fim_tok: Path) -> None:
     counter = TokenCounter(Tokenizer(fim_tok))
     found = fim.detect(fim_tok)

@@ -206,7 +206,9 @@ def build_context(
     opts = options or ContextOptions()
     budget = max(1, budget)
     bos_text = "" if opts.fim_budget > 0 else opts.bos_text
-    lead, lead_ids = _lead(opts.preamble, bos_text, counter, budget)
+    # the section ends in the end-of-text token in a FIM prompt too: a special token, so its ids and
+    # the window's join as encoding the whole prompt would give (KV-cache reuse, verification)
+    lead, lead_ids = _lead(opts.preamble, opts.bos_text, counter, budget)
     full_budget, budget = budget, budget - len(lead_ids)
     step = opts.line_step if opts.line_step else max(1, min(LINE_STEP, budget // TOKENS_PER_STEP))
     cur = _cursor_at(text, line, character, budget)
