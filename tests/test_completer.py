@@ -14,8 +14,9 @@ from codegen_ls.engine.engine import Candidate, Engine, Generation, GenerationSt
 from codegen_ls.errors import Cancelled, ModelError
 from codegen_ls.settings import Settings
 from codegen_ls.suggest import postprocess, ranking
+from codegen_ls.suggest.candidates import lookup_texts
 from codegen_ls.suggest.context import line_window, offset_of
-from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion, _lookup_texts
+from codegen_ls.suggest.pipeline import Completer, CompletionRequest, CompletionResult, Suggestion
 from codegen_ls.suggest.verify import DraftOptions, ProposeOptions
 from helpers import CODE, MODEL
 
@@ -272,7 +273,7 @@ class FakeLookup:
 
 
 def test_lookup_candidates_are_merged_and_keep_their_source(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    import codegen_ls.suggest.pipeline as completer_module
+    import codegen_ls.suggest.candidates as completer_module
 
     fake = FakeLookup(engine, "self.name.title())")
     monkeypatch.setattr(completer_module, "_lookup", fake)
@@ -376,7 +377,7 @@ def test_lookup_is_given_exactly_the_text_it_reads(monkeypatch: pytest.MonkeyPat
     found = 0
     for cursor in rng.sample(range(len(text)), 20):
         req = CompletionRequest(text, 0, 0, uri="file:///a.py", other_documents=others)
-        prefix, suffix, sliced = _lookup_texts(req, cursor, lookup)
+        prefix, suffix, sliced = lookup_texts(req, cursor, lookup)
         assert len(prefix) + len(suffix) < len(text) and len(sliced["file:///b.py"]) < len(text)
         for multiline in (False, True):
             whole = lookup.find_drafts(

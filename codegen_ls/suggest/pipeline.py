@@ -1,42 +1,36 @@
 """The completion pipeline shared by the LSP server and ``codegen-ls complete``.
 
-document + cursor -> context (prefix/suffix within a token budget) -> decide mode
-(none / single-line / multi-line) -> type-ahead cache -> engine candidates (+ lookup drafts)
--> stop rules and trimming -> ranking -> suggestions.
+document + cursor -> context (prefix/suffix within a token budget, :mod:`~codegen_ls.suggest.context`)
+-> decide mode (none / single-line / multi-line) -> type-ahead cache (:mod:`~codegen_ls.suggest.typeahead`)
+-> engine candidates + lookup drafts (:mod:`~codegen_ls.suggest.candidates`) -> stop rules and trimming
+-> ranking and calibrated confidence -> suggestions.
 
 Knows nothing of LSP: positions are (line, character) in Python code points; the server converts
 UTF-16 positions with pygls' document helpers.
 
-Type-ahead cache (per document): typing (or erasing) characters along the last shown suggestion,
-on the same line, is answered from that suggestion with no model call (source "typeahead").
-
-Lookup: when ``codegen_ls.suggest.verify`` is present and ``Settings.lookup`` is on, its model-verified
-drafts join the model's candidates before ranking; one score across sources.
-
 INTERFACE CONTRACT (stable; the server and CLI are written against it): CompletionRequest,
-Suggestion, CompletionResult, CancelFn, Completer.load / .engine / .complete.
+Suggestion, CompletionResult, CancelFn (:mod:`~codegen_ls.suggest.request`, re-exported here),
+Completer.load / .engine / .complete.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from types import ModuleType
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from codegen_ls.engine import latency
-from codegen_ls.engine.engine import Candidate, Engine, EngineOptions
+from codegen_ls.engine.engine import Engine, EngineOptions
+from codegen_ls.engine.generation import Generation
 from codegen_ls.engine.modeldir import resolve_model_dir
 from codegen_ls.engine.remote import RemoteEngine, RemoteOptions
 from codegen_ls.errors import CodegenLsError, ModelError
 from codegen_ls.kinds import Mode, Source
 from codegen_ls.settings import Settings
-from codegen_ls.suggest import confidence
+from codegen_ls.suggest import candidates, confidence
 from codegen_ls.suggest.context import (
     Context,
     ContextOptions,
@@ -44,96 +38,18 @@ from codegen_ls.suggest.context import (
     build_context,
     fim_suffix_budget,
     offset_of,
-    sanitize,
     token_budget,
 )
 from codegen_ls.suggest.mode import decide_mode
-from codegen_ls.suggest.postprocess import clean, make_stop
-from codegen_ls.suggest.ranking import Item, rank
-from codegen_ls.suggest.repo import RepoSnapshot, Snippet, path_of, render_snippets
-
-_lookup: ModuleType | None
-try:
-    from codegen_ls.suggest import verify as _lookup
-except ImportError:  # the lookup module is optional
-    _lookup = None
+from codegen_ls.suggest.postprocess import make_stop
+from codegen_ls.suggest.ranking import Item, Ranked, rank
+from codegen_ls.suggest.repo_section import RepoSections
+from codegen_ls.suggest.request import CancelFn, CompletionRequest, CompletionResult, Suggestion
+from codegen_ls.suggest.typeahead import TypeAhead
 
 log = logging.getLogger(__name__)
 
-LOOKUP_MIN_MS = 30.0  # time lookup verification always gets, even when the model used the deadline
-LOOKUP_FIND_MS = 10.0  # time for finding drafts in the text
-TYPEAHEAD_DOCUMENTS = 64  # documents whose last suggestions are kept
 CONTINUE_MS = 1500  # deadline of a background continuation (deadline-first)
-HEAL_SEARCH_CHARS = 32  # how far into a candidate's decoded tokens its text may start (token healing)
-LOOKUP_MARGIN_CHARS = 65_536  # > what lookup reads beyond its windows (a line start before, a draft after)
-REPO_CHARS_PER_TOKEN = 4  # repository snippets are picked within budget x this many characters, then cut by tokens
-REPO_QUERY_STEP = 16  # the snippets are chosen again only when the cursor enters another block of this many lines ...
-REPO_QUERY_LINES = 40  # ... from the identifiers of this many lines above that block (stable prompt: KV cache reuse)
-REPO_IMPORT_CHARS = 8_000  # the document's start, where its imports are read
-REPO_SECTIONS = 64  # documents whose repository section is remembered
-
-
-@dataclass
-class CompletionRequest:
-    text: str  # the whole document
-    line: int  # 0-based
-    character: int  # 0-based, in code points of that line
-    uri: str = "untitled:0"  # key for the KV cache and the type-ahead cache
-    language_id: str = "python"
-    tab_size: int | None = None  # from formattingOptions, else guessed from the file
-    insert_spaces: bool | None = None
-    other_documents: dict[str, str] = field(default_factory=dict)  # uri -> text (open buffers)
-    explicit: bool = False  # the user asked (triggerKind Invoked) rather than typing
-    repo: RepoSnapshot | None = None  # the workspace index (codegen_ls.suggest.repo): repository drafts and snippets
-
-
-@dataclass
-class Suggestion:
-    insert_text: str  # replaces the range below
-    start: tuple[int, int]  # (line, character) code points; range start
-    end: tuple[int, int]  # range end (>= cursor; covers suffix text the suggestion re-types)
-    score: float  # ranking score, higher is better
-    confidence: float  # 0..1, compared with Settings.min_confidence
-    source: (
-        str  # "greedy" | "sample" | "typeahead" | lookup's "lookup:line" | "lookup:doc" | "lookup:ngram" (+ "+model")
-    )
-    logprob_mean: float = 0.0
-    finish_reason: str = ""
-
-
-@dataclass
-class CompletionResult:
-    suggestions: list[Suggestion]
-    mode: Mode
-    reason: str = ""  # why nothing / which cache answered
-    timings: dict[str, float] = field(
-        default_factory=dict
-    )  # ms: [load,] context, prefill, decode, [lookup,] rank, total
-    stats: dict[str, float] = field(
-        default_factory=dict
-    )  # prompt/cached/new tokens, tokens/s, candidates, lookup_candidates
-    candidates: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # every ranked candidate: text, source, confidence, features
-    prompt_info: dict[str, Any] = field(default_factory=dict)  # what went into the prompt: repository snippets, tokens
-    more: bool = (
-        False  # the top suggestion was cut by the new-token count or the deadline: ``complete(.., more=True)`` goes on
-    )
-
-
-CancelFn = Callable[[], bool]
-
-
-@dataclass
-class _Shown:
-    """The last model answer for a document, for the type-ahead cache."""
-
-    line: int
-    line_prefix: str
-    line_suffix: str
-    before: str  # text before the cursor line (tail)
-    after: str  # text after the cursor line
-    suggestions: list[Suggestion]
 
 
 def _default_loader(model_path: str | None, threads: int = 0) -> Engine:
@@ -146,6 +62,22 @@ def _default_loader(model_path: str | None, threads: int = 0) -> Engine:
         raise ModelError(
             f"cannot load model from {directory}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
+
+
+@dataclass
+class _Run:
+    """One completion's state between its steps."""
+
+    engine: Engine
+    req: CompletionRequest
+    settings: Settings  # sized to the latency target (or the continuation's full count)
+    full_new: int  # the new-token count before the latency target sized it
+    ctx: Context
+    mode: Mode
+    language: str
+    prompt_info: dict[str, Any]
+    timings: dict[str, float]
+    t0: float
 
 
 class Completer:
@@ -161,15 +93,10 @@ class Completer:
         self._model_path: str | None = None
         self._remote: RemoteOptions | None = None  # the remote backend in use (None: the local engine)
         self._counter: TokenCounter | None = None
-        self._shown: OrderedDict[str, _Shown] = OrderedDict()
-        self._sections: OrderedDict[str, tuple[tuple[Any, ...], str, list[Snippet]]] = (
-            OrderedDict()
-        )  # uri -> (key, text, snippets)
+        self.typeahead = TypeAhead()  # answers already made, per document
+        self.sections = RepoSections()  # the prompt's repository section, per document
         self._lock = threading.RLock()
         self.speeds: latency.Speeds | None = None  # this machine's, for the latency target (local engine)
-        self._ahead: OrderedDict[str, _Shown] = (
-            OrderedDict()
-        )  # per document: the answer as if its suggestion were accepted
         self._quick_counter: TokenCounter | None = None
 
     # -- model -----------------------------------------------------------------------------
@@ -201,7 +128,7 @@ class Completer:
             self._engine, self._model_path, self._remote = engine, model_path, remote
             self._counter = TokenCounter(engine.tokenizer)
             self._quick_counter = TokenCounter(engine.tokenizer)  # quick()'s, on another thread
-            self._shown.clear()
+            self.typeahead.clear()
         return engine
 
     @property
@@ -225,8 +152,9 @@ class Completer:
 
     def forget(self, uri: str) -> None:
         """Drop a closed document's caches (type-ahead entry and KV snapshot)."""
+        self.typeahead.forget(uri)
+        self.sections.forget(uri)
         with self._lock:
-            self._shown.pop(uri, None)
             if self._engine is not None:
                 self._engine.cache.drop(uri)
 
@@ -278,8 +206,8 @@ class Completer:
             ),
         )
         mode, _ = decide_mode(ctx, settings.multiline, req.language_id or "python")
-        hit = self._typeahead(req.uri, ctx, settings) if mode != "none" else []
-        return self._done(CompletionResult(hit, mode, "typeahead"), {}, t0) if hit else None
+        hit = self.typeahead.answer(req.uri, ctx, settings.min_confidence) if mode != "none" else []
+        return CompletionResult(hit, mode, "typeahead", timings={"total": _ms(t0)}) if hit else None
 
     def complete_ahead(
         self, req: CompletionRequest, settings: Settings, text: str, cancel: CancelFn | None = None
@@ -287,8 +215,6 @@ class Completer:
         """The completion as if ``text`` (the suggestion shown) were accepted at ``req``'s cursor
         (llama.vim's speculative request), kept as a second type-ahead entry: the request right
         after an accept is answered from it at once."""
-        from codegen_ls.suggest.context import offset_of
-
         at = offset_of(req.text, req.line, req.character)[0]
         lines = text.split("\n")
         line = req.line + len(lines) - 1
@@ -308,7 +234,7 @@ class Completer:
     ) -> tuple[Context, dict[str, Any]]:
         """(the prompt context for ``req`` under sized ``settings``, what went into its prompt)."""
         budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
-        preamble, prompt_info = self._repo_section(engine, counter, req, settings, budget)
+        preamble, prompt_info = self.sections.section(engine, counter, req, settings, budget)
         ctx = build_context(
             req.text,
             req.line,
@@ -345,9 +271,26 @@ class Completer:
         ``more``: the deadline-first continuation of an answer whose ``more`` was set: the same
         prompt, the new-token count without the latency target's cut, ``CONTINUE_MS`` to run, no
         type-ahead answer; its suggestions replace the type-ahead entry, so the keystrokes after
-        are answered with the longer text. ``warm``: only prefill this cursor's prompt (:meth:`warm`);
-        ``ahead``: remembered as the answer after an accept (:meth:`complete_ahead`).
+        are answered with the longer text. ``warm``: only prefill this cursor's prompt
+        (:meth:`warm`); ``ahead``: remembered as the answer after an accept (:meth:`complete_ahead`).
         """
+        run = self._start(req, settings, more)
+        if warm:
+            prefilled = _prefill(run.engine, run.ctx, req.uri, cancel)
+            return self._done(CompletionResult([], Mode.NONE, "warm", stats={"prompt_tokens": prefilled}), run)
+        mode, reason = decide_mode(run.ctx, run.settings.multiline, run.language)
+        run.mode = mode
+        run.timings["context"] = _ms(run.t0)
+        if mode == Mode.NONE:
+            return self._done(CompletionResult([], mode, reason), run)
+        hit = [] if more or ahead else self.typeahead.answer(req.uri, run.ctx, run.settings.min_confidence)
+        if hit:
+            return self._done(CompletionResult(hit, mode, "typeahead"), run)
+        gen, items, n_lookup = self._candidates(run, cancel)
+        return self._answer(run, gen, items, n_lookup, ahead, more)
+
+    def _start(self, req: CompletionRequest, settings: Settings, more: bool) -> _Run:
+        """The engine (loaded if needed), the settings sized for this request, its context."""
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         engine, counter, loaded = self._engine_for(settings)
@@ -357,94 +300,56 @@ class Completer:
         if isinstance(engine, Engine):  # the local engine's prompt cache: promptCacheMb
             engine.set_cache_limit(settings.prompt_cache_mb, settings.context_tokens)
         planned = self.sized(settings)
-        full_new = settings.max_new_tokens
-        settings = replace(planned, max_new_tokens=full_new, deadline_ms=CONTINUE_MS) if more else planned
+        if more:
+            planned = replace(planned, max_new_tokens=settings.max_new_tokens, deadline_ms=CONTINUE_MS)
+        ctx, prompt_info = self._context(engine, counter, req, planned)
         language = req.language_id or "python"  # the models are trained on Python
-        ctx, prompt_info = self._context(engine, counter, req, settings)
-        if warm:
-            return self._done(
-                CompletionResult(
-                    [], Mode.NONE, "warm", stats={"prompt_tokens": _prefill(engine, ctx, req.uri, cancel)}
-                ),
-                timings,
-                t0,
-            )
-        mode, reason = decide_mode(ctx, settings.multiline, language)
-        timings["context"] = _ms(t0)
-        if mode == Mode.NONE:
-            return self._done(CompletionResult([], mode, reason), timings, t0)
+        return _Run(engine, req, planned, settings.max_new_tokens, ctx, Mode.NONE, language, prompt_info, timings, t0)
 
-        hit = [] if more or ahead else self._typeahead(req.uri, ctx, settings)
-        if hit:
-            return self._done(CompletionResult(hit, mode, "typeahead"), timings, t0)
-
+    def _candidates(self, run: _Run, cancel: CancelFn | None) -> tuple[Generation, list[Item], int]:
+        """The engine's candidates and lookup's verified drafts, as ranking items."""
+        engine, ctx, s = run.engine, run.ctx, run.settings
         gen = engine.generate(
             ctx.prompt,
-            doc_key=req.uri,
-            n=settings.num_candidates,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            stop=make_stop(ctx, mode, ctx.held),
-            deadline_ms=settings.deadline_ms,
+            doc_key=run.req.uri,
+            n=s.num_candidates,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            stop=make_stop(ctx, run.mode, ctx.held),
+            deadline_ms=s.deadline_ms,
             cancel=cancel,
             heal=True,
             **({"suffix": ctx.suffix} if isinstance(engine, RemoteEngine) else {}),
         )
-        timings["prefill"] = round(gen.stats.prefill_ms, 1)
-        timings["decode"] = round(gen.stats.decode_ms, 1)
+        run.timings["prefill"] = round(gen.stats.prefill_ms, 1)
+        run.timings["decode"] = round(gen.stats.decode_ms, 1)
+        model_source = {True: Source.SAMPLE, False: Source.GREEDY}
         items = [
-            self._item(engine, c, ctx, mode, ctx.held, language, Source.SAMPLE if c.sampled else Source.GREEDY)
+            candidates.to_item(engine, c, ctx, run.mode, ctx.held, run.language, model_source[c.sampled])
             for c in gen.candidates
         ]
-        n_lookup = 0
-        if settings.lookup and _lookup is not None:
+        found = []
+        if s.lookup and candidates.lookup_available():
             t1 = time.perf_counter()
-            found = self._lookup(engine, req, ctx, mode, settings, cancel, t0)
-            n_lookup = len(found)
-            items += [self._item(engine, c, ctx, mode, "", language, c.source) for c in found]
-            timings["lookup"] = _ms(t1)
+            found = candidates.lookup_candidates(engine, run.req, ctx, run.mode, s, cancel, run.t0)
+            items += [candidates.to_item(engine, c, ctx, run.mode, "", run.language, c.source) for c in found]
+            run.timings["lookup"] = _ms(t1)
+        return gen, [it for it in items if it is not None], len(found)
 
+    def _answer(
+        self, run: _Run, gen: Generation, items: list[Item], n_lookup: int, ahead: bool, more: bool
+    ) -> CompletionResult:
+        """Rank the items, keep those at least ``minConfidence`` likely (at most numCandidates:
+        lookup drafts join the model's candidates), remember them for type-ahead."""
         t2 = time.perf_counter()
-        ranked = rank(
-            [it for it in items if it is not None],
-            ctx,
-            mode,
-            language,
-            confidence.for_model(getattr(engine, "model_dir", None)),
-        )
-        explained = [
-            {
-                "text": r.text,
-                "source": r.source,
-                "sources": r.sources,
-                "confidence": round(r.confidence, 4),
-                "score": round(r.score, 4),
-                "origin": r.origin,
-                "features": r.features,
-            }
-            for r in ranked
-        ]
-        prompt_info["prompt_tokens"] = len(ctx.prompt_ids)
-        prompt_info["repo_tokens"] = ctx.preamble_tokens
-        suggestions = [
-            Suggestion(
-                r.text,
-                (ctx.line, ctx.character),
-                (ctx.line, ctx.character),
-                round(r.score, 4),
-                round(r.confidence, 4),
-                r.source,
-                round(r.logprob_mean, 4),
-                r.finish_reason,
-            )
-            for r in ranked
-        ]
-        # lookup drafts join the model's candidates: numCandidates caps the total shown
-        shown = [s for s in suggestions if s.confidence >= settings.min_confidence][: settings.num_candidates]
-        timings["rank"] = _ms(t2)
-        if not shown:
-            reason = "below minConfidence" if suggestions else "no usable candidate"
-        self._remember(req.uri, ctx, shown, ahead, keep_ahead=more)
+        ctx, s = run.ctx, run.settings
+        ranked = rank(items, ctx, run.mode, run.language, confidence.for_model(getattr(run.engine, "model_dir", None)))
+        suggestions = [_suggestion(r, ctx) for r in ranked]
+        shown = [x for x in suggestions if x.confidence >= s.min_confidence][: s.num_candidates]
+        run.timings["rank"] = _ms(t2)
+        self.typeahead.remember(run.req.uri, ctx, shown, ahead, keep_ahead=more)
+        run.prompt_info["prompt_tokens"] = len(ctx.prompt_ids)
+        run.prompt_info["repo_tokens"] = ctx.preamble_tokens
         st = gen.stats
         stats = {
             "prompt_tokens": st.prompt_tokens,
@@ -454,179 +359,20 @@ class Completer:
             "candidates": len(gen.candidates),
             "lookup_candidates": n_lookup,
         }
-        cut = (
-            bool(shown)
-            and not more
-            and shown[0].finish_reason in ("length", "deadline")
-            and (shown[0].finish_reason == "deadline" or settings.max_new_tokens < full_new)
+        top = shown[0].finish_reason if shown and not more else ""
+        # cut by the deadline, or by a new-token count the latency target lowered
+        cut = top == "deadline" or (top == "length" and run.settings.max_new_tokens < run.full_new)
+        reason = "" if shown else ("below minConfidence" if suggestions else "no usable candidate")
+        result = CompletionResult(
+            shown, run.mode, reason, stats=stats, candidates=[_explained(r) for r in ranked], more=cut
         )
-        return self._done(
-            CompletionResult(
-                shown,
-                mode,
-                reason if not shown else "",
-                stats=stats,
-                candidates=explained,
-                prompt_info=prompt_info,
-                more=cut,
-            ),
-            timings,
-            t0,
-        )
+        result.prompt_info = run.prompt_info
+        return self._done(result, run)
 
-    def _done(self, result: CompletionResult, timings: dict[str, float], t0: float) -> CompletionResult:
-        timings["total"] = _ms(t0)
-        result.timings = timings
+    def _done(self, result: CompletionResult, run: _Run) -> CompletionResult:
+        run.timings["total"] = _ms(run.t0)
+        result.timings = run.timings
         return result
-
-    def _item(
-        self, engine: Engine, cand: Candidate, ctx: Context, mode: str, held_out: str, language_id: str, source: str
-    ) -> Item | None:
-        cleaned = clean(cand.text, ctx, mode, held_out, cand.finish_reason, language_id)
-        if cleaned is None:
-            return None
-        logprobs = _kept_logprobs(engine, cand, cleaned.kept_chars)
-        return Item(
-            cleaned.text,
-            logprobs,
-            source,
-            cand.finish_reason,
-            cleaned.truncated,
-            cleaned.reindented,
-            **{k: getattr(cand, k) for k in DRAFT_EVIDENCE if hasattr(cand, k)},
-        )
-
-    def _lookup(
-        self,
-        engine: Engine,
-        req: CompletionRequest,
-        ctx: Context,
-        mode: str,
-        settings: Settings,
-        cancel: CancelFn | None,
-        t0: float,
-    ) -> list[Candidate]:
-        """Lookup candidates, continuing the cursor itself (not the prompt, which may end before ``held``)."""
-        assert _lookup is not None
-        prompt_ids = engine.tokenizer.encode(ctx.prompt + ctx.held) if ctx.held else ctx.prompt_ids
-        left = max(LOOKUP_MIN_MS, settings.deadline_ms - _ms(t0))
-        prefix, suffix, others = _lookup_texts(req, ctx.cursor, _lookup)
-        return _lookup.propose(
-            engine,
-            prompt_ids,
-            prefix,
-            suffix,
-            others,
-            _lookup.ProposeOptions(
-                doc_key=req.uri,
-                max_new_tokens=settings.max_new_tokens,
-                stop=make_stop(ctx, mode, ""),
-                cancel=cancel,
-                deadline_ms=left,
-                find=_lookup.DraftOptions(
-                    multiline=mode == "multi",
-                    budget_ms=LOOKUP_FIND_MS,
-                    include_other_documents=settings.lookup_other_documents,
-                    repo=req.repo if settings.repo_lookup else None,
-                    repo_exclude=_open_paths(req),
-                ),
-            ),
-        )
-
-    def _repo_section(
-        self, engine: Engine, counter: TokenCounter, req: CompletionRequest, settings: Settings, budget: int
-    ) -> tuple[str, dict[str, Any]]:
-        """The prompt's repository section for ``req`` and what it holds (for ``complete --json``).
-
-        Chosen again only when the index changed or the cursor entered another block of
-        ``REPO_QUERY_STEP`` lines, so the prompt's start stays the same while the user types
-        (KV-cache reuse); cut to ``repoContextTokens`` and to a quarter of the prompt budget.
-        """
-        tokens = min(settings.repo_context_tokens, budget // 4)
-        if req.repo is None or not settings.repo_context or tokens <= 0 or not len(req.repo):
-            return "", {}
-        anchor = req.line - req.line % REPO_QUERY_STEP
-        key = (req.repo.version, id(req.repo), anchor, tokens, hash(req.text[:REPO_IMPORT_CHARS]))
-        with self._lock:
-            hit = self._sections.get(req.uri)
-        if hit is not None and hit[0] == key:
-            text, snippets = hit[1], hit[2]
-        else:
-            lo, _, _ = offset_of(req.text, max(0, anchor - REPO_QUERY_LINES), 0)
-            hi, _, _ = offset_of(req.text, anchor, 0)
-            snippets = req.repo.snippets(
-                req.text[lo:hi],
-                tokens * REPO_CHARS_PER_TOKEN,
-                document_path=path_of(req.uri),
-                document_text=req.text[:REPO_IMPORT_CHARS],
-                exclude=_open_paths(req),
-            )
-            eot = engine.tokenizer.decode([engine.eos_id])
-            while snippets and len(counter.encode(render_snippets(snippets, eot))) > tokens:
-                snippets = snippets[:-1]  # the weakest go first
-            text = render_snippets(snippets, eot)
-            with self._lock:
-                self._sections[req.uri] = (key, text, snippets)
-                self._sections.move_to_end(req.uri)
-                while len(self._sections) > REPO_SECTIONS:
-                    self._sections.popitem(last=False)
-        info = {
-            "repo_snippets": [
-                {"file": s.rel, "line": s.start + 1, "lines": s.text.count("\n") + 1, "why": s.why, "score": s.score}
-                for s in snippets
-            ]
-        }
-        return text, info
-
-    # -- type-ahead cache ------------------------------------------------------------------
-    def _remember(
-        self, uri: str, ctx: Context, suggestions: list[Suggestion], ahead: bool = False, keep_ahead: bool = False
-    ) -> None:
-        with self._lock:
-            table = self._ahead if ahead else self._shown
-            if not keep_ahead:  # a new answer: the one after accepting the last is stale (a continuation's is not)
-                self._ahead.pop(uri, None)
-            if not suggestions:
-                table.pop(uri, None)
-                return
-            table[uri] = _Shown(
-                ctx.line, ctx.line_prefix, ctx.line_suffix, ctx.before_line, ctx.after_line, suggestions
-            )
-            table.move_to_end(uri)
-            while len(table) > TYPEAHEAD_DOCUMENTS:
-                table.popitem(last=False)
-
-    def _typeahead(self, uri: str, ctx: Context, settings: Settings) -> list[Suggestion]:
-        """The rest of the last suggestions when the user typed (or erased) along them on the line;
-        else of the answer computed as if the last suggestion were accepted (:meth:`complete_ahead`)."""
-        with self._lock:
-            entries = [self._shown.get(uri), self._ahead.get(uri)]
-        for shown in entries:
-            out = self._rest(shown, ctx, settings) if shown is not None and _along(shown, ctx) else []
-            if out:
-                return out
-        return []
-
-    def _rest(self, shown: _Shown, ctx: Context, settings: Settings) -> list[Suggestion]:
-        """``shown``'s suggestions less what was typed since they were made."""
-        typed = ctx.line_prefix[len(shown.line_prefix) :]
-        out = []
-        for s in shown.suggestions:
-            if (
-                s.insert_text.startswith(typed)
-                and len(s.insert_text) > len(typed)
-                and s.confidence >= settings.min_confidence
-            ):
-                out.append(
-                    replace(
-                        s,
-                        insert_text=s.insert_text[len(typed) :],
-                        start=(ctx.line, ctx.character),
-                        end=(ctx.line, ctx.character),
-                        source=Source.TYPEAHEAD,
-                    )
-                )
-        return out
 
 
 def remote_options(settings: Settings) -> RemoteOptions | None:
@@ -636,77 +382,24 @@ def remote_options(settings: Settings) -> RemoteOptions | None:
     return RemoteOptions(settings.remote_url, settings.remote_model, settings.remote_api_key_env, settings.remote_fim)
 
 
-DRAFT_EVIDENCE = (
-    "distance",
-    "agree",
-    "draft_tokens",
-    "copied_tokens",
-    "rejected",
-    "origin",
-)  # drafts.DraftCandidate -> Item
-
-
-def _open_paths(req: CompletionRequest) -> set[str]:
-    """Files whose text the request has from the editor (this document, the open ones): the
-    repository's copies on disk are left out."""
-    return {p for p in (path_of(u) for u in (req.uri, *req.other_documents)) if p}
-
-
-def _lookup_texts(req: CompletionRequest, cursor: int, lookup: ModuleType) -> tuple[str, str, dict[str, str]]:
-    """What lookup looks at, sliced before it is copied and sanitized (drafts get encoded).
-
-    Lookup only reads ``WINDOW_CHARS`` either side of the cursor (the suffix window may start at
-    the next line, so twice that after it) and the first ``OTHER_DOC_CHARS`` of other documents;
-    with the margin, the slices give it exactly the text it would read in the whole documents.
-    A lookup without these constants gets the whole texts.
-    """
-    window = getattr(lookup, "WINDOW_CHARS", len(req.text))
-    first = getattr(lookup, "OTHER_DOC_CHARS", max(map(len, req.other_documents.values()), default=0))
-    prefix = sanitize(req.text[max(0, cursor - window - LOOKUP_MARGIN_CHARS) : cursor])
-    suffix = sanitize(req.text[cursor : cursor + 2 * window + LOOKUP_MARGIN_CHARS])
-    others = {u: sanitize(t[: first + LOOKUP_MARGIN_CHARS]) for u, t in req.other_documents.items() if u != req.uri}
-    return prefix, suffix, others
-
-
-def _along(shown: _Shown, ctx: Context) -> bool:
-    """The cursor is on ``shown``'s line, after its start, with the same text around."""
-    return (
-        shown.line == ctx.line
-        and shown.line_suffix == ctx.line_suffix
-        and ctx.line_prefix.startswith(shown.line_prefix)
-        and shown.after == ctx.after_line
-        and _same_tail(shown.before, ctx.before_line)
+def _suggestion(r: Ranked, ctx: Context) -> Suggestion:
+    at = (ctx.line, ctx.character)
+    return Suggestion(
+        r.text, at, at, round(r.score, 4), round(r.confidence, 4), r.source, round(r.logprob_mean, 4), r.finish_reason
     )
 
 
-def _same_tail(a: str, b: str) -> bool:
-    """Equal text before the cursor line (the window may have moved: compare the common tail)."""
-    n = min(len(a), len(b))
-    return a[len(a) - n :] == b[len(b) - n :]
-
-
-def _kept_logprobs(engine: Engine, cand: Candidate, kept_chars: int) -> list[float]:
-    """Log-probs of the tokens that produced the first ``kept_chars`` characters of ``cand.text``.
-
-    The token at the boundary is kept too (it carries the decision to stop there). Token healing
-    may make the first token cover prompt text that ``text`` leaves out; it is found by search.
-    """
-    lps, ids = cand.logprobs, cand.token_ids
-    if kept_chars >= len(cand.text) or not ids or len(lps) != len(ids):
-        return list(lps)
-    full = engine.tokenizer.decode(ids)
-    h = full.find(cand.text[:16]) if cand.text else 0
-    if h < 0 or h > HEAL_SEARCH_CHARS:  # cannot align: keep a proportional share
-        n = math.ceil(len(lps) * kept_chars / max(1, len(cand.text)))
-        return list(lps[: max(1, min(len(lps), n + 1))])
-    target = len(full[: h + kept_chars].encode("utf-8", "replace"))
-    table = engine.tokenizer.token_bytes()
-    total = 0
-    for i, t in enumerate(ids):
-        total += len(table[t]) if t < len(table) else 0
-        if total >= target:
-            return list(lps[: min(len(lps), i + 2)])
-    return list(lps)
+def _explained(r: Ranked) -> dict[str, Any]:
+    """A ranked candidate as ``complete --json`` and the evaluation scripts see it."""
+    return {
+        "text": r.text,
+        "source": r.source,
+        "sources": r.sources,
+        "confidence": round(r.confidence, 4),
+        "score": round(r.score, 4),
+        "origin": r.origin,
+        "features": r.features,
+    }
 
 
 def _fim_budget(engine: Engine, settings: Settings, budget: int) -> int:
@@ -727,3 +420,6 @@ def _prefill(engine: Engine, ctx: Context, key: str, cancel: CancelFn | None) ->
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 1)
+
+
+__all__ = ["CancelFn", "Completer", "CompletionRequest", "CompletionResult", "Suggestion", "remote_options"]
