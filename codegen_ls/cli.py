@@ -14,10 +14,13 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codegen_ls import __version__
 from codegen_ls.errors import CodegenLsError
+
+if TYPE_CHECKING:
+    from codegen_ls.settings import Settings
 
 log = logging.getLogger("codegen_ls")
 
@@ -189,9 +192,25 @@ def parse_location(location: str) -> tuple[Path, int, int]:
     return path, line, col
 
 
+def _complete_settings(args: argparse.Namespace) -> Settings:
+    """``complete``'s settings: the defaults and its options (given ones count as the user's)."""
+    from codegen_ls.settings import Settings
+
+    settings = Settings(model_path=args.model, threads=args.threads)
+    for name in ("num_candidates", "max_new_tokens", "multiline", "temperature"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+            settings.explicit |= {name}
+    if args.no_lookup:
+        settings.lookup = False
+    problems = settings.validate()
+    if problems:
+        raise CodegenLsError("; ".join(problems))
+    return settings
+
+
 def cmd_complete(args: argparse.Namespace) -> int:
     path, line, col = parse_location(args.location)
-    from codegen_ls.settings import Settings
     from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 
     try:
@@ -206,16 +225,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
         raise CodegenLsError(
             f"column {col} is out of range: line {line} has {width} characters (columns 1..{width + 1})"
         )
-    settings = Settings(model_path=args.model, threads=args.threads)
-    for name in ("num_candidates", "max_new_tokens", "multiline", "temperature"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-            settings.explicit |= {name}
-    if args.no_lookup:
-        settings.lookup = False
-    problems = settings.validate()
-    if problems:
-        raise CodegenLsError("; ".join(problems))
+    settings = _complete_settings(args)
     t0 = time.perf_counter()
     completer = Completer()
     completer.load(settings.model_path, threads=settings.threads) if _accepts_threads(completer) else completer.load(
@@ -308,15 +318,11 @@ def _result_json(result: Any, path: Path, line: int, col: int) -> dict[str, Any]
     }
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
+def _print_environment(threads: int) -> None:
+    """``doctor``'s first lines: versions, onnxruntime providers, cores."""
     from importlib.metadata import PackageNotFoundError, version
 
     import onnxruntime as ort
-
-    from codegen_ls.engine import kernels
-    from codegen_ls.engine.modeldir import read_manifest, resolve_model_dir, verify_files
-    from codegen_ls.settings import Settings
-    from codegen_ls.suggest.pipeline import Completer, CompletionRequest
 
     print(f"codegen-ls {__version__} on Python {platform.python_version()} ({platform.platform()})")
     for name in ("onnxruntime", "tokenizers", "numpy", "pygls", "lsprotocol", "cattrs"):
@@ -325,7 +331,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         except PackageNotFoundError:
             print(f"  {name:<12} not installed")
     print(f"onnxruntime providers: {', '.join(ort.get_available_providers())}")
-    print(f"cpu cores: {os.cpu_count()}  threads used: {args.threads or os.cpu_count()}")
+    print(f"cpu cores: {os.cpu_count()}  threads used: {threads or os.cpu_count()}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from codegen_ls.engine import kernels
+    from codegen_ls.engine.modeldir import read_manifest, resolve_model_dir, verify_files
+    from codegen_ls.settings import Settings
+    from codegen_ls.suggest.pipeline import Completer, CompletionRequest
+
+    _print_environment(args.threads)
     model_dir = resolve_model_dir(args.model)
     source = (
         "--model" if args.model else ("$CODEGEN_LS_MODEL" if os.environ.get("CODEGEN_LS_MODEL") else "embedded default")

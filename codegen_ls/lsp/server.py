@@ -233,31 +233,14 @@ class CodegenLanguageServer(LanguageServer):
             return None
         joined = None if prefetch else self.perceived.join(uri, doc, position)
         if joined is not None:
-            t0 = time.perf_counter()
-            found = await asyncio.shield(joined)
-            if found is not None and self.document(uri) is doc:
-                self.last_latency_ms = round((time.perf_counter() - t0) * 1000, 1)
-                self.perceived.joined(uri, self.last_latency_ms)
-            return found if self.document(uri) is doc else None
+            return await self._join(uri, doc, joined)
         ticket = self._tickets[uri] = self._tickets.get(uri, 0) + 1
         if self.settings.debounce_ms > 0:
             await asyncio.sleep(self.settings.debounce_ms / 1000)
             if self._tickets.get(uri) != ticket:  # a newer request for this document arrived
                 return None
         source, settings, t0 = doc.source, self.effective_settings(), time.perf_counter()
-        tab_size, insert_spaces = self.indentation.get(uri, (None, None))
-        request = CompletionRequest(
-            text=self.clean(uri, source),
-            line=cursor.line,
-            character=cursor.character,
-            uri=uri,
-            language_id=doc.language_id or "",
-            explicit=explicit,
-            other_documents=self.other_documents(uri),
-            tab_size=tab_size,
-            insert_spaces=insert_spaces,
-            repo=workspace.snapshot(self, settings),
-        )
+        request = self._request(uri, doc, (cursor.line, cursor.character), explicit, settings)
         quick = None if prefetch else self.completer.quick(request, settings)  # typing along a suggestion: no waiting
         try:
             result = quick or await self.worker.submit(
@@ -286,6 +269,35 @@ class CodegenLanguageServer(LanguageServer):
             self.send_status()
             self.perceived.answered(*answer, self.last_latency_ms)
         return doc, result
+
+    async def _join(
+        self, uri: str, doc: TextDocument, joined: asyncio.Task[Any]
+    ) -> tuple[TextDocument, CompletionResult] | None:
+        """The answer of the prefetch started after an accept, for this version and cursor."""
+        t0 = time.perf_counter()
+        found = await asyncio.shield(joined)
+        if found is not None and self.document(uri) is doc:
+            self.last_latency_ms = round((time.perf_counter() - t0) * 1000, 1)
+            self.perceived.joined(uri, self.last_latency_ms)
+        return found if self.document(uri) is doc else None  # type: ignore[no-any-return]
+
+    def _request(
+        self, uri: str, doc: TextDocument, cursor: tuple[int, int], explicit: bool, settings: Settings
+    ) -> CompletionRequest:
+        """The pipeline's request for a cursor (code points) of an open document."""
+        tab_size, insert_spaces = self.indentation.get(uri, (None, None))
+        return CompletionRequest(
+            text=self.clean(uri, doc.source),
+            line=cursor[0],
+            character=cursor[1],
+            uri=uri,
+            language_id=doc.language_id or "",
+            explicit=explicit,
+            other_documents=self.other_documents(uri),
+            tab_size=tab_size,
+            insert_spaces=insert_spaces,
+            repo=workspace.snapshot(self, settings),
+        )
 
     async def pull_configuration(
         self, section: str, scope_uri: str | None = None, level: int = logging.WARNING

@@ -26,7 +26,7 @@ try:
 except ImportError:  # the lookup module is optional
     _lookup = None
 
-LOOKUP_MIN_MS = 30.0  # time lookup verification always gets, even when the model used the deadline
+LOOKUP_MIN_MS = 30.0  # time lookup verification always gets, even when the model used the whole budget
 LOOKUP_FIND_MS = 10.0  # time for finding drafts in the text
 LOOKUP_MARGIN_CHARS = 65_536  # > what lookup reads beyond its windows (a line start before, a draft after)
 HEAL_SEARCH_CHARS = 32  # how far into a candidate's decoded tokens its text may start (token healing)
@@ -63,13 +63,14 @@ def lookup_candidates(
     settings: Settings,
     cancel: CancelFn | None,
     t0: float,
+    budget_ms: float,
 ) -> list[Candidate]:
     """Lookup's verified drafts, continuing the cursor itself (not the prompt, which may end
-    before ``ctx.held``); they get what is left of the deadline since ``t0``, at least
-    ``LOOKUP_MIN_MS``."""
+    before ``ctx.held``); they get what is left of ``budget_ms`` since ``t0`` (the request's
+    latency target, else its deadline), at least ``LOOKUP_MIN_MS``."""
     assert _lookup is not None
     prompt_ids = engine.tokenizer.encode(ctx.prompt + ctx.held) if ctx.held else ctx.prompt_ids
-    left = max(LOOKUP_MIN_MS, settings.deadline_ms - (time.perf_counter() - t0) * 1000)
+    left = max(LOOKUP_MIN_MS, budget_ms - (time.perf_counter() - t0) * 1000)
     prefix, suffix, others = lookup_texts(req, ctx.cursor, _lookup)
     options = _lookup.ProposeOptions(
         doc_key=req.uri,

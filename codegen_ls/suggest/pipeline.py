@@ -78,6 +78,7 @@ class _Run:
     prompt_info: dict[str, Any]
     timings: dict[str, float]
     t0: float
+    budget_ms: float  # what the request may take: the latency target (a continuation: its deadline)
 
 
 class Completer:
@@ -304,7 +305,11 @@ class Completer:
             planned = replace(planned, max_new_tokens=settings.max_new_tokens, deadline_ms=CONTINUE_MS)
         ctx, prompt_info = self._context(engine, counter, req, planned)
         language = req.language_id or "python"  # the models are trained on Python
-        return _Run(engine, req, planned, settings.max_new_tokens, ctx, Mode.NONE, language, prompt_info, timings, t0)
+        targeted = settings.latency_target_ms > 0 and self.speeds is not None and not more  # (sized() applied it)
+        budget_ms = min(planned.deadline_ms, settings.latency_target_ms) if targeted else planned.deadline_ms
+        return _Run(
+            engine, req, planned, settings.max_new_tokens, ctx, Mode.NONE, language, prompt_info, timings, t0, budget_ms
+        )
 
     def _candidates(self, run: _Run, cancel: CancelFn | None) -> tuple[Generation, list[Item], int]:
         """The engine's candidates and lookup's verified drafts, as ranking items."""
@@ -331,7 +336,7 @@ class Completer:
         found = []
         if s.lookup and candidates.lookup_available():
             t1 = time.perf_counter()
-            found = candidates.lookup_candidates(engine, run.req, ctx, run.mode, s, cancel, run.t0)
+            found = candidates.lookup_candidates(engine, run.req, ctx, run.mode, s, cancel, run.t0, run.budget_ms)
             items += [candidates.to_item(engine, c, ctx, run.mode, "", run.language, c.source) for c in found]
             run.timings["lookup"] = _ms(t1)
         return gen, [it for it in items if it is not None], len(found)
