@@ -189,3 +189,40 @@ async def test_the_accept_command_names_the_item_taken_before_or_after_its_edit(
     stats = json.loads((tmp_path / "state" / "codegen-ls" / "stats.json").read_text())
     totals = [sum(v[i] for v in stats["counts"].values()) for i in range(4)]
     assert totals[1] == 2 and totals[3] == 0, stats  # accepted twice, never dismissed
+
+
+async def test_an_edit_after_a_pause_warms_unless_a_request_follows(tmp_path: Path):
+    """An edit after ``WARM_IDLE_S`` without edits warms the document again, after
+    ``WARM_DELAY_S``; when a request for it comes first (editors ask right after an edit), the
+    request's own prefill does it and no warm-up runs ahead of it."""
+    from codegen_ls.lsp.perceived import WARM_DELAY_S, WARM_IDLE_S
+
+    env = server_env(XDG_STATE_HOME=str(tmp_path / "state"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    c = await RawClient.start("--model", str(MODEL_DIR), env=env)
+    try:
+        await c.initialize({"codegenLs": {"numCandidates": 1, "lookup": False, "minConfidence": 0}})
+        await c.open(URI, TEXT)
+        end = {"line": len(TEXT.split("\n")) - 1, "character": 0}
+        version = 1
+        for then_ask in (False, True):
+            await asyncio.sleep(WARM_IDLE_S + 0.2)
+            version += 1
+            await c.notify(
+                "textDocument/didChange",
+                {
+                    "textDocument": {"uri": URI, "version": version},
+                    "contentChanges": [{"range": {"start": end, "end": end}, "text": "x"}],
+                },
+            )
+            end = {"line": end["line"], "character": end["character"] + 1}
+            if then_ask:
+                reply = await c.request(
+                    "textDocument/inlineCompletion",
+                    {"textDocument": {"uri": URI}, "position": end, "context": {"triggerKind": 2}},
+                )
+                assert "result" in reply
+            await asyncio.sleep(WARM_DELAY_S + 0.3)
+            state = await debug(c)
+            assert state["perceived"]["warmups"] == 2, (then_ask, state)  # the open's, the pause's: none more
+    finally:
+        await c.close()

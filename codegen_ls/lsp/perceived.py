@@ -1,6 +1,7 @@
 """The moments a user waits, handled on the server side: warm-up, prefetch, continuation, statistics.
 
-- **Warm-up**: when a document is opened, or edited after ``WARM_IDLE_S`` without edits, its prompt
+- **Warm-up**: when a document is opened, or edited after ``WARM_IDLE_S`` without edits (and no
+  request for it follows within ``WARM_DELAY_S``: the request's own prefill does it), its prompt
   (at the edit, the last cursor asked about, or else the end of the document) is prefilled on the
   inference thread as a background job (:mod:`codegen_ls.lsp.worker`: it gives way to any request
   and stops between prefill chunks), so the first keystroke only extends the KV cache. A document
@@ -52,6 +53,7 @@ Answer = tuple[str, "TextDocument", types.Position, tuple[int, int], CompletionR
 
 AHEAD = "\x00ahead"  # the speculative job's worker key: the document's URI + this (an edit that accepts keeps it)
 WARM_IDLE_S = 2.0  # an edit after this long without one warms the document again
+WARM_DELAY_S = 0.15  # ... unless a request for it comes this soon (editors ask right after an edit)
 THRESHOLD_REFRESH_S = 60.0  # the adaptive threshold is recomputed at most this often
 # a model answer this many times over the plan's expected time: the machine is busy, no speculative work
 BUSY_FACTOR = 4.0
@@ -98,6 +100,7 @@ class Perceived:
         self.judged: dict[str, tuple[Shown, Recorded | None]] = {}  # the last edit's verdict, until the command
         self.last_edit: dict[str, float] = {}
         self.cursor: dict[str, tuple[int, int]] = {}  # last cursor asked about (code points)
+        self.pending: dict[str, asyncio.TimerHandle] = {}  # warm-ups after an idle edit, not started yet
         self.warmups = self.prefetched = self.joins = self.busy_skips = 0  # counted for logs and tests
         self._threshold = (0.0, -1e9)  # (value, when computed)
 
@@ -139,6 +142,7 @@ class Perceived:
         self.last_edit[uri] = now
         self.prefetches.pop(uri, None)
         self.stashed.pop(uri, None)
+        self.asked(uri)  # (a warm-up pending from an earlier edit is for older text)
         shown = self.shown.pop(uri, None)
         ahead = self.ahead.pop(uri, None)
         self.judged.pop(uri, None)
@@ -159,7 +163,19 @@ class Perceived:
                 change = changes[-1]
                 end = _after(doc, change.range.start, change.text)
                 pos = doc.position_from_client_units(end)
-                self.warm(uri, (pos.line, pos.character))
+                self.pending[uri] = asyncio.get_running_loop().call_later(
+                    WARM_DELAY_S, self._warm_later, uri, (pos.line, pos.character)
+                )
+
+    def _warm_later(self, uri: str, cursor: tuple[int, int]) -> None:
+        self.pending.pop(uri, None)
+        self.warm(uri, cursor)
+
+    def asked(self, uri: str) -> None:
+        """A request for ``uri`` arrived: it prefills what a pending warm-up would have."""
+        handle = self.pending.pop(uri, None)
+        if handle is not None:
+            handle.cancel()
 
     def _judge(
         self, uri: str, shown: Shown, params: types.DidChangeTextDocumentParams
@@ -284,6 +300,7 @@ class Perceived:
             self.stats.record(Outcome.DISMISSED, source, confidence, shown.language, shown.latency_ms)
         if self.ahead.pop(uri, None) is not None:
             self.ls.worker.supersede(uri + AHEAD)
+        self.asked(uri)
         for table in (self.prefetches, self.stashed, self.last_edit, self.cursor, self.judged):
             table.pop(uri, None)  # type: ignore[attr-defined]
 

@@ -231,6 +231,8 @@ class CodegenLanguageServer(LanguageServer):
         cursor = cursor_position(doc, position) if doc is not None else None
         if doc is None or cursor is None or (self.model_state != "ready" and not self.backend_down):
             return None
+        if not prefetch:
+            self.perceived.asked(uri)  # a warm-up pending after an idle edit is not needed now
         joined = None if prefetch else self.perceived.join(uri, doc, position)
         if joined is not None:
             return await self._join(uri, doc, joined)
