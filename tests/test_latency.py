@@ -24,7 +24,7 @@ def test_a_slow_model_gets_less_context_and_fewer_tokens():
     the_350m = Speeds(prefill_ms_per_token=1.05, extend_ms=35.0, step_ms=14.0, step_ms_n=18.0, rows=3)
     laptop_2b = Speeds(prefill_ms_per_token=6.5, extend_ms=120.0, step_ms=60.0, step_ms_n=75.0, rows=3)
     a, b = plan(the_350m, 150, 3), plan(laptop_2b, 150, 3)
-    assert a.context_tokens == 1024 and a.max_new_tokens == 8  # (150 - 35) / 18 -> 6 -> the floor of 8
+    assert a.context_tokens == 1024 and a.max_new_tokens == 6  # (150 - 35) / 18 -> 6
     assert b.context_tokens == latency.MIN_CONTEXT  # 10 x 150 / 6.5 = 230 tokens: the floor
     assert b.context_tokens < a.context_tokens and b.max_new_tokens == latency.MIN_NEW_TOKENS
     assert plan(the_350m, 1000, 3).max_new_tokens == 48 and plan(the_350m, 1000, 1).max_new_tokens == 48

@@ -57,11 +57,11 @@ def test_continuation_extends_a_suggestion_cut_by_the_target():
     settings = Settings(
         model_path=str(MODEL_DIR), num_candidates=1, lookup=False, latency_target_ms=150, min_confidence=0.0
     )
-    assert completer.sized(settings).max_new_tokens == 8  # a slow machine: few tokens per request
+    assert completer.sized(settings).max_new_tokens == 4  # a slow machine: few tokens per request (the floor)
     text = "import os\n\n\ndef list_python_files(root):\n    "
     req = CompletionRequest(text=text, line=4, character=4, uri="mem://cont.py")
     first = completer.complete(req, settings)
-    assert first.suggestions and first.stats["new_tokens"] <= 8 and first.more
+    assert first.suggestions and first.stats["new_tokens"] <= 4 and first.more
     longer = completer.complete(req, settings, more=True)  # the background continuation
     assert len(longer.suggestions[0].insert_text) > len(first.suggestions[0].insert_text)
     again = completer.complete(req, settings)  # the type-ahead cache now holds the longer text
@@ -71,7 +71,7 @@ def test_continuation_extends_a_suggestion_cut_by_the_target():
     assert completer.sized(Settings(latency_target_ms=0)).max_new_tokens == 48
     given, problems = parse_settings({"maxNewTokens": 48, "contextTokens": 1024})  # the defaults, given by the user
     assert not problems and (completer.sized(given).max_new_tokens, completer.sized(given).context_tokens) == (48, 1024)
-    assert completer.sized(parse_settings({"numCandidates": 1})[0]).max_new_tokens == 8  # left alone: the plan's
+    assert completer.sized(parse_settings({"numCandidates": 1})[0]).max_new_tokens == 4  # left alone: the plan's
 
 
 async def debug(c: RawClient, uri: str = URI) -> dict[str, Any]:
