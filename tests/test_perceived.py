@@ -100,6 +100,8 @@ async def test_warm_up_prefetch_after_accept_and_statistics(tmp_path: Path):
         )
         items = reply["result"]["items"]
         assert items, reply
+        prompt = (await debug(c))["lastPrompt"]  # the warm-up's guess, the document's very end, was right
+        assert prompt["cached_tokens"] >= prompt["prompt_tokens"] - 2, prompt
         shown = items[0]["insertText"]
         await c.notify(
             "textDocument/didChange",

@@ -39,6 +39,7 @@ from pygls.workspace import ServerTextPosition
 
 from codegen_ls.stats import Outcome, Stats, edit_outcome
 from codegen_ls.suggest.pipeline import CompletionRequest, CompletionResult
+from codegen_ls.suggest.positions import EOL
 
 if TYPE_CHECKING:
     from pygls.workspace import TextDocument
@@ -114,11 +115,12 @@ class Perceived:
             return
         if cursor is None:
             cursor = self.cursor.get(uri)
-        if cursor is None:
-            lines = doc.lines
-            cursor = (max(0, len(lines) - 1), len(lines[-1].rstrip("\r\n")) if lines else 0)
+        text = ls.clean(uri, doc.source)
+        if cursor is None:  # the very end (after a last line break: where the user appends)
+            lines = EOL.split(text)
+            cursor = (len(lines) - 1, len(lines[-1]))
         request = CompletionRequest(
-            text=ls.clean(uri, doc.source),
+            text=text,
             line=cursor[0],
             character=cursor[1],
             uri=uri,

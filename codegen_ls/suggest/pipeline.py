@@ -355,6 +355,7 @@ class Completer:
         self.typeahead.remember(run.req.uri, ctx, shown, ahead, keep_ahead=more)
         run.prompt_info["prompt_tokens"] = len(ctx.prompt_ids)
         run.prompt_info["repo_tokens"] = ctx.preamble_tokens
+        run.prompt_info["cached_tokens"] = gen.stats.cached_tokens  # of the prompt, already in the KV cache
         st = gen.stats
         stats = {
             "prompt_tokens": st.prompt_tokens,
