@@ -535,3 +535,37 @@ __all__ = [
     "utf16_offset",
     "wait_for",
 ]
+
+
+def hf_greedy(src: Path, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of ``ids`` by the checkpoint in ``src`` (``n`` tokens, no EOS stop)."""
+    import torch
+    from transformers import CodeGenForCausalLM
+
+    model = CodeGenForCausalLM.from_pretrained(str(src)).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+async def start_tcp(*args: str, host: str = "127.0.0.1") -> tuple[asyncio.subprocess.Process, int]:
+    """``serve --tcp HOST:PORT`` on a free port, its output piped: (the process, the port)."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *SERVER_CMD,
+        "--tcp",
+        f"{host}:{port}",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=server_env(),
+    )
+    return proc, port

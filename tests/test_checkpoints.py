@@ -31,7 +31,7 @@ from codegen_ls.export import calibrate, kv_check  # noqa: E402
 from codegen_ls.export.graph_builder import kv_scales  # noqa: E402
 from codegen_ls.export.pipeline import calibration_batches, export  # noqa: E402
 from codegen_ls.export.source import CheckpointSource  # noqa: E402
-from helpers import random_codegen  # noqa: E402
+from helpers import hf_greedy, random_codegen  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # exports of real-checkpoint forms, several per test
 
@@ -51,22 +51,6 @@ def checkpoint(
     save: dict[str, Any] = {"max_shard_size": shard} if shard else {}
     tokenizer = TOKENIZER if int(shape["vocab_size"]) >= VOCAB else None
     return random_codegen(out, shape, tokenizer=tokenizer, seed=seed, safe_serialization=safetensors, **save)
-
-
-def hf_greedy(src: Path, ids: list[int], n: int) -> list[int]:
-    from transformers import CodeGenForCausalLM
-
-    model = CodeGenForCausalLM.from_pretrained(str(src)).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            pad_token_id=0,
-        )
-    return [int(t) for t in out[0, len(ids) :]]
 
 
 def ours_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:

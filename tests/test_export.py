@@ -22,6 +22,7 @@ from codegen_ls.engine.engine import Engine, EngineOptions, Tokenizer  # noqa: E
 from codegen_ls.engine.modeldir import read_manifest, verify_files  # noqa: E402
 from codegen_ls.errors import CodegenLsError, ModelError  # noqa: E402
 from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
+from helpers import hf_greedy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -32,22 +33,6 @@ SHAPE = dict(vocab_size=8192, n_positions=256, n_embd=64, n_layer=2, n_head=4, r
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "src", tokenizer=TOKENIZER, **SHAPE)
-
-
-def hf_greedy(src: Path, ids: list[int], n: int) -> list[int]:
-    from transformers import CodeGenForCausalLM
-
-    model = CodeGenForCausalLM.from_pretrained(str(src)).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            pad_token_id=0,
-        )
-    return [int(t) for t in out[0, len(ids) :]]
 
 
 def test_unknown_graph_kind_and_bad_int4(checkpoint: Path, tmp_path: Path) -> None:

@@ -20,10 +20,10 @@ from helpers import (
     LSP_SOURCE,
     SERVER_CMD,
     RawClient,
-    free_port,
     open_doc,
     record_statuses,
     server_env,
+    start_tcp,
     utf16_offset,
     wait_for,
 )
@@ -373,16 +373,7 @@ async def test_utf8_position_encoding(utf8_client: LanguageClient):
 
 
 async def test_tcp_transport():
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        *SERVER_CMD,
-        "--tcp",
-        f"127.0.0.1:{port}",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=server_env(),
-    )
+    proc, port = await start_tcp()
     c = await RawClient.connect_tcp(proc, "127.0.0.1", port)
     try:
         reply = await c.initialize()

@@ -10,31 +10,14 @@ import asyncio
 import socket
 import sys
 
-from helpers import SERVER_CMD, RawClient, server_env
+from helpers import RawClient, start_tcp
 
 SOURCE = "import os\n\n\ndef list_files(root):\n    return os.listdir(root)\n"
 NOT_FOUND = -32601
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def start(*args: str) -> tuple[asyncio.subprocess.Process, int]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        *SERVER_CMD,
-        "--tcp",
-        f"127.0.0.1:{port}",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=server_env(),
-    )
-    return proc, port
+    return await start_tcp(*args)
 
 
 async def intruder(port: int, data: bytes, timeout: float = 15) -> bytes:
@@ -121,28 +104,10 @@ async def test_server_ends_when_its_client_resets_the_connection():
 
 
 async def test_non_loopback_address_needs_a_flag():
-    port = free_port()
-    refused = await asyncio.create_subprocess_exec(
-        *SERVER_CMD,
-        "--tcp",
-        f"0.0.0.0:{port}",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=server_env(),
-    )
+    refused, _ = await start_tcp(host="0.0.0.0")
     _, err = await asyncio.wait_for(refused.communicate(), 60)
     assert refused.returncode == 1 and b"--allow-remote" in err, err
-    allowed = await asyncio.create_subprocess_exec(
-        *SERVER_CMD,
-        "--tcp",
-        f"0.0.0.0:{port}",
-        "--allow-remote",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=server_env(),
-    )
+    allowed, port = await start_tcp("--allow-remote", host="0.0.0.0")
     c = await RawClient.connect_tcp(allowed, "127.0.0.1", port)
     await c.initialize(wait_ready=False)
     assert await c.close() == 0

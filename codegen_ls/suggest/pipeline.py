@@ -193,19 +193,7 @@ class Completer:
         if engine is None or counter is None or settings.model_path != self._model_path:
             return None
         settings = self.sized(settings)
-        budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
-        ctx = build_context(
-            req.text,
-            req.line,
-            req.character,
-            counter,
-            budget,
-            ContextOptions(
-                bos_text=engine.tokenizer.decode([engine.eos_id]),
-                tab_size=req.tab_size,
-                insert_spaces=req.insert_spaces,
-            ),
-        )
+        ctx = self._context(engine, counter, req, settings, whole=False)[0]  # the cursor's line and its neighbours
         mode, _ = decide_mode(ctx, settings.multiline, req.language_id or "python")
         hit = self.typeahead.answer(req.uri, ctx, settings.min_confidence) if mode != "none" else []
         return CompletionResult(hit, mode, "typeahead", timings={"total": _ms(t0)}) if hit else None
@@ -231,11 +219,13 @@ class Completer:
         return self._context(engine, counter, req, self.sized(settings))[0]
 
     def _context(
-        self, engine: Engine, counter: TokenCounter, req: CompletionRequest, settings: Settings
+        self, engine: Engine, counter: TokenCounter, req: CompletionRequest, settings: Settings, whole: bool = True
     ) -> tuple[Context, dict[str, Any]]:
-        """(the prompt context for ``req`` under sized ``settings``, what went into its prompt)."""
+        """(the prompt context for ``req`` under sized ``settings``, what went into its prompt).
+        ``whole`` False: without the repository section and the FIM head (the type-ahead check
+        only reads the text around the cursor, and must not wait for a section)."""
         budget = token_budget(settings.context_tokens, engine.context_length, settings.max_new_tokens)
-        preamble, prompt_info = self.sections.section(engine, counter, req, settings, budget)
+        preamble, prompt_info = self.sections.section(engine, counter, req, settings, budget) if whole else ("", {})
         ctx = build_context(
             req.text,
             req.line,
@@ -247,7 +237,7 @@ class Completer:
                 tab_size=req.tab_size,
                 insert_spaces=req.insert_spaces,
                 preamble=preamble,
-                fim_budget=_fim_budget(engine, settings, budget),
+                fim_budget=_fim_budget(engine, settings, budget) if whole else 0,
             ),
         )
         return ctx, prompt_info
