@@ -219,6 +219,10 @@ async def test_accept_shown_partial_are_counted(client: LanguageClient):
     # a malformed reference is ignored, the server keeps serving
     client.protocol.notify("codegenLs/didShowCompletion", {"item": "nonsense"})
     await client.workspace_execute_command_async(types.ExecuteCommandParams(command="codegenLs.accept", arguments=[]))
+    for bad in ({"id": 10**30, "index": -1}, {"id": 1, "index": 99}, {"id": "1", "index": 0}, "x", None, [1, 2]):
+        await client.workspace_execute_command_async(  # answered (an error reply would raise here)
+            types.ExecuteCommandParams(command="codegenLs.accept", arguments=[bad])
+        )
     assert inline_texts(await asyncio.wait_for(inline_request(client, uri, ENDS[2]), 60)) is not None
 
 
