@@ -131,3 +131,12 @@ def test_header_shaped_junk_never_swallows_the_next_message(junk: bytes, cuts: l
     """Broken header blocks (a zero length with bytes after it, a header without its blank line, a
     header line glued to other bytes) never take the next well-framed message with them."""
     assert GOOD[2] in bodies(run(junk + frame(GOOD[2]), cuts)), junk
+
+
+def test_a_short_junk_body_waits_for_a_header_line_it_may_hold() -> None:
+    """A junk header claims fewer bytes than come before the next message, and a read boundary
+    falls inside that message's header line: the body must not take the line's start with it."""
+    for junk in (b"Content-Length:  7\n\n", b"CONTENT-LENGTH:\t7\r\n\r\n0} }\r\n", b"Content-Length: 7\r\n\r\n{12x"):
+        stream = junk + frame(GOOD[2]) + frame(GOOD[3])
+        events = run(stream, cuts=list(range(len(stream))))  # byte by byte
+        assert bodies(events)[-2:] == [GOOD[2], GOOD[3]], (junk, events)

@@ -9,7 +9,8 @@ is skipped and nothing is logged (a deaf server); it also reads whatever length 
 * takes at most :data:`MAX_BODY` bytes a message: a longer one is dropped as it streams in (never
   buffered) and reported, with its ``id`` when its first bytes name one;
 * resynchronises at the next ``Content-Length`` header after a header block it cannot read, and
-  ends a body early where the next header starts inside it (a claimed length too long). Such a
+  ends a body early where the next header starts inside it (a claimed length too long; a body
+  whose end may hold the start of such a header line waits for the line's end). Such a
   header cannot occur inside a JSON text: it ends in a raw line break, which JSON strings never
   hold, so a valid message is never cut;
 * drops a foreign header block whole (an HTTP request: ``POST / HTTP/1.1`` ...), with its body.
@@ -31,6 +32,20 @@ MAX_HEADER = 8 * 1024  # bytes of a header block
 _ANCHOR = re.compile(rb"content-length[ \t]*:[ \t]*\d+[ \t]*\r?\n\Z", re.I)
 _ANCHOR_SPAN = 96  # bytes before a line break that can hold the header (kept when dropping bytes)
 _BLANK = re.compile(rb"\r?\n\r?\n")
+
+
+def _prefixes(*atoms: bytes) -> bytes:
+    """A pattern matching every prefix of the sequence of ``atoms`` (at least the first)."""
+    pattern = b""
+    for atom in reversed(atoms):
+        pattern = atom + (b"(?:" + pattern + b")?" if pattern else b"")
+    return pattern
+
+
+# the start of a Content-Length header line whose end is not read yet (a prefix of ``_ANCHOR``'s lines)
+_HEADER_PREFIX = re.compile(
+    _prefixes(*(bytes([c]) for c in b"content-length"), rb"[ \t]*", b":", rb"[ \t]*", rb"\d+", rb"[ \t]*", b"\r"), re.I
+)
 _FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*")
 _HTTP = re.compile(rb"^[A-Z]+ \S+ HTTP/\d|^HTTP/\d")
 _ID = re.compile(rb'"id"\s*:\s*(-?\d{1,15}|"(?:[^"\\]|\\.){0,200}")')
@@ -130,7 +145,7 @@ class Framer:
         found = _find_anchor(buf, max(0, self._scanned - _ANCHOR_SPAN), window + _ANCHOR_SPAN) if window else None
         if found is not None and found.start() < window:  # the next header starts inside: cut there
             cut = found.start()
-        elif len(buf) >= self._need:
+        elif len(buf) >= self._need and not _header_may_start(buf, window):
             cut = self._need
         else:
             self._scanned = len(buf)
@@ -186,6 +201,20 @@ def _find_anchor(buf: bytearray, start: int, end: int | None = None) -> re.Match
                 return found
         eol = buf.find(b"\n", eol + 1, end)
     return None
+
+
+def _header_may_start(buf: bytearray, window: int) -> bool:
+    """Whether a ``Content-Length`` header may start inside ``buf[:window]`` and run on to the
+    buffer's end, its line not complete yet (a claimed length too long, cut by a read boundary):
+    then the body waits for the line, which decides. A JSON body's end (``}``) never looks so."""
+    if len(buf) - window >= _ANCHOR_SPAN:
+        return False
+    lo = max(0, len(buf) - _ANCHOR_SPAN)
+    start = max(buf.rfind(b"\n", lo) + 1, lo)
+    for s in range(start, min(window, len(buf))):
+        if buf[s] in b"cC" and _HEADER_PREFIX.fullmatch(bytes(buf[s:])):
+            return True
+    return False
 
 
 def _glued_anchor(buf: bytearray, end: int) -> int | None:
