@@ -539,10 +539,15 @@ __all__ = [
 
 def hf_greedy(src: Path, ids: list[int], n: int) -> list[int]:
     """transformers' greedy continuation of ``ids`` by the checkpoint in ``src`` (``n`` tokens, no EOS stop)."""
-    import torch
     from transformers import CodeGenForCausalLM
 
-    model = CodeGenForCausalLM.from_pretrained(str(src)).eval()
+    return hf_model_greedy(CodeGenForCausalLM.from_pretrained(str(src)).eval(), ids, n)
+
+
+def hf_model_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    """A loaded transformers model's greedy continuation of ``ids`` (``n`` tokens, no EOS stop)."""
+    import torch
+
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids]),

@@ -31,6 +31,7 @@ from codegen_ls.engine.engine import (  # noqa: E402
 )
 from codegen_ls.errors import Cancelled, ModelError  # noqa: E402
 from codegen_ls.export.pipeline import export, random_checkpoint  # noqa: E402
+from helpers import hf_model_greedy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "codegen-ls-small" / "tokenizer.json"
@@ -87,16 +88,7 @@ def engine(fp32_dir: Path) -> Engine:
 
 
 def hf_greedy(model, ids: list[int], max_new: int = MAX_NEW) -> list[int]:  # type: ignore[no-untyped-def]
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=max_new,
-            min_new_tokens=max_new,
-            pad_token_id=0,
-        )
-    return [int(t) for t in out[0, len(ids) :]]
+    return hf_model_greedy(model, ids, max_new)
 
 
 def hf_logprobs(model, ids: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]

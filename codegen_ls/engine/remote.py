@@ -352,8 +352,8 @@ class RemoteEngine:
         doc_key: str = "default",
         cancel: Callable[[], bool] | None = None,
     ) -> tuple[list[float], list[int], np.ndarray]:
-        """Verify a draft with one ``echo`` request: as :meth:`Engine.score` (the last row from the top "
-        "alternatives)."""
+        """Verify a draft with one ``echo`` request: as :meth:`Engine.score` (the last row from the
+        top alternatives)."""
         ids = list(prompt_ids) + list(draft_ids)
         body = {
             "prompt": ids,
